@@ -1,0 +1,74 @@
+//! The agent's raw-memory access: the VMM's system device, mapped through `/dev/mem`.
+//! This is the only module of the agent with `unsafe` code.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+use msb_protocol::sysdev::{
+    ExitStatus, MAGIC, REG_BOOT_READY, REG_EXIT_STATUS, REG_MAGIC, SYSDEV_BASE, SYSDEV_SIZE,
+};
+
+/// The mapped system device page.
+pub struct SystemDevice {
+    base: *mut u8,
+}
+
+impl SystemDevice {
+    /// Maps the device and checks its magic value.
+    pub fn open() -> std::io::Result<Self> {
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open("/dev/mem")?;
+        // SAFETY: mapping a fresh region (addr NULL) of one page of /dev/mem at the device's
+        // physical address; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SYSDEV_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                SYSDEV_BASE as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let dev = SystemDevice {
+            base: ptr.cast::<u8>(),
+        };
+        let magic = dev.read32(REG_MAGIC);
+        if magic != MAGIC {
+            return Err(std::io::Error::other(format!(
+                "no microsandbox system device at {SYSDEV_BASE:#x} (read {magic:#x})"
+            )));
+        }
+        Ok(dev)
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        // SAFETY: offset is one of the device's 4-byte-aligned registers inside the mapped
+        // page; a volatile access is what makes the VMM see exactly one read.
+        unsafe { std::ptr::read_volatile(self.base.add(offset as usize).cast::<u32>()) }
+    }
+
+    /// Tells the VMM the agent is ready (the boot-timer mark).
+    pub fn boot_ready(&self) {
+        // SAFETY: one-byte register inside the mapped page; volatile so it is not elided.
+        unsafe { std::ptr::write_volatile(self.base.add(REG_BOOT_READY as usize), 123u8) }
+    }
+
+    /// Reports the command's status; the VMM ends the VM.
+    pub fn exit(&self, status: ExitStatus) {
+        // SAFETY: 4-byte-aligned register inside the mapped page; volatile store.
+        unsafe {
+            std::ptr::write_volatile(
+                self.base.add(REG_EXIT_STATUS as usize).cast::<u32>(),
+                status.encode(),
+            )
+        }
+    }
+}

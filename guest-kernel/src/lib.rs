@@ -1,0 +1,665 @@
+//! Builds what the guest boots: our minimal Linux kernel and the default initramfs.
+//!
+//! - **Kernel**: Debian's `linux-source-6.12` (installed with apt when missing), configured
+//!   as `allnoconfig` plus the fragment in `config/`, built as an uncompressed `vmlinux`
+//!   with a PVH entry. Two flavours come from one source: `microvm` (the product kernel, no
+//!   patches) and `pvm-compat` (plus `config/pvm-compat.config` and the patches in
+//!   `patches/pvm-compat/`, so it runs on `kvm_pvm` hosts).
+//! - **Initramfs**: `agentd` built as a static binary as `/init`, Debian's `busybox-static`
+//!   for `/bin/sh` and the usual tools, written as an uncompressed newc cpio by [`cpio`].
+//!
+//! Results are cached outside the repository (see [`cache_dir`]) under a hash of
+//! everything that goes into them, so a second request is instant and a changed config,
+//! patch or agent builds anew. Builds print progress on stderr.
+
+pub mod cpio;
+mod packages;
+mod progress;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+pub use progress::Progress;
+
+/// Bump when the build procedure changes in a way the inputs do not show.
+const KERNEL_RECIPE: &str = "kernel-recipe-1";
+const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
+const SOURCE_PACKAGE: &str = "linux-source-6.12";
+const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
+const BUILD_PACKAGES: &[&str] = &[
+    SOURCE_PACKAGE,
+    "make",
+    "gcc",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+    "patch",
+];
+const BUSYBOX: &str = "/bin/busybox";
+const AGENTD_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Which kernel to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    /// The product kernel for hardware KVM: no patches.
+    Microvm,
+    /// The product config plus our patches for `kvm_pvm` hosts.
+    PvmCompat,
+}
+
+impl Flavour {
+    /// The flavour's name, as used in paths and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Microvm => "microvm",
+            Flavour::PvmCompat => "pvm-compat",
+        }
+    }
+
+    /// Parses a flavour name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "microvm" => Some(Flavour::Microvm),
+            "pvm-compat" => Some(Flavour::PvmCompat),
+            _ => None,
+        }
+    }
+}
+
+/// Failures building guest artifacts.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestBuildError {
+    /// No cache directory could be determined.
+    #[error("no cache directory: set MSB_CACHE_DIR or HOME")]
+    NoCacheDir,
+    /// A file or directory operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A required Debian package is missing and could not be installed.
+    #[error("required packages are missing: {packages}; install them with `apt-get install -y {packages}` (as root)")]
+    MissingPackages {
+        /// Space-separated package names.
+        packages: String,
+    },
+    /// An external command failed.
+    #[error("`{command}` failed ({status}){}", tail_text(.log_tail))]
+    CommandFailed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// Last lines of its output.
+        log_tail: Vec<String>,
+    },
+    /// The generated kernel config lacks symbols the fragment asked for.
+    #[error("kernel config did not take these settings (unmet dependencies?): {0:?}")]
+    ConfigMismatch(Vec<String>),
+    /// A binary that must be static is dynamically linked.
+    #[error("{0} is dynamically linked; the initramfs needs a static binary")]
+    NotStatic(PathBuf),
+}
+
+fn tail_text(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{}", lines.join("\n"))
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> GuestBuildError {
+    let path = path.to_path_buf();
+    move |source| GuestBuildError::Io { what, path, source }
+}
+
+/// Where builds are cached: `$MSB_CACHE_DIR`, else `$XDG_CACHE_HOME/microsandbox`, else
+/// `~/.cache/microsandbox`.
+pub fn cache_dir() -> Result<PathBuf, GuestBuildError> {
+    if let Some(d) = std::env::var_os("MSB_CACHE_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(d).join("microsandbox"));
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache").join("microsandbox"))
+        .ok_or(GuestBuildError::NoCacheDir)
+}
+
+/// The `guest-kernel` folder holding `config/` and `patches/` (overridable with
+/// `MSB_GUEST_KERNEL_DIR`).
+pub fn recipe_dir() -> PathBuf {
+    std::env::var_os("MSB_GUEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+fn workspace_dir() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(Path::to_path_buf).unwrap_or(here)
+}
+
+/// Everything that determines one kernel build.
+#[derive(Debug)]
+struct KernelRecipe {
+    flavour: Flavour,
+    fragment: String,
+    patches: Vec<(String, Vec<u8>)>,
+}
+
+impl KernelRecipe {
+    fn load(flavour: Flavour) -> Result<Self, GuestBuildError> {
+        let dir = recipe_dir();
+        let read = |p: PathBuf| fs::read_to_string(&p).map_err(io_err("cannot read", &p));
+        let mut fragment = read(dir.join("config/microvm.config"))?;
+        let mut patches = Vec::new();
+        if flavour == Flavour::PvmCompat {
+            fragment.push('\n');
+            fragment.push_str(&read(dir.join("config/pvm-compat.config"))?);
+            let pdir = dir.join("patches/pvm-compat");
+            let mut names: Vec<PathBuf> = fs::read_dir(&pdir)
+                .map_err(io_err("cannot list", &pdir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "patch"))
+                .collect();
+            names.sort();
+            for p in names {
+                let bytes = fs::read(&p).map_err(io_err("cannot read", &p))?;
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                patches.push((name.unwrap_or_default(), bytes));
+            }
+        }
+        Ok(KernelRecipe {
+            flavour,
+            fragment,
+            patches,
+        })
+    }
+
+    fn hash(&self, source_version: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            KERNEL_RECIPE,
+            self.flavour.name(),
+            source_version,
+            &self.fragment,
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        for (name, bytes) in &self.patches {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(bytes);
+            h.update([0]);
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+}
+
+/// Where a cached kernel of `flavour` is, if it has been built with the current recipe
+/// and source. Does not build.
+pub fn cached_kernel(flavour: Flavour) -> Result<Option<PathBuf>, GuestBuildError> {
+    let Some(version) = packages::installed_version(SOURCE_PACKAGE) else {
+        return Ok(None);
+    };
+    let recipe = KernelRecipe::load(flavour)?;
+    let path = kernel_dir(flavour, &recipe.hash(&version))?.join("vmlinux");
+    Ok(path.exists().then_some(path))
+}
+
+fn kernel_dir(flavour: Flavour, hash: &str) -> Result<PathBuf, GuestBuildError> {
+    Ok(cache_dir()?
+        .join("kernels")
+        .join(format!("{}-{hash}", flavour.name())))
+}
+
+fn run(cmd: &mut Command, log: &Path, progress: &mut Progress) -> Result<(), GuestBuildError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let mut logf = fs::File::create(log).map_err(io_err("cannot create", log))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err("cannot run", Path::new(&shown)))?;
+    // stderr goes to a thread so neither pipe can fill up and stall the child.
+    let stderr = child.stderr.take().map(|e| {
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for l in BufReader::new(e).lines().map_while(Result::ok) {
+                lines.push(l);
+            }
+            lines
+        })
+    });
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = writeln!(logf, "{line}");
+            progress.line(&line);
+        }
+    }
+    let err_lines = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    for l in &err_lines {
+        let _ = writeln!(logf, "{l}");
+    }
+    let status = child.wait().map_err(io_err("cannot wait for", Path::new(&shown)))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let tail = lines[lines.len().saturating_sub(30)..].to_vec();
+    Err(GuestBuildError::CommandFailed {
+        command: shown,
+        status: status.to_string(),
+        log_tail: tail,
+    })
+}
+
+/// Extracts the pristine source once into the cache; returns its directory.
+fn extract_source(version: &str, progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    let src_root = cache_dir()?.join("src");
+    let dest = src_root.join(format!("{SOURCE_PACKAGE}-{version}"));
+    if dest.join("Makefile").exists() {
+        return Ok(dest);
+    }
+    fs::create_dir_all(&src_root).map_err(io_err("cannot create", &src_root))?;
+    let tmp = src_root.join(format!(".extract-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
+    progress.phase("extracting the kernel source");
+    run(
+        Command::new("tar").args(["-xf", SOURCE_TARBALL, "-C"]).arg(&tmp),
+        &tmp.with_extension("log"),
+        progress,
+    )?;
+    let inner = tmp.join(SOURCE_PACKAGE);
+    let _ = fs::remove_dir_all(&dest);
+    fs::rename(&inner, &dest).map_err(io_err("cannot move source to", &dest))?;
+    let _ = fs::remove_dir_all(&tmp);
+    let _ = fs::remove_file(tmp.with_extension("log"));
+    Ok(dest)
+}
+
+/// A source tree with the recipe's patches applied, sharing unpatched files with the
+/// pristine tree through hard links.
+fn patched_tree(
+    pristine: &Path,
+    work: &Path,
+    recipe: &KernelRecipe,
+    progress: &mut Progress,
+) -> Result<PathBuf, GuestBuildError> {
+    if recipe.patches.is_empty() {
+        return Ok(pristine.to_path_buf());
+    }
+    let tree = work.join("src");
+    progress.phase("preparing the patched source tree");
+    run(
+        Command::new("cp").arg("-al").arg(pristine).arg(&tree),
+        &work.join("cp.log"),
+        progress,
+    )?;
+    for (name, bytes) in &recipe.patches {
+        // Break the hard link of every file the patch touches, so the pristine tree stays
+        // pristine whatever `patch` does in place.
+        for line in String::from_utf8_lossy(bytes).lines() {
+            if let Some(rest) = line.strip_prefix("+++ ") {
+                let rel = rest.split_whitespace().next().unwrap_or("");
+                let rel = rel.split_once('/').map(|(_, r)| r).unwrap_or(rel);
+                let f = tree.join(rel);
+                if f.exists() {
+                    let data = fs::read(&f).map_err(io_err("cannot read", &f))?;
+                    fs::remove_file(&f).map_err(io_err("cannot unlink", &f))?;
+                    fs::write(&f, data).map_err(io_err("cannot write", &f))?;
+                }
+            }
+        }
+        progress.phase(&format!("applying {name}"));
+        let patch_file = work.join(name);
+        fs::write(&patch_file, bytes).map_err(io_err("cannot write", &patch_file))?;
+        run(
+            Command::new("patch")
+                .args(["-p1", "--forward", "--batch", "-i"])
+                .arg(&patch_file)
+                .current_dir(&tree),
+            &work.join(format!("{name}.log")),
+            progress,
+        )?;
+    }
+    Ok(tree)
+}
+
+/// Settings of a fragment that did not make it into `.config`.
+fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
+    let have: std::collections::HashMap<&str, &str> = config
+        .lines()
+        .filter_map(|l| {
+            if let Some(sym) = l.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
+                Some((sym, "n"))
+            } else {
+                l.split_once('=')
+            }
+        })
+        .collect();
+    let mut missing = Vec::new();
+    for line in fragment.lines().map(str::trim) {
+        let (sym, want) = if let Some(sym) = line
+            .strip_prefix("# ")
+            .and_then(|l| l.strip_suffix(" is not set"))
+        {
+            (sym, "n")
+        } else if line.starts_with("CONFIG_") {
+            match line.split_once('=') {
+                Some(kv) => kv,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        let got = have.get(sym).copied().unwrap_or("n");
+        if got != want {
+            missing.push(format!("{sym}={want} (got {got})"));
+        }
+    }
+    missing
+}
+
+/// Returns the cached `vmlinux` of `flavour`, building it first if needed (installs the
+/// Debian packages it needs, extracts the source, patches, configures and compiles).
+pub fn ensure_kernel(flavour: Flavour, progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    packages::ensure(BUILD_PACKAGES, progress)?;
+    let version = packages::installed_version(SOURCE_PACKAGE).ok_or_else(|| {
+        GuestBuildError::MissingPackages {
+            packages: SOURCE_PACKAGE.into(),
+        }
+    })?;
+    let recipe = KernelRecipe::load(flavour)?;
+    let hash = recipe.hash(&version);
+    let out_dir = kernel_dir(flavour, &hash)?;
+    let vmlinux = out_dir.join("vmlinux");
+    if vmlinux.exists() {
+        return Ok(vmlinux);
+    }
+    let kernels = cache_dir()?.join("kernels");
+    fs::create_dir_all(&kernels).map_err(io_err("cannot create", &kernels))?;
+    let lock_path = kernels.join(".lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err("cannot create", &lock_path))?;
+    progress.phase("waiting for the kernel build lock");
+    lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+    if vmlinux.exists() {
+        return Ok(vmlinux); // another process built it while we waited
+    }
+
+    let work = kernels.join(format!("build-{}-{hash}", flavour.name()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(io_err("cannot create", &work))?;
+    let pristine = extract_source(&version, progress)?;
+    let tree = patched_tree(&pristine, &work, &recipe, progress)?;
+
+    let obj = work.join("obj");
+    let fragment = work.join("fragment.config");
+    fs::write(&fragment, &recipe.fragment).map_err(io_err("cannot write", &fragment))?;
+    progress.phase(&format!("configuring {} (allnoconfig + fragment)", flavour.name()));
+    run(
+        Command::new("make")
+            .arg("-C")
+            .arg(&tree)
+            .arg(format!("O={}", obj.display()))
+            .arg("ARCH=x86_64")
+            .arg(format!("KCONFIG_ALLCONFIG={}", fragment.display()))
+            .arg("allnoconfig"),
+        &work.join("config.log"),
+        progress,
+    )?;
+    let config_path = obj.join(".config");
+    let config = fs::read_to_string(&config_path).map_err(io_err("cannot read", &config_path))?;
+    let missing = config_mismatches(&recipe.fragment, &config);
+    if !missing.is_empty() {
+        return Err(GuestBuildError::ConfigMismatch(missing));
+    }
+
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    progress.phase(&format!("compiling vmlinux ({} flavour, -j{jobs})", flavour.name()));
+    progress.count_lines(true);
+    run(
+        Command::new("make")
+            .arg("-C")
+            .arg(&tree)
+            .arg(format!("O={}", obj.display()))
+            .arg("ARCH=x86_64")
+            .arg(format!("-j{jobs}"))
+            .arg("vmlinux"),
+        &work.join("build.log"),
+        progress,
+    )?;
+    progress.count_lines(false);
+
+    let tmp_out = kernels.join(format!(".out-{}-{hash}", flavour.name()));
+    let _ = fs::remove_dir_all(&tmp_out);
+    fs::create_dir_all(&tmp_out).map_err(io_err("cannot create", &tmp_out))?;
+    for (from, to) in [(obj.join("vmlinux"), "vmlinux"), (config_path, "config")] {
+        let dest = tmp_out.join(to);
+        fs::copy(&from, &dest).map_err(io_err("cannot copy", &from))?;
+    }
+    fs::rename(&tmp_out, &out_dir).map_err(io_err("cannot move build to", &out_dir))?;
+    let _ = fs::remove_dir_all(&work);
+    progress.done(&format!("kernel ready: {}", vmlinux.display()));
+    Ok(vmlinux)
+}
+
+/// True when the ELF file at `path` has no program interpreter (is statically linked).
+fn is_static_elf(bytes: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        let off = phoff as usize + i * usize::from(phentsize);
+        u32_at(off).is_some_and(|t| t != PT_INTERP)
+    })
+}
+
+/// Builds `agentd` as a static binary (or takes `$MSB_AGENTD`) and returns its path.
+pub fn build_agentd(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    if let Some(p) = std::env::var_os("MSB_AGENTD") {
+        return Ok(PathBuf::from(p));
+    }
+    let target_dir = cache_dir()?.join("agentd-target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    progress.phase("building agentd (static)");
+    let log = cache_dir()?.join("agentd-build.log");
+    fs::create_dir_all(cache_dir()?).map_err(io_err("cannot create", &cache_dir()?))?;
+    run(
+        Command::new(cargo)
+            .args(["build", "--release", "--quiet", "-p", "msb-agentd", "--target", AGENTD_TARGET])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .arg("--manifest-path")
+            .arg(workspace_dir().join("Cargo.toml"))
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("CARGO_TARGET_DIR"),
+        &log,
+        progress,
+    )?;
+    Ok(target_dir
+        .join(AGENTD_TARGET)
+        .join("release")
+        .join("msb-agentd"))
+}
+
+fn busybox_applets() -> Result<Vec<String>, GuestBuildError> {
+    let out = Command::new(BUSYBOX)
+        .arg("--list-full")
+        .output()
+        .map_err(io_err("cannot run", Path::new(BUSYBOX)))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().trim_start_matches('/').to_string())
+        .filter(|l| !l.is_empty() && l != "bin/busybox" && !l.contains(".."))
+        .collect())
+}
+
+/// The members of the default initramfs around `agentd` and `busybox`.
+pub fn initramfs_entries(
+    agentd: Vec<u8>,
+    busybox: Vec<u8>,
+    applets: &[String],
+) -> Vec<cpio::Entry> {
+    use cpio::{Entry, Kind};
+    let dir = |p: &str, perm| Entry {
+        path: p.into(),
+        perm,
+        kind: Kind::Dir,
+    };
+    let file = |p: &str, perm, data: Vec<u8>| Entry {
+        path: p.into(),
+        perm,
+        kind: Kind::File(data),
+    };
+    let mut entries = vec![];
+    for d in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "root", "etc", "run",
+        "var", "mnt",
+    ] {
+        entries.push(dir(d, 0o755));
+    }
+    entries.push(dir("tmp", 0o1777));
+    entries.push(Entry {
+        path: "dev/console".into(),
+        perm: 0o600,
+        kind: Kind::CharDev(5, 1),
+    });
+    entries.push(file("init", 0o755, agentd));
+    entries.push(file("bin/busybox", 0o755, busybox));
+    entries.push(file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+            .to_vec(),
+    ));
+    entries.push(file(
+        "etc/group",
+        0o644,
+        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+    ));
+    for a in applets {
+        entries.push(Entry {
+            path: a.clone(),
+            perm: 0o777,
+            kind: Kind::Symlink("/bin/busybox".into()),
+        });
+    }
+    entries
+}
+
+/// Returns the cached default initramfs, assembling it first if needed.
+pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    packages::ensure(&["busybox-static"], progress)?;
+    let agentd_path = build_agentd(progress)?;
+    let agentd = fs::read(&agentd_path).map_err(io_err("cannot read", &agentd_path))?;
+    if !is_static_elf(&agentd) {
+        return Err(GuestBuildError::NotStatic(agentd_path));
+    }
+    let busybox = fs::read(BUSYBOX).map_err(io_err("cannot read", Path::new(BUSYBOX)))?;
+    if !is_static_elf(&busybox) {
+        return Err(GuestBuildError::NotStatic(BUSYBOX.into()));
+    }
+    let applets = busybox_applets()?;
+
+    let mut h = Sha256::new();
+    h.update(INITRAMFS_RECIPE.as_bytes());
+    h.update(&agentd);
+    h.update(&busybox);
+    h.update(applets.join("\n").as_bytes());
+    let hash = hex::encode(&h.finalize()[..8]);
+    let dir = cache_dir()?.join("initramfs");
+    let path = dir.join(format!("initramfs-{hash}.cpio"));
+    if path.exists() {
+        return Ok(path);
+    }
+    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    progress.phase("assembling the initramfs");
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    let mut f = std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?);
+    cpio::write_archive(&mut f, &initramfs_entries(agentd, busybox, &applets))
+        .and_then(|_| f.flush())
+        .map_err(io_err("cannot write", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, &path).map_err(io_err("cannot move initramfs to", &path))?;
+    // Older archives are stale now (nobody holds them open: the VMM reads them whole).
+    if let Ok(rd) = fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p != path && name.starts_with("initramfs-") {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+    progress.done(&format!("initramfs ready: {}", path.display()));
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_check_spots_dropped_symbols() {
+        let fragment = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=100\nCONFIG_D=n\n";
+        let config = "CONFIG_A=y\nCONFIG_B=y\nCONFIG_N=100\n";
+        assert_eq!(
+            config_mismatches(fragment, config),
+            vec!["CONFIG_B=n (got y)", "CONFIG_C=y (got n)"]
+        );
+    }
+
+    #[test]
+    fn static_detection() {
+        let host_sh = fs::read("/bin/sh").expect("a shell");
+        assert!(!is_static_elf(&host_sh), "/bin/sh on Debian is dynamic");
+        assert!(!is_static_elf(b"not an elf"));
+    }
+
+    #[test]
+    fn recipes_differ_by_flavour_and_inputs() {
+        let a = KernelRecipe::load(Flavour::Microvm).expect("recipe files");
+        let b = KernelRecipe::load(Flavour::PvmCompat).expect("recipe files");
+        assert_ne!(a.hash("1"), b.hash("1"));
+        assert_ne!(a.hash("1"), a.hash("2"));
+        assert_eq!(a.hash("1"), a.hash("1"));
+    }
+}

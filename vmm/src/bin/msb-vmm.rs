@@ -1,0 +1,171 @@
+//! `msb-vmm`: boots the guest kernel with the agent, runs one command, prints its output
+//! and exits with its exit code.
+//!
+//! ```text
+//! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
+//!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
+//!         [--append WORD]... [--report FILE] -- CMD ARGS...
+//! ```
+//! Without `--kernel`/`--initrd` it uses the kernel flavour for this host and the default
+//! initramfs, building them first (with progress on stderr) if they are missing.
+//! Exit status: the command's (128 + N if killed by signal N); 125 when the VMM itself
+//! fails (bad input, the guest crashed, ...), with the reason on stderr.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use msb_vmm::console::Output;
+use msb_vmm::host::HostKind;
+use msb_vmm::launch::{self, Launch};
+use msb_vmm::vm::{Vm, VmEnd, VmOutcome};
+
+const VMM_FAILURE: u8 = 125;
+const TAIL_IN_ERROR: usize = 20;
+
+const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] \
+[--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
+[--append WORD]... [--report FILE] -- CMD ARGS...";
+
+struct Args {
+    launch: Launch,
+    report: Option<PathBuf>,
+}
+
+fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
+    let mut launch = Launch::default();
+    let mut report = None;
+    while let Some(arg) = it.next() {
+        let name = arg.to_string_lossy().into_owned();
+        if name == "--" {
+            launch.command = it.collect();
+            break;
+        }
+        let mut value = |what: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs {what}"))
+        };
+        let number = |v: OsString, what: &str| -> Result<u64, String> {
+            v.to_string_lossy()
+                .parse::<u64>()
+                .map_err(|_| format!("{name} needs {what}, got {:?}", v))
+        };
+        match name.as_str() {
+            "--kernel" => launch.kernel = Some(value("a path")?.into()),
+            "--initrd" => launch.initrd = Some(value("a path")?.into()),
+            "--memory" => launch.memory_mib = number(value("MiB")?, "a number of MiB")?,
+            "--cpus" => {
+                let n = number(value("a count")?, "a vCPU count")?;
+                launch.cpus = u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))?;
+            }
+            "--kvm-path" => launch.kvm_path = value("a path")?.into(),
+            "--serial-log" => launch.serial_log = Some(value("a path")?.into()),
+            "--console" => launch.console = true,
+            "--timeout" => {
+                launch.timeout = Some(Duration::from_secs(number(value("seconds")?, "seconds")?))
+            }
+            "--hostname" => launch.hostname = value("a name")?.to_string_lossy().into_owned(),
+            "--append" => launch.append.push(value("a word")?.to_string_lossy().into_owned()),
+            "--report" => report = Some(value("a path")?.into()),
+            "-h" | "--help" => return Err(String::new()),
+            _ => return Err(format!("unknown option {name}")),
+        }
+    }
+    if launch.command.is_empty() {
+        return Err("no command given (put it after --)".into());
+    }
+    Ok(Args { launch, report })
+}
+
+fn ms(d: Option<Duration>) -> serde_json::Value {
+    d.map_or(serde_json::Value::Null, |d| {
+        serde_json::json!(d.as_secs_f64() * 1000.0)
+    })
+}
+
+fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) {
+    let report = serde_json::json!({
+        "host_kind": host.describe(),
+        "vcpu_start_ms": ms(Some(o.vcpu_start)),
+        "first_instruction_ms": ms(o.times.first_instruction),
+        "boot_ready_ms": ms(o.times.boot_ready),
+        "guest_exit_ms": ms(o.times.exit),
+        "vmm_total_ms": ms(Some(total)),
+        "vmm_rss_kib": o.rss.map(|r| r.vmm_kib),
+        "guest_rss_kib": o.rss.map(|r| r.guest_kib),
+        "end": format!("{:?}", o.end),
+    });
+    if let Err(e) = std::fs::write(path, format!("{report}\n")) {
+        eprintln!("msb-vmm: cannot write report {}: {e}", path.display());
+    }
+}
+
+fn fail(msg: &str, tail: &[String]) -> ExitCode {
+    eprintln!("msb-vmm: error: {msg}");
+    if !tail.is_empty() {
+        eprintln!("msb-vmm: last guest console lines:");
+        for l in &tail[tail.len().saturating_sub(TAIL_IN_ERROR)..] {
+            eprintln!("  | {l}");
+        }
+    }
+    ExitCode::from(VMM_FAILURE)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = match parse(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("msb-vmm: error: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
+        }
+    };
+    let host = HostKind::detect();
+    let cfg = match launch::resolve(&args.launch, host) {
+        Ok(c) => c,
+        Err(e) => return fail(&error_chain(&e), &[]),
+    };
+    let outcome = match Vm::build(&cfg, Output::inherit(), start).and_then(|vm| vm.run(args.launch.timeout)) {
+        Ok(o) => o,
+        Err(e) => return fail(&error_chain(&e), &[]),
+    };
+    if let Some(p) = &args.report {
+        write_report(p, host, &outcome, start.elapsed());
+    }
+    if let Some(e) = &outcome.output_error {
+        eprintln!("msb-vmm: warning: the guest's output stream was malformed ({e}); output after it was dropped");
+    }
+    let tail = &outcome.console_tail;
+    match outcome.end {
+        VmEnd::Exited(status) => ExitCode::from(status.shell_code() as u8),
+        VmEnd::KernelPanic => fail("the guest kernel panicked", tail),
+        VmEnd::Reset(why) => fail(&format!("the guest reset ({why}) before reporting an exit status"), tail),
+        VmEnd::Shutdown => fail("the guest powered off before reporting an exit status", tail),
+        VmEnd::BadExitValue(v) => fail(&format!("the guest wrote an invalid exit value {v:#x}"), tail),
+        VmEnd::Failed(why) => fail(&format!("the VM failed: {why}"), tail),
+        VmEnd::TimedOut(t) => fail(&format!("the VM did not finish within {}s and was stopped", t.as_secs()), tail),
+    }
+}

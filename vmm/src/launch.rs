@@ -1,0 +1,214 @@
+//! What `msb-vmm` does before building a VM: pick the kernel and initramfs (building the
+//! defaults when missing), and write the kernel command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
+use msb_protocol::bootcmd::{self, BootCmdError};
+
+use crate::arch::x86_64::cpuid::CpuProfile;
+use crate::host::HostKind;
+use crate::vm::{BootSource, VmConfig, VmmError};
+
+/// Kernel command line every guest gets. `console=ttyS0` is the kernel log, ttyS1 carries
+/// the command's output; `panic=-1` and `reboot=k` make a panic end the VM through the
+/// i8042 reset; the rest trims boot work a microVM does not need.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 8250.nr_uarts=2 panic=-1 reboot=k no_timer_check tsc=reliable quiet";
+
+/// Default guest memory for `msb-vmm`.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// Everything `msb-vmm` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Kernel image; default: the cached flavour for this host, built if missing.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs; default: the cached default initramfs, built if missing.
+    pub initrd: Option<PathBuf>,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub cpus: u8,
+    /// KVM device node.
+    pub kvm_path: PathBuf,
+    /// Kernel console log file.
+    pub serial_log: Option<PathBuf>,
+    /// Echo the kernel console to stderr.
+    pub console: bool,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// Extra kernel command-line words.
+    pub append: Vec<String>,
+    /// The command to run in the guest.
+    pub command: Vec<OsString>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch {
+            kernel: None,
+            initrd: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: 1,
+            kvm_path: PathBuf::from("/dev/kvm"),
+            serial_log: None,
+            console: false,
+            timeout: None,
+            hostname: "msb".into(),
+            append: Vec::new(),
+            command: Vec::new(),
+        }
+    }
+}
+
+/// Failures preparing a launch.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The default kernel or initramfs could not be built.
+    #[error(transparent)]
+    Build(#[from] GuestBuildError),
+    /// The command cannot be passed to the guest.
+    #[error("cannot pass the command to the guest")]
+    Command(#[source] BootCmdError),
+    /// The hostname is not a valid hostname.
+    #[error("invalid hostname {0:?}: use 1-64 letters, digits, '-' and '.'")]
+    Hostname(String),
+    /// An extra kernel argument would break the command line.
+    #[error("invalid kernel argument {0:?}")]
+    Append(String),
+    /// The VMM rejected the config or failed.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+/// The kernel flavour for a host kind.
+pub fn default_flavour(host: HostKind) -> Flavour {
+    match host {
+        HostKind::HardwareKvm => Flavour::Microvm,
+        HostKind::Pvm => Flavour::PvmCompat,
+    }
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// The kernel command line for `launch` on a host with CPU `profile`.
+pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, LaunchError> {
+    if !valid_hostname(&launch.hostname) {
+        return Err(LaunchError::Hostname(launch.hostname.clone()));
+    }
+    let mut words: Vec<String> = BASE_CMDLINE.split(' ').map(str::to_string).collect();
+    words.extend(profile.kernel_args().split_whitespace().map(str::to_string));
+    for a in &launch.append {
+        if a.is_empty() || a.contains(char::is_whitespace) || a.starts_with("msb.") {
+            return Err(LaunchError::Append(a.clone()));
+        }
+        words.push(a.clone());
+    }
+    words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
+    let args: Vec<Vec<u8>> = launch
+        .command
+        .iter()
+        .map(|a| a.as_encoded_bytes().to_vec())
+        .collect();
+    words.push(bootcmd::encode(&args).map_err(LaunchError::Command)?);
+    Ok(words.join(" "))
+}
+
+/// Resolves defaults (building them when missing, with progress on stderr) and returns the
+/// VM configuration.
+pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError> {
+    let profile = CpuProfile::for_host(host);
+    let cmdline = kernel_cmdline(launch, profile)?;
+    let mut cfg = VmConfig {
+        memory_mib: launch.memory_mib,
+        vcpus: launch.cpus,
+        kvm_path: launch.kvm_path.clone(),
+        boot: BootSource::Kernel {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline,
+        },
+        cpu_profile: profile,
+        serial_log: launch.serial_log.clone(),
+        console_echo: launch.console,
+    };
+    // Cheap checks first: bad input fails before any build.
+    crate::vm::validate_basic(&cfg)?;
+    if let Some(k) = &launch.kernel {
+        std::fs::File::open(k).map_err(|source| {
+            VmmError::Boot(crate::arch::x86_64::boot::BootError::KernelOpen {
+                path: k.clone(),
+                source,
+            })
+        })?;
+    }
+    let kernel = match &launch.kernel {
+        Some(k) => k.clone(),
+        None => msb_guest_kernel::ensure_kernel(default_flavour(host), &mut Progress::new("guest-kernel"))?,
+    };
+    let initrd = match &launch.initrd {
+        Some(i) => i.clone(),
+        None => msb_guest_kernel::ensure_initramfs(&mut Progress::new("initramfs"))?,
+    };
+    if let BootSource::Kernel {
+        kernel: k,
+        initrd: i,
+        ..
+    } = &mut cfg.boot
+    {
+        *k = kernel;
+        *i = Some(initrd);
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(cmd: &[&str]) -> Launch {
+        Launch {
+            command: cmd.iter().map(OsString::from).collect(),
+            ..Launch::default()
+        }
+    }
+
+    #[test]
+    fn cmdline_carries_profile_hostname_and_command() {
+        let line = kernel_cmdline(&launch(&["sh", "-c", "exit 3"]), CpuProfile::PvmCompat)
+            .expect("valid");
+        assert!(line.starts_with(BASE_CMDLINE));
+        assert!(line.contains("noxsave"));
+        assert!(line.contains("msb.hostname=msb"));
+        let v = bootcmd::find_param(&line, bootcmd::CMD_KEY).expect("cmd");
+        assert_eq!(
+            bootcmd::decode(v).expect("decodes"),
+            vec![b"sh".to_vec(), b"-c".to_vec(), b"exit 3".to_vec()]
+        );
+        let plain = kernel_cmdline(&launch(&["true"]), CpuProfile::Host).expect("valid");
+        assert!(!plain.contains("noxsave"));
+    }
+
+    #[test]
+    fn bad_input_is_typed() {
+        assert!(matches!(
+            kernel_cmdline(&launch(&[]), CpuProfile::Host),
+            Err(LaunchError::Command(BootCmdError::Empty))
+        ));
+        let mut l = launch(&["true"]);
+        l.hostname = "bad host".into();
+        assert!(matches!(kernel_cmdline(&l, CpuProfile::Host), Err(LaunchError::Hostname(_))));
+        let mut l = launch(&["true"]);
+        l.append = vec!["a b".into()];
+        assert!(matches!(kernel_cmdline(&l, CpuProfile::Host), Err(LaunchError::Append(_))));
+    }
+}

@@ -1,0 +1,22 @@
+//! The microsandbox VMM: boots our guest kernel on KVM and runs it.
+//!
+//! The library turns a plain-data [`vm::VmConfig`] into a running VM ([`vm::Vm::build`],
+//! [`vm::Vm::run`]); the `msb-vmm` binary is a thin shell over it. Pieces:
+//! - [`hypervisor`]: the seam of traits (KVM now; HVF later) and its KVM implementation;
+//! - [`memory`]: guest memory as anonymous `MAP_NORESERVE` mappings;
+//! - [`arch`]: x86_64 layout, CPUID profile, GDT, MP table, PVH/bzImage loading;
+//! - [`bus`]: port-I/O and MMIO dispatch to `msb-devices`;
+//! - [`vcpu`]: vCPU threads with a run-state machine;
+//! - [`console`]: where serial output goes;
+//! - [`host`]: host kind (hardware KVM or PVM) and host facts;
+//! - [`launch`]: what `msb-vmm` does: pick kernel and initramfs, build the command line.
+
+pub mod arch;
+pub mod bus;
+pub mod console;
+pub mod host;
+pub mod hypervisor;
+pub mod launch;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

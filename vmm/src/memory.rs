@@ -1,0 +1,110 @@
+//! Guest memory: anonymous `MAP_NORESERVE` mappings (vm-memory's default for anonymous
+//! regions), so the configured size is a limit, not a reservation.
+
+use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::ram_regions;
+use crate::hypervisor::{HypervisorError, HypervisorVm};
+
+/// Failures creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused the mapping.
+    #[error("cannot map {size} bytes of guest memory")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// The underlying error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The hypervisor refused the memory slot.
+    #[error(transparent)]
+    Register(#[from] HypervisorError),
+}
+
+/// Maps `size` bytes of guest RAM, split around the MMIO gap.
+pub fn create(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Gives every region of `mem` to the VM, one slot each.
+pub fn register(vm: &dyn HypervisorVm, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| {
+                HypervisorError::call(
+                    "find host address of guest memory",
+                    std::io::Error::other("region has no host mapping"),
+                )
+            })?;
+        // SAFETY: the region is an mmap owned by `mem`, which the VM keeps alive for its
+        // whole life (the `Vm` holds it and drops the vCPUs before it).
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().raw_value(),
+                region.len(),
+                host as u64,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Host address ranges backing guest memory (for accounting RSS).
+pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter()
+        .filter_map(|r| {
+            let start = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as u64;
+            Some((start, start + r.len()))
+        })
+        .collect()
+}
+
+/// Resident memory of this process, split into (guest memory, everything else), in KiB,
+/// from `/proc/self/smaps`.
+pub fn rss_split_kib(guest: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let (mut in_guest, mut other) = (0u64, 0u64);
+    let mut current_is_guest = false;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            let kib: u64 = rss.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if current_is_guest {
+                in_guest += kib;
+            } else {
+                other += kib;
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    current_is_guest = guest.iter().any(|(s, e)| a >= *s && b <= *e);
+                }
+            }
+        }
+    }
+    Ok((in_guest, other))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_lazily_backed() {
+        let mem = create(512 << 20).expect("map");
+        let ranges = host_ranges(&mem);
+        let (guest, _) = rss_split_kib(&ranges).expect("smaps");
+        // Nothing touched yet: a NORESERVE anonymous map costs (almost) nothing.
+        assert!(guest < 1024, "untouched guest memory is resident: {guest} KiB");
+        vm_memory::Bytes::write_slice(&mem, &[1u8; 1 << 20], GuestAddress(0x100000)).expect("write");
+        let (guest, _) = rss_split_kib(&ranges).expect("smaps");
+        assert!(guest >= 1024, "written pages are resident: {guest} KiB");
+    }
+}

@@ -1,0 +1,559 @@
+//! Building and running a VM: the one function that turns a plain-data [`VmConfig`] into a
+//! live VM, in a fixed order, and the loop that waits for it to end.
+//!
+//! Order (see `docs/design.md`): validate the config; open the hypervisor; create the VM
+//! (irqchip, PIT); map guest memory; load the kernel, initrd and boot data (or a raw code
+//! blob for tests); create the devices and put them on the buses; create and configure the
+//! vCPUs; start the vCPU threads; wait for the first ending event; stop the vCPUs.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use msb_devices::legacy::{I8042, ResetHandler, Serial};
+use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
+use msb_protocol::output::FrameError;
+use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::boot::{self, BootError, KernelBoot};
+use crate::arch::x86_64::cpuid::{self, CpuProfile};
+use crate::arch::x86_64::layout::GDT_ADDR;
+use crate::arch::x86_64::regs;
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::console::{ConsoleLog, ConsoleWriter, Output, OutputWriter};
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::{
+    CpuStart, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
+    VcpuSetup,
+};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuHandle};
+
+/// COM1: the kernel console.
+const CONSOLE_PORT: u64 = 0x3f8;
+const CONSOLE_IRQ: u32 = 4;
+/// COM2: the command's framed output.
+const OUTPUT_PORT: u64 = 0x2f8;
+const OUTPUT_IRQ: u32 = 3;
+const UART_LEN: u64 = 8;
+/// i8042 data port; the command port is at offset 4 (0x64).
+const I8042_PORT: u64 = 0x60;
+const I8042_LEN: u64 = 5;
+/// After a kernel panic line, how long to wait for the guest to reset on its own.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+
+/// How a test guest's raw code starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeMode {
+    /// 16-bit real mode (the address must be below 64 KiB).
+    Real,
+    /// Flat 32-bit protected mode, paging off.
+    Protected32,
+}
+
+/// What the VM boots.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux kernel.
+    Kernel {
+        /// vmlinux (PVH) or bzImage.
+        kernel: PathBuf,
+        /// Initial ramdisk.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// Raw machine code loaded at `addr` (tiny test guests, no Linux).
+    Code {
+        /// Load and start address.
+        addr: u64,
+        /// The code.
+        code: Vec<u8>,
+        /// CPU mode at start.
+        mode: CodeMode,
+    },
+}
+
+/// Plain-data description of a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The KVM device node.
+    pub kvm_path: PathBuf,
+    /// What to boot.
+    pub boot: BootSource,
+    /// CPUID filtering profile.
+    pub cpu_profile: CpuProfile,
+    /// File receiving the kernel console.
+    pub serial_log: Option<PathBuf>,
+    /// Copy the kernel console to stderr.
+    pub console_echo: bool,
+}
+
+/// Invalid configuration values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Zero memory.
+    #[error("memory must be at least 1 MiB, got 0")]
+    MemoryZero,
+    /// More memory than the host has.
+    #[error("memory of {requested_mib} MiB is more than the host's {host_mib} MiB")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        requested_mib: u64,
+        /// Host MiB.
+        host_mib: u64,
+    },
+    /// Zero vCPUs.
+    #[error("cpus must be at least 1, got 0")]
+    VcpusZero,
+    /// More vCPUs than the hypervisor allows.
+    #[error("{requested} vCPUs requested; this host allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u8,
+        /// Allowed.
+        max: usize,
+    },
+    /// Test code does not fit where it should go.
+    #[error("test code at {addr:#x} does not fit its CPU mode or guest memory")]
+    CodePlacement {
+        /// Requested address.
+        addr: u64,
+    },
+}
+
+/// Failures building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The host's memory size could not be read.
+    #[error("cannot read the host's memory size")]
+    HostMemory(#[source] std::io::Error),
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The guest could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A device could not be placed on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// vCPU threads could not be started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The serial log could not be created.
+    #[error("cannot create serial log {path}")]
+    SerialLog {
+        /// The log path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest reported its command's status and ended the VM.
+    Exited(ExitStatus),
+    /// The guest reset (i8042, triple fault) without reporting a status.
+    Reset(&'static str),
+    /// The guest powered off without reporting a status.
+    Shutdown,
+    /// The guest wrote an exit value the agent never writes.
+    BadExitValue(u32),
+    /// The guest kernel panicked.
+    KernelPanic,
+    /// The hypervisor could not run the guest.
+    Failed(String),
+    /// The VM ran past its time limit and was stopped.
+    TimedOut(Duration),
+}
+
+/// Memory of the VMM process at the end of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RssReport {
+    /// Resident guest memory, KiB.
+    pub guest_kib: u64,
+    /// Resident memory outside guest memory (the VMM's own), KiB.
+    pub vmm_kib: u64,
+}
+
+/// Everything known when the VM has ended.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    /// How it ended.
+    pub end: VmEnd,
+    /// Boot-timer readings.
+    pub times: BootTimes,
+    /// First-KVM_RUN time relative to the VMM start (the earliest the guest could run).
+    pub vcpu_start: Duration,
+    /// The last console lines.
+    pub console_tail: Vec<String>,
+    /// Memory report.
+    pub rss: Option<RssReport>,
+    /// A framing error on the output port, if the guest sent one.
+    pub output_error: Option<FrameError>,
+    /// I/O accesses no device claimed (PIO, MMIO).
+    pub unhandled_io: (u64, u64),
+}
+
+enum VmEvent {
+    System(SystemEvent),
+    Reset(&'static str),
+    Vcpu(u8, VcpuEnd),
+    KernelPanic,
+}
+
+struct EventSink(Mutex<Sender<VmEvent>>);
+
+impl EventSink {
+    fn send(&self, e: VmEvent) {
+        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).send(e);
+    }
+}
+
+struct SystemSink(Arc<EventSink>);
+impl SystemEventSink for SystemSink {
+    fn event(&self, event: SystemEvent, _: Duration) {
+        self.0.send(VmEvent::System(event));
+    }
+}
+
+struct ResetSink(Arc<EventSink>);
+impl ResetHandler for ResetSink {
+    fn reset(&self) {
+        self.0.send(VmEvent::Reset("i8042 reset"));
+    }
+}
+
+struct Buses {
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl ExitHandler for Buses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.pio.read(u64::from(port), data);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data);
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    start: Instant,
+    // Field order is drop order: vCPUs go before the VM and its memory.
+    vcpus: Vec<(Box<dyn HypervisorVcpu>, VcpuSetup)>,
+    buses: Arc<Buses>,
+    events_tx: Arc<EventSink>,
+    events: Receiver<VmEvent>,
+    console: Arc<Mutex<ConsoleLog>>,
+    output_error: Arc<Mutex<Option<FrameError>>>,
+    times: Arc<Mutex<BootTimes>>,
+    _vm: Box<dyn HypervisorVm>,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("buses", &self.buses.pio)
+            .finish_non_exhaustive()
+    }
+}
+
+fn validate(cfg: &VmConfig, hv: &dyn Hypervisor) -> Result<(), VmmError> {
+    if cfg.memory_mib == 0 {
+        return Err(ConfigError::MemoryZero.into());
+    }
+    let host_mib = crate::host::host_memory_bytes().map_err(VmmError::HostMemory)? >> 20;
+    if cfg.memory_mib > host_mib {
+        return Err(ConfigError::MemoryTooLarge {
+            requested_mib: cfg.memory_mib,
+            host_mib,
+        }
+        .into());
+    }
+    if cfg.vcpus == 0 {
+        return Err(ConfigError::VcpusZero.into());
+    }
+    let max = hv.max_vcpus().min(254);
+    if usize::from(cfg.vcpus) > max {
+        return Err(ConfigError::TooManyVcpus {
+            requested: cfg.vcpus,
+            max,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Checks the parts of a config that need no hypervisor (memory and vCPU counts against
+/// zero and the host's memory), so callers can fail before any other work.
+pub fn validate_basic(cfg: &VmConfig) -> Result<(), VmmError> {
+    if cfg.memory_mib == 0 {
+        return Err(ConfigError::MemoryZero.into());
+    }
+    if cfg.vcpus == 0 {
+        return Err(ConfigError::VcpusZero.into());
+    }
+    let host_mib = crate::host::host_memory_bytes().map_err(VmmError::HostMemory)? >> 20;
+    if cfg.memory_mib > host_mib {
+        return Err(ConfigError::MemoryTooLarge {
+            requested_mib: cfg.memory_mib,
+            host_mib,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Builds the VM described by `cfg`; `output` receives the command's stdout/stderr;
+    /// times are measured from `start` (the VMM process start).
+    pub fn build(cfg: &VmConfig, output: Output, start: Instant) -> Result<Vm, VmmError> {
+        validate_basic(cfg)?;
+        let hv = KvmHypervisor::open(&cfg.kvm_path)?;
+        validate(cfg, &hv)?;
+        let vm = hv.create_vm()?;
+
+        let mem = memory::create(cfg.memory_mib << 20)?;
+        memory::register(&*vm, &mem)?;
+
+        let bsp_start = match &cfg.boot {
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => boot::load(
+                &mem,
+                &KernelBoot {
+                    kernel,
+                    initrd: initrd.as_deref(),
+                    cmdline,
+                    vcpus: cfg.vcpus,
+                },
+            )?,
+            BootSource::Code { addr, code, mode } => load_code(&mem, *addr, code, *mode)?,
+        };
+
+        let (tx, events) = channel();
+        let events_tx = Arc::new(EventSink(Mutex::new(tx)));
+
+        // Devices.
+        let log_file = match &cfg.serial_log {
+            Some(p) => Some(File::create(p).map_err(|source| VmmError::SerialLog {
+                path: p.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let console = Arc::new(Mutex::new(ConsoleLog::new(log_file, cfg.console_echo)));
+        let panic_sink = events_tx.clone();
+        let console_uart: SharedDevice = Arc::new(Mutex::new(Serial::new(
+            vm.interrupt_line(CONSOLE_IRQ)?,
+            ConsoleWriter::new(
+                console.clone(),
+                Box::new(move || panic_sink.send(VmEvent::KernelPanic)),
+            ),
+        )));
+        let output_error = Arc::new(Mutex::new(None));
+        let output_uart: SharedDevice = Arc::new(Mutex::new(Serial::new(
+            vm.interrupt_line(OUTPUT_IRQ)?,
+            OutputWriter::new(output, output_error.clone()),
+        )));
+        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(ResetSink(
+            events_tx.clone(),
+        )))));
+        let sysdev = SystemDevice::new(start, Box::new(SystemSink(events_tx.clone())));
+        let times = sysdev.times();
+        let sysdev: SharedDevice = Arc::new(Mutex::new(sysdev));
+
+        let mut pio = Bus::default();
+        pio.insert(CONSOLE_PORT, UART_LEN, console_uart)?;
+        pio.insert(OUTPUT_PORT, UART_LEN, output_uart)?;
+        pio.insert(I8042_PORT, I8042_LEN, i8042)?;
+        let mut mmio = Bus::default();
+        mmio.insert(SYSDEV_BASE, SYSDEV_SIZE, sysdev)?;
+        let buses = Arc::new(Buses { pio, mmio });
+
+        // vCPUs.
+        let supported = hv.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let vcpu = vm.create_vcpu(id)?;
+            let setup = VcpuSetup {
+                id,
+                cpuid: cpuid::filter(&supported, cfg.cpu_profile, id, cfg.vcpus),
+                start: if id == 0 {
+                    bsp_start.clone()
+                } else {
+                    CpuStart::WaitForSipi
+                },
+            };
+            vcpu.configure(&setup)?;
+            vcpus.push((vcpu, setup));
+        }
+
+        Ok(Vm {
+            start,
+            vcpus,
+            buses,
+            events_tx,
+            events,
+            console,
+            output_error,
+            times,
+            _vm: vm,
+            mem,
+        })
+    }
+
+    /// Runs the VM until the guest ends it, it fails, or `timeout` passes.
+    pub fn run(mut self, timeout: Option<Duration>) -> Result<VmOutcome, VmmError> {
+        let vcpu_start = self.start.elapsed();
+        let mut handles: Vec<VcpuHandle> = Vec::new();
+        for (vcpu, setup) in self.vcpus.drain(..) {
+            let sink = self.events_tx.clone();
+            let exits: Arc<dyn ExitHandler + Send> = self.buses.clone();
+            handles.push(vcpu::spawn(
+                setup.id,
+                vcpu,
+                exits,
+                Box::new(move |id, end| sink.send(VmEvent::Vcpu(id, end))),
+            )?);
+        }
+
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut panic_deadline: Option<Instant> = None;
+        let end = loop {
+            let now = Instant::now();
+            let wait_until = match (deadline, panic_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let event = match wait_until {
+                Some(t) => self.events.recv_timeout(t.saturating_duration_since(now)),
+                None => self
+                    .events
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match event {
+                Ok(VmEvent::System(SystemEvent::Exit(status))) => break VmEnd::Exited(status),
+                Ok(VmEvent::System(SystemEvent::BadExit(v))) => break VmEnd::BadExitValue(v),
+                Ok(VmEvent::System(SystemEvent::FirstInstruction | SystemEvent::BootReady)) => {}
+                Ok(VmEvent::Reset(src)) => break VmEnd::Reset(src),
+                Ok(VmEvent::KernelPanic) => {
+                    panic_deadline.get_or_insert(Instant::now() + PANIC_GRACE);
+                }
+                Ok(VmEvent::Vcpu(id, end)) => {
+                    let panicked = panic_deadline.is_some();
+                    break match end {
+                        _ if panicked => VmEnd::KernelPanic,
+                        VcpuEnd::Stopped(VcpuRun::Reset(src)) => VmEnd::Reset(src),
+                        VcpuEnd::Stopped(VcpuRun::Shutdown) => VmEnd::Shutdown,
+                        VcpuEnd::Stopped(VcpuRun::Halted) => {
+                            VmEnd::Failed(format!("vCPU {id} halted with no way to wake up"))
+                        }
+                        VcpuEnd::Stopped(other) => VmEnd::Failed(format!("vCPU {id}: {other:?}")),
+                        VcpuEnd::Error(e) => VmEnd::Failed(format!("vCPU {id}: {e}")),
+                    };
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if panic_deadline.is_some_and(|t| Instant::now() >= t) {
+                        break VmEnd::KernelPanic;
+                    }
+                    if let Some(t) = timeout {
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            break VmEnd::TimedOut(t);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    break VmEnd::Failed("all vCPU threads ended".into())
+                }
+            }
+        };
+
+        // Measure before tearing down: this is the steady-state footprint.
+        let rss = memory::rss_split_kib(&memory::host_ranges(&self.mem))
+            .ok()
+            .map(|(guest_kib, vmm_kib)| RssReport { guest_kib, vmm_kib });
+        drop(handles);
+        let console_tail = {
+            let mut c = self.console.lock().unwrap_or_else(|p| p.into_inner());
+            c.finish();
+            c.tail()
+        };
+        let times = *self.times.lock().unwrap_or_else(|p| p.into_inner());
+        let output_error = self
+            .output_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(VmOutcome {
+            end,
+            times,
+            vcpu_start,
+            console_tail,
+            rss,
+            output_error,
+            unhandled_io: (self.buses.pio.unhandled(), self.buses.mmio.unhandled()),
+        })
+    }
+}
+
+fn load_code(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    code: &[u8],
+    mode: CodeMode,
+) -> Result<CpuStart, VmmError> {
+    let end = addr.checked_add(code.len() as u64);
+    let fits_mode = match mode {
+        CodeMode::Real => end.is_some_and(|e| e <= 0x1_0000),
+        CodeMode::Protected32 => end.is_some_and(|e| e <= u64::from(u32::MAX)),
+    };
+    if !fits_mode || addr < 0x1000 {
+        return Err(ConfigError::CodePlacement { addr }.into());
+    }
+    mem.write_slice(code, GuestAddress(addr))
+        .map_err(|_| ConfigError::CodePlacement { addr })?;
+    Ok(match mode {
+        CodeMode::Real => CpuStart::RealMode { ip: addr as u16 },
+        CodeMode::Protected32 => {
+            let gdt: Vec<u8> = regs::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
+            mem.write_slice(&gdt, GuestAddress(GDT_ADDR))
+                .map_err(|_| ConfigError::CodePlacement { addr: GDT_ADDR })?;
+            CpuStart::Protected32 {
+                entry: addr,
+                gdt: GDT_ADDR,
+                ebx: 0,
+                esi: 0,
+            }
+        }
+    })
+}
