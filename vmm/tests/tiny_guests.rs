@@ -167,3 +167,14 @@ fn a_bzimage_boots_through_the_stub_with_the_zero_page() {
     assert_eq!(o.end, VmEnd::Exited(ExitStatus::Code(42)));
     assert!(o.times.first_instruction.is_some(), "the boot stub marked the first instruction");
 }
+
+#[test]
+fn a_triple_fault_ends_the_vm_as_a_reset() {
+    if !kvm_available() {
+        return;
+    }
+    // The IDT limit is 0, so the #UD from ud2 escalates to a triple fault.
+    let o = run(code(0x10_0000, vec![0x0f, 0x0b], CodeMode::Protected32));
+    eprintln!("triple fault ended as {:?}", o.end);
+    assert_eq!(o.end, VmEnd::Reset("triple fault"));
+}
