@@ -52,10 +52,28 @@ fn mount_kernel_filesystems() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None);
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
-    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("ptmxmode=0666,mode=0620"));
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("ptmxmode=0666,mode=0620"),
+    );
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None);
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
 }
 
 /// The serial port the command's output is framed onto, in raw mode (8-bit clean, no
@@ -203,7 +221,9 @@ fn main() {
 
     match &sysdev {
         Some(d) => d.exit(status),
-        None => log(&format!("command ended with {status:?}; no system device to report to")),
+        None => log(&format!(
+            "command ended with {status:?}; no system device to report to"
+        )),
     }
     // Without our VMM (another VMM, or the write was lost), fall back to a reboot, which a
     // VMM run with "no reboot" treats as the end. PID 1 must never return.

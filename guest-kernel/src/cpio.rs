@@ -73,7 +73,14 @@ pub fn write_archive(w: &mut impl Write, entries: &[Entry]) -> io::Result<()> {
             Kind::Symlink(t) => (0o120000, t.as_bytes(), (0, 0)),
             Kind::CharDev(ma, mi) => (0o020000, &[], (*ma, *mi)),
         };
-        header(w, ino, type_bits | (e.perm & 0o7777), data.len(), rdev, &e.path)?;
+        header(
+            w,
+            ino,
+            type_bits | (e.perm & 0o7777),
+            data.len(),
+            rdev,
+            &e.path,
+        )?;
         w.write_all(data)?;
         pad4(w, data.len())?;
     }

@@ -257,7 +257,9 @@ fn run(cmd: &mut Command, log: &Path, progress: &mut Progress) -> Result<(), Gue
     for l in &err_lines {
         let _ = writeln!(logf, "{l}");
     }
-    let status = child.wait().map_err(io_err("cannot wait for", Path::new(&shown)))?;
+    let status = child
+        .wait()
+        .map_err(io_err("cannot wait for", Path::new(&shown)))?;
     if status.success() {
         return Ok(());
     }
@@ -284,7 +286,9 @@ fn extract_source(version: &str, progress: &mut Progress) -> Result<PathBuf, Gue
     fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
     progress.phase("extracting the kernel source");
     run(
-        Command::new("tar").args(["-xf", SOURCE_TARBALL, "-C"]).arg(&tmp),
+        Command::new("tar")
+            .args(["-xf", SOURCE_TARBALL, "-C"])
+            .arg(&tmp),
         &tmp.with_extension("log"),
         progress,
     )?;
@@ -349,7 +353,10 @@ fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
     let have: std::collections::HashMap<&str, &str> = config
         .lines()
         .filter_map(|l| {
-            if let Some(sym) = l.strip_prefix("# ").and_then(|l| l.strip_suffix(" is not set")) {
+            if let Some(sym) = l
+                .strip_prefix("# ")
+                .and_then(|l| l.strip_suffix(" is not set"))
+            {
                 Some((sym, "n"))
             } else {
                 l.split_once('=')
@@ -381,7 +388,10 @@ fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
 
 /// Returns the cached `vmlinux` of `flavour`, building it first if needed (installs the
 /// Debian packages it needs, extracts the source, patches, configures and compiles).
-pub fn ensure_kernel(flavour: Flavour, progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+pub fn ensure_kernel(
+    flavour: Flavour,
+    progress: &mut Progress,
+) -> Result<PathBuf, GuestBuildError> {
     packages::ensure(BUILD_PACKAGES, progress)?;
     let version = packages::installed_version(SOURCE_PACKAGE).ok_or_else(|| {
         GuestBuildError::MissingPackages {
@@ -414,7 +424,10 @@ pub fn ensure_kernel(flavour: Flavour, progress: &mut Progress) -> Result<PathBu
     let obj = work.join("obj");
     let fragment = work.join("fragment.config");
     fs::write(&fragment, &recipe.fragment).map_err(io_err("cannot write", &fragment))?;
-    progress.phase(&format!("configuring {} (allnoconfig + fragment)", flavour.name()));
+    progress.phase(&format!(
+        "configuring {} (allnoconfig + fragment)",
+        flavour.name()
+    ));
     run(
         Command::new("make")
             .arg("-C")
@@ -434,7 +447,10 @@ pub fn ensure_kernel(flavour: Flavour, progress: &mut Progress) -> Result<PathBu
     }
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    progress.phase(&format!("compiling vmlinux ({} flavour, -j{jobs})", flavour.name()));
+    progress.phase(&format!(
+        "compiling vmlinux ({} flavour, -j{jobs})",
+        flavour.name()
+    ));
     progress.count_lines(true);
     run(
         Command::new("make")
@@ -465,7 +481,11 @@ pub fn ensure_kernel(flavour: Flavour, progress: &mut Progress) -> Result<PathBu
 /// True when the ELF file at `path` has no program interpreter (is statically linked).
 fn is_static_elf(bytes: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |o: usize| {
         bytes
             .get(o..o + 4)
@@ -502,7 +522,15 @@ pub fn build_agentd(progress: &mut Progress) -> Result<PathBuf, GuestBuildError>
     fs::create_dir_all(cache_dir()?).map_err(io_err("cannot create", &cache_dir()?))?;
     run(
         Command::new(cargo)
-            .args(["build", "--release", "--quiet", "-p", "msb-agentd", "--target", AGENTD_TARGET])
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "-p",
+                "msb-agentd",
+                "--target",
+                AGENTD_TARGET,
+            ])
             .arg("--target-dir")
             .arg(&target_dir)
             .arg("--manifest-path")
@@ -613,7 +641,8 @@ pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildEr
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
     progress.phase("assembling the initramfs");
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
-    let mut f = std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?);
+    let mut f =
+        std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?);
     cpio::write_archive(&mut f, &initramfs_entries(agentd, busybox, &applets))
         .and_then(|_| f.flush())
         .map_err(io_err("cannot write", &tmp))?;

@@ -51,8 +51,7 @@ pub fn ensure(packages: &[&str], progress: &mut Progress) -> Result<(), GuestBui
     if missing.is_empty() {
         return Ok(());
     }
-    if !apt_install(&missing, progress) || missing.iter().any(|p| installed_version(p).is_none())
-    {
+    if !apt_install(&missing, progress) || missing.iter().any(|p| installed_version(p).is_none()) {
         return Err(GuestBuildError::MissingPackages {
             packages: missing.join(" "),
         });

@@ -156,13 +156,22 @@ mod tests {
     fn unknown_stream_poisons() {
         let mut d = Decoder::new();
         let mut sink = |_: Stream, _: &[u8]| {};
-        assert_eq!(d.feed(&[9, 1, 0, b'x'], &mut sink), Err(FrameError::UnknownStream(9)));
-        assert_eq!(d.feed(&[1, 1, 0, b'x'], &mut sink), Err(FrameError::Poisoned));
+        assert_eq!(
+            d.feed(&[9, 1, 0, b'x'], &mut sink),
+            Err(FrameError::UnknownStream(9))
+        );
+        assert_eq!(
+            d.feed(&[1, 1, 0, b'x'], &mut sink),
+            Err(FrameError::Poisoned)
+        );
     }
 
     #[test]
     fn empty_frame_is_rejected() {
         let mut d = Decoder::new();
-        assert_eq!(d.feed(&[1, 0, 0], &mut |_, _| {}), Err(FrameError::EmptyFrame));
+        assert_eq!(
+            d.feed(&[1, 0, 0], &mut |_, _| {}),
+            Err(FrameError::EmptyFrame)
+        );
     }
 }

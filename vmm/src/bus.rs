@@ -40,7 +40,14 @@ pub struct Bus {
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
-            .field("ranges", &self.entries.iter().map(|e| (e.base, e.len)).collect::<Vec<_>>())
+            .field(
+                "ranges",
+                &self
+                    .entries
+                    .iter()
+                    .map(|e| (e.base, e.len))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -51,7 +58,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if self
             .entries
             .iter()
@@ -65,7 +74,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, width: usize) -> Option<(&Entry, u64)> {
-        let idx = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let idx = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let e = &self.entries[idx];
         let offset = addr - e.base;
         // The whole access must fall inside the device's range.

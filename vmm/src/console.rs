@@ -185,8 +185,7 @@ impl Write for OutputWriter {
             }
         }
         // Forward whole frames, or when a large frame has piled up.
-        if self.decoder.at_boundary() || self.pending_out.len() + self.pending_err.len() >= 4096
-        {
+        if self.decoder.at_boundary() || self.pending_out.len() + self.pending_err.len() >= 4096 {
             self.forward();
         }
         Ok(buf.len())
@@ -239,7 +238,9 @@ mod tests {
         let tail = log.lock().expect("lock").tail();
         assert_eq!(tail.len(), TAIL_LINES + 1);
         assert_eq!(tail.last().map(String::as_str), Some("partial"));
-        assert!(tail.iter().any(|l| l == "Kernel panic - not syncing: No working init found"));
+        assert!(tail
+            .iter()
+            .any(|l| l == "Kernel panic - not syncing: No working init found"));
         assert_eq!(panics.load(Ordering::SeqCst), 1, "reported once");
     }
 

@@ -97,7 +97,8 @@ pub fn default_flavour(host: HostKind) -> Flavour {
 fn valid_hostname(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 64
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// The kernel command line for `launch` on a host with CPU `profile`.
@@ -153,7 +154,10 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
     }
     let kernel = match &launch.kernel {
         Some(k) => k.clone(),
-        None => msb_guest_kernel::ensure_kernel(default_flavour(host), &mut Progress::new("guest-kernel"))?,
+        None => msb_guest_kernel::ensure_kernel(
+            default_flavour(host),
+            &mut Progress::new("guest-kernel"),
+        )?,
     };
     let initrd = match &launch.initrd {
         Some(i) => i.clone(),
@@ -184,8 +188,8 @@ mod tests {
 
     #[test]
     fn cmdline_carries_profile_hostname_and_command() {
-        let line = kernel_cmdline(&launch(&["sh", "-c", "exit 3"]), CpuProfile::PvmCompat)
-            .expect("valid");
+        let line =
+            kernel_cmdline(&launch(&["sh", "-c", "exit 3"]), CpuProfile::PvmCompat).expect("valid");
         assert!(line.starts_with(BASE_CMDLINE));
         assert!(line.contains("noxsave"));
         assert!(line.contains("msb.hostname=msb"));
@@ -206,9 +210,15 @@ mod tests {
         ));
         let mut l = launch(&["true"]);
         l.hostname = "bad host".into();
-        assert!(matches!(kernel_cmdline(&l, CpuProfile::Host), Err(LaunchError::Hostname(_))));
+        assert!(matches!(
+            kernel_cmdline(&l, CpuProfile::Host),
+            Err(LaunchError::Hostname(_))
+        ));
         let mut l = launch(&["true"]);
         l.append = vec!["a b".into()];
-        assert!(matches!(kernel_cmdline(&l, CpuProfile::Host), Err(LaunchError::Append(_))));
+        assert!(matches!(
+            kernel_cmdline(&l, CpuProfile::Host),
+            Err(LaunchError::Append(_))
+        ));
     }
 }

@@ -75,7 +75,12 @@ pub fn rss_split_kib(guest: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
     let mut current_is_guest = false;
     for line in smaps.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
-            let kib: u64 = rss.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            let kib: u64 = rss
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
             if current_is_guest {
                 in_guest += kib;
             } else {
@@ -102,8 +107,12 @@ mod tests {
         let ranges = host_ranges(&mem);
         let (guest, _) = rss_split_kib(&ranges).expect("smaps");
         // Nothing touched yet: a NORESERVE anonymous map costs (almost) nothing.
-        assert!(guest < 1024, "untouched guest memory is resident: {guest} KiB");
-        vm_memory::Bytes::write_slice(&mem, &[1u8; 1 << 20], GuestAddress(0x100000)).expect("write");
+        assert!(
+            guest < 1024,
+            "untouched guest memory is resident: {guest} KiB"
+        );
+        vm_memory::Bytes::write_slice(&mem, &[1u8; 1 << 20], GuestAddress(0x100000))
+            .expect("write");
         let (guest, _) = rss_split_kib(&ranges).expect("smaps");
         assert!(guest >= 1024, "written pages are resident: {guest} KiB");
     }

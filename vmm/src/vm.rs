@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use msb_devices::legacy::{I8042, ResetHandler, Serial};
+use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
 use msb_protocol::output::FrameError;
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};

@@ -70,8 +70,16 @@ fn zero_cpus() {
 
 #[test]
 fn non_numeric_arguments_and_missing_command() {
-    assert_error(&msb_vmm(&["--memory", "lots", "--", "true"]), 2, "--memory needs a number");
-    assert_error(&msb_vmm(&["--cpus", "300", "--", "true"]), 2, "--cpus 300 is too many");
+    assert_error(
+        &msb_vmm(&["--memory", "lots", "--", "true"]),
+        2,
+        "--memory needs a number",
+    );
+    assert_error(
+        &msb_vmm(&["--cpus", "300", "--", "true"]),
+        2,
+        "--cpus 300 is too many",
+    );
     assert_error(&msb_vmm(&["--memory", "64"]), 2, "no command given");
     assert_error(&msb_vmm(&["--bogus"]), 2, "unknown option --bogus");
 }
@@ -80,7 +88,16 @@ fn non_numeric_arguments_and_missing_command() {
 fn kvm_device_missing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (k, i) = files(dir.path(), &[0x42; 4096]);
-    let out = msb_vmm(&["--kvm-path", "/nonexistent/kvm", "--kernel", &k, "--initrd", &i, "--", "true"]);
+    let out = msb_vmm(&[
+        "--kvm-path",
+        "/nonexistent/kvm",
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+        "--",
+        "true",
+    ]);
     assert_error(&out, 125, "/nonexistent/kvm does not exist");
 }
 
@@ -88,7 +105,16 @@ fn kvm_device_missing() {
 fn kvm_path_that_is_not_a_kvm_device() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (k, i) = files(dir.path(), &[0x42; 4096]);
-    let out = msb_vmm(&["--kvm-path", &i, "--kernel", &k, "--initrd", &i, "--", "true"]);
+    let out = msb_vmm(&[
+        "--kvm-path",
+        &i,
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+        "--",
+        "true",
+    ]);
     assert_error(&out, 125, "as the KVM device");
 }
 
@@ -125,7 +151,9 @@ fn kvm_device_not_permitted() {
         .arg(&bin_copy)
         .args(["--kvm-path"])
         .arg(&kvm)
-        .args(["--kernel", &k, "--initrd", &i, "--memory", "16", "--", "true"])
+        .args([
+            "--kernel", &k, "--initrd", &i, "--memory", "16", "--", "true",
+        ])
         .env("HOME", dir.path())
         .output()
         .expect("setpriv runs");

@@ -96,7 +96,9 @@ fn an_invalid_exit_value_is_reported_not_trusted() {
         return;
     }
     // mov dword [0xd0000004], 0xdeadbeef
-    let c = vec![0xc7, 0x05, 0x04, 0x00, 0x00, 0xd0, 0xef, 0xbe, 0xad, 0xde, 0xeb, 0xfe];
+    let c = vec![
+        0xc7, 0x05, 0x04, 0x00, 0x00, 0xd0, 0xef, 0xbe, 0xad, 0xde, 0xeb, 0xfe,
+    ];
     let o = run(code(0x10_0000, c, CodeMode::Protected32));
     assert_eq!(o.end, VmEnd::BadExitValue(0xdead_beef));
 }
@@ -165,7 +167,10 @@ fn a_bzimage_boots_through_the_stub_with_the_zero_page() {
         cmdline: "console=ttyS0".into(),
     });
     assert_eq!(o.end, VmEnd::Exited(ExitStatus::Code(42)));
-    assert!(o.times.first_instruction.is_some(), "the boot stub marked the first instruction");
+    assert!(
+        o.times.first_instruction.is_some(),
+        "the boot stub marked the first instruction"
+    );
 }
 
 #[test]

@@ -3,5 +3,5 @@
 mod i8042;
 mod serial;
 
-pub use i8042::{I8042, ResetHandler};
+pub use i8042::{ResetHandler, I8042};
 pub use serial::{Serial, SerialMetrics};

@@ -37,7 +37,9 @@ pub struct Serial<W: Write + Send> {
 
 impl<W: Write + Send> std::fmt::Debug for Serial<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Serial").field("metrics", &self.metrics).finish()
+        f.debug_struct("Serial")
+            .field("metrics", &self.metrics)
+            .finish()
     }
 }
 

@@ -42,10 +42,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             launch.command = it.collect();
             break;
         }
-        let mut value = |what: &str| {
-            it.next()
-                .ok_or_else(|| format!("{name} needs {what}"))
-        };
+        let mut value = |what: &str| it.next().ok_or_else(|| format!("{name} needs {what}"));
         let number = |v: OsString, what: &str| -> Result<u64, String> {
             v.to_string_lossy()
                 .parse::<u64>()
@@ -66,7 +63,9 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
                 launch.timeout = Some(Duration::from_secs(number(value("seconds")?, "seconds")?))
             }
             "--hostname" => launch.hostname = value("a name")?.to_string_lossy().into_owned(),
-            "--append" => launch.append.push(value("a word")?.to_string_lossy().into_owned()),
+            "--append" => launch
+                .append
+                .push(value("a word")?.to_string_lossy().into_owned()),
             "--report" => report = Some(value("a path")?.into()),
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown option {name}")),
@@ -148,7 +147,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
-    let outcome = match Vm::build(&cfg, Output::inherit(), start).and_then(|vm| vm.run(args.launch.timeout)) {
+    let outcome = match Vm::build(&cfg, Output::inherit(), start)
+        .and_then(|vm| vm.run(args.launch.timeout))
+    {
         Ok(o) => o,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
@@ -162,10 +163,25 @@ fn main() -> ExitCode {
     match outcome.end {
         VmEnd::Exited(status) => ExitCode::from(status.shell_code() as u8),
         VmEnd::KernelPanic => fail("the guest kernel panicked", tail),
-        VmEnd::Reset(why) => fail(&format!("the guest reset ({why}) before reporting an exit status"), tail),
-        VmEnd::Shutdown => fail("the guest powered off before reporting an exit status", tail),
-        VmEnd::BadExitValue(v) => fail(&format!("the guest wrote an invalid exit value {v:#x}"), tail),
+        VmEnd::Reset(why) => fail(
+            &format!("the guest reset ({why}) before reporting an exit status"),
+            tail,
+        ),
+        VmEnd::Shutdown => fail(
+            "the guest powered off before reporting an exit status",
+            tail,
+        ),
+        VmEnd::BadExitValue(v) => fail(
+            &format!("the guest wrote an invalid exit value {v:#x}"),
+            tail,
+        ),
         VmEnd::Failed(why) => fail(&format!("the VM failed: {why}"), tail),
-        VmEnd::TimedOut(t) => fail(&format!("the VM did not finish within {}s and was stopped", t.as_secs()), tail),
+        VmEnd::TimedOut(t) => fail(
+            &format!(
+                "the VM did not finish within {}s and was stopped",
+                t.as_secs()
+            ),
+            tail,
+        ),
     }
 }

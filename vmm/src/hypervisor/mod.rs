@@ -22,7 +22,9 @@ pub enum HypervisorError {
         path: String,
     },
     /// The hypervisor device node cannot be opened by this user.
-    #[error("permission denied opening {path}: the user needs read/write access (e.g. the kvm group)")]
+    #[error(
+        "permission denied opening {path}: the user needs read/write access (e.g. the kvm group)"
+    )]
     PermissionDenied {
         /// Path that was tried.
         path: String,

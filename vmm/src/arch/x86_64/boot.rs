@@ -210,7 +210,8 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
             match BzImage::load(mem, None, &mut file, himem) {
                 Ok(res) => (None, res),
                 Err(loader::Error::Bzimage(
-                    loader::bzimage::Error::InvalidBzImage | loader::bzimage::Error::ReadBzImageHeader,
+                    loader::bzimage::Error::InvalidBzImage
+                    | loader::bzimage::Error::ReadBzImageHeader,
                 )) => return Err(BootError::KernelFormat { path }),
                 Err(source) => return Err(BootError::KernelLoad { path, source }),
             }
@@ -241,7 +242,12 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
     write_bytes(mem, &cmdline, CMDLINE_ADDR, "kernel command line")?;
     let gdt: Vec<u8> = regs::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
     write_bytes(mem, &gdt, GDT_ADDR, "GDT")?;
-    write_bytes(mem, &mptable::build(boot.vcpus, EBDA_START)?, EBDA_START, "MP table")?;
+    write_bytes(
+        mem,
+        &mptable::build(boot.vcpus, EBDA_START)?,
+        EBDA_START,
+        "MP table",
+    )?;
     let e820 = e820_map(mem);
 
     let (entry, ebx, esi) = match start_kind {
@@ -271,7 +277,12 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
                     type_: *type_,
                     reserved: 0,
                 };
-                write(mem, entry, PVH_MEMMAP_ADDR + 24 * i as u64, "PVH memory map")?;
+                write(
+                    mem,
+                    entry,
+                    PVH_MEMMAP_ADDR + 24 * i as u64,
+                    "PVH memory map",
+                )?;
             }
             write(mem, info, PVH_INFO_ADDR, "PVH start info")?;
             (entry, PVH_INFO_ADDR, 0)
@@ -353,7 +364,10 @@ mod tests {
             cmdline: "console=ttyS0",
             vcpus: 1,
         };
-        assert!(matches!(load(&mem(64 << 20), &boot), Err(BootError::KernelFormat { .. })));
+        assert!(matches!(
+            load(&mem(64 << 20), &boot),
+            Err(BootError::KernelFormat { .. })
+        ));
     }
 
     #[test]
@@ -368,14 +382,20 @@ mod tests {
             cmdline: &long,
             vcpus: 1,
         };
-        assert!(matches!(load(&mem(64 << 20), &boot), Err(BootError::CmdlineTooLong { .. })));
+        assert!(matches!(
+            load(&mem(64 << 20), &boot),
+            Err(BootError::CmdlineTooLong { .. })
+        ));
     }
 
     #[test]
     fn stub_marks_then_jumps() {
         let s = boot_stub(0x0100_0000);
         assert_eq!(&s[..2], &[0xc6, 0x05]);
-        assert_eq!(&s[2..6], &((SYSDEV_BASE + REG_FIRST_INSN) as u32).to_le_bytes());
+        assert_eq!(
+            &s[2..6],
+            &((SYSDEV_BASE + REG_FIRST_INSN) as u32).to_le_bytes()
+        );
         assert_eq!(&s[s.len() - 2..], &[0xff, 0xe0]);
     }
 }

@@ -46,7 +46,7 @@ impl CpuProfile {
         match self {
             CpuProfile::Host => "",
             CpuProfile::PvmCompat => {
-                "noxsave noreplace-smp clearcpuid=popcnt,smap,rdtscp,fsgsbase,pku,rdpid,erms,fsrm,pcid,invpcid,clflushopt,clwb"
+                "noxsave noreplace-smp clearcpuid=cx16,popcnt,smap,rdtscp,fsgsbase,pku,rdpid,erms,fsrm,pcid,invpcid,clflushopt,clwb"
             }
         }
     }
@@ -153,7 +153,10 @@ mod tests {
         let l1 = out.iter().find(|e| e.function == 1).expect("leaf 1");
         assert_ne!(l1.ecx & ECX_CX16, 0);
         assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (3, 4));
-        assert_eq!(out.iter().find(|e| e.function == 0xb).map(|e| e.edx), Some(3));
+        assert_eq!(
+            out.iter().find(|e| e.function == 0xb).map(|e| e.edx),
+            Some(3)
+        );
         assert_eq!(out.len(), 5);
     }
 }

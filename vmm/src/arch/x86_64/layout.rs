@@ -32,6 +32,16 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC base.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
+// The fixed areas must not overlap; checked at compile time.
+const _: () = {
+    assert!(GDT_ADDR + 5 * 8 <= BOOT_STUB_ADDR);
+    assert!(BOOT_STUB_ADDR + 64 <= PVH_INFO_ADDR);
+    assert!(PVH_MEMMAP_ADDR + 8 * 24 <= ZERO_PAGE_ADDR);
+    assert!(ZERO_PAGE_ADDR + 4096 <= CMDLINE_ADDR);
+    assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
+    assert!(msb_protocol::sysdev::SYSDEV_BASE >= MMIO_GAP_START);
+};
+
 /// Guest RAM regions for `size` bytes of memory: split around the MMIO gap.
 pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_GAP_START {
@@ -50,17 +60,10 @@ mod tests {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         assert_eq!(
             ram_regions(4 << 30),
-            vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
         );
-    }
-
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(GDT_ADDR + 5 * 8 <= BOOT_STUB_ADDR);
-        assert!(BOOT_STUB_ADDR + 64 <= PVH_INFO_ADDR);
-        assert!(PVH_MEMMAP_ADDR + 8 * 24 <= ZERO_PAGE_ADDR);
-        assert!(ZERO_PAGE_ADDR + 4096 <= CMDLINE_ADDR);
-        assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= EBDA_START);
-        assert!(msb_protocol::sysdev::SYSDEV_BASE >= MMIO_GAP_START);
     }
 }

@@ -130,7 +130,10 @@ mod tests {
         // 2 cpus + bus + ioapic + 23 io interrupts + 2 local interrupts
         assert_eq!(count, 2 + 1 + 1 + 23 + 2);
         // The first entry is the boot CPU.
-        assert_eq!(&table[44..48], &[ENTRY_CPU, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOT]);
+        assert_eq!(
+            &table[44..48],
+            &[ENTRY_CPU, 0, APIC_VERSION, CPU_ENABLED | CPU_BOOT]
+        );
     }
 
     #[test]

@@ -118,7 +118,10 @@ mod tests {
     #[test]
     fn segments_are_flat_4g() {
         let cs = CODE.segment(CODE_SELECTOR);
-        assert_eq!((cs.base, cs.limit, cs.type_, cs.db, cs.l), (0, 0xffff_ffff, 0xb, 1, 0));
+        assert_eq!(
+            (cs.base, cs.limit, cs.type_, cs.db, cs.l),
+            (0, 0xffff_ffff, 0xb, 1, 0)
+        );
         let tr = TSS.segment(TSS_SELECTOR);
         assert_eq!((tr.limit, tr.s, tr.g), (0x67, 0, 0));
     }

@@ -1,0 +1,94 @@
+//! End-to-end: boot the real kernel with agentd as PID 1 through `msb-vmm`.
+
+use msb_e2e::run_vm;
+
+#[test]
+fn echo_hello_prints_hello_and_exits_zero() {
+    let out = run_vm(&[], &["/bin/echo", "hello"]);
+    assert_eq!(out.stdout, b"hello\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn output_bytes_streams_and_exit_code_are_exact() {
+    // Binary bytes (NUL, 0xff, no trailing newline translation) on stdout, text on
+    // stderr, and exit 3.
+    let out = run_vm(
+        &["--memory", "128"],
+        &[
+            "sh",
+            "-c",
+            "printf 'a\\000b\\377\\r\\nz'; printf 'to-stderr' >&2; exit 3",
+        ],
+    );
+    assert_eq!(out.stdout, b"a\0b\xff\r\nz");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("to-stderr"),
+        "stderr carries the command's stderr"
+    );
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn two_cpus_are_online() {
+    let out = run_vm(&["--cpus", "2"], &["nproc"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn memtotal_matches_the_memory_option() {
+    let mib = 192u64;
+    let out = run_vm(&["--memory", &mib.to_string()], &["cat", "/proc/meminfo"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal in /proc/meminfo");
+    // MemTotal is RAM minus what the kernel reserves for itself (its image, page tables,
+    // the BIOS hole): a little below the configured size, never above it.
+    assert!(kib <= mib * 1024, "MemTotal {kib} kB exceeds {mib} MiB");
+    assert!(
+        kib >= mib * 1024 * 85 / 100,
+        "MemTotal {kib} kB is far below {mib} MiB"
+    );
+}
+
+#[test]
+fn unknown_command_is_127_with_a_message() {
+    let out = run_vm(&[], &["no-such-command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-command: command not found"));
+}
+
+#[test]
+fn a_command_killed_by_a_signal_reports_128_plus_n() {
+    let out = run_vm(&[], &["sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137));
+}
+
+#[test]
+fn hostname_is_applied() {
+    let out = run_vm(&["--hostname", "sandbox-1"], &["hostname"]);
+    assert_eq!(out.stdout, b"sandbox-1\n");
+}
+
+#[test]
+fn kernel_panic_fails_with_the_last_console_lines() {
+    // No init the kernel can run: it panics.
+    let out = run_vm(
+        &[
+            "--append",
+            "rdinit=/nonexistent",
+            "--append",
+            "init=/nonexistent",
+        ],
+        &["true"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
+    assert!(stderr.contains("Kernel panic - not syncing"), "{stderr}");
+}
