@@ -183,3 +183,78 @@ fn a_triple_fault_ends_the_vm_as_a_reset() {
     eprintln!("triple fault ended as {:?}", o.end);
     assert_eq!(o.end, VmEnd::Reset("triple fault"));
 }
+
+mod state_machine {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use msb_vmm::arch::x86_64::cpuid;
+    use msb_vmm::hypervisor::kvm::KvmHypervisor;
+    use msb_vmm::hypervisor::{CpuStart, ExitHandler, Hypervisor, VcpuSetup};
+    use msb_vmm::vcpu::{self, VcpuCommand, VcpuState};
+
+    /// Counts the guest's port writes.
+    #[derive(Default)]
+    struct Counter(AtomicU64);
+    impl ExitHandler for Counter {
+        fn pio_read(&self, _: u16, _: &mut [u8]) {}
+        fn pio_write(&self, _: u16, _: &[u8]) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn mmio_read(&self, _: u64, _: &mut [u8]) {}
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn pause_stops_the_guest_resume_continues_exit_joins() {
+        if !super::kvm_available() {
+            return;
+        }
+        let hv = KvmHypervisor::open(std::path::Path::new("/dev/kvm")).expect("kvm");
+        let vm = hv.create_vm().expect("vm");
+        let mem = msb_vmm::memory::create(1 << 20).expect("memory");
+        msb_vmm::memory::register(&*vm, &mem).expect("register");
+        // loop: out 0x80, al; jmp loop
+        vm_memory::Bytes::write_slice(&mem, &[0xe6, 0x80, 0xeb, 0xfc], vm_memory::GuestAddress(0x1000))
+            .expect("code");
+        let vcpu = vm.create_vcpu(0).expect("vcpu");
+        let supported = hv.supported_cpuid().expect("cpuid");
+        vcpu.configure(&VcpuSetup {
+            id: 0,
+            cpuid: cpuid::filter(&supported, cpuid::CpuProfile::Host, 0, 1),
+            start: CpuStart::RealMode { ip: 0x1000 },
+        })
+        .expect("configure");
+        let counter = Arc::new(Counter::default());
+        let handle = vcpu::spawn(0, vcpu, counter.clone(), Box::new(|_, end| panic!("vCPU ended: {end:?}")))
+            .expect("spawn");
+        let count = || counter.0.load(Ordering::SeqCst);
+
+        let wait_for_progress = |from: u64| {
+            for _ in 0..500 {
+                if count() > from + 10 {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        };
+        assert!(wait_for_progress(0), "the guest runs");
+
+        handle.send(VcpuCommand::Pause);
+        assert_eq!(handle.wait_for(VcpuState::Paused, Duration::from_secs(5)), VcpuState::Paused);
+        let paused_at = count();
+        std::thread::sleep(Duration::from_millis(200));
+        // At most the exit in flight when the pause landed.
+        assert!(count() <= paused_at + 1, "a paused vCPU runs no guest code");
+
+        handle.send(VcpuCommand::Resume);
+        assert_eq!(handle.wait_for(VcpuState::Running, Duration::from_secs(5)), VcpuState::Running);
+        assert!(wait_for_progress(count()), "the guest runs again");
+
+        handle.send(VcpuCommand::Exit);
+        assert_eq!(handle.wait_for(VcpuState::Exited, Duration::from_secs(5)), VcpuState::Exited);
+        drop(handle); // joins
+    }
+}
