@@ -67,10 +67,9 @@ pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Resident memory of this process, split into (guest memory, everything else), in KiB,
-/// from `/proc/self/smaps`.
-pub fn rss_split_kib(guest: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+/// Resident memory in `smaps` (the text of a `/proc/<pid>/smaps`), split into (mappings
+/// `is_guest(start, end)` accepts, everything else), in KiB.
+pub fn rss_split_kib(smaps: &str, is_guest: impl Fn(u64, u64) -> bool) -> (u64, u64) {
     let (mut in_guest, mut other) = (0u64, 0u64);
     let mut current_is_guest = false;
     for line in smaps.lines() {
@@ -89,12 +88,21 @@ pub fn rss_split_kib(guest: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
         } else if let Some((range, _)) = line.split_once(' ') {
             if let Some((a, b)) = range.split_once('-') {
                 if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    current_is_guest = guest.iter().any(|(s, e)| a >= *s && b <= *e);
+                    current_is_guest = is_guest(a, b);
                 }
             }
         }
     }
-    Ok((in_guest, other))
+    (in_guest, other)
+}
+
+/// This process's resident memory split into (guest memory, the VMM's own), in KiB.
+pub fn own_rss_split_kib(mem: &GuestMemoryMmap) -> std::io::Result<(u64, u64)> {
+    let guest = host_ranges(mem);
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(rss_split_kib(&smaps, |a, b| {
+        guest.iter().any(|(s, e)| a >= *s && b <= *e)
+    }))
 }
 
 #[cfg(test)]
@@ -104,8 +112,7 @@ mod tests {
     #[test]
     fn memory_is_lazily_backed() {
         let mem = create(512 << 20).expect("map");
-        let ranges = host_ranges(&mem);
-        let (guest, _) = rss_split_kib(&ranges).expect("smaps");
+        let (guest, _) = own_rss_split_kib(&mem).expect("smaps");
         // Nothing touched yet: a NORESERVE anonymous map costs (almost) nothing.
         assert!(
             guest < 1024,
@@ -113,7 +120,7 @@ mod tests {
         );
         vm_memory::Bytes::write_slice(&mem, &[1u8; 1 << 20], GuestAddress(0x100000))
             .expect("write");
-        let (guest, _) = rss_split_kib(&ranges).expect("smaps");
+        let (guest, _) = own_rss_split_kib(&mem).expect("smaps");
         assert!(guest >= 1024, "written pages are resident: {guest} KiB");
     }
 }

@@ -499,7 +499,7 @@ impl Vm {
         };
 
         // Measure before tearing down: this is the steady-state footprint.
-        let rss = memory::rss_split_kib(&memory::host_ranges(&self.mem))
+        let rss = memory::own_rss_split_kib(&self.mem)
             .ok()
             .map(|(guest_kib, vmm_kib)| RssReport { guest_kib, vmm_kib });
         drop(handles);

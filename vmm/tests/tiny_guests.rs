@@ -216,8 +216,12 @@ mod state_machine {
         let mem = msb_vmm::memory::create(1 << 20).expect("memory");
         msb_vmm::memory::register(&*vm, &mem).expect("register");
         // loop: out 0x80, al; jmp loop
-        vm_memory::Bytes::write_slice(&mem, &[0xe6, 0x80, 0xeb, 0xfc], vm_memory::GuestAddress(0x1000))
-            .expect("code");
+        vm_memory::Bytes::write_slice(
+            &mem,
+            &[0xe6, 0x80, 0xeb, 0xfc],
+            vm_memory::GuestAddress(0x1000),
+        )
+        .expect("code");
         let vcpu = vm.create_vcpu(0).expect("vcpu");
         let supported = hv.supported_cpuid().expect("cpuid");
         vcpu.configure(&VcpuSetup {
@@ -227,8 +231,13 @@ mod state_machine {
         })
         .expect("configure");
         let counter = Arc::new(Counter::default());
-        let handle = vcpu::spawn(0, vcpu, counter.clone(), Box::new(|_, end| panic!("vCPU ended: {end:?}")))
-            .expect("spawn");
+        let handle = vcpu::spawn(
+            0,
+            vcpu,
+            counter.clone(),
+            Box::new(|_, end| panic!("vCPU ended: {end:?}")),
+        )
+        .expect("spawn");
         let count = || counter.0.load(Ordering::SeqCst);
 
         let wait_for_progress = |from: u64| {
@@ -243,18 +252,27 @@ mod state_machine {
         assert!(wait_for_progress(0), "the guest runs");
 
         handle.send(VcpuCommand::Pause);
-        assert_eq!(handle.wait_for(VcpuState::Paused, Duration::from_secs(5)), VcpuState::Paused);
+        assert_eq!(
+            handle.wait_for(VcpuState::Paused, Duration::from_secs(5)),
+            VcpuState::Paused
+        );
         let paused_at = count();
         std::thread::sleep(Duration::from_millis(200));
         // At most the exit in flight when the pause landed.
         assert!(count() <= paused_at + 1, "a paused vCPU runs no guest code");
 
         handle.send(VcpuCommand::Resume);
-        assert_eq!(handle.wait_for(VcpuState::Running, Duration::from_secs(5)), VcpuState::Running);
+        assert_eq!(
+            handle.wait_for(VcpuState::Running, Duration::from_secs(5)),
+            VcpuState::Running
+        );
         assert!(wait_for_progress(count()), "the guest runs again");
 
         handle.send(VcpuCommand::Exit);
-        assert_eq!(handle.wait_for(VcpuState::Exited, Duration::from_secs(5)), VcpuState::Exited);
+        assert_eq!(
+            handle.wait_for(VcpuState::Exited, Duration::from_secs(5)),
+            VcpuState::Exited
+        );
         drop(handle); // joins
     }
 }

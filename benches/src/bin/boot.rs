@@ -17,6 +17,7 @@ use msb_e2e::{artifacts, host_is_pvm, host_kind};
 use msb_vmm::arch::x86_64::cpuid::CpuProfile;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{kernel_cmdline, Launch};
+use msb_vmm::memory::rss_split_kib;
 
 const READY: &[u8] = b"ready\n";
 
@@ -117,24 +118,8 @@ fn run_ours(args: &Args, out: &mut Ours) {
 /// RSS of `pid` outside its mapping of exactly `guest_bytes` (QEMU's guest RAM), KiB.
 fn rss_outside_guest(pid: u32, guest_bytes: u64) -> Option<f64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut guest) = (0u64, 0u64);
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Rss:") {
-            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            total += kib;
-            if in_guest {
-                guest += kib;
-            }
-        } else if let Some((range, _)) = line.split_once(' ') {
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                    in_guest = b - a == guest_bytes;
-                }
-            }
-        }
-    }
-    Some((total - guest) as f64)
+    let (_, other) = rss_split_kib(&smaps, |a, b| b - a == guest_bytes);
+    Some(other as f64)
 }
 
 /// The same kernel command line `msb-vmm` gives the guest for `echo ready`.
