@@ -363,7 +363,8 @@ fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
             }
         })
         .collect();
-    let mut missing = Vec::new();
+    // Later lines win, as in Kconfig: pvm-compat.config overrides microvm.config.
+    let mut wanted: Vec<(&str, &str)> = Vec::new();
     for line in fragment.lines().map(str::trim) {
         let (sym, want) = if let Some(sym) = line
             .strip_prefix("# ")
@@ -378,6 +379,11 @@ fn config_mismatches(fragment: &str, config: &str) -> Vec<String> {
         } else {
             continue;
         };
+        wanted.retain(|(s, _)| *s != sym);
+        wanted.push((sym, want));
+    }
+    let mut missing = Vec::new();
+    for (sym, want) in wanted {
         let got = have.get(sym).copied().unwrap_or("n");
         if got != want {
             missing.push(format!("{sym}={want} (got {got})"));
@@ -668,7 +674,7 @@ mod tests {
 
     #[test]
     fn config_check_spots_dropped_symbols() {
-        let fragment = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=100\nCONFIG_D=n\n";
+        let fragment = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=100\nCONFIG_D=n\nCONFIG_E=y\n# CONFIG_E is not set\n";
         let config = "CONFIG_A=y\nCONFIG_B=y\nCONFIG_N=100\n";
         assert_eq!(
             config_mismatches(fragment, config),

@@ -96,13 +96,34 @@ pub fn rss_split_kib(smaps: &str, is_guest: impl Fn(u64, u64) -> bool) -> (u64, 
     (in_guest, other)
 }
 
+/// Resident KiB of the host range `start..start + len` (page aligned, mapped).
+fn resident_kib(start: u64, len: u64) -> std::io::Result<u64> {
+    const PAGE: u64 = 4096;
+    let mut vec = vec![0u8; len.div_ceil(PAGE) as usize];
+    // SAFETY: the range is a live page-aligned mapping owned by the caller's guest memory,
+    // and `vec` has one byte per page of it, as mincore(2) writes.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|b| **b & 1 == 1).count() as u64 * (PAGE / 1024))
+}
+
 /// This process's resident memory split into (guest memory, the VMM's own), in KiB.
+/// Guest pages are counted with mincore(2): the kernel may merge the guest mapping with a
+/// neighbouring one, so `/proc/self/smaps` cannot always tell them apart.
 pub fn own_rss_split_kib(mem: &GuestMemoryMmap) -> std::io::Result<(u64, u64)> {
-    let guest = host_ranges(mem);
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    Ok(rss_split_kib(&smaps, |a, b| {
-        guest.iter().any(|(s, e)| a >= *s && b <= *e)
-    }))
+    let mut guest = 0;
+    for (start, end) in host_ranges(mem) {
+        guest += resident_kib(start, end - start)?;
+    }
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let total: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("VmRSS missing from /proc/self/status"))?;
+    Ok((guest, total.saturating_sub(guest)))
 }
 
 #[cfg(test)]
