@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ use nix::unistd::Pid;
 
 const OUTPUT_TTY: &str = "/dev/ttyS1";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
+/// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
+const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
 /// How long to keep reading output after the command exits (a background child may hold
 /// its pipes open forever).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -38,6 +41,20 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 fn log(msg: &str) {
     // PID 1's stderr is /dev/console, which the VMM writes to its serial log.
     let _ = writeln!(std::io::stderr().lock(), "msb-agentd: {msg}");
+}
+
+/// With `noxsave` the kernel saves only the x87/SSE state of a process on a context switch.
+/// Where user-mode CPUID is not virtualised (the PVM host runs guest user code on the
+/// hardware, with the host's XCR0), glibc still sees AVX and AVX-512 and uses them in
+/// memcpy and friends, and their upper register halves leak between processes: memory
+/// copies go wrong and processes crash. So on such a kernel every process of ours runs
+/// with glibc told not to use those extensions: the agent re-executes itself with the
+/// tunables, and passes them to what it runs.
+fn avoid_extended_state(cmdline: &str) -> Option<&'static str> {
+    cmdline
+        .split_ascii_whitespace()
+        .any(|w| w == "noxsave")
+        .then_some(NO_AVX_TUNABLES)
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
@@ -99,17 +116,25 @@ fn send(out: &Mutex<File>, stream: Stream, data: &[u8]) {
 }
 
 /// Runs `argv`, streaming its output to `out`, reaping every child until it ends.
-fn run_command(argv: Vec<Vec<u8>>, out: Arc<Mutex<File>>) -> ExitStatus {
+fn run_command(
+    argv: Vec<Vec<u8>>,
+    tunables: Option<&str>,
+    out: Arc<Mutex<File>>,
+) -> ExitStatus {
     let mut args = argv.into_iter().map(OsString::from_vec);
     let Some(program) = args.next() else {
         return ExitStatus::Code(127);
     };
-    let spawned = Command::new(&program)
-        .args(args)
+    let mut cmd = Command::new(&program);
+    cmd.args(args)
         .env_clear()
         .env("PATH", PATH)
         .env("HOME", "/root")
-        .env("TERM", "linux")
+        .env("TERM", "linux");
+    if let Some(t) = tunables {
+        cmd.env("GLIBC_TUNABLES", t);
+    }
+    let spawned = cmd
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -187,8 +212,19 @@ fn main() {
         eprintln!("msb-agentd runs as PID 1 inside a microsandbox VM");
         std::process::exit(2);
     }
-    mount_kernel_filesystems();
+    // The re-executed agent (below) finds the filesystems mounted already.
+    if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(NO_AVX_TUNABLES) {
+        mount_kernel_filesystems();
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let tunables = avoid_extended_state(&cmdline);
+    if let Some(t) = tunables {
+        if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(t) {
+            // Only returns on failure; then carry on as we are.
+            let e = Command::new("/proc/self/exe").env("GLIBC_TUNABLES", t).exec();
+            log(&format!("cannot re-execute with glibc tunables: {e}"));
+        }
+    }
     let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
     if let Err(e) = nix::unistd::sethostname(hostname) {
         log(&format!("cannot set hostname: {e}"));
@@ -203,7 +239,7 @@ fn main() {
 
     let status = match bootcmd::find_param(&cmdline, bootcmd::CMD_KEY).map(bootcmd::decode) {
         Some(Ok(argv)) => match open_output() {
-            Ok(tty) => run_command(argv, Arc::new(Mutex::new(tty))),
+            Ok(tty) => run_command(argv, tunables, Arc::new(Mutex::new(tty))),
             Err(e) => {
                 log(&format!("cannot open {OUTPUT_TTY}: {e}"));
                 ExitStatus::Code(125)

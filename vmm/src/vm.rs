@@ -465,6 +465,8 @@ impl Vm {
                 Ok(VmEvent::System(SystemEvent::Exit(status))) => break VmEnd::Exited(status),
                 Ok(VmEvent::System(SystemEvent::BadExit(v))) => break VmEnd::BadExitValue(v),
                 Ok(VmEvent::System(SystemEvent::FirstInstruction | SystemEvent::BootReady)) => {}
+                // After a panic line the kernel's own reset is how the panic ends.
+                Ok(VmEvent::Reset(_)) if panic_deadline.is_some() => break VmEnd::KernelPanic,
                 Ok(VmEvent::Reset(src)) => break VmEnd::Reset(src),
                 Ok(VmEvent::KernelPanic) => {
                     panic_deadline.get_or_insert(Instant::now() + PANIC_GRACE);
