@@ -116,11 +116,7 @@ fn send(out: &Mutex<File>, stream: Stream, data: &[u8]) {
 }
 
 /// Runs `argv`, streaming its output to `out`, reaping every child until it ends.
-fn run_command(
-    argv: Vec<Vec<u8>>,
-    tunables: Option<&str>,
-    out: Arc<Mutex<File>>,
-) -> ExitStatus {
+fn run_command(argv: Vec<Vec<u8>>, tunables: Option<&str>, out: Arc<Mutex<File>>) -> ExitStatus {
     let mut args = argv.into_iter().map(OsString::from_vec);
     let Some(program) = args.next() else {
         return ExitStatus::Code(127);
@@ -221,7 +217,9 @@ fn main() {
     if let Some(t) = tunables {
         if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(t) {
             // Only returns on failure; then carry on as we are.
-            let e = Command::new("/proc/self/exe").env("GLIBC_TUNABLES", t).exec();
+            let e = Command::new("/proc/self/exe")
+                .env("GLIBC_TUNABLES", t)
+                .exec();
             log(&format!("cannot re-execute with glibc tunables: {e}"));
         }
     }

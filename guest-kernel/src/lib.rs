@@ -542,6 +542,9 @@ pub fn build_agentd(progress: &mut Progress) -> Result<PathBuf, GuestBuildError>
             .arg("--manifest-path")
             .arg(workspace_dir().join("Cargo.toml"))
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            // Every byte of the initramfs is copied by the guest kernel at each boot.
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+            .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env_remove("CARGO_BUILD_TARGET")
             .env_remove("CARGO_TARGET_DIR"),

@@ -53,13 +53,12 @@ fn msb_vmm_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("MSB_VMM_BIN") {
         return PathBuf::from(p);
     }
-    // The test executable lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
+    // Tests live in target/<profile>/deps/, binaries (the benchmarks) in target/<profile>/.
+    let exe = std::env::current_exe().expect("executable path");
+    let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
     let bin = profile_dir.join("msb-vmm");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
