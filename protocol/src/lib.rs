@@ -9,9 +9,12 @@
 //! - [`output`]: the framing of the command's stdout and stderr on the guest's second
 //!   serial port, so both streams cross one byte pipe without losing their identity.
 //!
-//! The vsock message protocol replaces the serial framing in a later step.
+//! - [`frame`] and [`message`]: the host-agent protocol over vsock (length-prefixed frames
+//!   with a session id and flags, CBOR payloads, a version in the first message).
 #![forbid(unsafe_code)]
 
 pub mod bootcmd;
+pub mod frame;
+pub mod message;
 pub mod output;
 pub mod sysdev;
