@@ -10,6 +10,7 @@
 
 pub mod legacy;
 pub mod system;
+pub mod virtio;
 
 use std::sync::Arc;
 
