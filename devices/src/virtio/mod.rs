@@ -5,6 +5,7 @@
 //! and activates the device with its queues, guest memory and a [`VirtioInterrupt`].
 
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,479 @@
+//! The vsock device against mock guest memory and mock virtqueues (no VM): normal flows,
+//! credit exhaustion and recovery, and a malicious guest.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use msb_devices::virtio::vsock::backend::Header;
+use msb_devices::virtio::vsock::metrics::VsockMetrics;
+use msb_devices::virtio::vsock::{op, Vsock, VsockConfig, CONN_BUF_ALLOC, RX_QUEUE, TX_QUEUE};
+use msb_devices::virtio::{VirtioDevice, VirtioInterrupt};
+use msb_devices::InterruptTrigger;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+const GUEST_CID: u64 = 3;
+const HDR: usize = 44;
+const QSIZE: u16 = 256;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+#[derive(Default)]
+struct Irq(AtomicUsize);
+impl InterruptTrigger for Irq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn encode(h: &Header) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HDR);
+    b.extend_from_slice(&h.src_cid.to_le_bytes());
+    b.extend_from_slice(&h.dst_cid.to_le_bytes());
+    b.extend_from_slice(&h.src_port.to_le_bytes());
+    b.extend_from_slice(&h.dst_port.to_le_bytes());
+    b.extend_from_slice(&h.len.to_le_bytes());
+    b.extend_from_slice(&h.type_.to_le_bytes());
+    b.extend_from_slice(&h.op.to_le_bytes());
+    b.extend_from_slice(&h.flags.to_le_bytes());
+    b.extend_from_slice(&h.buf_alloc.to_le_bytes());
+    b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
+    b
+}
+
+fn decode(b: &[u8]) -> Header {
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"));
+    Header {
+        src_cid: u64_at(0),
+        dst_cid: u64_at(8),
+        src_port: u32_at(16),
+        dst_port: u32_at(20),
+        len: u32_at(24),
+        type_: u16_at(28),
+        op: u16_at(30),
+        flags: u32_at(32),
+        buf_alloc: u32_at(36),
+        fwd_cnt: u32_at(40),
+    }
+}
+
+/// A guest: mock queues in guest memory, a buffer allocator, and the device.
+struct Guest<'a> {
+    mem: &'a GuestMemoryMmap,
+    rx: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    dev: Vsock,
+    next_desc: [u16; 2],
+    next_buf: u64,
+    rx_bufs: HashMap<u16, (u64, u64)>,
+    rx_seen: u16,
+    tx_bufs: Vec<u64>,
+    _dir: tempfile::TempDir,
+    uds: PathBuf,
+}
+
+impl<'a> Guest<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uds = dir.path().join("v.sock");
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), QSIZE);
+        let ev = MockSplitQueue::create(mem, GuestAddress(0x20000), QSIZE);
+        let mut dev = Vsock::new(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.clone(),
+        })
+        .expect("device");
+        let queues: Vec<Queue> = vec![
+            rx.create_queue().expect("rx"),
+            tx.create_queue().expect("tx"),
+            ev.create_queue().expect("ev"),
+        ];
+        let irq = Arc::new(VirtioInterrupt::new(Arc::new(Irq::default())));
+        dev.activate(mem.clone(), irq, queues).expect("activate");
+        Guest {
+            mem,
+            rx,
+            tx,
+            dev,
+            next_desc: [0, 0],
+            next_buf: 0x10_0000,
+            rx_bufs: HashMap::new(),
+            rx_seen: 0,
+            tx_bufs: Vec::new(),
+            _dir: dir,
+            uds,
+        }
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.next_buf;
+        self.next_buf += len.next_multiple_of(16);
+        a
+    }
+
+    fn add_chain(&mut self, which: usize, descs: &[(u64, u32, u16)]) -> u16 {
+        let queue = if which == RX_QUEUE {
+            &self.rx
+        } else {
+            &self.tx
+        };
+        let start = self.next_desc[which];
+        let n = descs.len() as u16;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, len, flags))| {
+                let i = i as u16;
+                let (flags, next) = if i + 1 < n {
+                    (flags | F_NEXT, (start + i + 1) % QSIZE)
+                } else {
+                    (*flags, 0)
+                };
+                RawDescriptor::from(SplitDescriptor::new(*addr, *len, flags, next))
+            })
+            .collect();
+        queue.add_desc_chains(&raw, start).expect("chain fits");
+        self.next_desc[which] = (start + n) % QSIZE;
+        start
+    }
+
+    /// Queues a TX packet (header and data in separate descriptors) and notifies.
+    fn send_raw(&mut self, descs: Vec<(Vec<u8>, u32, u16)>) {
+        let mut placed = Vec::new();
+        for (bytes, len, flags) in descs {
+            let a = self.alloc(u64::from(len.max(bytes.len() as u32)).max(16));
+            self.mem
+                .write_slice(&bytes, GuestAddress(a))
+                .expect("write");
+            placed.push((a, len, flags));
+            self.tx_bufs.push(a);
+        }
+        self.add_chain(TX_QUEUE, &placed);
+        self.dev.queue_notify(TX_QUEUE as u16);
+    }
+
+    fn send(&mut self, h: Header, data: &[u8]) {
+        let h = Header {
+            len: data.len() as u32,
+            ..h
+        };
+        let mut descs = vec![(encode(&h), HDR as u32, 0)];
+        if !data.is_empty() {
+            descs.push((data.to_vec(), data.len() as u32, 0));
+        }
+        self.send_raw(descs);
+    }
+
+    fn give_rx(&mut self, n: usize, data_len: u32) {
+        for _ in 0..n {
+            let h = self.alloc(HDR as u64);
+            let d = self.alloc(u64::from(data_len));
+            let head = self.add_chain(
+                RX_QUEUE,
+                &[(h, HDR as u32, F_WRITE), (d, data_len, F_WRITE)],
+            );
+            self.rx_bufs.insert(head, (h, d));
+        }
+        self.dev.queue_notify(RX_QUEUE as u16);
+    }
+
+    /// Packets the device put on the RX used ring since the last call.
+    fn recv(&mut self) -> Vec<(Header, Vec<u8>)> {
+        let used = self.rx.used_addr();
+        let idx: u16 = self.mem.read_obj(used.unchecked_add(2)).expect("used idx");
+        let mut out = Vec::new();
+        while self.rx_seen != idx {
+            let slot = u64::from(self.rx_seen % QSIZE);
+            let id: u32 = self
+                .mem
+                .read_obj(used.unchecked_add(4 + slot * 8))
+                .expect("id");
+            let (h, d) = self.rx_bufs[&(id as u16)];
+            let mut hb = [0u8; HDR];
+            self.mem.read_slice(&mut hb, GuestAddress(h)).expect("hdr");
+            let hdr = decode(&hb);
+            let mut data = vec![0u8; hdr.len as usize];
+            self.mem
+                .read_slice(&mut data, GuestAddress(d))
+                .expect("data");
+            out.push((hdr, data));
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Waits until the device delivered packets matching `pred` (collecting all).
+    fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&[(Header, Vec<u8>)]) -> bool,
+    ) -> Vec<(Header, Vec<u8>)> {
+        let start = Instant::now();
+        let mut all = Vec::new();
+        loop {
+            all.extend(self.recv());
+            if pred(&all) {
+                return all;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "timed out waiting for {what}: got {all:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn metrics(&self) -> Arc<VsockMetrics> {
+        self.dev.metrics()
+    }
+}
+
+fn guest_hdr(src_port: u32, dst_port: u32, op: u16) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: 2,
+        src_port,
+        dst_port,
+        type_: 1,
+        op,
+        buf_alloc: 64 * 1024,
+        ..Header::default()
+    }
+}
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("memory")
+}
+
+fn count(pkts: &[(Header, Vec<u8>)], op: u16) -> usize {
+    pkts.iter().filter(|(h, _)| h.op == op).count()
+}
+
+#[test]
+fn guest_connects_to_a_host_port_and_bytes_flow_both_ways() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let listener = UnixListener::bind(format!("{}_5000", g.uds.display())).expect("listen");
+    g.give_rx(8, 4096);
+    g.send(guest_hdr(1234, 5000, op::REQUEST), &[]);
+    let pkts = g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    let (resp, _) = &pkts[0];
+    assert_eq!(
+        (resp.src_cid, resp.dst_cid, resp.src_port, resp.dst_port),
+        (2, GUEST_CID, 5000, 1234)
+    );
+    assert_eq!(resp.buf_alloc, CONN_BUF_ALLOC);
+    let (mut host, _) = listener.accept().expect("the device connected");
+
+    host.write_all(b"hello\0guest").expect("host writes");
+    let pkts = g.wait_for("data", |p| p.iter().map(|(h, _)| h.len).sum::<u32>() >= 11);
+    let bytes: Vec<u8> = pkts
+        .iter()
+        .filter(|(h, _)| h.op == op::RW)
+        .flat_map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(bytes, b"hello\0guest");
+
+    g.send(guest_hdr(1234, 5000, op::RW), b"world");
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).expect("host reads");
+    assert_eq!(&got, b"world");
+    assert_eq!(VsockMetrics::get(&g.metrics().tx_bytes), 5);
+
+    // The guest closes: RST back, the host sees EOF.
+    g.send(
+        Header {
+            flags: 3,
+            ..guest_hdr(1234, 5000, op::SHUTDOWN)
+        },
+        &[],
+    );
+    g.wait_for("RST", |p| count(p, op::RST) == 1);
+    assert_eq!(host.read(&mut got).expect("eof"), 0);
+}
+
+#[test]
+fn host_client_connects_with_connect_line() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    g.give_rx(4, 4096);
+    let mut client = UnixStream::connect(&g.uds).expect("connect");
+    client.write_all(b"CONNECT 52\n").expect("line");
+    let pkts = g.wait_for("REQUEST", |p| count(p, op::REQUEST) == 1);
+    let (req, _) = &pkts[0];
+    assert_eq!((req.dst_port, req.dst_cid), (52, GUEST_CID));
+    let local = req.src_port;
+    assert!(local >= 1 << 30);
+    g.send(guest_hdr(52, local, op::RESPONSE), &[]);
+    let mut line = [0u8; 64];
+    let n = client.read(&mut line).expect("OK line");
+    assert_eq!(String::from_utf8_lossy(&line[..n]), format!("OK {local}\n"));
+    // Bytes from the client reach the guest.
+    client.write_all(b"ping").expect("write");
+    let pkts = g.wait_for("data", |p| {
+        p.iter().any(|(h, d)| h.op == op::RW && d == b"ping")
+    });
+    assert!(!pkts.is_empty());
+}
+
+#[test]
+fn credit_runs_out_and_recovers() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let listener = UnixListener::bind(format!("{}_7000", g.uds.display())).expect("listen");
+    g.give_rx(16, 4096);
+    // The guest has room for 8 bytes only.
+    g.send(
+        Header {
+            buf_alloc: 8,
+            ..guest_hdr(900, 7000, op::REQUEST)
+        },
+        &[],
+    );
+    g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    let (mut host, _) = listener.accept().expect("accept");
+    host.write_all(&[b'x'; 20]).expect("write");
+    let pkts = g.wait_for("8 bytes", |p| {
+        p.iter().map(|(h, _)| h.len).sum::<u32>() >= 8
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let more = g.recv();
+    let total: u32 = pkts.iter().chain(more.iter()).map(|(h, _)| h.len).sum();
+    assert_eq!(total, 8, "no more than the guest's credit");
+    // The guest consumed them: credit for 8 more.
+    g.send(
+        Header {
+            buf_alloc: 8,
+            fwd_cnt: 8,
+            ..guest_hdr(900, 7000, op::CREDIT_UPDATE)
+        },
+        &[],
+    );
+    let pkts = g.wait_for("8 more", |p| p.iter().map(|(h, _)| h.len).sum::<u32>() >= 8);
+    assert_eq!(pkts.iter().map(|(h, _)| h.len).sum::<u32>(), 8);
+    g.send(
+        Header {
+            buf_alloc: 8,
+            fwd_cnt: 16,
+            ..guest_hdr(900, 7000, op::CREDIT_UPDATE)
+        },
+        &[],
+    );
+    let pkts = g.wait_for("last 4", |p| p.iter().map(|(h, _)| h.len).sum::<u32>() >= 4);
+    assert_eq!(pkts.iter().map(|(h, _)| h.len).sum::<u32>(), 4);
+    // A credit request is answered with our counters.
+    g.send(guest_hdr(900, 7000, op::CREDIT_REQUEST), &[]);
+    g.wait_for("CREDIT_UPDATE", |p| count(p, op::CREDIT_UPDATE) == 1);
+}
+
+#[test]
+fn unknown_connections_and_refused_ports_get_rst() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    g.give_rx(8, 4096);
+    g.send(guest_hdr(1, 4444, op::RW), b"nobody home");
+    g.send(guest_hdr(2, 4445, op::REQUEST), &[]); // no listener on the host
+    g.send(guest_hdr(3, 4446, 99), &[]); // unknown op
+    let pkts = g.wait_for("three RSTs", |p| count(p, op::RST) == 3);
+    let ports: Vec<u32> = pkts.iter().map(|(h, _)| h.dst_port).collect();
+    assert_eq!(ports, vec![1, 2, 3]);
+    assert_eq!(VsockMetrics::get(&g.metrics().rst_sent), 3);
+}
+
+#[test]
+fn a_malicious_guest_gets_counted_drops_and_the_device_keeps_serving() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    g.give_rx(8, 4096);
+    // Wrong CIDs: dropped silently.
+    g.send(
+        Header {
+            src_cid: 99,
+            ..guest_hdr(1, 5000, op::REQUEST)
+        },
+        &[],
+    );
+    g.send(
+        Header {
+            dst_cid: 7,
+            ..guest_hdr(1, 5000, op::REQUEST)
+        },
+        &[],
+    );
+    // Header descriptor shorter than a header.
+    g.send_raw(vec![(vec![0u8; 10], 10, 0)]);
+    // Length field past the data buffer.
+    let h = Header {
+        len: 4096,
+        ..guest_hdr(1, 5000, op::RW)
+    };
+    g.send_raw(vec![(encode(&h), HDR as u32, 0), (vec![1u8; 16], 16, 0)]);
+    // Length beyond the device's limit.
+    let h = Header {
+        len: u32::MAX,
+        ..guest_hdr(1, 5000, op::RW)
+    };
+    g.send_raw(vec![(encode(&h), HDR as u32, 0), (vec![1u8; 16], 16, 0)]);
+    // A write-only descriptor on the TX queue.
+    g.send_raw(vec![(
+        encode(&guest_hdr(1, 5000, op::REQUEST)),
+        HDR as u32,
+        F_WRITE,
+    )]);
+    // A descriptor pointing outside guest memory.
+    g.add_chain(TX_QUEUE, &[(0xffff_ffff_0000, HDR as u32, 0)]);
+    g.dev.queue_notify(TX_QUEUE as u16);
+    // A wrong socket type gets RST.
+    g.send(
+        Header {
+            type_: 2,
+            ..guest_hdr(5, 5000, op::REQUEST)
+        },
+        &[],
+    );
+
+    let m = g.metrics();
+    assert_eq!(VsockMetrics::get(&m.bad_cid), 2);
+    assert_eq!(VsockMetrics::get(&m.bad_descriptors), 5);
+    g.wait_for("RST for the wrong type", |p| count(p, op::RST) == 1);
+
+    // Still serving.
+    let listener = UnixListener::bind(format!("{}_6000", g.uds.display())).expect("listen");
+    g.send(guest_hdr(77, 6000, op::REQUEST), &[]);
+    g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    assert!(listener.accept().is_ok());
+}
+
+#[test]
+fn a_guest_sending_past_its_credit_is_reset() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let listener = UnixListener::bind(format!("{}_8000", g.uds.display())).expect("listen");
+    g.give_rx(8, 4096);
+    g.send(guest_hdr(10, 8000, op::REQUEST), &[]);
+    g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    let (_host, _) = listener.accept().expect("accept");
+    // The host never reads: its socket buffer fills, then our buffer, then the guest is
+    // past the credit we gave it.
+    let chunk = vec![0u8; 60 * 1024];
+    for _ in 0..((CONN_BUF_ALLOC as usize * 4) / chunk.len()) {
+        g.send(guest_hdr(10, 8000, op::RW), &chunk);
+        if VsockMetrics::get(&g.metrics().credit_violations) > 0 {
+            break;
+        }
+    }
+    assert_eq!(VsockMetrics::get(&g.metrics().credit_violations), 1);
+    g.wait_for("RST", |p| count(p, op::RST) == 1);
+}
