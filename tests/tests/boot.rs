@@ -92,3 +92,19 @@ fn kernel_panic_fails_with_the_last_console_lines() {
     assert!(stderr.contains("the guest kernel panicked"), "{stderr}");
     assert!(stderr.contains("Kernel panic - not syncing"), "{stderr}");
 }
+
+#[test]
+fn the_guest_driver_brings_up_our_virtio_vsock_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("v.sock");
+    let out = run_vm(
+        &["--vsock-socket", &sock.display().to_string()],
+        &["sh", "-c", "cat /sys/bus/virtio/devices/*/device /sys/bus/virtio/devices/*/status; test -c /dev/vsock && echo has-dev-vsock"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // Device id 19 (vsock); status ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0x0013\n0x0000000f\nhas-dev-vsock\n"
+    );
+}

@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
 use msb_protocol::bootcmd::{self, BootCmdError};
 
@@ -17,6 +18,9 @@ use crate::vm::{BootSource, VmConfig, VmmError};
 /// i8042 reset; the rest trims boot work a microVM does not need.
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 8250.nr_uarts=2 panic=-1 reboot=k no_timer_check tsc=reliable quiet";
+
+/// The guest's vsock context id (the only guest of its VMM).
+pub const GUEST_CID: u64 = 3;
 
 /// Default guest memory for `msb-vmm`.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
@@ -44,6 +48,8 @@ pub struct Launch {
     pub hostname: String,
     /// Extra kernel command-line words.
     pub append: Vec<String>,
+    /// Host socket of the guest's vsock device (hybrid mode), if it gets one.
+    pub vsock_socket: Option<PathBuf>,
     /// The command to run in the guest.
     pub command: Vec<OsString>,
 }
@@ -61,6 +67,7 @@ impl Default for Launch {
             timeout: None,
             hostname: "msb".into(),
             append: Vec::new(),
+            vsock_socket: None,
             command: Vec::new(),
         }
     }
@@ -141,6 +148,10 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         cpu_profile: profile,
         serial_log: launch.serial_log.clone(),
         console_echo: launch.console,
+        vsock: launch.vsock_socket.clone().map(|uds_path| VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path,
+        }),
     };
     // Cheap checks first: bad input fails before any build.
     crate::vm::validate_basic(&cfg)?;

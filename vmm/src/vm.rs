@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
+use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
+use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use msb_protocol::output::FrameError;
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -42,6 +44,9 @@ const UART_LEN: u64 = 8;
 /// i8042 data port; the command port is at offset 4 (0x64).
 const I8042_PORT: u64 = 0x60;
 const I8042_LEN: u64 = 5;
+/// First virtio-mmio window (right after the system device) and its interrupt.
+const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
+const VSOCK_IRQ: u32 = 5;
 /// After a kernel panic line, how long to wait for the guest to reset on its own.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
 
@@ -94,6 +99,8 @@ pub struct VmConfig {
     pub serial_log: Option<PathBuf>,
     /// Copy the kernel console to stderr.
     pub console_echo: bool,
+    /// A virtio-vsock device with this host socket and guest CID.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// Invalid configuration values.
@@ -153,6 +160,9 @@ pub enum VmmError {
     /// vCPU threads could not be started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// The serial log could not be created.
     #[error("cannot create serial log {path}")]
     SerialLog {
@@ -347,15 +357,25 @@ impl Vm {
                 kernel,
                 initrd,
                 cmdline,
-            } => boot::load(
-                &mem,
-                &KernelBoot {
-                    kernel,
-                    initrd: initrd.as_deref(),
-                    cmdline,
-                    vcpus: cfg.vcpus,
-                },
-            )?,
+            } => {
+                // Virtio-mmio devices are announced on the command line (no ACPI, no PCI).
+                let mut cmdline = cmdline.clone();
+                if cfg.vsock.is_some() {
+                    cmdline.push_str(&format!(
+                        " virtio_mmio.device={}K@{VIRTIO_MMIO_BASE:#x}:{VSOCK_IRQ}",
+                        MMIO_SIZE >> 10
+                    ));
+                }
+                boot::load(
+                    &mem,
+                    &KernelBoot {
+                        kernel,
+                        initrd: initrd.as_deref(),
+                        cmdline: &cmdline,
+                        vcpus: cfg.vcpus,
+                    },
+                )?
+            }
             BootSource::Code { addr, code, mode } => load_code(&mem, *addr, code, *mode)?,
         };
 
@@ -397,6 +417,14 @@ impl Vm {
         pio.insert(I8042_PORT, I8042_LEN, i8042)?;
         let mut mmio = Bus::default();
         mmio.insert(SYSDEV_BASE, SYSDEV_SIZE, sysdev)?;
+        if let Some(vcfg) = &cfg.vsock {
+            let transport: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(
+                Vsock::new(vcfg.clone())?,
+                mem.clone(),
+                vm.interrupt_line(VSOCK_IRQ)?,
+            )));
+            mmio.insert(VIRTIO_MMIO_BASE, MMIO_SIZE, transport)?;
+        }
         let buses = Arc::new(Buses { pio, mmio });
 
         // vCPUs.

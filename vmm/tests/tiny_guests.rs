@@ -35,6 +35,7 @@ fn config(boot: BootSource) -> VmConfig {
         cpu_profile: CpuProfile::for_host(HostKind::detect()),
         serial_log: None,
         console_echo: false,
+        vsock: None,
     }
 }
 

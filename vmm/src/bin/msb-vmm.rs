@@ -4,7 +4,7 @@
 //! ```text
 //! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
 //!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
-//!         [--append WORD]... [--report FILE] -- CMD ARGS...
+//!         [--append WORD]... [--report FILE] [--vsock-socket PATH] -- CMD ARGS...
 //! ```
 //! Without `--kernel`/`--initrd` it uses the kernel flavour for this host and the default
 //! initramfs, building them first (with progress on stderr) if they are missing.
@@ -26,7 +26,7 @@ const TAIL_IN_ERROR: usize = 20;
 
 const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] \
 [--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
-[--append WORD]... [--report FILE] -- CMD ARGS...";
+[--append WORD]... [--report FILE] [--vsock-socket PATH] -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
@@ -67,6 +67,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
                 .append
                 .push(value("a word")?.to_string_lossy().into_owned()),
             "--report" => report = Some(value("a path")?.into()),
+            "--vsock-socket" => launch.vsock_socket = Some(value("a path")?.into()),
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown option {name}")),
         }
