@@ -8,6 +8,8 @@
 //! the serial port in a later step.
 #![deny(unsafe_code)]
 
+mod reaper;
+mod server;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -38,7 +40,7 @@ const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-A
 /// its pipes open forever).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-fn log(msg: &str) {
+pub(crate) fn log(msg: &str) {
     // PID 1's stderr is /dev/console, which the VMM writes to its serial log.
     let _ = writeln!(std::io::stderr().lock(), "msb-agentd: {msg}");
 }
@@ -228,10 +230,12 @@ fn main() {
         log(&format!("cannot set hostname: {e}"));
     }
 
-    let sysdev = sys::SystemDevice::open()
-        .map_err(|e| log(&format!("system device unavailable: {e}")))
-        .ok();
-    if let Some(d) = &sysdev {
+    let sysdev = SYSDEV.get_or_init(|| {
+        sys::SystemDevice::open()
+            .map_err(|e| log(&format!("system device unavailable: {e}")))
+            .ok()
+    });
+    if let Some(d) = sysdev {
         d.boot_ready();
     }
 
@@ -247,22 +251,38 @@ fn main() {
             log(&format!("bad command on the kernel command line: {e}"));
             ExitStatus::Code(125)
         }
+        // No one-shot command: serve exec requests over vsock until told to shut down.
         None => {
-            log("no command given (msb.cmd= missing)");
-            ExitStatus::Code(125)
+            let env: &'static server::Env = Box::leak(Box::new(server::Env {
+                path: PATH,
+                tunables,
+            }));
+            match server::serve(env) {
+                Ok(()) => ExitStatus::Code(0),
+                Err(e) => {
+                    log(&format!("cannot serve on vsock: {e}"));
+                    ExitStatus::Code(125)
+                }
+            }
         }
     };
+    shutdown(status);
+}
 
-    match &sysdev {
+static SYSDEV: std::sync::OnceLock<Option<sys::SystemDevice>> = std::sync::OnceLock::new();
+
+/// Ends the VM reporting `status`. PID 1 never returns from here.
+pub(crate) fn shutdown(status: ExitStatus) -> ! {
+    nix::unistd::sync();
+    match SYSDEV.get().and_then(Option::as_ref) {
         Some(d) => d.exit(status),
         None => log(&format!(
-            "command ended with {status:?}; no system device to report to"
+            "ending with {status:?}; no system device to report to"
         )),
     }
     // Without our VMM (another VMM, or the write was lost), fall back to a reboot, which a
-    // VMM run with "no reboot" treats as the end. PID 1 must never return.
+    // VMM run with "no reboot" treats as the end.
     std::thread::sleep(Duration::from_millis(500));
-    nix::unistd::sync();
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -14,6 +14,12 @@ pub struct SystemDevice {
     base: *mut u8,
 }
 
+// SAFETY: the mapping lives for the whole process (it is never unmapped) and every access
+// is one volatile load or store of a single device register, which any thread may make.
+unsafe impl Send for SystemDevice {}
+// SAFETY: as above; no access depends on another.
+unsafe impl Sync for SystemDevice {}
+
 impl SystemDevice {
     /// Maps the device and checks its magic value.
     pub fn open() -> std::io::Result<Self> {
@@ -71,4 +77,17 @@ impl SystemDevice {
             )
         }
     }
+}
+
+/// Accepts one connection on a listening socket.
+pub fn accept(listener: &std::os::fd::OwnedFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fd = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(std::fs::File::from(owned))
 }

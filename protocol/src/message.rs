@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
 /// Version of this protocol. The first message of each side carries it; a peer with a
 /// different major version is refused with [`ErrorKind::Version`].
 pub const PROTOCOL_VERSION: u16 = 1;

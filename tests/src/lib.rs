@@ -128,3 +128,169 @@ pub fn run_vm(opts: &[&str], cmd: &[&str]) -> Output {
     );
     out
 }
+
+/// A minimal blocking client of the agent over the VM's hybrid vsock socket (the SDK's
+/// client comes later; tests need only this).
+pub mod agent {
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use msb_protocol::frame::{read_frame, write_frame, Frame, ProtocolError};
+    use msb_protocol::message::{
+        ErrorKind, ExecStart, Message, StdinMode, AGENT_PORT, PROTOCOL_VERSION,
+    };
+
+    /// What one session produced.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct Outcome {
+        /// Stdout bytes.
+        pub stdout: Vec<u8>,
+        /// Stderr bytes.
+        pub stderr: Vec<u8>,
+        /// Exit code.
+        pub code: Option<i32>,
+        /// Terminating signal.
+        pub signal: Option<i32>,
+        /// Killed by its timeout.
+        pub timed_out: bool,
+        /// The agent refused the request.
+        pub error: Option<(ErrorKind, String)>,
+    }
+
+    /// A connection to the agent.
+    pub struct Agent {
+        stream: UnixStream,
+        pending: HashMap<u32, Outcome>,
+        done: HashMap<u32, Outcome>,
+    }
+
+    impl Agent {
+        /// Connects through `sock` (retrying until the guest's agent listens or `wait`
+        /// passes) and says hello.
+        pub fn connect(sock: &Path, wait: Duration) -> Self {
+            let start = Instant::now();
+            loop {
+                assert!(
+                    start.elapsed() < wait,
+                    "the agent did not answer on {} within {wait:?}",
+                    sock.display()
+                );
+                let Ok(mut s) = UnixStream::connect(sock) else {
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                };
+                s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+                    .expect("connect line");
+                let mut line = String::new();
+                let ok = BufReader::new(&s).read_line(&mut line).is_ok() && line.starts_with("OK ");
+                if !ok {
+                    // Reset: nothing listens in the guest yet.
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                let mut agent = Agent {
+                    stream: s,
+                    pending: HashMap::new(),
+                    done: HashMap::new(),
+                };
+                agent.send(&Frame::new(
+                    0,
+                    Message::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                ));
+                match agent.recv() {
+                    Ok(Some(Frame {
+                        message: Message::Ready { version, .. },
+                        ..
+                    })) => {
+                        assert_eq!(version, PROTOCOL_VERSION);
+                        return agent;
+                    }
+                    other => panic!("expected Ready, got {other:?}"),
+                }
+            }
+        }
+
+        /// Sends a frame.
+        pub fn send(&mut self, f: &Frame) {
+            write_frame(&mut self.stream, f).expect("send to the agent");
+        }
+
+        fn recv(&mut self) -> Result<Option<Frame>, ProtocolError> {
+            read_frame(&mut self.stream)
+        }
+
+        /// Starts a session.
+        pub fn start(&mut self, id: u32, req: ExecStart) {
+            self.pending.insert(id, Outcome::default());
+            self.send(&Frame::new(id, Message::ExecStart(req)));
+        }
+
+        /// Reads frames until session `id` ended; returns its outcome.
+        pub fn wait(&mut self, id: u32) -> Outcome {
+            loop {
+                if let Some(o) = self.done.remove(&id) {
+                    return o;
+                }
+                let f = self
+                    .recv()
+                    .expect("frame")
+                    .expect("the agent closed the connection");
+                let o = self.pending.entry(f.id).or_default();
+                let end = match f.message {
+                    Message::Stdout(d) => {
+                        o.stdout.extend(d);
+                        false
+                    }
+                    Message::Stderr(d) => {
+                        o.stderr.extend(d);
+                        false
+                    }
+                    Message::Started { .. } | Message::Pong(_) => false,
+                    Message::Exited {
+                        code,
+                        signal,
+                        timed_out,
+                    } => {
+                        (o.code, o.signal, o.timed_out) = (code, signal, timed_out);
+                        true
+                    }
+                    Message::Error { kind, message } => {
+                        o.error = Some((kind, message));
+                        true
+                    }
+                    other => panic!("unexpected {other:?}"),
+                };
+                if end {
+                    let o = self.pending.remove(&f.id).unwrap_or_default();
+                    self.done.insert(f.id, o);
+                }
+            }
+        }
+
+        /// Runs one command to the end.
+        pub fn run(&mut self, id: u32, req: ExecStart) -> Outcome {
+            self.start(id, req);
+            self.wait(id)
+        }
+    }
+
+    /// An exec request for `cmd args` with defaults.
+    pub fn exec(cmd: &str, args: &[&str]) -> ExecStart {
+        ExecStart {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![],
+            cwd: None,
+            user: None,
+            timeout_ms: None,
+            stdin: StdinMode::Null,
+            tty: None,
+            rlimits: vec![],
+        }
+    }
+}

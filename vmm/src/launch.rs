@@ -122,12 +122,15 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
         words.push(a.clone());
     }
     words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
-    let args: Vec<Vec<u8>> = launch
-        .command
-        .iter()
-        .map(|a| a.as_encoded_bytes().to_vec())
-        .collect();
-    words.push(bootcmd::encode(&args).map_err(LaunchError::Command)?);
+    // Without a command the agent serves exec requests over vsock (which must exist).
+    if !launch.command.is_empty() || launch.vsock_socket.is_none() {
+        let args: Vec<Vec<u8>> = launch
+            .command
+            .iter()
+            .map(|a| a.as_encoded_bytes().to_vec())
+            .collect();
+        words.push(bootcmd::encode(&args).map_err(LaunchError::Command)?);
+    }
     Ok(words.join(" "))
 }
 
@@ -225,6 +228,13 @@ mod tests {
             kernel_cmdline(&l, CpuProfile::Host),
             Err(LaunchError::Hostname(_))
         ));
+        let mut serve = launch(&[]);
+        serve.vsock_socket = Some("/tmp/v.sock".into());
+        let line = kernel_cmdline(&serve, CpuProfile::Host).expect("serve mode");
+        assert!(
+            !line.contains("msb.cmd="),
+            "no command: the agent serves on vsock"
+        );
         let mut l = launch(&["true"]);
         l.append = vec!["a b".into()];
         assert!(matches!(

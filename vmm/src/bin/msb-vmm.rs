@@ -6,6 +6,8 @@
 //!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
 //!         [--append WORD]... [--report FILE] [--vsock-socket PATH] -- CMD ARGS...
 //! ```
+//! With `--vsock-socket` and no command, the agent serves exec requests over vsock (host
+//! clients connect to the socket and send `CONNECT 1024`) until one asks it to shut down.
 //! Without `--kernel`/`--initrd` it uses the kernel flavour for this host and the default
 //! initramfs, building them first (with progress on stderr) if they are missing.
 //! Exit status: the command's (128 + N if killed by signal N); 125 when the VMM itself
@@ -72,8 +74,8 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             _ => return Err(format!("unknown option {name}")),
         }
     }
-    if launch.command.is_empty() {
-        return Err("no command given (put it after --)".into());
+    if launch.command.is_empty() && launch.vsock_socket.is_none() {
+        return Err("no command given (put it after --, or give --vsock-socket to serve)".into());
     }
     Ok(Args { launch, report })
 }
