@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,7 +55,10 @@ fn error(w: &Writer, id: u32, kind: ErrorKind, message: impl Into<String>) {
 
 struct Session {
     pid: i32,
-    stdin: Option<ChildStdin>,
+    /// Where `Stdin` frames go: the child's stdin pipe, or the PTY master.
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The PTY master, for `Resize`.
+    pty: Option<File>,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, Session>>>;
@@ -197,6 +200,31 @@ fn handle_connection(conn: File, env: &'static Env) {
                     ),
                 }
             }
+            Message::Resize(tty) => {
+                let s = sessions.lock().unwrap_or_else(|p| p.into_inner());
+                match s.get(&id).and_then(|s| s.pty.as_ref()) {
+                    Some(master) => {
+                        if let Err(e) = crate::sys::set_window_size(master, tty.rows, tty.cols) {
+                            drop(s);
+                            error(
+                                &writer,
+                                id,
+                                ErrorKind::Internal,
+                                format!("resize failed: {e}"),
+                            );
+                        }
+                    }
+                    None => {
+                        drop(s);
+                        error(
+                            &writer,
+                            id,
+                            ErrorKind::UnknownSession,
+                            "no tty session with this id",
+                        );
+                    }
+                }
+            }
             Message::Ping(n) => {
                 send(&writer, &Frame::new(id, Message::Pong(n)));
             }
@@ -291,22 +319,22 @@ fn spawn_reader(
 }
 
 fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, env: &Env) {
-    // Not built yet: refused plainly rather than ignored.
-    if req.tty.is_some() {
-        return error(
-            writer,
-            id,
-            ErrorKind::InvalidRequest,
-            "tty sessions are not supported by this agent yet",
-        );
-    }
-    if !req.rlimits.is_empty() {
-        return error(
-            writer,
-            id,
-            ErrorKind::InvalidRequest,
-            "rlimits are not supported by this agent yet",
-        );
+    let mut limits = Vec::with_capacity(req.rlimits.len());
+    for r in &req.rlimits {
+        match crate::sys::rlimit_resource(&r.resource) {
+            Some(res) if r.soft <= r.hard => limits.push((res, r.soft, r.hard)),
+            Some(_) => {
+                let msg = format!(
+                    "rlimit {}: soft {} above hard {}",
+                    r.resource, r.soft, r.hard
+                );
+                return error(writer, id, ErrorKind::InvalidRequest, msg);
+            }
+            None => {
+                let msg = format!("unknown rlimit {:?}", r.resource);
+                return error(writer, id, ErrorKind::InvalidRequest, msg);
+            }
+        }
     }
     let mut cmd = Command::new(&req.cmd);
     cmd.args(&req.args)
@@ -314,10 +342,48 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
         .env("PATH", env.path)
         .env("HOME", "/root")
         .env("TERM", "linux")
-        .current_dir(req.cwd.as_deref().unwrap_or("/"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .current_dir(req.cwd.as_deref().unwrap_or("/"));
+    // A terminal: the child gets the PTY slave as stdin, stdout and stderr, in a session
+    // of its own with the slave as controlling terminal; we keep the master.
+    let pty = match req.tty {
+        Some(t) => {
+            let size = nix::pty::Winsize {
+                ws_row: t.rows,
+                ws_col: t.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let opened = nix::pty::openpty(Some(&size), None)
+                .map_err(std::io::Error::from)
+                .and_then(|p| {
+                    let (a, b) = (p.slave.try_clone()?, p.slave.try_clone()?);
+                    cmd.stdin(Stdio::from(p.slave))
+                        .stdout(Stdio::from(a))
+                        .stderr(Stdio::from(b));
+                    Ok(File::from(p.master))
+                });
+            match opened {
+                Ok(master) => Some(master),
+                Err(e) => {
+                    return error(
+                        writer,
+                        id,
+                        ErrorKind::Internal,
+                        format!("cannot open a pty: {e}"),
+                    )
+                }
+            }
+        }
+        None => {
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            None
+        }
+    };
+    if !limits.is_empty() || pty.is_some() {
+        crate::sys::child_setup(&mut cmd, limits, pty.is_some());
+    }
     if let Some(t) = env.tunables {
         cmd.env("GLIBC_TUNABLES", t);
     }
@@ -330,11 +396,17 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             Err(e) => return error(writer, id, ErrorKind::InvalidRequest, e),
         }
     }
-    cmd.stdin(match req.stdin {
-        StdinMode::Null => Stdio::null(),
-        StdinMode::Bytes(_) | StdinMode::Stream => Stdio::piped(),
-    });
-    let mut child = match cmd.spawn() {
+    if pty.is_none() {
+        cmd.stdin(match req.stdin {
+            StdinMode::Null => Stdio::null(),
+            StdinMode::Bytes(_) | StdinMode::Stream => Stdio::piped(),
+        });
+    }
+    let spawning = reaper::spawn_lock();
+    let spawned = cmd.spawn();
+    // Our copies of the PTY slave must close, or the master never sees the end.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let kind = match e.kind() {
@@ -363,7 +435,17 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
     };
     let pid = child.id() as i32;
     let ended = reaper::register(pid);
-    let mut stdin = child.stdin.take();
+    drop(spawning);
+    let mut stdin: Option<Box<dyn Write + Send>> = match &pty {
+        Some(master) => master
+            .try_clone()
+            .ok()
+            .map(|m| Box::new(m) as Box<dyn Write + Send>),
+        None => child
+            .stdin
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Write + Send>),
+    };
     if let StdinMode::Bytes(bytes) = &req.stdin {
         // Written by its own thread (the child may read slowly), then closed: EOF.
         if let Some(mut pipe) = stdin.take() {
@@ -373,10 +455,14 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             });
         }
     }
-    sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, Session { pid, stdin });
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id,
+        Session {
+            pid,
+            stdin,
+            pty: pty.as_ref().and_then(|m| m.try_clone().ok()),
+        },
+    );
     send(
         writer,
         &Frame::new(id, Message::Started { pid: pid as u32 }),
@@ -384,6 +470,17 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
 
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut readers = 0;
+    if let Some(master) = pty {
+        // EIO once the last slave closes: the reader's end of stream.
+        spawn_reader(
+            master,
+            Message::PtyOutput,
+            id,
+            writer.clone(),
+            done_tx.clone(),
+        );
+        readers += 1;
+    }
     if let Some(p) = child.stdout.take() {
         spawn_reader(p, Message::Stdout, id, writer.clone(), done_tx.clone());
         readers += 1;

@@ -91,3 +91,64 @@ pub fn accept(listener: &std::os::fd::OwnedFd) -> std::io::Result<std::fs::File>
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(std::fs::File::from(owned))
 }
+
+/// A resource limit for the child, by name (`nofile`, `nproc`, `as`, `cpu`, `fsize`, `core`,
+/// `stack`, `data`, `memlock`); `None` for a name we do not know.
+pub fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "nofile" => libc::RLIMIT_NOFILE,
+        "nproc" => libc::RLIMIT_NPROC,
+        "as" => libc::RLIMIT_AS,
+        "cpu" => libc::RLIMIT_CPU,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "core" => libc::RLIMIT_CORE,
+        "stack" => libc::RLIMIT_STACK,
+        "data" => libc::RLIMIT_DATA,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        _ => return None,
+    })
+}
+
+/// Makes the child apply `limits` and, when `controlling_tty`, start a new session whose
+/// controlling terminal is its stdin (the PTY slave), just before it executes.
+pub fn child_setup(
+    cmd: &mut std::process::Command,
+    limits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+    controlling_tty: bool,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (setrlimit, setsid, ioctl) on values it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (res, soft, hard) in &limits {
+                let lim = libc::rlimit {
+                    rlim_cur: *soft,
+                    rlim_max: *hard,
+                };
+                if libc::setrlimit(*res, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if controlling_tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sets the window size of the terminal `fd` (a PTY master).
+pub fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which is valid for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

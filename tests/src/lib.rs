@@ -242,7 +242,7 @@ pub mod agent {
                     .expect("the agent closed the connection");
                 let o = self.pending.entry(f.id).or_default();
                 let end = match f.message {
-                    Message::Stdout(d) => {
+                    Message::Stdout(d) | Message::PtyOutput(d) => {
                         o.stdout.extend(d);
                         false
                     }

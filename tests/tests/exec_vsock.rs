@@ -7,15 +7,24 @@ use std::time::Duration;
 use msb_e2e::agent::{exec, Agent};
 use msb_e2e::{artifacts, host_kind};
 use msb_protocol::frame::Frame;
-use msb_protocol::message::{ErrorKind, Message, StdinMode, User};
+use msb_protocol::message::{ErrorKind, Message, Rlimit, StdinMode, Tty, User};
 
-/// Kills the VMM if the test fails before it shut the VM down.
-struct KillOnDrop(std::process::Child);
+/// Kills the VMM if the test fails before it shut the VM down, and shows the end of the
+/// guest's console then.
+struct KillOnDrop(std::process::Child, std::path::PathBuf);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- guest console (last 30 lines) ---\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
     }
 }
 
@@ -24,18 +33,20 @@ fn exec_over_vsock_on_one_booted_vm() {
     let a = artifacts();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("vm.sock");
-    let mut vmm = KillOnDrop(
-        Command::new(&a.msb_vmm)
-            .arg("--kernel")
-            .arg(&a.kernel)
-            .arg("--initrd")
-            .arg(&a.initrd)
-            .args(["--memory", "256", "--timeout", "900", "--vsock-socket"])
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("msb-vmm starts"),
-    );
+    let serial = dir.path().join("serial.log");
+    let child = Command::new(&a.msb_vmm)
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--initrd")
+        .arg(&a.initrd)
+        .args(["--memory", "256", "--timeout", "900", "--vsock-socket"])
+        .arg(&sock)
+        .arg("--serial-log")
+        .arg(&serial)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("msb-vmm starts");
+    let mut vmm = KillOnDrop(child, serial);
     eprintln!(
         "e2e [{}]: waiting for the agent on {}",
         host_kind(),
@@ -99,6 +110,54 @@ fn exec_over_vsock_on_one_booted_vm() {
     req.user = Some(User::Name("nosuchuser".into()));
     assert_eq!(
         agent.run(8, req).error.map(|e| e.0),
+        Some(ErrorKind::InvalidRequest)
+    );
+
+    // A terminal of the requested size, resized while the command runs.
+    let mut req = exec(
+        "sh",
+        &["-c", "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size"],
+    );
+    req.tty = Some(Tty {
+        rows: 33,
+        cols: 101,
+    });
+    let o = agent.run(10, req);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "is-a-tty\r\n33 101\r\n");
+    let mut req = exec("sh", &["-c", "read line; stty size"]);
+    req.tty = Some(Tty { rows: 24, cols: 80 });
+    agent.start(11, req);
+    agent.send(&Frame::new(
+        11,
+        Message::Resize(Tty {
+            rows: 50,
+            cols: 132,
+        }),
+    ));
+    agent.send(&Frame::new(11, Message::Stdin(b"go\n".to_vec())));
+    let o = agent.wait(11);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).ends_with("50 132\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // Resource limits.
+    let mut req = exec("sh", &["-c", "ulimit -n"]);
+    req.rlimits = vec![Rlimit {
+        resource: "nofile".into(),
+        soft: 64,
+        hard: 64,
+    }];
+    assert_eq!(agent.run(12, req).stdout, b"64\n");
+    let mut req = exec("true", &[]);
+    req.rlimits = vec![Rlimit {
+        resource: "bogus".into(),
+        soft: 1,
+        hard: 1,
+    }];
+    assert_eq!(
+        agent.run(13, req).error.map(|e| e.0),
         Some(ErrorKind::InvalidRequest)
     );
 
