@@ -477,3 +477,30 @@ fn a_guest_sending_past_its_credit_is_reset() {
     assert_eq!(VsockMetrics::get(&g.metrics().credit_violations), 1);
     g.wait_for("RST", |p| count(p, op::RST) == 1);
 }
+
+#[test]
+fn a_guest_flooding_without_rx_buffers_cannot_grow_the_device_without_bound() {
+    use msb_devices::virtio::vsock::backend::MAX_PENDING_CTRL;
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    // No RX buffers at all; each packet to an unknown port wants an RST back. Sent in
+    // rounds of (queue size - 1) chains so the TX ring never overflows.
+    let rounds = MAX_PENDING_CTRL / 255 + 2;
+    for r in 0..rounds {
+        for i in 0..255u32 {
+            let h = guest_hdr(r as u32 * 1000 + i, 4444, op::RW);
+            let bytes = encode(&Header { len: 0, ..h });
+            let a = g.alloc(HDR as u64);
+            g.mem.write_slice(&bytes, GuestAddress(a)).expect("write");
+            g.add_chain(TX_QUEUE, &[(a, HDR as u32, 0)]);
+        }
+        g.dev.queue_notify(TX_QUEUE as u16);
+    }
+    let m = g.metrics();
+    assert_eq!(VsockMetrics::get(&m.rst_sent), MAX_PENDING_CTRL as u64);
+    assert!(VsockMetrics::get(&m.ctrl_dropped) > 0);
+    // Once the guest gives buffers, the queued answers flow and the device still serves.
+    g.give_rx(100, 64); // 200 descriptors: within the 256-entry ring
+    let got = g.wait_for("queued RSTs", |p| p.len() >= 100);
+    assert!(got.iter().all(|(h, _)| h.op == op::RST));
+}

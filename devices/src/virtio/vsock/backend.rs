@@ -30,6 +30,11 @@ pub const WAKE_TOKEN: u64 = u64::MAX - 1;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// Most connections at once (either side); more are refused with RST or closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most control packets waiting for guest RX buffers. A guest that floods us with packets
+/// that each need an answer, and never takes the answers, loses the excess (counted).
+pub const MAX_PENDING_CTRL: usize = 4096;
 
 /// A vsock packet header, as plain values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,10 +162,21 @@ impl Backend {
         }
     }
 
+    /// Queues a control packet for the guest, unless the queue is full.
+    fn push_ctrl(&mut self, h: Header) {
+        if self.ctrl.len() >= MAX_PENDING_CTRL {
+            VsockMetrics::add(&self.metrics.ctrl_dropped, 1);
+            return;
+        }
+        if h.op == op::RST {
+            VsockMetrics::add(&self.metrics.rst_sent, 1);
+        }
+        self.ctrl.push_back(h);
+    }
+
     fn rst_to(&mut self, hdr: &Header) {
         let rst = self.header(hdr.dst_port, hdr.src_port, op::RST);
-        self.ctrl.push_back(rst);
-        VsockMetrics::add(&self.metrics.rst_sent, 1);
+        self.push_ctrl(rst);
     }
 
     fn kill(&mut self, key: (u32, u32), send_rst: bool) {
@@ -169,13 +185,16 @@ impl Backend {
             VsockMetrics::add(&self.metrics.connections_closed, 1);
             if send_rst {
                 let rst = self.header(key.0, key.1, op::RST);
-                self.ctrl.push_back(rst);
-                VsockMetrics::add(&self.metrics.rst_sent, 1);
+                self.push_ctrl(rst);
             }
         }
     }
 
     fn connect_to_host(&mut self, hdr: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.rst_to(hdr);
+            return;
+        }
         let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
@@ -189,7 +208,7 @@ impl Backend {
         self.register(&conn);
         let response = self.header(hdr.dst_port, hdr.src_port, op::RESPONSE);
         self.conns.insert((hdr.dst_port, hdr.src_port), conn);
-        self.ctrl.push_back(response);
+        self.push_ctrl(response);
         VsockMetrics::add(&self.metrics.connections_opened, 1);
     }
 
@@ -253,7 +272,9 @@ impl Backend {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
+                    // Over the limit the client just sees its connection closed.
+                    if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err()
+                    {
                         continue;
                     }
                     let local = self.allocate_port();
@@ -330,7 +351,7 @@ impl Backend {
             .ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), ev);
         let request = self.header(conn.local_port, port, op::REQUEST);
         self.conns.insert((conn.local_port, port), conn);
-        self.ctrl.push_back(request);
+        self.push_ctrl(request);
         VsockMetrics::add(&self.metrics.connections_opened, 1);
     }
 

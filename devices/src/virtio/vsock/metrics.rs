@@ -23,6 +23,8 @@ pub struct VsockMetrics {
     pub connections_opened: AtomicU64,
     /// Connections closed.
     pub connections_closed: AtomicU64,
+    /// Control packets dropped because the guest took none of the queued ones.
+    pub ctrl_dropped: AtomicU64,
     /// Connections killed because the guest sent past its credit.
     pub credit_violations: AtomicU64,
 }
