@@ -26,6 +26,14 @@ pub fn row(label: &str, xs: &[f64], unit: &str) -> String {
     format!("  {label:<34} median {med:>10.1} {unit}  min {min:>10.1}  max {max:>10.1}")
 }
 
+/// The value below which `q` (0..=1) of `xs` fall (nearest rank; `xs` not empty).
+pub fn percentile(xs: &[f64], q: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
 /// Milliseconds of a duration.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -34,6 +42,14 @@ pub fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 0.5), 50.0);
+        assert_eq!(percentile(&xs, 0.99), 99.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+    }
 
     #[test]
     fn summary_of_odd_and_even() {

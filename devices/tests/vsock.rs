@@ -504,3 +504,66 @@ fn a_guest_flooding_without_rx_buffers_cannot_grow_the_device_without_bound() {
     let got = g.wait_for("queued RSTs", |p| p.len() >= 100);
     assert!(got.iter().all(|(h, _)| h.op == op::RST));
 }
+
+#[test]
+fn shutdown_delivers_the_tail_and_half_close_keeps_the_other_direction() {
+    let mem = memory();
+    let mut g = Guest::new(&mem);
+    let listener = UnixListener::bind(format!("{}_9000", g.uds.display())).expect("listen");
+    g.give_rx(16, 4096);
+    g.send(guest_hdr(20, 9000, op::REQUEST), &[]);
+    g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    let (mut host, _) = listener.accept().expect("accept");
+
+    // More than the host socket buffer holds, then a full shutdown before the host reads.
+    let chunk = vec![7u8; 40 * 1024];
+    let total = 10 * chunk.len();
+    for _ in 0..10 {
+        g.send(guest_hdr(20, 9000, op::RW), &chunk);
+    }
+    g.send(
+        Header {
+            flags: 3,
+            ..guest_hdr(20, 9000, op::SHUTDOWN)
+        },
+        &[],
+    );
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).expect("host reads to EOF");
+    assert_eq!(
+        got.len(),
+        total,
+        "the tail written before the shutdown arrived"
+    );
+    g.wait_for("RST after the drain", |p| count(p, op::RST) == 1);
+
+    // Half close: the guest stops sending, the host sees EOF and can still answer.
+    g.send(guest_hdr(21, 9000, op::REQUEST), &[]);
+    g.wait_for("RESPONSE", |p| count(p, op::RESPONSE) == 1);
+    let (mut host, _) = listener.accept().expect("accept");
+    g.send(guest_hdr(21, 9000, op::RW), b"question");
+    g.send(
+        Header {
+            flags: 2,
+            ..guest_hdr(21, 9000, op::SHUTDOWN)
+        },
+        &[],
+    );
+    let mut q = Vec::new();
+    host.read_to_end(&mut q).expect("EOF after the question");
+    assert_eq!(q, b"question");
+    host.write_all(b"answer").expect("host answers");
+    drop(host);
+    let pkts = g.wait_for("answer and SHUTDOWN(SEND)", |p| count(p, op::SHUTDOWN) == 1);
+    let answer: Vec<u8> = pkts
+        .iter()
+        .filter(|(h, _)| h.op == op::RW)
+        .flat_map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(answer, b"answer");
+    let shut = pkts
+        .iter()
+        .find(|(h, _)| h.op == op::SHUTDOWN)
+        .expect("shutdown");
+    assert_eq!(shut.0.flags, 2, "the host only stopped sending");
+}

@@ -30,8 +30,9 @@ pub const WAKE_TOKEN: u64 = u64::MAX - 1;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>` line.
 const MAX_CONNECT_LINE: usize = 32;
-/// Most connections at once (either side); more are refused with RST or closed.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Most connections at once (either side); more are refused with RST or closed. With
+/// `CONN_BUF_ALLOC` per connection this bounds what a guest can make us buffer (64 MiB).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Most control packets waiting for guest RX buffers. A guest that floods us with packets
 /// that each need an answer, and never takes the answers, loses the excess (counted).
 pub const MAX_PENDING_CTRL: usize = 4096;
@@ -59,6 +60,22 @@ pub struct Header {
     pub buf_alloc: u32,
     /// Sender's forwarded byte count.
     pub fwd_cnt: u32,
+}
+
+/// Connects to a host Unix socket without blocking: a listener whose backlog is full
+/// (`EAGAIN`) counts as refused, so a busy host service cannot stall the device.
+fn connect_nonblocking(path: &str) -> Option<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    let addr = UnixAddr::new(path).ok()?;
+    connect(fd.as_raw_fd(), &addr).ok()?;
+    Some(UnixStream::from(fd))
 }
 
 fn token(local: u32, peer: u32) -> u64 {
@@ -98,8 +115,13 @@ impl Backend {
             path: cfg.uds_path.clone(),
             source,
         };
-        match std::fs::remove_file(&cfg.uds_path) {
-            Ok(()) => {}
+        // Replace a stale socket from an earlier run, never any other kind of file.
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(&cfg.uds_path) {
+            Ok(m) if m.file_type().is_socket() => {
+                std::fs::remove_file(&cfg.uds_path).map_err(listen_err)?
+            }
+            Ok(_) => return Err(listen_err(std::io::Error::from(ErrorKind::AlreadyExists))),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(listen_err(e)),
         }
@@ -196,12 +218,9 @@ impl Backend {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
-                self.rst_to(hdr);
-                return;
-            }
+        let Some(stream) = connect_nonblocking(&path) else {
+            self.rst_to(hdr);
+            return;
         };
         let mut conn = Connection::new(stream, State::Established, hdr.dst_port, hdr.src_port);
         conn.update_peer_credit(hdr.buf_alloc, hdr.fwd_cnt);
@@ -250,18 +269,13 @@ impl Backend {
                     return;
                 }
                 VsockMetrics::add(&self.metrics.tx_bytes, data.len() as u64);
-                if conn.flush_to_host().is_err() {
-                    self.kill(key, true);
-                }
+                self.flush(key);
             }
             (op::CREDIT_UPDATE, _) => {}
             (op::CREDIT_REQUEST, _) => conn.credit_requested = true,
             (op::SHUTDOWN, _) => {
-                if hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.kill(key, true);
-                } else if hdr.flags & SHUTDOWN_SEND != 0 && conn.to_host.is_empty() {
-                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
-                }
+                conn.guest_shutdown |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                self.flush(key);
             }
             (op::RST, _) => self.kill(key, false),
             _ => self.kill(key, true),
@@ -374,8 +388,38 @@ impl Backend {
         {
             conn.readable = true;
         }
-        if events.contains(EventSet::OUT) && conn.flush_to_host().is_err() {
+        if events.contains(EventSet::OUT) {
+            self.flush(key);
+        }
+    }
+
+    /// Writes pending guest data to the host; once it has drained, carries out a shutdown
+    /// the guest asked for (half: end the host's input; full: close and answer RST).
+    fn flush(&mut self, key: (u32, u32)) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if conn.flush_to_host().is_err() {
             self.kill(key, true);
+            return;
+        }
+        if !conn.to_host.is_empty() {
+            return;
+        }
+        if conn.guest_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+            self.kill(key, true);
+        } else if conn.guest_shutdown & SHUTDOWN_SEND != 0 {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    /// A packet whose payload could not be read: its connection has lost bytes, so it ends.
+    pub fn on_bad_payload(&mut self, hdr: &Header) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if self.conns.contains_key(&key) {
+            self.kill(key, true);
+        } else {
+            self.rst_to(hdr);
         }
     }
 
@@ -419,13 +463,11 @@ impl Backend {
                     out = Some((stamp(conn, op::RW, n as u32, 0), n));
                     break;
                 }
-                // The host closed: tell the guest; Linux answers a full shutdown with RST
-                // (once it has read what is pending), which removes the entry.
+                // The host will send no more; it may still read what the guest writes (a
+                // write that fails later resets the connection). The entry goes when the
+                // guest shuts its side down or resets.
                 HostRead::Eof => {
-                    out = Some((
-                        stamp(conn, op::SHUTDOWN, 0, SHUTDOWN_RCV | SHUTDOWN_SEND),
-                        0,
-                    ));
+                    out = Some((stamp(conn, op::SHUTDOWN, 0, SHUTDOWN_SEND), 0));
                     break;
                 }
                 HostRead::WouldBlock => {}

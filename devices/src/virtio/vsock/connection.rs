@@ -61,6 +61,9 @@ pub struct Connection {
     pub host_eof: bool,
     /// The guest asked for a credit update.
     pub credit_requested: bool,
+    /// Shutdown flags the guest sent; they take effect once `to_host` has drained, so the
+    /// tail of what it wrote still reaches the host.
+    pub guest_shutdown: u32,
 }
 
 impl Connection {
@@ -81,6 +84,7 @@ impl Connection {
             readable: false,
             host_eof: false,
             credit_requested: false,
+            guest_shutdown: 0,
         }
     }
 

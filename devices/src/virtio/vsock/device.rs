@@ -107,7 +107,10 @@ fn process_tx(q: &mut Queues, backend: &mut Backend, metrics: &VsockMetrics) -> 
                 };
                 match copied {
                     Ok(_) => backend.on_guest_packet(&hdr, &data),
-                    Err(_) => VsockMetrics::add(&metrics.bad_descriptors, 1),
+                    Err(_) => {
+                        VsockMetrics::add(&metrics.bad_descriptors, 1);
+                        backend.on_bad_payload(&hdr);
+                    }
                 }
             }
             Err(e) => {
