@@ -78,6 +78,41 @@ fn connect_nonblocking(path: &str) -> Option<UnixStream> {
     Some(UnixStream::from(fd))
 }
 
+impl Header {
+    /// Size of the header on the wire.
+    pub const SIZE: usize = 44;
+
+    /// Parses the little-endian wire form.
+    pub fn from_le_bytes(b: &[u8; Self::SIZE]) -> Header {
+        let u64_at = |o: usize| {
+            u64::from_le_bytes([
+                b[o],
+                b[o + 1],
+                b[o + 2],
+                b[o + 3],
+                b[o + 4],
+                b[o + 5],
+                b[o + 6],
+                b[o + 7],
+            ])
+        };
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        Header {
+            src_cid: u64_at(0),
+            dst_cid: u64_at(8),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
 fn token(local: u32, peer: u32) -> u64 {
     (u64::from(local) << 32) | u64::from(peer)
 }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use std::io::Read;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -75,46 +77,52 @@ impl Inner {
     }
 }
 
-fn header_of<B: vm_memory::bitmap::BitmapSlice>(p: &VsockPacket<'_, B>) -> Header {
-    Header {
-        src_cid: p.src_cid(),
-        dst_cid: p.dst_cid(),
-        src_port: p.src_port(),
-        dst_port: p.dst_port(),
-        len: p.len(),
-        type_: p.type_(),
-        op: p.op(),
-        flags: p.flags(),
-        buf_alloc: p.buf_alloc(),
-        fwd_cnt: p.fwd_cnt(),
+/// What a TX chain held.
+enum TxPacket {
+    /// A header and its payload.
+    Ok(Header, Vec<u8>),
+    /// A header whose payload could not be read (length past the buffers or the limit).
+    BadPayload(Header),
+    /// Not even a header.
+    Malformed,
+}
+
+/// Reads a TX packet: the header, then a payload that may be spread over any number of
+/// device-readable descriptors (the guest kernel splits large packets). Every descriptor is
+/// bounds-checked against guest memory by `Reader`.
+fn read_tx_packet(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> TxPacket {
+    let Ok(mut r) = Reader::new(mem, chain) else {
+        return TxPacket::Malformed;
+    };
+    let mut raw = [0u8; Header::SIZE];
+    if r.read_exact(&mut raw).is_err() {
+        return TxPacket::Malformed;
+    }
+    let hdr = Header::from_le_bytes(&raw);
+    let len = hdr.len as usize;
+    if hdr.len > MAX_TX_DATA || len > r.available_bytes() {
+        return TxPacket::BadPayload(hdr);
+    }
+    let mut data = vec![0u8; len];
+    match r.read_exact(&mut data) {
+        Ok(()) => TxPacket::Ok(hdr, data),
+        Err(_) => TxPacket::BadPayload(hdr),
     }
 }
 
 /// Takes every packet the guest queued for transmission.
 fn process_tx(q: &mut Queues, backend: &mut Backend, metrics: &VsockMetrics) -> bool {
     let mut used = false;
-    while let Some(mut chain) = q.tx.pop_descriptor_chain(&q.mem) {
+    while let Some(chain) = q.tx.pop_descriptor_chain(&q.mem) {
         let head = chain.head_index();
-        match VsockPacket::from_tx_virtq_chain(&q.mem, &mut chain, MAX_TX_DATA) {
-            Ok(pkt) => {
-                let hdr = header_of(&pkt);
-                let mut data = vec![0u8; hdr.len as usize];
-                let copied = match pkt.data_slice() {
-                    Some(s) if hdr.len > 0 => {
-                        s.subslice(0, data.len()).map(|s| s.copy_to(&mut data[..]))
-                    }
-                    _ => Ok(0),
-                };
-                match copied {
-                    Ok(_) => backend.on_guest_packet(&hdr, &data),
-                    Err(_) => {
-                        VsockMetrics::add(&metrics.bad_descriptors, 1);
-                        backend.on_bad_payload(&hdr);
-                    }
-                }
+        match read_tx_packet(&q.mem, chain) {
+            TxPacket::Ok(hdr, data) => backend.on_guest_packet(&hdr, &data),
+            TxPacket::BadPayload(hdr) => {
+                VsockMetrics::add(&metrics.bad_descriptors, 1);
+                backend.on_bad_payload(&hdr);
             }
-            Err(e) => {
-                tracing::debug!("vsock: dropping a malformed TX chain: {e}");
+            TxPacket::Malformed => {
+                tracing::debug!("vsock: dropping a TX chain without a readable header");
                 VsockMetrics::add(&metrics.bad_descriptors, 1);
             }
         }
