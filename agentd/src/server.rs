@@ -10,11 +10,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
-use msb_protocol::frame::{read_frame, write_frame, Frame, FLAG_END};
+use msb_protocol::frame::{read_frame, write_frame, Frame};
 use msb_protocol::message::{
     ErrorKind, ExecStart, Message, StdinMode, User, AGENT_PORT, PROTOCOL_VERSION,
 };
@@ -55,13 +57,33 @@ fn error(w: &Writer, id: u32, kind: ErrorKind, message: impl Into<String>) {
 
 struct Session {
     pid: i32,
-    /// Where `Stdin` frames go: the child's stdin pipe, or the PTY master.
-    stdin: Option<Box<dyn Write + Send>>,
+    /// Feeds the session's stdin thread (an empty chunk is EOF); never written under the
+    /// sessions lock, so a child that does not read cannot stall the connection's other work.
+    stdin: Option<SyncSender<Vec<u8>>>,
     /// The PTY master, for `Resize`.
     pty: Option<File>,
 }
 
-type Sessions = Arc<Mutex<HashMap<u32, Session>>>;
+/// Sessions of one connection, and every process group it started (killed when the client
+/// goes away, even for sessions that already reported their exit).
+#[derive(Default)]
+struct ConnState {
+    sessions: HashMap<u32, Session>,
+    groups: Vec<i32>,
+}
+
+type Sessions = Arc<Mutex<ConnState>>;
+
+/// Stdin chunks queued per session before the connection's reader waits.
+const STDIN_QUEUE: usize = 16;
+
+/// Starts a named thread; failing to start one is an error, not a panic in PID 1.
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+}
 
 /// Base environment of every command (the request's `env` is added on top).
 pub struct Env {
@@ -88,7 +110,9 @@ pub fn serve(env: &'static Env) -> std::io::Result<()> {
     loop {
         match crate::sys::accept(&fd) {
             Ok(conn) => {
-                std::thread::spawn(move || handle_connection(conn, env));
+                if let Err(e) = spawn_thread("conn", move || handle_connection(conn, env)) {
+                    crate::log(&format!("cannot serve a connection: {e}"));
+                }
             }
             Err(e) => crate::log(&format!("vsock accept failed: {e}")),
         }
@@ -149,60 +173,52 @@ fn handle_connection(conn: File, env: &'static Env) {
         let id = frame.id;
         match frame.message {
             Message::ExecStart(req) => {
-                if id == 0
-                    || sessions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains_key(&id)
-                {
-                    error(
-                        &writer,
-                        id,
-                        ErrorKind::InvalidRequest,
-                        "session id 0 or already in use",
-                    );
+                if id == 0 || lock(&sessions).sessions.contains_key(&id) {
+                    let msg = "session id 0 or already in use";
+                    error(&writer, id, ErrorKind::InvalidRequest, msg);
                     continue;
                 }
                 start_session(id, req, &writer, &sessions, env);
             }
             Message::Stdin(data) => {
-                let mut s = sessions.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(session) = s.get_mut(&id) else {
-                    drop(s);
-                    error(&writer, id, ErrorKind::UnknownSession, "no such session");
-                    continue;
-                };
-                if data.is_empty() {
-                    session.stdin = None; // EOF
-                } else if let Some(stdin) = &mut session.stdin {
-                    // A child that stopped reading its stdin ends the stream for it.
-                    if stdin.write_all(&data).is_err() {
-                        session.stdin = None;
+                let sender = {
+                    let mut st = lock(&sessions);
+                    match st.sessions.get_mut(&id) {
+                        // EOF: dropping the sender ends the stdin thread, which closes the pipe.
+                        Some(s) if data.is_empty() => {
+                            s.stdin = None;
+                            continue;
+                        }
+                        Some(s) => s.stdin.clone(),
+                        None => {
+                            drop(st);
+                            error(&writer, id, ErrorKind::UnknownSession, "no such session");
+                            continue;
+                        }
                     }
+                };
+                // Outside the lock: a full queue waits here (backpressure for this client)
+                // without stopping the session's output or exit report.
+                if let Some(tx) = sender {
+                    let _ = tx.send(data);
                 }
             }
             Message::Signal(sig) => {
-                let pid = sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&id)
-                    .map(|s| s.pid);
+                let pid = lock(&sessions).sessions.get(&id).map(|s| s.pid);
                 match (pid, Signal::try_from(sig)) {
                     (Some(pid), Ok(sig)) => {
                         let _ = kill(Pid::from_raw(pid), sig);
                     }
                     (None, _) => error(&writer, id, ErrorKind::UnknownSession, "no such session"),
-                    (_, Err(_)) => error(
-                        &writer,
-                        id,
-                        ErrorKind::InvalidRequest,
-                        format!("unknown signal {sig}"),
-                    ),
+                    (_, Err(_)) => {
+                        let msg = format!("unknown signal {sig}");
+                        error(&writer, id, ErrorKind::InvalidRequest, msg);
+                    }
                 }
             }
             Message::Resize(tty) => {
-                let s = sessions.lock().unwrap_or_else(|p| p.into_inner());
-                match s.get(&id).and_then(|s| s.pty.as_ref()) {
+                let s = lock(&sessions);
+                match s.sessions.get(&id).and_then(|s| s.pty.as_ref()) {
                     Some(master) => {
                         if let Err(e) = crate::sys::set_window_size(master, tty.rows, tty.cols) {
                             drop(s);
@@ -237,10 +253,16 @@ fn handle_connection(conn: File, env: &'static Env) {
             ),
         }
     }
-    // The client is gone: its commands go too.
-    for (_, s) in sessions.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-        let _ = kill(Pid::from_raw(-s.pid), Signal::SIGKILL);
+    // The client is gone: its commands go too, with whatever they left running.
+    let mut st = lock(&sessions);
+    st.sessions.clear();
+    for group in st.groups.drain(..) {
+        let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
     }
+}
+
+fn lock(s: &Sessions) -> std::sync::MutexGuard<'_, ConnState> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn name(m: &Message) -> &'static str {
@@ -294,28 +316,58 @@ fn resolve_user(user: &User) -> Result<(u32, u32), String> {
     }
 }
 
-/// Streams `pipe` to the client as `wrap` messages of session `id`; signals `done` at EOF.
+/// An output of the child and the message its bytes travel in.
+type Output = (Box<dyn Read + Send>, fn(Vec<u8>) -> Message);
+
+const READING: u8 = 0;
+const SENDING: u8 = 1;
+const DONE: u8 = 2;
+
+/// What an output reader is doing, so the session knows when its output is over.
+#[derive(Default)]
+struct ReaderState {
+    /// READING (waiting in read()), SENDING or DONE.
+    phase: AtomicU8,
+    /// When it last started waiting in read(), in ms since the session's epoch.
+    since_ms: AtomicU64,
+}
+
+/// Streams `pipe` to the client as `wrap` messages of session `id` until EOF, or until the
+/// session has reported its exit (`ended`).
 fn spawn_reader(
-    mut pipe: impl Read + Send + 'static,
+    mut pipe: Box<dyn Read + Send>,
     wrap: fn(Vec<u8>) -> Message,
     id: u32,
     w: Writer,
-    done: std::sync::mpsc::Sender<()>,
-) {
-    std::thread::spawn(move || {
+    state: Arc<ReaderState>,
+    ended: Arc<AtomicBool>,
+    epoch: Instant,
+) -> std::io::Result<()> {
+    spawn_thread("output", move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
+            state
+                .since_ms
+                .store(epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+            state.phase.store(READING, Ordering::SeqCst);
             match pipe.read(&mut buf) {
                 Ok(0) => break,
-                // A client that is gone stops the copy; the session ends on its own.
-                Ok(n) if !send(&w, &Frame::new(id, wrap(buf[..n].to_vec()))) => break,
-                Ok(_) => {}
+                Ok(n) => {
+                    state.phase.store(SENDING, Ordering::SeqCst);
+                    // After the exit report nothing more belongs to this session; a client
+                    // that is gone stops the copy too.
+                    if ended.load(Ordering::SeqCst)
+                        || !send(&w, &Frame::new(id, wrap(buf[..n].to_vec())))
+                    {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
-        let _ = done.send(());
-    });
+        state.phase.store(DONE, Ordering::SeqCst);
+    })
 }
 
 fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, env: &Env) {
@@ -436,7 +488,7 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
     let pid = child.id() as i32;
     let ended = reaper::register(pid);
     drop(spawning);
-    let mut stdin: Option<Box<dyn Write + Send>> = match &pty {
+    let stdin_pipe: Option<Box<dyn Write + Send>> = match &pty {
         Some(master) => master
             .try_clone()
             .ok()
@@ -446,53 +498,94 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             .take()
             .map(|p| Box::new(p) as Box<dyn Write + Send>),
     };
-    if let StdinMode::Bytes(bytes) = &req.stdin {
-        // Written by its own thread (the child may read slowly), then closed: EOF.
-        if let Some(mut pipe) = stdin.take() {
-            let bytes = bytes.clone();
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
+    let fail = |e: std::io::Error| {
+        let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+        error(
+            writer,
+            id,
+            ErrorKind::Internal,
+            format!("cannot start the session: {e}"),
+        );
+    };
+    // One thread per session writes stdin, fed through a bounded queue.
+    let mut stdin = None;
+    if let Some(mut pipe) = stdin_pipe {
+        let (tx, rx) = sync_channel::<Vec<u8>>(STDIN_QUEUE);
+        let writer_thread = spawn_thread("stdin", move || {
+            for chunk in rx {
+                if chunk.is_empty() || pipe.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        if let Err(e) = writer_thread {
+            return fail(e);
+        }
+        match &req.stdin {
+            // The bytes, then EOF (the sender is dropped).
+            StdinMode::Bytes(bytes) => {
+                let _ = tx.send(bytes.clone());
+            }
+            StdinMode::Stream => stdin = Some(tx),
+            // A terminal is interactive: it takes input whatever the mode says.
+            StdinMode::Null if pty.is_some() => stdin = Some(tx),
+            StdinMode::Null => {}
         }
     }
-    sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        id,
-        Session {
-            pid,
-            stdin,
-            pty: pty.as_ref().and_then(|m| m.try_clone().ok()),
-        },
-    );
+    {
+        let mut st = lock(sessions);
+        st.groups.push(pid);
+        st.sessions.insert(
+            id,
+            Session {
+                pid,
+                stdin,
+                pty: pty.as_ref().and_then(|m| m.try_clone().ok()),
+            },
+        );
+    }
     send(
         writer,
         &Frame::new(id, Message::Started { pid: pid as u32 }),
     );
 
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let mut readers = 0;
-    if let Some(master) = pty {
-        // EIO once the last slave closes: the reader's end of stream.
-        spawn_reader(
-            master,
-            Message::PtyOutput,
+    let epoch = Instant::now();
+    let ended_flag = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    let outputs: Vec<Output> = {
+        let mut v: Vec<Output> = Vec::new();
+        // A PTY master reads EIO once the last slave closes: its end of stream.
+        if let Some(master) = pty {
+            v.push((Box::new(master), Message::PtyOutput));
+        }
+        if let Some(p) = child.stdout.take() {
+            v.push((Box::new(p), Message::Stdout));
+        }
+        if let Some(p) = child.stderr.take() {
+            v.push((Box::new(p), Message::Stderr));
+        }
+        v
+    };
+    for (pipe, wrap) in outputs {
+        let state = Arc::new(ReaderState::default());
+        let r = spawn_reader(
+            pipe,
+            wrap,
             id,
             writer.clone(),
-            done_tx.clone(),
+            state.clone(),
+            ended_flag.clone(),
+            epoch,
         );
-        readers += 1;
-    }
-    if let Some(p) = child.stdout.take() {
-        spawn_reader(p, Message::Stdout, id, writer.clone(), done_tx.clone());
-        readers += 1;
-    }
-    if let Some(p) = child.stderr.take() {
-        spawn_reader(p, Message::Stderr, id, writer.clone(), done_tx.clone());
-        readers += 1;
+        if let Err(e) = r {
+            return fail(e);
+        }
+        readers.push(state);
     }
 
     let (w, sessions) = (writer.clone(), sessions.clone());
     let timeout = req.timeout_ms.map(Duration::from_millis);
-    std::thread::spawn(move || {
+    let waiter = spawn_thread("session", move || {
         let mut timed_out = false;
         let status = match timeout {
             Some(t) => match ended.recv_timeout(t) {
@@ -506,25 +599,46 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             },
             None => ended.recv().ok(),
         };
-        for _ in 0..readers {
-            if done_rx.recv_timeout(DRAIN_GRACE).is_err() {
+        // Output still being delivered is waited for, however slow the client; a reader
+        // that has sat idle in read() for the grace period is held open by something left
+        // running in the background, and what it reads later is not this exit's output.
+        loop {
+            let now = epoch.elapsed().as_millis() as u64;
+            let live: Vec<&Arc<ReaderState>> = readers
+                .iter()
+                .filter(|r| r.phase.load(Ordering::SeqCst) != DONE)
+                .collect();
+            if live.is_empty() {
                 break;
             }
+            let idle = live.iter().all(|r| {
+                r.phase.load(Ordering::SeqCst) == READING
+                    && now.saturating_sub(r.since_ms.load(Ordering::SeqCst))
+                        >= DRAIN_GRACE.as_millis() as u64
+            });
+            if idle {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        ended_flag.store(true, Ordering::SeqCst);
+        {
+            let mut st = lock(&sessions);
+            st.sessions.remove(&id);
+            // Forget the group once nothing of it is left.
+            if kill(Pid::from_raw(-pid), None).is_err() {
+                st.groups.retain(|g| *g != pid);
+            }
+        }
         let (code, signal) = status.map_or((None, None), |s| (s.code, s.signal));
-        let mut frame = Frame::new(
-            id,
-            Message::Exited {
-                code,
-                signal,
-                timed_out,
-            },
-        );
-        frame.flags |= FLAG_END;
-        send(&w, &frame);
+        let exited = Message::Exited {
+            code,
+            signal,
+            timed_out,
+        };
+        send(&w, &Frame::new(id, exited).end());
     });
+    if let Err(e) = waiter {
+        fail(e);
+    }
 }

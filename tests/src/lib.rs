@@ -191,6 +191,9 @@ pub mod agent {
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
+                // A hung agent fails the test instead of hanging it.
+                s.set_read_timeout(Some(Duration::from_secs(120)))
+                    .expect("read timeout");
                 let mut agent = Agent {
                     stream: s,
                     pending: HashMap::new(),

@@ -161,6 +161,24 @@ fn exec_over_vsock_on_one_booted_vm() {
         Some(ErrorKind::InvalidRequest)
     );
 
+    // A child that never reads its stdin does not freeze the connection: the signal after
+    // 256 KB of unread stdin still gets through.
+    let mut req = exec("sleep", &["100"]);
+    req.stdin = StdinMode::Stream;
+    agent.start(14, req);
+    for _ in 0..4 {
+        agent.send(&Frame::new(14, Message::Stdin(vec![b'x'; 64 * 1024])));
+    }
+    agent.send(&Frame::new(14, Message::Signal(15)));
+    assert_eq!(agent.wait(14).signal, Some(15));
+
+    // A client that reads slowly still gets all the output before the exit report.
+    let size = 2 << 20;
+    agent.start(15, exec("head", &["-c", &size.to_string(), "/dev/zero"]));
+    std::thread::sleep(Duration::from_secs(3));
+    let o = agent.wait(15);
+    assert_eq!((o.stdout.len(), o.code), (size, Some(0)));
+
     // Twenty at once on one connection.
     for i in 0..20u32 {
         agent.start(100 + i, exec("sh", &["-c", &format!("echo session-{i}")]));
