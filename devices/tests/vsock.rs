@@ -50,24 +50,6 @@ fn encode(h: &Header) -> Vec<u8> {
     b
 }
 
-fn decode(b: &[u8]) -> Header {
-    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"));
-    Header {
-        src_cid: u64_at(0),
-        dst_cid: u64_at(8),
-        src_port: u32_at(16),
-        dst_port: u32_at(20),
-        len: u32_at(24),
-        type_: u16_at(28),
-        op: u16_at(30),
-        flags: u32_at(32),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
-    }
-}
-
 /// A guest: mock queues in guest memory, a buffer allocator, and the device.
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
@@ -203,7 +185,7 @@ impl<'a> Guest<'a> {
             let (h, d) = self.rx_bufs[&(id as u16)];
             let mut hb = [0u8; HDR];
             self.mem.read_slice(&mut hb, GuestAddress(h)).expect("hdr");
-            let hdr = decode(&hb);
+            let hdr = Header::from_le_bytes(&hb);
             let mut data = vec![0u8; hdr.len as usize];
             self.mem
                 .read_slice(&mut data, GuestAddress(d))

@@ -129,6 +129,63 @@ pub fn run_vm(opts: &[&str], cmd: &[&str]) -> Output {
     out
 }
 
+/// A VM booted in serve mode (the agent serves exec over vsock). Dropping it kills the VMM
+/// and, during a panic, prints the end of the guest's console.
+pub struct ServedVm {
+    child: std::process::Child,
+    serial: PathBuf,
+}
+
+impl ServedVm {
+    /// Waits for the VMM to exit (after a `Shutdown`).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("msb-vmm ends")
+    }
+}
+
+impl Drop for ServedVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.serial).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- guest console (last 30 lines) ---\n{}",
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Boots a VM with `memory_mib` whose agent serves on the hybrid socket `sock`; its console
+/// goes to `serial`.
+pub fn serve_vm(sock: &Path, serial: &Path, memory_mib: u32) -> ServedVm {
+    let a = artifacts();
+    let child = Command::new(&a.msb_vmm)
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--initrd")
+        .arg(&a.initrd)
+        .args([
+            "--memory",
+            &memory_mib.to_string(),
+            "--timeout",
+            "1800",
+            "--vsock-socket",
+        ])
+        .arg(sock)
+        .arg("--serial-log")
+        .arg(serial)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("msb-vmm starts");
+    ServedVm {
+        child,
+        serial: serial.to_path_buf(),
+    }
+}
+
 /// A minimal blocking client of the agent over the VM's hybrid vsock socket (the SDK's
 /// client comes later; tests need only this).
 pub mod agent {

@@ -1,52 +1,18 @@
 //! End-to-end: exec over our virtio-vsock device, through the hybrid socket, to the real
 //! agent in a real guest. One VM serves all the checks (a boot costs tens of seconds on PVM).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use msb_e2e::agent::{exec, Agent};
-use msb_e2e::{artifacts, host_kind};
+use msb_e2e::{host_kind, serve_vm};
 use msb_protocol::frame::Frame;
 use msb_protocol::message::{ErrorKind, Message, Rlimit, StdinMode, Tty, User};
 
-/// Kills the VMM if the test fails before it shut the VM down, and shows the end of the
-/// guest's console then.
-struct KillOnDrop(std::process::Child, std::path::PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- guest console (last 30 lines) ---\n{}",
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            );
-        }
-    }
-}
-
 #[test]
 fn exec_over_vsock_on_one_booted_vm() {
-    let a = artifacts();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("vm.sock");
-    let serial = dir.path().join("serial.log");
-    let child = Command::new(&a.msb_vmm)
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
-        .args(["--memory", "256", "--timeout", "900", "--vsock-socket"])
-        .arg(&sock)
-        .arg("--serial-log")
-        .arg(&serial)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("msb-vmm starts");
-    let mut vmm = KillOnDrop(child, serial);
+    let mut vmm = serve_vm(&sock, &dir.path().join("serial.log"), 256);
     eprintln!(
         "e2e [{}]: waiting for the agent on {}",
         host_kind(),
@@ -200,6 +166,6 @@ fn exec_over_vsock_on_one_booted_vm() {
 
     // Shutdown ends the VM cleanly.
     agent.send(&Frame::new(0, Message::Shutdown));
-    let status = vmm.0.wait().expect("msb-vmm ends");
+    let status = vmm.wait();
     assert_eq!(status.code(), Some(0));
 }

@@ -4,12 +4,11 @@
 //!
 //! `cargo run --release -p msb-benches --bin exec -- [--runs N] [--mib M]`
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msb_benches::{percentile, row};
 use msb_e2e::agent::{exec, Agent};
-use msb_e2e::{artifacts, host_kind};
+use msb_e2e::{host_kind, serve_vm};
 use msb_protocol::frame::Frame;
 use msb_protocol::message::Message;
 
@@ -24,19 +23,9 @@ fn arg(name: &str, default: u64) -> u64 {
 
 fn main() {
     let (runs, mib) = (arg("--runs", 20).max(1), arg("--mib", 8).max(1));
-    let a = artifacts();
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("vm.sock");
-    let mut vmm = Command::new(&a.msb_vmm)
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
-        .args(["--memory", "256", "--timeout", "1800", "--vsock-socket"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("msb-vmm starts");
+    let mut vmm = serve_vm(&sock, &dir.path().join("serial.log"), 256);
     let mut agent = Agent::connect(&sock, Duration::from_secs(400));
     println!(
         "exec benchmark: host kind {}; {runs} runs of `true`; {mib} MiB of stdout",
