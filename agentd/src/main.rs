@@ -36,9 +36,6 @@ const OUTPUT_TTY: &str = "/dev/ttyS1";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
 /// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
 const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
-/// How long to keep reading output after the command exits (a background child may hold
-/// its pipes open forever).
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 pub(crate) fn log(msg: &str) {
     // PID 1's stderr is /dev/console, which the VMM writes to its serial log.
@@ -197,7 +194,7 @@ fn run_command(argv: Vec<Vec<u8>>, tunables: Option<&str>, out: Arc<Mutex<File>>
         }
     };
     for _ in 0..readers {
-        if done_rx.recv_timeout(DRAIN_GRACE).is_err() {
+        if done_rx.recv_timeout(server::DRAIN_GRACE).is_err() {
             log("output still open after the command exited; not waiting longer");
             break;
         }

@@ -32,7 +32,7 @@ use crate::reaper;
 const CHUNK: usize = 32 * 1024;
 /// How long to keep reading output after the command exits (a background child may keep
 /// the pipes open forever).
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 type Writer = Arc<Mutex<File>>;
 

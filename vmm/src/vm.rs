@@ -294,21 +294,8 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-fn validate(cfg: &VmConfig, hv: &dyn Hypervisor) -> Result<(), VmmError> {
-    if cfg.memory_mib == 0 {
-        return Err(ConfigError::MemoryZero.into());
-    }
-    let host_mib = crate::host::host_memory_bytes().map_err(VmmError::HostMemory)? >> 20;
-    if cfg.memory_mib > host_mib {
-        return Err(ConfigError::MemoryTooLarge {
-            requested_mib: cfg.memory_mib,
-            host_mib,
-        }
-        .into());
-    }
-    if cfg.vcpus == 0 {
-        return Err(ConfigError::VcpusZero.into());
-    }
+/// The check that needs the hypervisor (after [`validate_basic`]): its vCPU limit.
+fn validate_vcpu_limit(cfg: &VmConfig, hv: &dyn Hypervisor) -> Result<(), VmmError> {
     let max = hv.max_vcpus().min(254);
     if usize::from(cfg.vcpus) > max {
         return Err(ConfigError::TooManyVcpus {
@@ -346,7 +333,7 @@ impl Vm {
     pub fn build(cfg: &VmConfig, output: Output, start: Instant) -> Result<Vm, VmmError> {
         validate_basic(cfg)?;
         let hv = KvmHypervisor::open(&cfg.kvm_path)?;
-        validate(cfg, &hv)?;
+        validate_vcpu_limit(cfg, &hv)?;
         let vm = hv.create_vm()?;
 
         let mem = memory::create(cfg.memory_mib << 20)?;
