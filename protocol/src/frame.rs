@@ -106,7 +106,8 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
     Ok(out)
 }
 
-fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
+/// Decodes a frame body (the bytes after the length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
     if body.len() < HEADER_AFTER_LEN {
         return Err(ProtocolError::BodyTooShort(body.len()));
     }
@@ -120,7 +121,8 @@ fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
     Ok(Frame { id, flags, message })
 }
 
-fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+/// The body length a prefix announces, checked against the limits.
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_BODY {
         return Err(ProtocolError::FrameTooLarge { len, max: MAX_BODY });
@@ -171,6 +173,12 @@ impl Decoder {
 
 /// Reads one frame from a blocking reader; `Ok(None)` at a clean end of stream.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
+    Ok(read_frame_raw(r)?.map(|(frame, _)| frame))
+}
+
+/// Reads one frame and also returns its bytes as they arrived (prefix included), so a relay
+/// can forward it without encoding it again.
+pub fn read_frame_raw(r: &mut impl Read) -> Result<Option<(Frame, Vec<u8>)>, ProtocolError> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -183,17 +191,19 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
         }
     }
     let len = body_len(prefix)?;
-    let mut body = vec![0u8; len];
+    let mut raw = vec![0u8; 4 + len];
+    raw[..4].copy_from_slice(&prefix);
     let mut have = 0;
     while have < len {
-        match r.read(&mut body[have..]) {
+        match r.read(&mut raw[4 + have..]) {
             Ok(0) => return Err(ProtocolError::Truncated { need: len, have }),
             Ok(n) => have += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
-    decode_body(&body).map(Some)
+    let frame = decode_body(&raw[4..])?;
+    Ok(Some((frame, raw)))
 }
 
 /// Writes one frame to a blocking writer.
@@ -383,5 +393,18 @@ mod tests {
             let _ = d.next_frame();
             let _ = read_frame(&mut std::io::Cursor::new(bytes));
         }
+    }
+
+    #[test]
+    fn stream_bytes_travel_as_one_byte_string() {
+        // Bytes are a CBOR byte string, not an array of integers (which costs up to 2x).
+        let data = vec![0xffu8; 32 * 1024];
+        let raw = encode(&Frame::new(1, Message::Stdout(data.clone()))).expect("encodes");
+        assert!(raw.len() < data.len() + 32, "{} bytes on the wire", raw.len());
+        let (frame, again) = read_frame_raw(&mut raw.as_slice())
+            .expect("reads")
+            .expect("a frame");
+        assert_eq!(frame.message, Message::Stdout(data));
+        assert_eq!(again, raw, "the raw bytes are what arrived");
     }
 }

@@ -33,7 +33,7 @@ pub enum StdinMode {
     /// `/dev/null`.
     Null,
     /// These bytes, then EOF.
-    Bytes(Vec<u8>),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A stream of [`Message::Stdin`] frames; an empty one is EOF.
     Stream,
 }
@@ -121,13 +121,13 @@ pub enum Message {
         pid: u32,
     },
     /// Bytes for the command's stdin; empty means EOF.
-    Stdin(Vec<u8>),
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes the command wrote to stdout.
-    Stdout(Vec<u8>),
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes the command wrote to stderr.
-    Stderr(Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Bytes from the command's terminal (tty mode).
-    PtyOutput(Vec<u8>),
+    PtyOutput(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The command ended (last message of the session).
     Exited {
         /// Exit code, when it exited normally.
