@@ -94,6 +94,10 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The session id is unknown.
     UnknownSession,
+    /// The agent cannot be reached (the guest is not up, or went away).
+    Unavailable,
+    /// The relay refused the connection (too many clients).
+    Busy,
     /// Anything else.
     Internal,
 }

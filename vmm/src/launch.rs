@@ -50,6 +50,10 @@ pub struct Launch {
     pub append: Vec<String>,
     /// Host socket of the guest's vsock device (hybrid mode), if it gets one.
     pub vsock_socket: Option<PathBuf>,
+    /// The per-VM control socket the relay serves (implies a vsock device).
+    pub control_socket: Option<PathBuf>,
+    /// The relay's tap file.
+    pub exec_log: Option<PathBuf>,
     /// The command to run in the guest.
     pub command: Vec<OsString>,
 }
@@ -68,8 +72,28 @@ impl Default for Launch {
             hostname: "msb".into(),
             append: Vec::new(),
             vsock_socket: None,
+            control_socket: None,
+            exec_log: None,
             command: Vec::new(),
         }
+    }
+}
+
+impl Launch {
+    /// The vsock device's host socket: the one given, else one beside the control socket.
+    pub fn vsock_path(&self) -> Option<PathBuf> {
+        self.vsock_socket.clone().or_else(|| {
+            self.control_socket.as_ref().map(|c| {
+                let mut p = c.clone().into_os_string();
+                p.push(".vsock");
+                PathBuf::from(p)
+            })
+        })
+    }
+
+    /// No command: the agent serves exec requests over vsock.
+    pub fn serves(&self) -> bool {
+        self.command.is_empty() && self.vsock_path().is_some()
     }
 }
 
@@ -123,7 +147,7 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
     }
     words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
     // Without a command the agent serves exec requests over vsock (which must exist).
-    if !launch.command.is_empty() || launch.vsock_socket.is_none() {
+    if !launch.serves() {
         let args: Vec<Vec<u8>> = launch
             .command
             .iter()
@@ -151,7 +175,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         cpu_profile: profile,
         serial_log: launch.serial_log.clone(),
         console_echo: launch.console,
-        vsock: launch.vsock_socket.clone().map(|uds_path| VsockConfig {
+        vsock: launch.vsock_path().map(|uds_path| VsockConfig {
             guest_cid: GUEST_CID,
             uds_path,
         }),

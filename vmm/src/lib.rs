@@ -18,5 +18,6 @@ pub mod host;
 pub mod hypervisor;
 pub mod launch;
 pub mod memory;
+pub mod relay;
 pub mod vcpu;
 pub mod vm;

@@ -4,16 +4,23 @@
 //! ```text
 //! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
 //!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
-//!         [--append WORD]... [--report FILE] [--vsock-socket PATH] -- CMD ARGS...
+//!         [--append WORD]... [--report FILE] [--vsock-socket PATH]
+//!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] -- CMD ARGS...
 //! ```
 //! With `--vsock-socket` and no command, the agent serves exec requests over vsock (host
 //! clients connect to the socket and send `CONNECT 1024`) until one asks it to shut down.
+//! `--control-socket` serves the same protocol to host clients through a relay that taps
+//! every session's output into `--exec-log` (JSON lines); the vsock socket then defaults to
+//! the control socket's path plus `.vsock`. `--exit-with-stdin` ends the VM when stdin
+//! reaches end of file: a parent that holds the other end of a pipe ties the VM to its own
+//! lifetime.
 //! Without `--kernel`/`--initrd` it uses the kernel flavour for this host and the default
 //! initramfs, building them first (with progress on stderr) if they are missing.
 //! Exit status: the command's (128 + N if killed by signal N); 125 when the VMM itself
 //! fails (bad input, the guest crashed, ...), with the reason on stderr.
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -21,6 +28,7 @@ use std::time::{Duration, Instant};
 use msb_vmm::console::Output;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, Launch};
+use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::vm::{Vm, VmEnd, VmOutcome};
 
 const VMM_FAILURE: u8 = 125;
@@ -28,16 +36,19 @@ const TAIL_IN_ERROR: usize = 20;
 
 const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] \
 [--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
-[--append WORD]... [--report FILE] [--vsock-socket PATH] -- CMD ARGS...";
+[--append WORD]... [--report FILE] [--vsock-socket PATH] \
+[--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
     report: Option<PathBuf>,
+    exit_with_stdin: bool,
 }
 
 fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
     let mut launch = Launch::default();
     let mut report = None;
+    let mut exit_with_stdin = false;
     while let Some(arg) = it.next() {
         let name = arg.to_string_lossy().into_owned();
         if name == "--" {
@@ -70,14 +81,30 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
                 .push(value("a word")?.to_string_lossy().into_owned()),
             "--report" => report = Some(value("a path")?.into()),
             "--vsock-socket" => launch.vsock_socket = Some(value("a path")?.into()),
+            "--control-socket" => launch.control_socket = Some(value("a path")?.into()),
+            "--exec-log" => launch.exec_log = Some(value("a path")?.into()),
+            "--exit-with-stdin" => exit_with_stdin = true,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown option {name}")),
         }
     }
-    if launch.command.is_empty() && launch.vsock_socket.is_none() {
-        return Err("no command given (put it after --, or give --vsock-socket to serve)".into());
+    if launch.command.is_empty() && launch.vsock_path().is_none() {
+        return Err(
+            "no command given (put it after --, or give --control-socket or --vsock-socket to serve)"
+                .into(),
+        );
     }
-    Ok(Args { launch, report })
+    if launch.control_socket.is_some() && !launch.command.is_empty() {
+        return Err("--control-socket serves exec requests: give no command".into());
+    }
+    if launch.exec_log.is_some() && launch.control_socket.is_none() {
+        return Err("--exec-log needs --control-socket (the relay writes it)".into());
+    }
+    Ok(Args {
+        launch,
+        report,
+        exit_with_stdin,
+    })
 }
 
 fn ms(d: Option<Duration>) -> serde_json::Value {
@@ -125,6 +152,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Ends the process when stdin reaches end of file (the parent holding the pipe is gone).
+fn watch_stdin(control: Option<PathBuf>) {
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            eprintln!("msb-vmm: stdin closed (the owning process ended): stopping the VM");
+            if let Some(c) = control {
+                let _ = std::fs::remove_file(c);
+            }
+            std::process::exit(i32::from(VMM_FAILURE));
+        });
+    if let Err(e) = spawned {
+        eprintln!("msb-vmm: warning: cannot watch stdin: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
@@ -150,12 +201,33 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
-    let outcome = match Vm::build(&cfg, Output::inherit(), start)
-        .and_then(|vm| vm.run(args.launch.timeout))
-    {
+    let vm = match Vm::build(&cfg, Output::inherit(), start) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&error_chain(&e), &[]),
+    };
+    let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {
+        (Some(control), Some(vsock)) => {
+            let rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
+            match Relay::start(rc) {
+                Ok(r) => Some(r),
+                Err(e) => return fail(&error_chain(&e), &[]),
+            }
+        }
+        _ => None,
+    };
+    if args.exit_with_stdin {
+        watch_stdin(args.launch.control_socket.clone());
+    }
+    if let Some(r) = &relay {
+        r.log_system("vm started");
+    }
+    let outcome = match vm.run(args.launch.timeout) {
         Ok(o) => o,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
+    if let Some(r) = relay {
+        r.log_system(&format!("vm ended: {:?}", outcome.end));
+    }
     if let Some(p) = &args.report {
         write_report(p, host, &outcome, start.elapsed());
     }

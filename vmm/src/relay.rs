@@ -1,0 +1,554 @@
+//! The per-VM control socket: a relay between host clients (the SDK) and the guest agent,
+//! with a tap that appends every session's output to `exec.log`.
+//!
+//! A client connects to the control socket and speaks the agent protocol
+//! ([`msb_protocol::frame`]) as if it were talking to the agent. For each client the relay
+//! opens its own vsock connection to the agent (hybrid mode: `CONNECT 1024` on the device's
+//! host socket), retrying while the guest boots, and then forwards frames both ways. Each
+//! direction is one blocking thread, so a client that stops reading stops the agent's
+//! sender through vsock credit: nothing is buffered beyond one frame per direction.
+//!
+//! Frames are decoded on the way through: a malformed frame from either side (the guest is
+//! untrusted) ends that client's connection with an error frame, and the relay keeps
+//! serving everyone else. Decoded output feeds the [`ExecLog`] tap.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use msb_protocol::frame::{read_frame_raw, write_frame, Frame, ProtocolError};
+use msb_protocol::message::{ErrorKind, Message, AGENT_PORT};
+
+/// Default cap on concurrent clients (each holds one of the device's 256 connections).
+pub const DEFAULT_MAX_CLIENTS: usize = 128;
+/// Default size at which `exec.log` rotates to `exec.log.1`.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// What the relay serves and where it logs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The control socket clients connect to (created; an existing socket file is replaced).
+    pub control_socket: PathBuf,
+    /// The vsock device's hybrid host socket.
+    pub vsock_socket: PathBuf,
+    /// The tap's JSON-lines file, if any.
+    pub exec_log: Option<PathBuf>,
+    /// How long one client waits for the agent to answer (it is retried while the guest
+    /// boots).
+    pub agent_wait: Duration,
+    /// Clients served at once; more are refused with [`ErrorKind::Busy`].
+    pub max_clients: usize,
+    /// `exec.log` rotates to `exec.log.1` (one old file kept) past this size.
+    pub log_max_bytes: u64,
+}
+
+impl RelayConfig {
+    /// A config with the default limits.
+    pub fn new(control_socket: PathBuf, vsock_socket: PathBuf, exec_log: Option<PathBuf>) -> Self {
+        RelayConfig {
+            control_socket,
+            vsock_socket,
+            exec_log,
+            agent_wait: Duration::from_secs(600),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+        }
+    }
+}
+
+/// Failures starting the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The control socket could not be created.
+    #[error("cannot listen on the control socket {path}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process serves this control socket.
+    #[error("the control socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// The exec log could not be opened.
+    #[error("cannot open the exec log {path}")]
+    Log {
+        /// Log path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a log entry came from (the `source` field of `exec.log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSource {
+    /// A session's stdout (pipe mode).
+    Stdout,
+    /// A session's stderr (pipe mode).
+    Stderr,
+    /// A session's terminal (tty mode: stdout and stderr merged in the guest).
+    Output,
+    /// Lifecycle markers written by the relay.
+    System,
+}
+
+impl LogSource {
+    /// The name used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogSource::Stdout => "stdout",
+            LogSource::Stderr => "stderr",
+            LogSource::Output => "output",
+            LogSource::System => "system",
+        }
+    }
+}
+
+/// The `exec.log` tap: JSON lines `{"timestamp_ms", "source", "session_id", "data"}`, where
+/// `data` is the chunk as text, or `data_b64` holds it when it is not valid UTF-8. Each line
+/// is one `write` to a file opened for append; the file rotates once past its size limit.
+#[derive(Debug)]
+pub struct ExecLog {
+    path: PathBuf,
+    max_bytes: u64,
+    file: Mutex<(File, u64)>,
+    failed: AtomicBool,
+}
+
+impl ExecLog {
+    /// Opens (creating) `path` for appending.
+    pub fn open(path: &Path, max_bytes: u64) -> Result<ExecLog, RelayError> {
+        let file = open_append(path).map_err(|source| RelayError::Log {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(ExecLog {
+            path: path.to_path_buf(),
+            max_bytes,
+            file: Mutex::new((file, size)),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Appends one entry. A failing disk costs the log, never the session: the first
+    /// failure is reported once on stderr.
+    pub fn append(&self, source: LogSource, session: Option<u32>, data: &[u8]) {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| (d.as_micros() as f64) / 1000.0);
+        let mut entry = serde_json::json!({
+            "timestamp_ms": ts,
+            "source": source.as_str(),
+            "session_id": session,
+        });
+        match std::str::from_utf8(data) {
+            Ok(text) => entry["data"] = text.into(),
+            Err(_) => {
+                entry["data_b64"] = base64::engine::general_purpose::STANDARD
+                    .encode(data)
+                    .into()
+            }
+        }
+        let mut line = entry.to_string();
+        line.push('\n');
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let result = (|| -> std::io::Result<()> {
+            if guard.1 > 0 && guard.1 + line.len() as u64 > self.max_bytes {
+                let mut old = self.path.clone().into_os_string();
+                old.push(".1");
+                std::fs::rename(&self.path, &old)?;
+                *guard = (open_append(&self.path)?, 0);
+            }
+            guard.0.write_all(line.as_bytes())?;
+            guard.1 += line.len() as u64;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "msb-vmm: warning: cannot write the exec log {}: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+struct Shared {
+    cfg: RelayConfig,
+    log: Option<ExecLog>,
+    next_session: AtomicU32,
+    clients: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// A running relay. Dropping it stops accepting clients and removes the socket file;
+/// connected clients keep their connections until either side closes.
+pub struct Relay {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("control_socket", &self.shared.cfg.control_socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Listens on the control socket and starts accepting clients.
+    pub fn start(cfg: RelayConfig) -> Result<Relay, RelayError> {
+        let path = cfg.control_socket.clone();
+        if UnixStream::connect(&path).is_ok() {
+            return Err(RelayError::InUse(path));
+        }
+        // A stale socket file from a process that is gone.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| RelayError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        let log = match &cfg.exec_log {
+            Some(p) => Some(ExecLog::open(p, cfg.log_max_bytes)?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            log,
+            next_session: AtomicU32::new(1),
+            clients: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("relay-accept".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|source| RelayError::Listen { path, source })?;
+        Ok(Relay {
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The tap, for markers the VMM itself writes (boot, exit).
+    pub fn log_system(&self, text: &str) {
+        if let Some(log) = &self.shared.log {
+            log.append(LogSource::System, None, text.as_bytes());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept; if the socket file is already gone the thread cannot be
+        // woken and is left to end with the process.
+        let woken = UnixStream::connect(&self.shared.cfg.control_socket).is_ok();
+        if let Some(h) = self.acceptor.take() {
+            if woken {
+                let _ = h.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.shared.cfg.control_socket);
+    }
+}
+
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        if shared.clients.fetch_add(1, Ordering::SeqCst) >= shared.cfg.max_clients {
+            shared.clients.fetch_sub(1, Ordering::SeqCst);
+            refuse(
+                &client,
+                ErrorKind::Busy,
+                format!(
+                    "the sandbox already serves {} clients",
+                    shared.cfg.max_clients
+                ),
+            );
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("relay-client".into())
+            .spawn(move || {
+                serve_client(client, &s);
+                s.clients.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            shared.clients.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Sends a connection-level error frame (best effort) and closes.
+fn refuse(mut client: &UnixStream, kind: ErrorKind, message: String) {
+    let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = write_frame(
+        &mut client,
+        &Frame::new(0, Message::Error { kind, message }).end(),
+    );
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+/// Opens a vsock connection to the agent through the device's hybrid socket, retrying
+/// (the guest may still be booting) until `wait` passes or the relay stops.
+fn connect_agent(shared: &Shared) -> Result<UnixStream, String> {
+    let deadline = Instant::now() + shared.cfg.agent_wait;
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
+        match try_connect(&shared.cfg.vsock_socket, deadline) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(CONNECT_RETRY);
+    }
+    Err(format!(
+        "the guest agent did not answer within {}s ({last})",
+        shared.cfg.agent_wait.as_secs()
+    ))
+}
+
+fn try_connect(sock: &Path, deadline: Instant) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("vsock socket: {e}"))?;
+    s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+        .map_err(|e| format!("vsock socket: {e}"))?;
+    let wait = deadline.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        .map_err(|e| e.to_string())?;
+    // Byte by byte: nothing after the newline belongs to the handshake.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => line.push(b[0]),
+            Ok(_) => return Err("the guest refused the connection".into()),
+            Err(e) => return Err(format!("handshake: {e}")),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(format!(
+            "unexpected handshake {:?}",
+            String::from_utf8_lossy(&line)
+        ));
+    }
+    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Relay-wide session ids for one client's sessions (keyed by the client's frame ids).
+type Sessions = Arc<Mutex<HashMap<u32, u32>>>;
+
+fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
+    let agent = match connect_agent(shared) {
+        Ok(a) => a,
+        Err(why) => return refuse(&client, ErrorKind::Unavailable, why),
+    };
+    let (Ok(client_w), Ok(agent_r)) = (client.try_clone(), agent.try_clone()) else {
+        return refuse(
+            &client,
+            ErrorKind::Internal,
+            "cannot set up the relay".into(),
+        );
+    };
+    let client_w = Arc::new(Mutex::new(client_w));
+    let sessions: Sessions = Arc::default();
+    let back = {
+        let (client_w, sessions, shared) = (client_w.clone(), sessions.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("relay-agent".into())
+            .spawn(move || agent_to_client(agent_r, &client_w, &sessions, &shared))
+    };
+    let Ok(back) = back else {
+        let _ = agent.shutdown(Shutdown::Both);
+        return refuse(
+            &client,
+            ErrorKind::Internal,
+            "cannot set up the relay".into(),
+        );
+    };
+    client_to_agent(&client, &agent, &client_w, &sessions, shared);
+    let _ = back.join();
+}
+
+fn client_to_agent(
+    mut client: &UnixStream,
+    mut agent: &UnixStream,
+    client_w: &Mutex<UnixStream>,
+    sessions: &Sessions,
+    shared: &Shared,
+) {
+    loop {
+        match read_frame_raw(&mut client) {
+            Ok(Some((frame, raw))) => {
+                tap_request(&frame, sessions, shared);
+                if agent.write_all(&raw).is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {
+                // The client is done sending; the agent sees the same half close.
+                let _ = agent.shutdown(Shutdown::Write);
+                return;
+            }
+            Err(ProtocolError::Io(_)) => break,
+            Err(e) => {
+                send_error(client_w, ErrorKind::InvalidRequest, e.to_string());
+                break;
+            }
+        }
+    }
+    let _ = agent.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+fn agent_to_client(
+    mut agent: UnixStream,
+    client_w: &Mutex<UnixStream>,
+    sessions: &Sessions,
+    shared: &Shared,
+) {
+    loop {
+        match read_frame_raw(&mut agent) {
+            Ok(Some((frame, raw))) => {
+                tap_reply(&frame, sessions, shared);
+                let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+                if w.write_all(&raw).is_err() {
+                    break;
+                }
+            }
+            Ok(None) | Err(ProtocolError::Io(_)) => break,
+            Err(e) => {
+                // An untrusted guest sent garbage: end this client's connection, visibly.
+                if let Some(log) = &shared.log {
+                    log.append(
+                        LogSource::System,
+                        None,
+                        format!("the agent sent a malformed frame: {e}").as_bytes(),
+                    );
+                }
+                send_error(
+                    client_w,
+                    ErrorKind::Internal,
+                    format!("the agent sent a malformed frame: {e}"),
+                );
+                break;
+            }
+        }
+    }
+    let _ = agent.shutdown(Shutdown::Both);
+    let w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = w.shutdown(Shutdown::Both);
+}
+
+fn send_error(client_w: &Mutex<UnixStream>, kind: ErrorKind, message: String) {
+    let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = w.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = write_frame(
+        &mut *w,
+        &Frame::new(0, Message::Error { kind, message }).end(),
+    );
+}
+
+fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
+    let Message::ExecStart(req) = &frame.message else {
+        return;
+    };
+    let global = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(frame.id, global);
+    if let Some(log) = &shared.log {
+        let mut argv = vec![req.cmd.as_str()];
+        argv.extend(req.args.iter().map(String::as_str));
+        log.append(
+            LogSource::System,
+            None,
+            format!(
+                "session {global}: exec {argv:?}{}",
+                if req.tty.is_some() { " (tty)" } else { "" }
+            )
+            .as_bytes(),
+        );
+    }
+}
+
+fn tap_reply(frame: &Frame, sessions: &Sessions, shared: &Shared) {
+    let Some(log) = &shared.log else { return };
+    let global = {
+        let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let g = map.get(&frame.id).copied();
+        if frame.flags & msb_protocol::frame::FLAG_END != 0 {
+            map.remove(&frame.id);
+        }
+        g
+    };
+    match &frame.message {
+        Message::Stdout(d) => log.append(LogSource::Stdout, global, d),
+        Message::Stderr(d) => log.append(LogSource::Stderr, global, d),
+        Message::PtyOutput(d) => log.append(LogSource::Output, global, d),
+        Message::Started { pid } => {
+            let g = describe(global);
+            log.append(
+                LogSource::System,
+                None,
+                format!("session {g}: started, pid {pid}").as_bytes(),
+            )
+        }
+        Message::Exited {
+            code,
+            signal,
+            timed_out,
+        } => {
+            let how = match (code, signal) {
+                (Some(c), _) => format!("exited with code {c}"),
+                (None, Some(s)) => format!("killed by signal {s}"),
+                (None, None) => "ended".to_string(),
+            };
+            let t = if *timed_out { " (timed out)" } else { "" };
+            let g = describe(global);
+            log.append(
+                LogSource::System,
+                None,
+                format!("session {g}: {how}{t}").as_bytes(),
+            )
+        }
+        Message::Error { kind, message } if frame.id != 0 => {
+            let g = describe(global);
+            log.append(
+                LogSource::System,
+                None,
+                format!("session {g}: failed: {kind:?}: {message}").as_bytes(),
+            )
+        }
+        _ => {}
+    }
+}
+
+fn describe(global: Option<u32>) -> String {
+    global.map_or_else(|| "?".into(), |g| g.to_string())
+}
