@@ -1,1 +1,33 @@
-//! x
+//! The microsandbox Rust SDK: create microVM sandboxes and run commands in them.
+//!
+//! ```no_run
+//! # async fn demo() -> microsandbox::MicrosandboxResult<()> {
+//! use microsandbox::Sandbox;
+//!
+//! let sb = Sandbox::builder("api").cpus(1).memory(512).create().await?;
+//! let out = sb.exec("echo", ["hello"]).await?;
+//! assert_eq!(out.stdout()?, "hello\n");
+//! let out = sb.shell("exit 7").await?;
+//! assert_eq!(out.exit_code(), 7);
+//! sb.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Each sandbox is one `msb-vmm` process with a control socket; every command gets its own
+//! connection, relayed by the VMM to the guest agent over virtio-vsock, so a slow reader
+//! of one command never holds up another, and dropping an [`ExecHandle`] ends its command.
+//! This first cut covers creating attached sandboxes and the exec family; images, the
+//! filesystem API and the persisted lifecycle come later.
+
+mod attach;
+mod conn;
+mod error;
+mod exec;
+mod sandbox;
+
+pub use error::{MicrosandboxError, MicrosandboxResult};
+pub use exec::{
+    ExecEvent, ExecHandle, ExecOptions, ExecOutput, ExecSink, ExecStatus, Rlimit, Stdin,
+};
+pub use sandbox::{msb_home, validate_name, Mebibytes, Sandbox, SandboxBuilder, MAX_NAME_LEN};

@@ -1,0 +1,72 @@
+//! Async frame I/O on a sandbox's control socket.
+
+use std::path::Path;
+
+use msb_protocol::frame::{body_len, decode_body, encode, Frame};
+use msb_protocol::message::{Message, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub(crate) async fn read_frame(
+    r: &mut (impl AsyncRead + Unpin),
+) -> MicrosandboxResult<Option<Frame>> {
+    let mut prefix = [0u8; 4];
+    if r.read(&mut prefix[..1]).await? == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut prefix[1..]).await?;
+    let len = body_len(prefix)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(Some(decode_body(&body)?))
+}
+
+/// Writes one frame.
+pub(crate) async fn write_frame(
+    w: &mut (impl AsyncWrite + Unpin),
+    frame: &Frame,
+) -> MicrosandboxResult<()> {
+    w.write_all(&encode(frame)?).await?;
+    Ok(())
+}
+
+/// Connects to a control socket and completes the Hello/Ready exchange.
+pub(crate) async fn open(control: &Path) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
+    let stream = UnixStream::connect(control).await?;
+    let (mut r, mut w) = stream.into_split();
+    write_frame(
+        &mut w,
+        &Frame::new(
+            0,
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        ),
+    )
+    .await?;
+    match read_frame(&mut r).await? {
+        Some(Frame {
+            message: Message::Ready { version, .. },
+            ..
+        }) if version == PROTOCOL_VERSION => Ok((r, w)),
+        Some(Frame {
+            message: Message::Ready { version, .. },
+            ..
+        }) => Err(MicrosandboxError::Version(format!(
+            "the agent speaks version {version}, this SDK {PROTOCOL_VERSION}"
+        ))),
+        Some(Frame {
+            message: Message::Error { kind, message },
+            ..
+        }) => Err(MicrosandboxError::from_agent(kind, message)),
+        Some(other) => Err(MicrosandboxError::Agent(format!(
+            "expected Ready, got {:?}",
+            other.message
+        ))),
+        None => Err(MicrosandboxError::ConnectionClosed),
+    }
+}

@@ -1,0 +1,601 @@
+//! Running commands: options, collected output, and the streaming handle.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use msb_protocol::frame::Frame;
+use msb_protocol::message::{self, ExecStart, Message, StdinMode, Tty, User};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::conn;
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+
+/// Session id the SDK uses on its per-command connection.
+const SESSION: u32 = 1;
+/// Events buffered between the socket and the caller (each at most one output chunk).
+const EVENT_BUFFER: usize = 8;
+/// Largest stdin chunk per frame.
+const STDIN_CHUNK: usize = 256 * 1024;
+/// Terminal size when `tty(true)` is asked without one.
+const DEFAULT_TTY: (u16, u16) = (24, 80);
+
+/// Where a command's stdin comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Stdin {
+    /// `/dev/null` (the default).
+    #[default]
+    Null,
+    /// These bytes, then end of file.
+    Bytes(Vec<u8>),
+    /// A pipe the caller writes through [`ExecHandle::take_stdin`]. With the collecting
+    /// calls ([`crate::Sandbox::exec`]) nobody can write, so it reaches end of file at once.
+    Pipe,
+}
+
+/// A resource limit for a command (`setrlimit` in the guest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rlimit {
+    resource: String,
+    soft: u64,
+    hard: u64,
+}
+
+impl Rlimit {
+    /// A limit on `resource`, named as in `setrlimit(2)` without the prefix, any case:
+    /// `nofile`, `nproc`, `as`, `cpu`, `fsize`, `core`, `stack`, `data`, `memlock`, ...
+    /// Unknown names are rejected by the guest with [`MicrosandboxError::InvalidExecRequest`].
+    pub fn new(resource: impl Into<String>, soft: u64, hard: u64) -> Self {
+        Rlimit {
+            resource: resource.into().to_ascii_lowercase(),
+            soft,
+            hard,
+        }
+    }
+
+    /// Open files.
+    pub fn nofile(limit: u64) -> Self {
+        Self::new("nofile", limit, limit)
+    }
+
+    /// Processes of the user.
+    pub fn nproc(limit: u64) -> Self {
+        Self::new("nproc", limit, limit)
+    }
+
+    /// Address space, bytes.
+    pub fn address_space(bytes: u64) -> Self {
+        Self::new("as", bytes, bytes)
+    }
+
+    /// CPU time, seconds.
+    pub fn cpu(seconds: u64) -> Self {
+        Self::new("cpu", seconds, seconds)
+    }
+}
+
+/// Per-command options for [`crate::Sandbox::exec_with`] and friends; the sandbox's own
+/// env, workdir and user apply underneath.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) cwd: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) stdin: Stdin,
+    pub(crate) tty: Option<(u16, u16)>,
+    pub(crate) rlimits: Vec<Rlimit>,
+}
+
+impl ExecOptions {
+    /// Appends arguments.
+    pub fn args(mut self, args: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Appends one argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Sets an environment variable (on top of the sandbox's).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets several environment variables.
+    pub fn envs(
+        mut self,
+        vars: impl IntoIterator<Item = (impl Into<String>, impl Into<String>)>,
+    ) -> Self {
+        self.env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Guest user: a name, `uid` or `uid:gid`.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Kill the command (and report [`ExecStatus::timed_out`]) after this long.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Stdin source.
+    pub fn stdin(mut self, stdin: Stdin) -> Self {
+        self.stdin = stdin;
+        self
+    }
+
+    /// Stdin from these bytes.
+    pub fn stdin_bytes(self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin(Stdin::Bytes(data.into()))
+    }
+
+    /// Stdin as a pipe ([`ExecHandle::take_stdin`]).
+    pub fn stdin_pipe(self) -> Self {
+        self.stdin(Stdin::Pipe)
+    }
+
+    /// Run under a pseudo-terminal (24x80 unless [`ExecOptions::tty_size`] says otherwise);
+    /// stdout and stderr then arrive merged, as stdout.
+    pub fn tty(mut self, enabled: bool) -> Self {
+        self.tty = enabled.then(|| self.tty.unwrap_or(DEFAULT_TTY));
+        self
+    }
+
+    /// Run under a pseudo-terminal of `rows` x `cols`.
+    pub fn tty_size(mut self, rows: u16, cols: u16) -> Self {
+        self.tty = Some((rows, cols));
+        self
+    }
+
+    /// Adds a resource limit.
+    pub fn rlimit(mut self, limit: Rlimit) -> Self {
+        self.rlimits.push(limit);
+        self
+    }
+
+    /// The wire request for `cmd`, with the sandbox defaults underneath.
+    pub(crate) fn request(
+        self,
+        cmd: String,
+        defaults: &ExecDefaults,
+    ) -> MicrosandboxResult<ExecStart> {
+        if cmd.is_empty() {
+            return Err(MicrosandboxError::InvalidExecRequest(
+                "the command is empty".into(),
+            ));
+        }
+        let timeout_ms = match self.timeout {
+            Some(t) if t.is_zero() => {
+                return Err(MicrosandboxError::InvalidExecRequest(
+                    "a timeout of zero would kill the command before it starts".into(),
+                ))
+            }
+            Some(t) => Some(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            None => None,
+        };
+        let mut env = defaults.env.clone();
+        env.extend(self.env);
+        let user = self.user.or_else(|| defaults.user.clone()).map(parse_user);
+        Ok(ExecStart {
+            cmd,
+            args: self.args,
+            env,
+            cwd: self.cwd.or_else(|| defaults.workdir.clone()),
+            user,
+            timeout_ms,
+            stdin: match self.stdin {
+                Stdin::Null => StdinMode::Null,
+                Stdin::Bytes(b) => StdinMode::Bytes(b),
+                Stdin::Pipe => StdinMode::Stream,
+            },
+            tty: self.tty.map(|(rows, cols)| Tty { rows, cols }),
+            rlimits: self
+                .rlimits
+                .into_iter()
+                .map(|r| message::Rlimit {
+                    resource: r.resource,
+                    soft: r.soft,
+                    hard: r.hard,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// `name`, `uid` or `uid:gid`.
+fn parse_user(u: String) -> User {
+    let (a, b) = u.split_once(':').unwrap_or((&u, ""));
+    match (a.parse::<u32>(), b.parse::<u32>()) {
+        (Ok(uid), Ok(gid)) => User::Id {
+            uid,
+            gid: Some(gid),
+        },
+        (Ok(uid), Err(_)) if b.is_empty() => User::Id { uid, gid: None },
+        _ => User::Name(u),
+    }
+}
+
+/// What every command of a sandbox starts from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExecDefaults {
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecStatus {
+    code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+}
+
+impl ExecStatus {
+    /// Exit code, when the command exited.
+    pub fn code(&self) -> Option<i32> {
+        self.code
+    }
+
+    /// Terminating signal, when it was killed.
+    pub fn signal(&self) -> Option<i32> {
+        self.signal
+    }
+
+    /// True when its timeout killed it.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// Exit code as a shell reports it: the code, or 128 + the signal.
+    pub fn exit_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => -1,
+        }
+    }
+
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A finished command's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: ExecStatus,
+}
+
+impl ExecOutput {
+    /// Stdout as text.
+    pub fn stdout(&self) -> MicrosandboxResult<String> {
+        Ok(String::from_utf8(self.stdout.clone())?)
+    }
+
+    /// Stderr as text.
+    pub fn stderr(&self) -> MicrosandboxResult<String> {
+        Ok(String::from_utf8(self.stderr.clone())?)
+    }
+
+    /// Stdout bytes, exactly.
+    pub fn stdout_bytes(&self) -> &[u8] {
+        &self.stdout
+    }
+
+    /// Stderr bytes, exactly.
+    pub fn stderr_bytes(&self) -> &[u8] {
+        &self.stderr
+    }
+
+    /// How it ended.
+    pub fn status(&self) -> ExecStatus {
+        self.status
+    }
+
+    /// [`ExecStatus::exit_code`].
+    pub fn exit_code(&self) -> i32 {
+        self.status.exit_code()
+    }
+
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+}
+
+/// One event of a streaming command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The command started (always the first event).
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// A chunk of stdout (in tty mode: of the terminal, stdout and stderr merged).
+    Stdout(Vec<u8>),
+    /// A chunk of stderr.
+    Stderr(Vec<u8>),
+    /// The command ended (always the last event).
+    Exited(ExecStatus),
+}
+
+type Writer = Arc<Mutex<OwnedWriteHalf>>;
+
+/// Writes a streaming command's stdin ([`ExecOptions::stdin_pipe`]).
+#[derive(Debug, Clone)]
+pub struct ExecSink {
+    w: Writer,
+}
+
+impl ExecSink {
+    /// Sends bytes (waits while the guest is not reading: stdin is flow-controlled).
+    pub async fn write(&self, data: impl AsRef<[u8]>) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        for chunk in data.as_ref().chunks(STDIN_CHUNK) {
+            conn::write_frame(
+                &mut *w,
+                &Frame::new(SESSION, Message::Stdin(chunk.to_vec())),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin (the command reads end of file).
+    pub async fn close(&self) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        conn::write_frame(&mut *w, &Frame::new(SESSION, Message::Stdin(Vec::new()))).await
+    }
+}
+
+/// A running command: its events (also as a [`Stream`]), stdin, and signals. Dropping the
+/// handle closes its connection, and the guest then kills the command's process group.
+#[derive(Debug)]
+pub struct ExecHandle {
+    pid: u32,
+    events: mpsc::Receiver<MicrosandboxResult<ExecEvent>>,
+    w: Writer,
+    stdin: Option<ExecSink>,
+}
+
+impl ExecHandle {
+    /// Starts `req` on a fresh connection to `control`; returns once the guest started it.
+    pub(crate) async fn start(control: &Path, req: ExecStart) -> MicrosandboxResult<Self> {
+        let piped = req.stdin == StdinMode::Stream;
+        let (mut r, mut w) = conn::open(control).await?;
+        conn::write_frame(&mut w, &Frame::new(SESSION, Message::ExecStart(req))).await?;
+        let pid = match conn::read_frame(&mut r).await? {
+            Some(Frame {
+                message: Message::Started { pid },
+                ..
+            }) => pid,
+            Some(Frame {
+                message: Message::Error { kind, message },
+                ..
+            }) => return Err(MicrosandboxError::from_agent(kind, message)),
+            Some(other) => {
+                return Err(MicrosandboxError::Agent(format!(
+                    "expected Started, got {:?}",
+                    other.message
+                )))
+            }
+            None => return Err(MicrosandboxError::ConnectionClosed),
+        };
+        let (tx, events) = mpsc::channel(EVENT_BUFFER);
+        // Capacity is EVENT_BUFFER >= 1 and nothing was sent yet.
+        let _ = tx.try_send(Ok(ExecEvent::Started { pid }));
+        tokio::spawn(async move {
+            loop {
+                let item = match conn::read_frame(&mut r).await {
+                    Ok(Some(f)) => match f.message {
+                        Message::Stdout(d) | Message::PtyOutput(d) => Ok(ExecEvent::Stdout(d)),
+                        Message::Stderr(d) => Ok(ExecEvent::Stderr(d)),
+                        Message::Exited {
+                            code,
+                            signal,
+                            timed_out,
+                        } => Ok(ExecEvent::Exited(ExecStatus {
+                            code,
+                            signal,
+                            timed_out,
+                        })),
+                        Message::Error { kind, message } => {
+                            Err(MicrosandboxError::from_agent(kind, message))
+                        }
+                        _ => continue,
+                    },
+                    Ok(None) => Err(MicrosandboxError::ConnectionClosed),
+                    Err(e) => Err(e),
+                };
+                let last = !matches!(item, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)));
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let w = Arc::new(Mutex::new(w));
+        Ok(ExecHandle {
+            pid,
+            events,
+            stdin: piped.then(|| ExecSink { w: w.clone() }),
+            w,
+        })
+    }
+
+    /// The command's pid in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next event; `Ok(None)` after [`ExecEvent::Exited`].
+    pub async fn recv(&mut self) -> MicrosandboxResult<Option<ExecEvent>> {
+        self.events.recv().await.transpose()
+    }
+
+    /// The stdin writer, once (only with [`ExecOptions::stdin_pipe`]).
+    pub fn take_stdin(&mut self) -> Option<ExecSink> {
+        self.stdin.take()
+    }
+
+    /// Sends a signal (`libc` numbering: 15 is SIGTERM) to the command.
+    pub async fn signal(&self, signal: i32) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        conn::write_frame(&mut *w, &Frame::new(SESSION, Message::Signal(signal))).await
+    }
+
+    /// Kills the command (SIGKILL).
+    pub async fn kill(&self) -> MicrosandboxResult<()> {
+        self.signal(9).await
+    }
+
+    /// Resizes the command's terminal (tty mode).
+    pub async fn resize(&self, rows: u16, cols: u16) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        conn::write_frame(
+            &mut *w,
+            &Frame::new(SESSION, Message::Resize(Tty { rows, cols })),
+        )
+        .await
+    }
+
+    /// Waits for the end, discarding output.
+    pub async fn wait(mut self) -> MicrosandboxResult<ExecStatus> {
+        while let Some(ev) = self.recv().await? {
+            if let ExecEvent::Exited(status) = ev {
+                return Ok(status);
+            }
+        }
+        Err(MicrosandboxError::ConnectionClosed)
+    }
+
+    /// Waits for the end, collecting output in memory.
+    pub async fn collect(mut self) -> MicrosandboxResult<ExecOutput> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(ev) = self.recv().await? {
+            match ev {
+                ExecEvent::Stdout(d) => stdout.extend(d),
+                ExecEvent::Stderr(d) => stderr.extend(d),
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Exited(status) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+            }
+        }
+        Err(MicrosandboxError::ConnectionClosed)
+    }
+}
+
+impl Stream for ExecHandle {
+    type Item = MicrosandboxResult<ExecEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_merge_over_sandbox_defaults() {
+        let defaults = ExecDefaults {
+            env: vec![("A".into(), "1".into())],
+            workdir: Some("/srv".into()),
+            user: Some("1000:100".into()),
+        };
+        let req = ExecOptions::default()
+            .args(["-c", "x"])
+            .env("B", "2")
+            .timeout(Duration::from_millis(1500))
+            .tty(true)
+            .rlimit(Rlimit::new("NOFILE", 64, 128))
+            .request("sh".into(), &defaults)
+            .expect("valid");
+        assert_eq!(req.args, ["-c", "x"]);
+        assert_eq!(
+            req.env,
+            [("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
+        assert_eq!(req.cwd.as_deref(), Some("/srv"));
+        assert_eq!(
+            req.user,
+            Some(User::Id {
+                uid: 1000,
+                gid: Some(100)
+            })
+        );
+        assert_eq!(req.timeout_ms, Some(1500));
+        assert_eq!(req.tty, Some(Tty { rows: 24, cols: 80 }));
+        assert_eq!(req.rlimits[0].resource, "nofile");
+
+        let own = ExecOptions::default()
+            .cwd("/tmp")
+            .user("nobody")
+            .request("id".into(), &defaults)
+            .expect("valid");
+        assert_eq!(own.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(own.user, Some(User::Name("nobody".into())));
+    }
+
+    #[test]
+    fn bad_requests_are_typed() {
+        let d = ExecDefaults::default();
+        assert!(matches!(
+            ExecOptions::default().request(String::new(), &d),
+            Err(MicrosandboxError::InvalidExecRequest(_))
+        ));
+        assert!(matches!(
+            ExecOptions::default()
+                .timeout(Duration::ZERO)
+                .request("true".into(), &d),
+            Err(MicrosandboxError::InvalidExecRequest(_))
+        ));
+    }
+
+    #[test]
+    fn status_reads_like_a_shell() {
+        let killed = ExecStatus {
+            code: None,
+            signal: Some(15),
+            timed_out: false,
+        };
+        assert_eq!(killed.exit_code(), 143);
+        assert!(!killed.success());
+        let ok = ExecStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+        };
+        assert!(ok.success());
+    }
+}

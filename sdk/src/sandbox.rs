@@ -1,0 +1,550 @@
+//! Creating a sandbox (one `msb-vmm` process) and running commands in it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use msb_protocol::frame::Frame;
+use msb_protocol::message::Message;
+use sha2::{Digest, Sha256};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use crate::conn;
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
+
+/// Longest sandbox name, bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Default shell for [`Sandbox::shell`].
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+/// How long `create` waits for the guest agent (a software-KVM host boots in ~30 s).
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `stop` waits for the VM to power off before killing it.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 100;
+/// Lines of the VMM's log quoted when it fails to start.
+const LOG_TAIL_LINES: usize = 15;
+
+/// Guest memory size in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mebibytes(pub u32);
+
+impl From<u32> for Mebibytes {
+    fn from(mib: u32) -> Self {
+        Mebibytes(mib)
+    }
+}
+
+/// The state directory: `$MSB_HOME`, else `~/.microsandbox`.
+pub fn msb_home() -> PathBuf {
+    match std::env::var_os("MSB_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => std::env::var_os("HOME")
+            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+            .join(".microsandbox"),
+    }
+}
+
+/// Checks a sandbox name: non-empty, at most 128 bytes, letters, digits, `-`, `_`, `.`,
+/// not starting with `.` (it names a directory).
+pub fn validate_name(name: &str) -> MicrosandboxResult<()> {
+    let bad = |reason| {
+        Err(MicrosandboxError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is longer than 128 bytes");
+    }
+    if name.starts_with('.') {
+        return bad("it starts with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return bad("use only letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Where a sandbox keeps its files.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    /// `$MSB_HOME/sandboxes/<name>`: exec.log, console.log, vmm.log.
+    pub dir: PathBuf,
+    /// `$MSB_HOME/run/<hash>.sock`: short enough for `sun_path` whatever the name.
+    pub control: PathBuf,
+}
+
+impl Paths {
+    pub fn for_name(name: &str) -> MicrosandboxResult<Paths> {
+        let home = msb_home();
+        let hash = hex::encode(&Sha256::digest(name.as_bytes())[..8]);
+        let control = home.join("run").join(format!("{hash}.sock"));
+        // msb-vmm adds ".vsock" (and the device "_<port>") beside it.
+        if control.as_os_str().len() + 12 > MAX_SOCKET_PATH {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "MSB_HOME {} is too long for the sandbox's sockets",
+                home.display()
+            )));
+        }
+        Ok(Paths {
+            dir: home.join("sandboxes").join(name),
+            control,
+        })
+    }
+
+    pub fn exec_log(&self) -> PathBuf {
+        self.dir.join("exec.log")
+    }
+
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+}
+
+/// Finds `msb-vmm`: `$MSB_VMM`, else beside this program (or one directory up, for test
+/// binaries under `target/*/deps`), else on `PATH`.
+fn find_vmm() -> MicrosandboxResult<PathBuf> {
+    if let Some(p) = std::env::var_os("MSB_VMM") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let p = dir.join("msb-vmm");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("msb-vmm"))
+        .find(|p| p.is_file())
+        .ok_or(MicrosandboxError::VmmNotFound)
+}
+
+/// Options for a new sandbox ([`Sandbox::builder`]).
+#[derive(Debug, Clone)]
+pub struct SandboxBuilder {
+    name: String,
+    cpus: u8,
+    memory: Mebibytes,
+    shell: String,
+    hostname: Option<String>,
+    defaults: ExecDefaults,
+}
+
+impl SandboxBuilder {
+    /// vCPUs (default 1).
+    pub fn cpus(mut self, count: u8) -> Self {
+        self.cpus = count;
+        self
+    }
+
+    /// Guest memory (default 512 MiB); pages are allocated as the guest touches them.
+    pub fn memory(mut self, size: impl Into<Mebibytes>) -> Self {
+        self.memory = size.into();
+        self
+    }
+
+    /// An environment variable for every command; per-command env is merged on top.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.defaults.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Default working directory of commands.
+    pub fn workdir(mut self, path: impl Into<String>) -> Self {
+        self.defaults.workdir = Some(path.into());
+        self
+    }
+
+    /// Default user of commands: a name, `uid` or `uid:gid`.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.defaults.user = Some(user.into());
+        self
+    }
+
+    /// The shell [`Sandbox::shell`] and [`Sandbox::attach_shell`] use (default `/bin/sh`).
+    pub fn shell(mut self, shell: impl Into<String>) -> Self {
+        self.shell = shell.into();
+        self
+    }
+
+    /// The guest hostname (default: the sandbox name when it is a valid hostname).
+    pub fn hostname(mut self, hostname: impl Into<String>) -> Self {
+        self.hostname = Some(hostname.into());
+        self
+    }
+
+    /// Boots the sandbox and returns once its agent answers. The sandbox is attached: it
+    /// stops when the returned [`Sandbox`] is dropped or this process exits.
+    pub async fn create(self) -> MicrosandboxResult<Sandbox> {
+        validate_name(&self.name)?;
+        if self.cpus == 0 {
+            return Err(MicrosandboxError::InvalidConfig(
+                "cpus must be at least 1".into(),
+            ));
+        }
+        if self.memory.0 == 0 {
+            return Err(MicrosandboxError::InvalidConfig(
+                "memory must be more than 0 MiB".into(),
+            ));
+        }
+        if self.shell.is_empty() {
+            return Err(MicrosandboxError::InvalidConfig(
+                "the shell is empty".into(),
+            ));
+        }
+        let paths = Paths::for_name(&self.name)?;
+        if tokio::net::UnixStream::connect(&paths.control).await.is_ok() {
+            return Err(MicrosandboxError::AlreadyExists(self.name));
+        }
+        let vmm = find_vmm()?;
+        let hostname = self.hostname.clone().unwrap_or_else(|| {
+            let h: String = self.name.chars().take(64).collect();
+            if h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                h
+            } else {
+                "sandbox".into()
+            }
+        });
+        let created_dir = !paths.dir.exists();
+        std::fs::create_dir_all(&paths.dir)?;
+        if let Some(run) = paths.control.parent() {
+            std::fs::create_dir_all(run)?;
+        }
+        let vmm_log = std::fs::File::create(paths.vmm_log())?;
+        // The VMM watches the read end: when this process is gone, so is the VM.
+        let (lifeline_r, lifeline_w) = std::io::pipe()?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--control-socket")
+            .arg(&paths.control)
+            .arg("--exec-log")
+            .arg(paths.exec_log())
+            .arg("--serial-log")
+            .arg(paths.dir.join("console.log"))
+            .args(["--memory", &self.memory.0.to_string()])
+            .args(["--cpus", &self.cpus.to_string()])
+            .args(["--hostname", &hostname])
+            .arg("--exit-with-stdin");
+        if let Some(k) = std::env::var_os("MSB_KERNEL") {
+            cmd.arg("--kernel").arg(k);
+        }
+        if let Some(i) = std::env::var_os("MSB_INITRD") {
+            cmd.arg("--initrd").arg(i);
+        }
+        cmd.stdin(Stdio::from(lifeline_r))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(vmm_log))
+            .kill_on_drop(true);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if created_dir {
+                    let _ = std::fs::remove_dir_all(&paths.dir);
+                }
+                return Err(e.into());
+            }
+        };
+        let inner = Arc::new(Inner {
+            name: self.name,
+            paths,
+            shell: self.shell,
+            defaults: self.defaults,
+            child: Mutex::new(Some(child)),
+            lifeline: std::sync::Mutex::new(Some(lifeline_w)),
+        });
+        let sandbox = Sandbox { inner };
+        sandbox.wait_ready().await?;
+        Ok(sandbox)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    paths: Paths,
+    shell: String,
+    defaults: ExecDefaults,
+    child: Mutex<Option<Child>>,
+    lifeline: std::sync::Mutex<Option<std::io::PipeWriter>>,
+}
+
+/// A running sandbox. Cheap to clone; all clones share the VM.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+impl Sandbox {
+    /// A builder for a sandbox called `name` (unique among running sandboxes).
+    pub fn builder(name: impl Into<String>) -> SandboxBuilder {
+        SandboxBuilder {
+            name: name.into(),
+            cpus: 1,
+            memory: Mebibytes(DEFAULT_MEMORY_MIB),
+            shell: DEFAULT_SHELL.into(),
+            hostname: None,
+            defaults: ExecDefaults::default(),
+        }
+    }
+
+    /// The sandbox's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The sandbox's `exec.log` (JSON lines of every session's output).
+    pub fn exec_log_path(&self) -> PathBuf {
+        self.inner.paths.exec_log()
+    }
+
+    /// The pid of the sandbox's VMM process, while it runs.
+    pub async fn vmm_pid(&self) -> Option<u32> {
+        self.inner.child.lock().await.as_ref().and_then(Child::id)
+    }
+
+    fn control(&self) -> &Path {
+        &self.inner.paths.control
+    }
+
+    async fn wait_ready(&self) -> MicrosandboxResult<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited().await? {
+                return Err(self.start_failed(format!("the VMM exited ({status})")));
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                self.kill().await?;
+                return Err(self.start_failed(format!(
+                    "the guest agent did not answer within {}s",
+                    READY_TIMEOUT.as_secs()
+                )));
+            }
+            if self.control().exists() {
+                match conn::open(self.control()).await {
+                    Ok(_) => return Ok(()),
+                    Err(MicrosandboxError::AgentUnavailable(_)) | Err(MicrosandboxError::Io(_)) => {}
+                    Err(MicrosandboxError::ConnectionClosed) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn exited(&self) -> MicrosandboxResult<Option<std::process::ExitStatus>> {
+        let mut child = self.inner.child.lock().await;
+        match child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    fn start_failed(&self, what: String) -> MicrosandboxError {
+        let log = self.inner.paths.vmm_log();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+        MicrosandboxError::StartFailed {
+            reason: if tail.is_empty() {
+                what
+            } else {
+                format!("{what}:\n{tail}")
+            },
+            log,
+        }
+    }
+
+    /// Runs `cmd args` and collects its output.
+    pub async fn exec(
+        &self,
+        cmd: impl Into<String>,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> MicrosandboxResult<ExecOutput> {
+        self.exec_with(cmd, |o| o.args(args)).await
+    }
+
+    /// Runs `cmd` with options and collects its output. A timeout that kills the command
+    /// is [`MicrosandboxError::ExecTimeout`] (with the output so far).
+    pub async fn exec_with(
+        &self,
+        cmd: impl Into<String>,
+        f: impl FnOnce(ExecOptions) -> ExecOptions,
+    ) -> MicrosandboxResult<ExecOutput> {
+        let opts = f(ExecOptions::default());
+        let timeout = opts.timeout;
+        let mut handle = self.start(cmd.into(), opts).await?;
+        if let Some(sink) = handle.take_stdin() {
+            sink.close().await?;
+        }
+        let output = handle.collect().await?;
+        match timeout {
+            Some(timeout) if output.status().timed_out() => Err(MicrosandboxError::ExecTimeout {
+                timeout,
+                output: Box::new(output),
+            }),
+            _ => Ok(output),
+        }
+    }
+
+    /// Runs `cmd args`, streaming its events.
+    pub async fn exec_stream(
+        &self,
+        cmd: impl Into<String>,
+        args: impl IntoIterator<Item = impl Into<String>>,
+    ) -> MicrosandboxResult<ExecHandle> {
+        self.exec_stream_with(cmd, |o| o.args(args)).await
+    }
+
+    /// Runs `cmd` with options, streaming its events.
+    pub async fn exec_stream_with(
+        &self,
+        cmd: impl Into<String>,
+        f: impl FnOnce(ExecOptions) -> ExecOptions,
+    ) -> MicrosandboxResult<ExecHandle> {
+        self.start(cmd.into(), f(ExecOptions::default())).await
+    }
+
+    /// Runs `script` with the sandbox's shell (`sh -c script`) and collects its output.
+    pub async fn shell(&self, script: impl Into<String>) -> MicrosandboxResult<ExecOutput> {
+        self.shell_with(script, |o| o).await
+    }
+
+    /// [`Sandbox::shell`] with options.
+    pub async fn shell_with(
+        &self,
+        script: impl Into<String>,
+        f: impl FnOnce(ExecOptions) -> ExecOptions,
+    ) -> MicrosandboxResult<ExecOutput> {
+        let script = script.into();
+        let shell = self.inner.shell.clone();
+        self.exec_with(shell, |o| f(o.args(["-c".to_string(), script])))
+            .await
+    }
+
+    /// Runs `script` with the sandbox's shell, streaming its events.
+    pub async fn shell_stream(&self, script: impl Into<String>) -> MicrosandboxResult<ExecHandle> {
+        let script = script.into();
+        let shell = self.inner.shell.clone();
+        self.exec_stream_with(shell, |o| o.args(["-c".to_string(), script]))
+            .await
+    }
+
+    pub(crate) fn default_shell(&self) -> &str {
+        &self.inner.shell
+    }
+
+    async fn start(&self, cmd: String, opts: ExecOptions) -> MicrosandboxResult<ExecHandle> {
+        let req = opts.request(cmd, &self.inner.defaults)?;
+        ExecHandle::start(self.control(), req).await
+    }
+
+    /// Asks the guest to power off, waits up to 10 s, then kills the VM.
+    pub async fn stop(&self) -> MicrosandboxResult<()> {
+        self.stop_and_wait().await.map(|_| ())
+    }
+
+    /// [`Sandbox::stop`], returning the VMM's exit status (0 after a clean power-off).
+    pub async fn stop_and_wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
+        if let Ok((_r, mut w)) = conn::open(self.control()).await {
+            let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
+        }
+        let mut guard = self.inner.child.lock().await;
+        let Some(child) = guard.as_mut() else {
+            return Err(MicrosandboxError::NotFound(self.inner.name.clone()));
+        };
+        let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+            Ok(s) => s?,
+            Err(_) => {
+                child.start_kill()?;
+                child.wait().await?
+            }
+        };
+        *guard = None;
+        self.release();
+        Ok(status)
+    }
+
+    /// Kills the VM at once (like pulling the power).
+    pub async fn kill(&self) -> MicrosandboxResult<()> {
+        let mut guard = self.inner.child.lock().await;
+        if let Some(child) = guard.as_mut() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        *guard = None;
+        self.release();
+        Ok(())
+    }
+
+    /// Waits until the VM exits on its own; returns the VMM's exit status.
+    pub async fn wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
+        let mut guard = self.inner.child.lock().await;
+        let Some(child) = guard.as_mut() else {
+            return Err(MicrosandboxError::NotFound(self.inner.name.clone()));
+        };
+        let status = child.wait().await?;
+        *guard = None;
+        self.release();
+        Ok(status)
+    }
+
+    /// True: the sandbox stops when this process exits (detached mode comes with the
+    /// lifecycle work).
+    pub fn owns_lifecycle(&self) -> bool {
+        true
+    }
+
+    fn release(&self) {
+        self.inner
+            .lifeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let _ = std::fs::remove_file(&self.inner.paths.control);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["api", "a.b-c_d", &"x".repeat(128)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "../x", "a b", &"x".repeat(129), "ü"] {
+            assert!(
+                matches!(
+                    validate_name(bad),
+                    Err(MicrosandboxError::InvalidName { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn socket_paths_stay_short_for_long_names() {
+        let p = Paths::for_name(&"n".repeat(128)).expect("paths");
+        assert!(p.control.as_os_str().len() <= MAX_SOCKET_PATH);
+        assert!(p.dir.ends_with("n".repeat(128)));
+    }
+}
