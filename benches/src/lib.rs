@@ -2,7 +2,75 @@
 //! min, max over N runs), the host kind, and a peer's figures from the same run where a
 //! peer can run here. Timings live here, never in tests.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use microsandbox::{ExecEvent, Sandbox};
+
+pub mod mock_guest;
+
+/// What the exec benchmarks measure through the SDK.
+#[derive(Debug, Clone)]
+pub struct ExecFigures {
+    /// Round trips of `true` (exec call to collected output), ms.
+    pub rtt_ms: Vec<f64>,
+    /// Bytes streamed and the seconds it took.
+    pub stream: (u64, f64),
+}
+
+impl ExecFigures {
+    /// Prints the figures under `title`.
+    pub fn print(&self, title: &str) {
+        println!("{title}");
+        println!("{}", row("exec round trip of `true`", &self.rtt_ms, "ms"));
+        println!(
+            "  p50 {:.3} ms, p99 {:.3} ms over {} runs",
+            percentile(&self.rtt_ms, 0.5),
+            percentile(&self.rtt_ms, 0.99),
+            self.rtt_ms.len()
+        );
+        let (bytes, secs) = self.stream;
+        println!(
+            "  stdout throughput: {:.2} MB/s ({bytes} bytes in {secs:.2} s)",
+            bytes as f64 / secs / 1e6
+        );
+    }
+}
+
+/// Round trips of `true` (exec call to collected output) through the SDK, ms.
+pub async fn exec_rtt(sb: &Sandbox, runs: usize) -> Vec<f64> {
+    let mut rtt_ms = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        let out = sb
+            .exec("true", Vec::<String>::new())
+            .await
+            .expect("exec true");
+        assert!(out.success(), "true failed: {out:?}");
+        rtt_ms.push(ms(start.elapsed()));
+    }
+    rtt_ms
+}
+
+/// Streams the output of `cmd` (which must print `bytes`) through the SDK without keeping
+/// it; returns the bytes and the seconds it took.
+pub async fn exec_stream(sb: &Sandbox, cmd: &str, bytes: u64) -> (u64, f64) {
+    let start = Instant::now();
+    let mut h = sb.shell_stream(cmd).await.expect("stream");
+    let mut got = 0u64;
+    loop {
+        match h.recv().await.expect("event") {
+            Some(ExecEvent::Stdout(d)) => got += d.len() as u64,
+            Some(ExecEvent::Exited(s)) => {
+                assert!(s.success(), "{s:?}");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the stream ended without an exit"),
+        }
+    }
+    assert_eq!(got, bytes, "every byte arrived");
+    (got, start.elapsed().as_secs_f64())
+}
 
 /// Median, min and max of `xs` (which must not be empty).
 pub fn summary(xs: &[f64]) -> (f64, f64, f64) {

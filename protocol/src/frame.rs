@@ -400,7 +400,11 @@ mod tests {
         // Bytes are a CBOR byte string, not an array of integers (which costs up to 2x).
         let data = vec![0xffu8; 32 * 1024];
         let raw = encode(&Frame::new(1, Message::Stdout(data.clone()))).expect("encodes");
-        assert!(raw.len() < data.len() + 32, "{} bytes on the wire", raw.len());
+        assert!(
+            raw.len() < data.len() + 32,
+            "{} bytes on the wire",
+            raw.len()
+        );
         let (frame, again) = read_frame_raw(&mut raw.as_slice())
             .expect("reads")
             .expect("a frame");

@@ -33,7 +33,9 @@ pub enum MicrosandboxError {
     #[error("no running sandbox named {0:?}")]
     NotFound(String),
     /// The `msb-vmm` binary could not be found.
-    #[error("cannot find the msb-vmm binary (set MSB_VMM, or put it beside this program or on PATH)")]
+    #[error(
+        "cannot find the msb-vmm binary (set MSB_VMM, or put it beside this program or on PATH)"
+    )]
     VmmNotFound,
     /// The sandbox process failed before its agent answered.
     #[error("the sandbox failed to start: {reason}")]

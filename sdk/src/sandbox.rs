@@ -209,7 +209,10 @@ impl SandboxBuilder {
             ));
         }
         let paths = Paths::for_name(&self.name)?;
-        if tokio::net::UnixStream::connect(&paths.control).await.is_ok() {
+        if tokio::net::UnixStream::connect(&paths.control)
+            .await
+            .is_ok()
+        {
             return Err(MicrosandboxError::AlreadyExists(self.name));
         }
         let vmm = find_vmm()?;
@@ -304,6 +307,25 @@ impl Sandbox {
         }
     }
 
+    /// A `Sandbox` over an existing control socket, owning no VMM (`stop` and `kill` have
+    /// nothing to end). For benchmarks and tests that serve a control socket in-process.
+    #[doc(hidden)]
+    pub fn over_control_socket(name: impl Into<String>, control: PathBuf) -> Sandbox {
+        let dir = control
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Sandbox {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                paths: Paths { dir, control },
+                shell: DEFAULT_SHELL.into(),
+                defaults: ExecDefaults::default(),
+                child: Mutex::new(None),
+                lifeline: std::sync::Mutex::new(None),
+            }),
+        }
+    }
+
     /// The sandbox's name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -339,7 +361,8 @@ impl Sandbox {
             if self.control().exists() {
                 match conn::open(self.control()).await {
                     Ok(_) => return Ok(()),
-                    Err(MicrosandboxError::AgentUnavailable(_)) | Err(MicrosandboxError::Io(_)) => {}
+                    Err(MicrosandboxError::AgentUnavailable(_)) | Err(MicrosandboxError::Io(_)) => {
+                    }
                     Err(MicrosandboxError::ConnectionClosed) => {}
                     Err(e) => return Err(e),
                 }

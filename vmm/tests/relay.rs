@@ -206,7 +206,10 @@ fn relays_sessions_and_taps_output_with_sources() {
     assert_eq!(out[0]["session_id"], 1);
     assert!(out[0]["timestamp_ms"].as_f64().is_some_and(|t| t > 1.7e12));
     let err = pick("stderr");
-    assert_eq!(err[0]["data_b64"], "//4=", "non-UTF-8 bytes are kept exactly");
+    assert_eq!(
+        err[0]["data_b64"], "//4=",
+        "non-UTF-8 bytes are kept exactly"
+    );
     let tty = pick("output");
     assert_eq!(tty[0]["data"], "typed");
     assert_eq!(tty[0]["session_id"], 2);

@@ -1,16 +1,12 @@
-//! Exec benchmark on a real VM: the round trip of `true` (ExecStart to Exited, p50/p99) and
-//! stdout throughput (MB/s of `head -c N /dev/zero` streamed to the host), through our
-//! virtio-vsock device and the agent, with the host kind printed.
+//! Exec benchmark on a real VM, through the SDK (SDK -> control socket -> relay in msb-vmm
+//! -> our virtio-vsock device -> the agent): the round trip of `true` (p50/p99) and stdout
+//! throughput (MB/s of `head -c N /dev/zero`), with the host kind printed.
 //!
 //! `cargo run --release -p msb-benches --bin exec -- [--runs N] [--mib M]`
 
-use std::time::{Duration, Instant};
-
-use msb_benches::{percentile, row};
-use msb_e2e::agent::{exec, Agent};
-use msb_e2e::{host_kind, serve_vm};
-use msb_protocol::frame::Frame;
-use msb_protocol::message::Message;
+use microsandbox::Sandbox;
+use msb_benches::{exec_rtt, exec_stream, ExecFigures};
+use msb_e2e::{artifacts, host_kind};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -21,44 +17,29 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn main() {
+#[tokio::main]
+async fn main() {
     let (runs, mib) = (arg("--runs", 20).max(1), arg("--mib", 8).max(1));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("vm.sock");
-    let mut vmm = serve_vm(&sock, &dir.path().join("serial.log"), 256);
-    let mut agent = Agent::connect(&sock, Duration::from_secs(400));
-    println!(
-        "exec benchmark: host kind {}; {runs} runs of `true`; {mib} MiB of stdout",
-        host_kind()
-    );
-
-    let mut rtt = Vec::new();
-    for i in 0..runs {
-        let start = Instant::now();
-        let o = agent.run(1 + i as u32, exec("true", &[]));
-        assert_eq!(o.code, Some(0), "true failed: {o:?}");
-        rtt.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
-    println!("{}", row("exec round trip of `true`", &rtt, "ms"));
-    println!(
-        "  p50 {:.1} ms, p99 {:.1} ms",
-        percentile(&rtt, 0.5),
-        percentile(&rtt, 0.99)
-    );
-
+    let a = artifacts();
+    let home = tempfile::tempdir().expect("tempdir");
+    // Set before any thread of ours reads the environment.
+    std::env::set_var("MSB_HOME", home.path());
+    std::env::set_var("MSB_VMM", &a.msb_vmm);
+    std::env::set_var("MSB_KERNEL", &a.kernel);
+    std::env::set_var("MSB_INITRD", &a.initrd);
+    let sb = Sandbox::builder("bench-exec")
+        .memory(256)
+        .create()
+        .await
+        .expect("the sandbox boots");
     let bytes = mib << 20;
-    let start = Instant::now();
-    let o = agent.run(
-        10_000,
-        exec("head", &["-c", &bytes.to_string(), "/dev/zero"]),
-    );
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(o.stdout.len() as u64, bytes, "all bytes arrived");
-    println!(
-        "  stdout throughput: {:.2} MB/s ({bytes} bytes in {secs:.2} s)",
-        bytes as f64 / secs / 1e6
-    );
-
-    agent.send(&Frame::new(0, Message::Shutdown));
-    let _ = vmm.wait();
+    let figures = ExecFigures {
+        rtt_ms: exec_rtt(&sb, runs as usize).await,
+        stream: exec_stream(&sb, &format!("head -c {bytes} /dev/zero"), bytes).await,
+    };
+    figures.print(&format!(
+        "exec benchmark (real VM, through the SDK): host kind {}; {runs} runs of `true`; {mib} MiB of stdout",
+        host_kind()
+    ));
+    sb.stop().await.expect("stop");
 }
