@@ -49,6 +49,10 @@ pub struct RelayConfig {
     pub max_clients: usize,
     /// `exec.log` rotates to `exec.log.1` (one old file kept) past this size.
     pub log_max_bytes: u64,
+    /// After a client stops sending, how long the agent gets to finish (it ends the
+    /// client's sessions at once) before the relay closes its side anyway: a guest that
+    /// never closes cannot hold a relay slot.
+    pub agent_grace: Duration,
 }
 
 impl RelayConfig {
@@ -61,6 +65,7 @@ impl RelayConfig {
             agent_wait: Duration::from_secs(600),
             max_clients: DEFAULT_MAX_CLIENTS,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            agent_grace: Duration::from_secs(30),
         }
     }
 }
@@ -376,11 +381,15 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
     };
     let client_w = Arc::new(Mutex::new(client_w));
     let sessions: Sessions = Arc::default();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
     let back = {
         let (client_w, sessions, shared) = (client_w.clone(), sessions.clone(), shared.clone());
         std::thread::Builder::new()
             .name("relay-agent".into())
-            .spawn(move || agent_to_client(agent_r, &client_w, &sessions, &shared))
+            .spawn(move || {
+                agent_to_client(agent_r, &client_w, &sessions, &shared);
+                let _ = done_tx.send(());
+            })
     };
     let Ok(back) = back else {
         let _ = agent.shutdown(Shutdown::Both);
@@ -391,6 +400,10 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
         );
     };
     client_to_agent(&client, &agent, &client_w, &sessions, shared);
+    if done.recv_timeout(shared.cfg.agent_grace).is_err() {
+        // Wakes the other thread's blocked read.
+        let _ = agent.shutdown(Shutdown::Both);
+    }
     let _ = back.join();
 }
 

@@ -82,6 +82,16 @@ fn non_numeric_arguments_and_missing_command() {
     );
     assert_error(&msb_vmm(&["--memory", "64"]), 2, "no command given");
     assert_error(&msb_vmm(&["--bogus"]), 2, "unknown option --bogus");
+    assert_error(
+        &msb_vmm(&["--control-socket", "/tmp/c.sock", "--", "true"]),
+        2,
+        "give no command",
+    );
+    assert_error(
+        &msb_vmm(&["--exec-log", "/tmp/e.log", "--", "true"]),
+        2,
+        "--exec-log needs --control-socket",
+    );
 }
 
 #[test]

@@ -63,6 +63,11 @@ fn serve_fake(conn: UnixStream) {
                 )
                 .expect("w");
             }
+            Message::ExecStart(req) if req.cmd == "hold" => {
+                // A guest that never answers and never closes.
+                write_frame(&mut w, &Frame::new(f.id, Message::Started { pid: 9 })).expect("w");
+                std::thread::sleep(Duration::from_secs(3600));
+            }
             Message::ExecStart(req) if req.cmd == "garbage" => {
                 w.write_all(&[9, 0, 0, 0, 1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
                     .expect("w");
@@ -115,6 +120,7 @@ fn setup(with_agent: bool, wait: Duration) -> Setup {
     let mut cfg = RelayConfig::new(control.clone(), vsock, Some(log.clone()));
     cfg.agent_wait = wait;
     cfg.max_clients = 4;
+    cfg.agent_grace = Duration::from_millis(300);
     let relay = Relay::start(cfg).expect("relay starts");
     Setup {
         _dir: dir,
@@ -324,4 +330,30 @@ fn the_log_rotates_past_its_limit() {
         .len();
     assert!(now <= 1000 && old <= 1000, "{now} {old}");
     assert!(now > 0 && old > 0);
+}
+
+#[test]
+fn a_guest_that_never_closes_does_not_hold_the_client_slot() {
+    let s = setup(true, Duration::from_secs(10));
+    // Fill every slot with clients whose guest side never answers, then leave.
+    for _ in 0..4 {
+        let mut c = client(&s.control);
+        read_frame(&mut c).expect("frame").expect("ready");
+        write_frame(&mut c, &Frame::new(1, exec("hold", &[]))).expect("w");
+        let f = read_frame(&mut c).expect("frame").expect("started");
+        assert!(matches!(f.message, Message::Started { pid: 9 }));
+        c.shutdown(std::net::Shutdown::Write).expect("half close");
+        // The relay lets the agent finish for the grace period, then closes.
+        assert!(read_frame(&mut c).expect("clean end").is_none());
+    }
+    // The slots come back (each as its relay thread finishes).
+    for attempt in 0.. {
+        let mut c = client(&s.control);
+        let f = read_frame(&mut c).expect("frame").expect("a reply");
+        if matches!(f.message, Message::Ready { .. }) {
+            break;
+        }
+        assert!(attempt < 20, "still refused: {f:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

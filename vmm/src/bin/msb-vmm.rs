@@ -153,7 +153,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone).
-fn watch_stdin(control: Option<PathBuf>) {
+fn watch_stdin(sockets: Vec<PathBuf>) {
     let spawned = std::thread::Builder::new()
         .name("stdin-watch".into())
         .spawn(move || {
@@ -166,8 +166,8 @@ fn watch_stdin(control: Option<PathBuf>) {
                 }
             }
             eprintln!("msb-vmm: stdin closed (the owning process ended): stopping the VM");
-            if let Some(c) = control {
-                let _ = std::fs::remove_file(c);
+            for s in sockets {
+                let _ = std::fs::remove_file(s);
             }
             std::process::exit(i32::from(VMM_FAILURE));
         });
@@ -216,7 +216,8 @@ fn main() -> ExitCode {
         _ => None,
     };
     if args.exit_with_stdin {
-        watch_stdin(args.launch.control_socket.clone());
+        let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
+        watch_stdin(sockets.into_iter().flatten().collect());
     }
     if let Some(r) = &relay {
         r.log_system("vm started");
