@@ -72,6 +72,16 @@ pub async fn exec_stream(sb: &Sandbox, cmd: &str, bytes: u64) -> (u64, f64) {
     (got, start.elapsed().as_secs_f64())
 }
 
+/// The number after `--name` on the command line, else `default`.
+pub fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Median, min and max of `xs` (which must not be empty).
 pub fn summary(xs: &[f64]) -> (f64, f64, f64) {
     let mut v = xs.to_vec();

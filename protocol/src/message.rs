@@ -81,6 +81,24 @@ pub struct ExecStart {
     pub rlimits: Vec<Rlimit>,
 }
 
+impl ExecStart {
+    /// `cmd args` with every option at its default (no env, cwd, user, timeout, tty or
+    /// rlimits; stdin from `/dev/null`).
+    pub fn command(cmd: &str, args: &[&str]) -> ExecStart {
+        ExecStart {
+            cmd: cmd.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![],
+            cwd: None,
+            user: None,
+            timeout_ms: None,
+            stdin: StdinMode::Null,
+            tty: None,
+            rlimits: vec![],
+        }
+    }
+}
+
 /// Error categories the agent reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {

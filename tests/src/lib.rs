@@ -104,6 +104,16 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+/// Points the SDK at the test artifacts with its state under `home`. Call it before any
+/// thread of the process reads the environment.
+pub fn sdk_env(home: &Path) {
+    let a = artifacts();
+    std::env::set_var("MSB_HOME", home);
+    std::env::set_var("MSB_VMM", &a.msb_vmm);
+    std::env::set_var("MSB_KERNEL", &a.kernel);
+    std::env::set_var("MSB_INITRD", &a.initrd);
+}
+
 /// Runs `msb-vmm` with the test artifacts, `opts` and the guest command `cmd`.
 pub fn run_vm(opts: &[&str], cmd: &[&str]) -> Output {
     let a = artifacts();
@@ -196,9 +206,7 @@ pub mod agent {
     use std::time::{Duration, Instant};
 
     use msb_protocol::frame::{read_frame, write_frame, Frame, ProtocolError};
-    use msb_protocol::message::{
-        ErrorKind, ExecStart, Message, StdinMode, AGENT_PORT, PROTOCOL_VERSION,
-    };
+    use msb_protocol::message::{ErrorKind, ExecStart, Message, AGENT_PORT, PROTOCOL_VERSION};
 
     /// What one session produced.
     #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -341,16 +349,6 @@ pub mod agent {
 
     /// An exec request for `cmd args` with defaults.
     pub fn exec(cmd: &str, args: &[&str]) -> ExecStart {
-        ExecStart {
-            cmd: cmd.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            env: vec![],
-            cwd: None,
-            user: None,
-            timeout_ms: None,
-            stdin: StdinMode::Null,
-            tty: None,
-            rlimits: vec![],
-        }
+        ExecStart::command(cmd, args)
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use microsandbox::{ExecEvent, MicrosandboxError, Rlimit, Sandbox};
-use msb_e2e::{artifacts, host_kind};
+use msb_e2e::{host_kind, sdk_env};
 use sha2::{Digest, Sha256};
 
 const GUEST_MIB: u32 = 256;
@@ -25,13 +25,9 @@ fn check(name: &str, start: Instant) {
 
 #[test]
 fn sdk_exec_family_on_one_sandbox() {
-    let a = artifacts();
     let home = tempfile::tempdir().expect("tempdir");
-    // Single-threaded test binary: nothing reads the environment concurrently.
-    std::env::set_var("MSB_HOME", home.path());
-    std::env::set_var("MSB_VMM", &a.msb_vmm);
-    std::env::set_var("MSB_KERNEL", &a.kernel);
-    std::env::set_var("MSB_INITRD", &a.initrd);
+    // One test in this binary: nothing reads the environment concurrently.
+    sdk_env(home.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

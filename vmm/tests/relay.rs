@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use msb_protocol::frame::{read_frame, write_frame, Frame};
-use msb_protocol::message::{ErrorKind, ExecStart, Message, StdinMode, PROTOCOL_VERSION};
+use msb_protocol::message::{ErrorKind, ExecStart, Message, PROTOCOL_VERSION};
 use msb_vmm::relay::{Relay, RelayConfig};
 
 /// A fake agent: answers `CONNECT`, `Hello`, and runs "commands" whose output is their
@@ -21,6 +21,15 @@ fn fake_agent(vsock: &Path) -> std::thread::JoinHandle<()> {
             std::thread::spawn(move || serve_fake(conn));
         }
     })
+}
+
+fn exited(id: u32) -> Frame {
+    let code = Message::Exited {
+        code: Some(0),
+        signal: None,
+        timed_out: false,
+    };
+    Frame::new(id, code).end()
 }
 
 fn serve_fake(conn: UnixStream) {
@@ -49,19 +58,7 @@ fn serve_fake(conn: UnixStream) {
                 out(Message::Started { pid: 7 }).expect("w");
                 out(Message::Stdout(req.args.join(" ").into_bytes())).expect("w");
                 out(Message::Stderr(vec![0xff, 0xfe])).expect("w");
-                write_frame(
-                    &mut w,
-                    &Frame::new(
-                        f.id,
-                        Message::Exited {
-                            code: Some(0),
-                            signal: None,
-                            timed_out: false,
-                        },
-                    )
-                    .end(),
-                )
-                .expect("w");
+                write_frame(&mut w, &exited(f.id)).expect("w");
             }
             Message::ExecStart(req) if req.cmd == "hold" => {
                 // A guest that never answers and never closes.
@@ -78,19 +75,7 @@ fn serve_fake(conn: UnixStream) {
             }
             Message::Stdin(d) if d.is_empty() => {
                 let id = cat.take().unwrap_or(0);
-                write_frame(
-                    &mut w,
-                    &Frame::new(
-                        id,
-                        Message::Exited {
-                            code: Some(0),
-                            signal: None,
-                            timed_out: false,
-                        },
-                    )
-                    .end(),
-                )
-                .expect("w");
+                write_frame(&mut w, &exited(id)).expect("w");
             }
             Message::Stdin(d) => {
                 let id = cat.unwrap_or(0);
@@ -148,17 +133,7 @@ fn client(control: &Path) -> UnixStream {
 }
 
 fn exec(cmd: &str, args: &[&str]) -> Message {
-    Message::ExecStart(ExecStart {
-        cmd: cmd.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: vec![],
-        cwd: None,
-        user: None,
-        timeout_ms: None,
-        stdin: StdinMode::Null,
-        tty: None,
-        rlimits: vec![],
-    })
+    Message::ExecStart(ExecStart::command(cmd, args))
 }
 
 fn frames_until_end(s: &mut UnixStream) -> Vec<Frame> {

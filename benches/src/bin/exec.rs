@@ -5,28 +5,14 @@
 //! `cargo run --release -p msb-benches --bin exec -- [--runs N] [--mib M]`
 
 use microsandbox::Sandbox;
-use msb_benches::{exec_rtt, exec_stream, ExecFigures};
-use msb_e2e::{artifacts, host_kind};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use msb_benches::{arg, exec_rtt, exec_stream, ExecFigures};
+use msb_e2e::{host_kind, sdk_env};
 
 #[tokio::main]
 async fn main() {
     let (runs, mib) = (arg("--runs", 20).max(1), arg("--mib", 8).max(1));
-    let a = artifacts();
     let home = tempfile::tempdir().expect("tempdir");
-    // Set before any thread of ours reads the environment.
-    std::env::set_var("MSB_HOME", home.path());
-    std::env::set_var("MSB_VMM", &a.msb_vmm);
-    std::env::set_var("MSB_KERNEL", &a.kernel);
-    std::env::set_var("MSB_INITRD", &a.initrd);
+    sdk_env(home.path());
     let sb = Sandbox::builder("bench-exec")
         .memory(256)
         .create()

@@ -9,18 +9,9 @@ use std::time::Duration;
 
 use microsandbox::Sandbox;
 use msb_benches::mock_guest::MockGuest;
-use msb_benches::{exec_rtt, exec_stream, ExecFigures};
+use msb_benches::{arg, exec_rtt, exec_stream, ExecFigures};
 use msb_e2e::host_kind;
 use msb_vmm::relay::{Relay, RelayConfig};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {
