@@ -1,11 +1,9 @@
 //! `agentd`: the microsandbox guest agent, PID 1 inside the VM.
 //!
-//! This first cut mounts the kernel filesystems, sets the hostname, runs the one command the
-//! VMM passed on the kernel command line (`msb.cmd=`, see `msb_protocol::bootcmd`), streams
-//! its stdout and stderr to the VMM over the second serial port (framed, see
-//! `msb_protocol::output`), reaps every child, and reports the command's exit status to the
-//! VMM's system device, which ends the VM. The vsock protocol replaces the command line and
-//! the serial port in a later step.
+//! It mounts the kernel filesystems, sets the hostname, tells the VMM's system device it is
+//! ready, and serves the host-agent protocol on vsock port 1024 (`server`): commands with
+//! streamed output, stdin, signals, timeouts and PTYs, reaping every child as PID 1
+//! (`reaper`). A `Shutdown` request ends the VM through the system device.
 #![deny(unsafe_code)]
 
 mod reaper;
@@ -13,26 +11,16 @@ mod server;
 #[allow(unsafe_code)]
 mod sys;
 
-use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use msb_protocol::bootcmd;
-use msb_protocol::output::{encode, Stream};
 use msb_protocol::sysdev::ExitStatus;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::Pid;
 
-const OUTPUT_TTY: &str = "/dev/ttyS1";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
 /// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
 const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
@@ -92,116 +80,6 @@ fn mount_kernel_filesystems() {
     );
 }
 
-/// The serial port the command's output is framed onto, in raw mode (8-bit clean, no
-/// newline translation).
-fn open_output() -> std::io::Result<File> {
-    let tty = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(OUTPUT_TTY)?;
-    let mut t = nix::sys::termios::tcgetattr(&tty)?;
-    nix::sys::termios::cfmakeraw(&mut t);
-    nix::sys::termios::tcsetattr(&tty, nix::sys::termios::SetArg::TCSANOW, &t)?;
-    Ok(tty)
-}
-
-fn send(out: &Mutex<File>, stream: Stream, data: &[u8]) {
-    let mut frame = Vec::with_capacity(data.len() + 8);
-    encode(stream, data, &mut frame);
-    let mut f = out.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(e) = f.write_all(&frame) {
-        log(&format!("cannot write output: {e}"));
-    }
-}
-
-/// Runs `argv`, streaming its output to `out`, reaping every child until it ends.
-fn run_command(argv: Vec<Vec<u8>>, tunables: Option<&str>, out: Arc<Mutex<File>>) -> ExitStatus {
-    let mut args = argv.into_iter().map(OsString::from_vec);
-    let Some(program) = args.next() else {
-        return ExitStatus::Code(127);
-    };
-    let mut cmd = Command::new(&program);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", "/root")
-        .env("TERM", "linux");
-    if let Some(t) = tunables {
-        cmd.env("GLIBC_TUNABLES", t);
-    }
-    let spawned = cmd
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            let (code, why) = match e.kind() {
-                std::io::ErrorKind::NotFound => (127, "command not found".to_string()),
-                std::io::ErrorKind::PermissionDenied => (126, "permission denied".to_string()),
-                _ => (126, e.to_string()),
-            };
-            let msg = format!("msb: {}: {why}\n", program.to_string_lossy());
-            send(&out, Stream::Stderr, msg.as_bytes());
-            return ExitStatus::Code(code);
-        }
-    };
-
-    let (done_tx, done_rx) = mpsc::channel();
-    let pipes: Vec<(Box<dyn Read + Send>, Stream)> = [
-        child
-            .stdout
-            .take()
-            .map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stdout)),
-        child
-            .stderr
-            .take()
-            .map(|p| (Box::new(p) as Box<dyn Read + Send>, Stream::Stderr)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let readers = pipes.len();
-    for (mut pipe, stream) in pipes {
-        let out = out.clone();
-        let done = done_tx.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                match pipe.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => send(&out, stream, &buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            let _ = done.send(());
-        });
-    }
-
-    let pid = Pid::from_raw(child.id() as i32);
-    let status = loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(p, code)) if p == pid => break ExitStatus::Code(code as u8),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => break ExitStatus::Signal(sig as u8),
-            Ok(_) | Err(Errno::EINTR) => {} // another child reaped, as PID 1 must
-            Err(e) => {
-                log(&format!("waitpid failed: {e}"));
-                break ExitStatus::Code(125);
-            }
-        }
-    };
-    for _ in 0..readers {
-        if done_rx.recv_timeout(server::DRAIN_GRACE).is_err() {
-            log("output still open after the command exited; not waiting longer");
-            break;
-        }
-    }
-    status
-}
-
 fn main() {
     if std::process::id() != 1 {
         eprintln!("msb-agentd runs as PID 1 inside a microsandbox VM");
@@ -236,31 +114,16 @@ fn main() {
         d.boot_ready();
     }
 
-    let status = match bootcmd::find_param(&cmdline, bootcmd::CMD_KEY).map(bootcmd::decode) {
-        Some(Ok(argv)) => match open_output() {
-            Ok(tty) => run_command(argv, tunables, Arc::new(Mutex::new(tty))),
-            Err(e) => {
-                log(&format!("cannot open {OUTPUT_TTY}: {e}"));
-                ExitStatus::Code(125)
-            }
-        },
-        Some(Err(e)) => {
-            log(&format!("bad command on the kernel command line: {e}"));
+    // Serve exec requests over vsock until a client asks for the VM to shut down.
+    let env: &'static server::Env = Box::leak(Box::new(server::Env {
+        path: PATH,
+        tunables,
+    }));
+    let status = match server::serve(env) {
+        Ok(()) => ExitStatus::Code(0),
+        Err(e) => {
+            log(&format!("cannot serve on vsock: {e}"));
             ExitStatus::Code(125)
-        }
-        // No one-shot command: serve exec requests over vsock until told to shut down.
-        None => {
-            let env: &'static server::Env = Box::leak(Box::new(server::Env {
-                path: PATH,
-                tunables,
-            }));
-            match server::serve(env) {
-                Ok(()) => ExitStatus::Code(0),
-                Err(e) => {
-                    log(&format!("cannot serve on vsock: {e}"));
-                    ExitStatus::Code(125)
-                }
-            }
         }
     };
     shutdown(status);

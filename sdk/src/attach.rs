@@ -3,7 +3,8 @@
 //! The host terminal goes to raw mode (restored on every way out), its size becomes the
 //! guest PTY's size, `SIGWINCH` resizes the guest PTY, keystrokes go to the command's stdin
 //! and the PTY's output goes to the terminal. Reading and writing the terminal happen on
-//! two plain threads, so a blocked terminal never stalls the async runtime.
+//! two plain threads (the reader stops when the session ends), and stdin is written by its
+//! own task, so neither a blocked terminal nor a guest slow to take input stalls output.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -41,6 +42,38 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         let _ = termios::tcsetattr(&self.tty, OptionalActions::Now, &self.saved);
+    }
+}
+
+/// Reads keystrokes from `input` into `keys` until `cancel` becomes readable (its write end
+/// closed), `input` ends, or nobody takes keys any more.
+fn read_keys(input: &mut File, cancel: &std::io::PipeReader, keys: &mpsc::Sender<Vec<u8>>) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [
+            PollFd::new(input, PollFlags::IN),
+            PollFd::new(cancel, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        if fds[0].revents().is_empty() {
+            continue;
+        }
+        match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if keys.blocking_send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -94,23 +127,23 @@ impl Sandbox {
             .take_stdin()
             .ok_or_else(|| MicrosandboxError::Agent("no stdin pipe".into()))?;
 
+        // Keystrokes: a thread reads the terminal until told to stop (the cancel pipe's
+        // write end closes), a task writes them to the command's stdin, so a stdin the guest
+        // is slow to take never holds up output.
         let (key_tx, mut keys) = mpsc::channel::<Vec<u8>>(4);
+        let (cancel_r, cancel_w) = std::io::pipe()?;
         let mut reader = input.try_clone()?;
         std::thread::Builder::new()
             .name("attach-input".into())
-            .spawn(move || {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if key_tx.blocking_send(buf[..n].to_vec()).is_err() {
-                                return;
-                            }
-                        }
-                    }
+            .spawn(move || read_keys(&mut reader, &cancel_r, &key_tx))?;
+        let stdin_task = tokio::spawn(async move {
+            while let Some(d) = keys.recv().await {
+                if sink.write(&d).await.is_err() {
+                    return;
                 }
-            })?;
+            }
+            let _ = sink.close().await;
+        });
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(4);
         let mut writer = output;
         let out_thread = std::thread::Builder::new()
@@ -123,7 +156,6 @@ impl Sandbox {
                 }
             })?;
 
-        let mut input_open = true;
         let result = loop {
             tokio::select! {
                 ev = handle.recv() => match ev {
@@ -139,22 +171,18 @@ impl Sandbox {
                     Ok(None) => break Err(MicrosandboxError::ConnectionClosed),
                     Err(e) => break Err(e),
                 },
-                key = keys.recv(), if input_open => match key {
-                    Some(d) => sink.write(&d).await?,
-                    None => {
-                        input_open = false;
-                        sink.close().await?;
-                    }
-                },
                 _ = winch.recv() => {
                     let (rows, cols) = size_of(&raw.tty);
-                    handle.resize(rows, cols).await?;
+                    // A failed resize shows up as the session's own error.
+                    let _ = handle.resize(rows, cols).await;
                 }
             }
         };
+        drop(cancel_w);
+        stdin_task.abort();
         // Let the output already received reach the terminal before restoring it.
         drop(out_tx);
-        let _ = out_thread.join();
+        let _ = tokio::task::spawn_blocking(move || out_thread.join()).await;
         drop(raw);
         result
     }

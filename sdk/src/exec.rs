@@ -353,7 +353,9 @@ pub struct ExecSink {
 }
 
 impl ExecSink {
-    /// Sends bytes (waits while the guest is not reading: stdin is flow-controlled).
+    /// Sends bytes (waits while the guest is not reading: stdin is flow-controlled). Not
+    /// cancel-safe: a write abandoned half way (a dropped future in `select!` or under a
+    /// timeout) leaves a partial frame, and the sandbox then ends the connection.
     pub async fn write(&self, data: impl AsRef<[u8]>) -> MicrosandboxResult<()> {
         let mut w = self.w.lock().await;
         for chunk in data.as_ref().chunks(STDIN_CHUNK) {

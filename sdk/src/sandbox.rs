@@ -9,7 +9,7 @@ use msb_protocol::frame::Frame;
 use msb_protocol::message::Message;
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, watch};
 
 use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
@@ -25,6 +25,8 @@ pub const DEFAULT_SHELL: &str = "/bin/sh";
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long `stop` waits for the VM to power off before killing it.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a dropped sandbox's VMM gets to end itself before it is killed.
+const DROP_GRACE: Duration = Duration::from_secs(2);
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 100;
 /// Lines of the VMM's log quoted when it fails to start.
@@ -269,8 +271,7 @@ impl SandboxBuilder {
             paths,
             shell: self.shell,
             defaults: self.defaults,
-            child: Mutex::new(Some(child)),
-            lifeline: std::sync::Mutex::new(Some(lifeline_w)),
+            vmm: Some(VmmProcess::watch(child, lifeline_w)),
         });
         let sandbox = Sandbox { inner };
         sandbox.wait_ready().await?;
@@ -284,8 +285,81 @@ struct Inner {
     paths: Paths,
     shell: String,
     defaults: ExecDefaults,
-    child: Mutex<Option<Child>>,
+    /// The VMM this handle owns (none for [`Sandbox::over_control_socket`]).
+    vmm: Option<VmmProcess>,
+}
+
+/// The sandbox's `msb-vmm` child, owned by a task: callers wait on `status` and ask for a
+/// kill through `kill`, so nobody holds a lock while the VM runs.
+#[derive(Debug)]
+struct VmmProcess {
+    pid: Option<u32>,
+    status: watch::Receiver<Option<std::process::ExitStatus>>,
+    kill: mpsc::Sender<()>,
+    /// The write end of the VMM's stdin: when it closes, the VMM ends itself.
     lifeline: std::sync::Mutex<Option<std::io::PipeWriter>>,
+}
+
+impl VmmProcess {
+    fn watch(mut child: Child, lifeline: std::io::PipeWriter) -> VmmProcess {
+        let pid = child.id();
+        let (status_tx, status) = watch::channel(None);
+        let (kill, mut kill_rx) = mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                asked = kill_rx.recv() => {
+                    // Every handle is gone (None): the VMM sees its stdin close and ends
+                    // itself, cleaning up; give it a moment before killing.
+                    if asked.is_none() {
+                        if let Ok(s) = tokio::time::timeout(DROP_GRACE, child.wait()).await {
+                            let _ = status_tx.send(s.ok());
+                            return;
+                        }
+                    }
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            // A failed wait (not expected) reads as "ended, status unknown".
+            let unknown = std::os::unix::process::ExitStatusExt::from_raw(-1);
+            let _ = status_tx.send(Some(status.unwrap_or(unknown)));
+        });
+        VmmProcess {
+            pid,
+            status,
+            kill,
+            lifeline: std::sync::Mutex::new(Some(lifeline)),
+        }
+    }
+
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        *self.status.borrow()
+    }
+
+    async fn wait(&self) -> std::process::ExitStatus {
+        let mut rx = self.status.clone();
+        // An error means the task is gone (only with the runtime); report what is known.
+        let seen = rx.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+        seen.or_else(|| self.exited())
+            .unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(-1))
+    }
+
+    fn release(&self) {
+        self.lifeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the lifeline first so the VMM ends itself (and removes its sockets).
+        if let Some(v) = &self.vmm {
+            v.release();
+        }
+    }
 }
 
 /// A running sandbox. Cheap to clone; all clones share the VM.
@@ -320,8 +394,7 @@ impl Sandbox {
                 paths: Paths { dir, control },
                 shell: DEFAULT_SHELL.into(),
                 defaults: ExecDefaults::default(),
-                child: Mutex::new(None),
-                lifeline: std::sync::Mutex::new(None),
+                vmm: None,
             }),
         }
     }
@@ -337,8 +410,16 @@ impl Sandbox {
     }
 
     /// The pid of the sandbox's VMM process, while it runs.
-    pub async fn vmm_pid(&self) -> Option<u32> {
-        self.inner.child.lock().await.as_ref().and_then(Child::id)
+    pub fn vmm_pid(&self) -> Option<u32> {
+        let v = self.inner.vmm.as_ref()?;
+        v.exited().is_none().then_some(v.pid).flatten()
+    }
+
+    fn owned(&self) -> MicrosandboxResult<&VmmProcess> {
+        self.inner
+            .vmm
+            .as_ref()
+            .ok_or_else(|| MicrosandboxError::NotFound(self.inner.name.clone()))
     }
 
     fn control(&self) -> &Path {
@@ -372,11 +453,7 @@ impl Sandbox {
     }
 
     async fn exited(&self) -> MicrosandboxResult<Option<std::process::ExitStatus>> {
-        let mut child = self.inner.child.lock().await;
-        match child.as_mut() {
-            Some(c) => Ok(c.try_wait()?),
-            None => Ok(None),
-        }
+        Ok(self.inner.vmm.as_ref().and_then(VmmProcess::exited))
     }
 
     fn start_failed(&self, what: String) -> MicrosandboxError {
@@ -485,45 +562,32 @@ impl Sandbox {
 
     /// [`Sandbox::stop`], returning the VMM's exit status (0 after a clean power-off).
     pub async fn stop_and_wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
-        if let Ok((_r, mut w)) = conn::open(self.control()).await {
-            let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
-        }
-        let mut guard = self.inner.child.lock().await;
-        let Some(child) = guard.as_mut() else {
-            return Err(MicrosandboxError::NotFound(self.inner.name.clone()));
-        };
-        let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-            Ok(s) => s?,
-            Err(_) => {
-                child.start_kill()?;
-                child.wait().await?
+        let vmm = self.owned()?;
+        if vmm.exited().is_none() {
+            if let Ok((_r, mut w)) = conn::open(self.control()).await {
+                let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
             }
-        };
-        *guard = None;
+            if tokio::time::timeout(STOP_GRACE, vmm.wait()).await.is_err() {
+                let _ = vmm.kill.try_send(());
+            }
+        }
+        let status = vmm.wait().await;
         self.release();
         Ok(status)
     }
 
     /// Kills the VM at once (like pulling the power).
     pub async fn kill(&self) -> MicrosandboxResult<()> {
-        let mut guard = self.inner.child.lock().await;
-        if let Some(child) = guard.as_mut() {
-            child.start_kill()?;
-            child.wait().await?;
-        }
-        *guard = None;
+        let vmm = self.owned()?;
+        let _ = vmm.kill.try_send(());
+        vmm.wait().await;
         self.release();
         Ok(())
     }
 
     /// Waits until the VM exits on its own; returns the VMM's exit status.
     pub async fn wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
-        let mut guard = self.inner.child.lock().await;
-        let Some(child) = guard.as_mut() else {
-            return Err(MicrosandboxError::NotFound(self.inner.name.clone()));
-        };
-        let status = child.wait().await?;
-        *guard = None;
+        let status = self.owned()?.wait().await;
         self.release();
         Ok(status)
     }
@@ -531,16 +595,19 @@ impl Sandbox {
     /// True: the sandbox stops when this process exits (detached mode comes with the
     /// lifecycle work).
     pub fn owns_lifecycle(&self) -> bool {
-        true
+        self.inner.vmm.is_some()
     }
 
+    /// After the VMM ended: drop the lifeline and the socket file (a VMM killed outright
+    /// cannot remove it itself).
     fn release(&self) {
-        self.inner
-            .lifeline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let _ = std::fs::remove_file(&self.inner.paths.control);
+        if let Some(v) = &self.inner.vmm {
+            v.release();
+            let _ = std::fs::remove_file(&self.inner.paths.control);
+            let mut vsock = self.inner.paths.control.clone().into_os_string();
+            vsock.push(".vsock");
+            let _ = std::fs::remove_file(vsock);
+        }
     }
 }
 

@@ -116,9 +116,16 @@ pub fn sdk_env(home: &Path) {
 
 /// Runs `msb-vmm` with the test artifacts, `opts` and the guest command `cmd`.
 pub fn run_vm(opts: &[&str], cmd: &[&str]) -> Output {
+    run_vm_with_stdin(opts, cmd, None)
+}
+
+/// [`run_vm`] with `input` on msb-vmm's stdin (else `/dev/null`).
+pub fn run_vm_with_stdin(opts: &[&str], cmd: &[&str], input: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
     let a = artifacts();
     let timeout = VM_TIMEOUT_SECS.to_string();
-    let out = Command::new(&a.msb_vmm)
+    let mut child = Command::new(&a.msb_vmm)
         .arg("--kernel")
         .arg(&a.kernel)
         .arg("--initrd")
@@ -127,8 +134,27 @@ pub fn run_vm(opts: &[&str], cmd: &[&str]) -> Output {
         .args(opts)
         .arg("--")
         .args(cmd)
-        .output()
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("msb-vmm runs");
+    // Written from another thread: the output must be read meanwhile.
+    let writer = match (input, child.stdin.take()) {
+        (Some(data), Some(mut stdin)) => {
+            let data = data.to_vec();
+            Some(std::thread::spawn(move || stdin.write_all(&data)))
+        }
+        _ => None,
+    };
+    let out = child.wait_with_output().expect("msb-vmm ends");
+    if let Some(w) = writer {
+        w.join().expect("writer").expect("stdin written");
+    }
     eprintln!(
         "e2e [{}]: {:?} -> {:?}\n--- stderr ---\n{}",
         host_kind(),

@@ -1,6 +1,6 @@
 //! End-to-end: boot the real kernel with agentd as PID 1 through `msb-vmm`.
 
-use msb_e2e::run_vm;
+use msb_e2e::{run_vm, run_vm_with_stdin};
 
 #[test]
 fn echo_hello_prints_hello_and_exits_zero() {
@@ -106,5 +106,16 @@ fn the_guest_driver_brings_up_our_virtio_vsock_device() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "0x0013\n0x0000000f\nhas-dev-vsock\n"
+    );
+}
+
+#[test]
+fn stdin_reaches_the_command() {
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let out = run_vm_with_stdin(&[], &["cat"], Some(&input));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.stdout, input,
+        "stdin came back through cat byte for byte"
     );
 }

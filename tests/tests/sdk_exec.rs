@@ -448,7 +448,7 @@ async fn big_stdout(sb: &Sandbox) {
     let expected = hex::encode(expected.finalize());
 
     let me = std::process::id();
-    let vmm = sb.vmm_pid().await.expect("the VMM runs");
+    let vmm = sb.vmm_pid().expect("the VMM runs");
     let guest_kib = u64::from(GUEST_MIB) * 1024;
     let (me_before, vmm_before) = (rss_kib(me, u64::MAX), rss_kib(vmm, guest_kib));
     let (mut me_peak, mut vmm_peak) = (me_before, vmm_before);

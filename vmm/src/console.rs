@@ -1,17 +1,12 @@
-//! Where the guest's serial output goes.
-//!
-//! - `ttyS0` is the kernel console: every line goes to the serial log file (if any), to the
-//!   VMM's stderr when echo is on, and into a tail of recent lines kept for error reports.
-//!   A kernel panic line is reported so the VM can end even if the guest cannot reset.
-//! - `ttyS1` carries the command's stdout and stderr, framed by `msb_protocol::output`;
-//!   [`OutputWriter`] demultiplexes it onto the host's streams.
+//! Where the guest's serial output goes: `ttyS0` is the kernel console. Every line goes to
+//! the serial log file (if any), to the VMM's stderr when echo is on, and into a tail of
+//! recent lines kept for error reports. A kernel panic line is reported so the VM can end
+//! even if the guest cannot reset. (Commands' output travels over vsock.)
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
-
-use msb_protocol::output::{Decoder, FrameError, Stream};
 
 /// Lines of console output kept for error messages.
 pub const TAIL_LINES: usize = 40;
@@ -117,107 +112,10 @@ impl Write for ConsoleWriter {
     }
 }
 
-/// Host-side destinations of the command's output.
-pub struct Output {
-    /// Receives the command's stdout.
-    pub stdout: Box<dyn Write + Send>,
-    /// Receives the command's stderr.
-    pub stderr: Box<dyn Write + Send>,
-}
-
-impl Output {
-    /// The VMM process's own stdout and stderr.
-    pub fn inherit() -> Self {
-        Output {
-            stdout: Box::new(io::stdout()),
-            stderr: Box::new(io::stderr()),
-        }
-    }
-}
-
-/// The `Write` end the output UART transmits into: decodes frames, forwards payloads.
-pub struct OutputWriter {
-    out: Output,
-    decoder: Decoder,
-    pending_out: Vec<u8>,
-    pending_err: Vec<u8>,
-    error: Arc<Mutex<Option<FrameError>>>,
-}
-
-impl OutputWriter {
-    /// Forwards decoded output to `out`; the first framing error is kept in `error`.
-    pub fn new(out: Output, error: Arc<Mutex<Option<FrameError>>>) -> Self {
-        OutputWriter {
-            out,
-            decoder: Decoder::new(),
-            pending_out: Vec::new(),
-            pending_err: Vec::new(),
-            error,
-        }
-    }
-
-    fn forward(&mut self) {
-        if !self.pending_out.is_empty() {
-            let _ = self.out.stdout.write_all(&self.pending_out);
-            let _ = self.out.stdout.flush();
-            self.pending_out.clear();
-        }
-        if !self.pending_err.is_empty() {
-            let _ = self.out.stderr.write_all(&self.pending_err);
-            let _ = self.out.stderr.flush();
-            self.pending_err.clear();
-        }
-    }
-}
-
-impl Write for OutputWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let (out, err) = (&mut self.pending_out, &mut self.pending_err);
-        let result = self.decoder.feed(buf, &mut |stream, bytes| match stream {
-            Stream::Stdout => out.extend_from_slice(bytes),
-            Stream::Stderr => err.extend_from_slice(bytes),
-        });
-        if let Err(e) = result {
-            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                tracing::warn!("guest output stream is malformed: {e}");
-                *slot = Some(e);
-            }
-        }
-        // Forward whole frames, or when a large frame has piled up.
-        if self.decoder.at_boundary() || self.pending_out.len() + self.pending_err.len() >= 4096 {
-            self.forward();
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for OutputWriter {
-    fn drop(&mut self) {
-        self.forward();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-    impl Write for Capture {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn console_keeps_a_bounded_tail_and_spots_panics() {
@@ -242,28 +140,5 @@ mod tests {
             .iter()
             .any(|l| l == "Kernel panic - not syncing: No working init found"));
         assert_eq!(panics.load(Ordering::SeqCst), 1, "reported once");
-    }
-
-    #[test]
-    fn output_is_demultiplexed_byte_by_byte() {
-        let (o, e) = (Capture::default(), Capture::default());
-        let err = Arc::new(Mutex::new(None));
-        let mut w = OutputWriter::new(
-            Output {
-                stdout: Box::new(o.clone()),
-                stderr: Box::new(e.clone()),
-            },
-            err.clone(),
-        );
-        let mut wire = Vec::new();
-        msb_protocol::output::encode(Stream::Stdout, b"out\0put", &mut wire);
-        msb_protocol::output::encode(Stream::Stderr, b"err", &mut wire);
-        for b in &wire {
-            w.write_all(&[*b]).expect("write");
-        }
-        assert_eq!(&*o.0.lock().expect("lock"), b"out\0put");
-        assert_eq!(&*e.0.lock().expect("lock"), b"err");
-        w.write_all(&[7, 1, 0, b'x']).expect("garbage is absorbed");
-        assert!(err.lock().expect("lock").is_some());
     }
 }

@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
-use msb_protocol::bootcmd::{self, BootCmdError};
+use msb_protocol::bootcmd;
 
 use crate::arch::x86_64::cpuid::CpuProfile;
 use crate::host::HostKind;
 use crate::vm::{BootSource, VmConfig, VmmError};
 
-/// Kernel command line every guest gets. `console=ttyS0` is the kernel log, ttyS1 carries
-/// the command's output; `panic=-1` and `reboot=k` make a panic end the VM through the
-/// i8042 reset; the rest trims boot work a microVM does not need.
+/// Kernel command line every guest gets. `console=ttyS0` is the kernel log (the only UART);
+/// `panic=-1` and `reboot=k` make a panic end the VM through the i8042 reset; the rest trims
+/// boot work a microVM does not need.
 pub const BASE_CMDLINE: &str =
-    "console=ttyS0 8250.nr_uarts=2 panic=-1 reboot=k no_timer_check tsc=reliable quiet";
+    "console=ttyS0 8250.nr_uarts=1 panic=-1 reboot=k no_timer_check tsc=reliable quiet";
 
 /// The guest's vsock context id (the only guest of its VMM).
 pub const GUEST_CID: u64 = 3;
@@ -48,13 +48,14 @@ pub struct Launch {
     pub hostname: String,
     /// Extra kernel command-line words.
     pub append: Vec<String>,
-    /// Host socket of the guest's vsock device (hybrid mode), if it gets one.
+    /// Host socket of the guest's vsock device (hybrid mode); by default beside the control
+    /// socket, else chosen by the caller.
     pub vsock_socket: Option<PathBuf>,
     /// The per-VM control socket the relay serves (implies a vsock device).
     pub control_socket: Option<PathBuf>,
     /// The relay's tap file.
     pub exec_log: Option<PathBuf>,
-    /// The command to run in the guest.
+    /// The command to run in the guest (empty: serve clients until one shuts the VM down).
     pub command: Vec<OsString>,
 }
 
@@ -90,11 +91,6 @@ impl Launch {
             })
         })
     }
-
-    /// No command: the agent serves exec requests over vsock.
-    pub fn serves(&self) -> bool {
-        self.command.is_empty() && self.vsock_path().is_some()
-    }
 }
 
 /// Failures preparing a launch.
@@ -103,9 +99,9 @@ pub enum LaunchError {
     /// The default kernel or initramfs could not be built.
     #[error(transparent)]
     Build(#[from] GuestBuildError),
-    /// The command cannot be passed to the guest.
-    #[error("cannot pass the command to the guest")]
-    Command(#[source] BootCmdError),
+    /// The guest needs a vsock device and no socket path was chosen.
+    #[error("no vsock socket path (give --vsock-socket or --control-socket)")]
+    NoVsock,
     /// The hostname is not a valid hostname.
     #[error("invalid hostname {0:?}: use 1-64 letters, digits, '-' and '.'")]
     Hostname(String),
@@ -146,15 +142,6 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
         words.push(a.clone());
     }
     words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
-    // Without a command the agent serves exec requests over vsock (which must exist).
-    if !launch.serves() {
-        let args: Vec<Vec<u8>> = launch
-            .command
-            .iter()
-            .map(|a| a.as_encoded_bytes().to_vec())
-            .collect();
-        words.push(bootcmd::encode(&args).map_err(LaunchError::Command)?);
-    }
     Ok(words.join(" "))
 }
 
@@ -175,9 +162,10 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         cpu_profile: profile,
         serial_log: launch.serial_log.clone(),
         console_echo: launch.console,
-        vsock: launch.vsock_path().map(|uds_path| VsockConfig {
+        // The agent is reached over vsock only, so every guest gets the device.
+        vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
-            uds_path,
+            uds_path: launch.vsock_path().ok_or(LaunchError::NoVsock)?,
         }),
     };
     // Cheap checks first: bad input fails before any build.
@@ -217,53 +205,53 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
 mod tests {
     use super::*;
 
-    fn launch(cmd: &[&str]) -> Launch {
+    fn launch() -> Launch {
         Launch {
-            command: cmd.iter().map(OsString::from).collect(),
+            command: vec![OsString::from("true")],
             ..Launch::default()
         }
     }
 
     #[test]
-    fn cmdline_carries_profile_hostname_and_command() {
-        let line =
-            kernel_cmdline(&launch(&["sh", "-c", "exit 3"]), CpuProfile::PvmCompat).expect("valid");
+    fn cmdline_carries_profile_and_hostname() {
+        let line = kernel_cmdline(&launch(), CpuProfile::PvmCompat).expect("valid");
         assert!(line.starts_with(BASE_CMDLINE));
         assert!(line.contains("noxsave"));
-        assert!(line.contains("msb.hostname=msb"));
-        let v = bootcmd::find_param(&line, bootcmd::CMD_KEY).expect("cmd");
         assert_eq!(
-            bootcmd::decode(v).expect("decodes"),
-            vec![b"sh".to_vec(), b"-c".to_vec(), b"exit 3".to_vec()]
+            bootcmd::find_param(&line, bootcmd::HOSTNAME_KEY),
+            Some("msb")
         );
-        let plain = kernel_cmdline(&launch(&["true"]), CpuProfile::Host).expect("valid");
+        let plain = kernel_cmdline(&launch(), CpuProfile::Host).expect("valid");
         assert!(!plain.contains("noxsave"));
     }
 
     #[test]
     fn bad_input_is_typed() {
-        assert!(matches!(
-            kernel_cmdline(&launch(&[]), CpuProfile::Host),
-            Err(LaunchError::Command(BootCmdError::Empty))
-        ));
-        let mut l = launch(&["true"]);
+        let mut l = launch();
         l.hostname = "bad host".into();
         assert!(matches!(
             kernel_cmdline(&l, CpuProfile::Host),
             Err(LaunchError::Hostname(_))
         ));
-        let mut serve = launch(&[]);
-        serve.vsock_socket = Some("/tmp/v.sock".into());
-        let line = kernel_cmdline(&serve, CpuProfile::Host).expect("serve mode");
-        assert!(
-            !line.contains("msb.cmd="),
-            "no command: the agent serves on vsock"
-        );
-        let mut l = launch(&["true"]);
+        let mut l = launch();
         l.append = vec!["a b".into()];
         assert!(matches!(
             kernel_cmdline(&l, CpuProfile::Host),
             Err(LaunchError::Append(_))
         ));
+        assert!(matches!(
+            resolve(&launch(), HostKind::HardwareKvm),
+            Err(LaunchError::NoVsock)
+        ));
+    }
+
+    #[test]
+    fn the_vsock_socket_defaults_beside_the_control_socket() {
+        let mut l = launch();
+        assert_eq!(l.vsock_path(), None);
+        l.control_socket = Some("/run/x/c.sock".into());
+        assert_eq!(l.vsock_path(), Some(PathBuf::from("/run/x/c.sock.vsock")));
+        l.vsock_socket = Some("/v.sock".into());
+        assert_eq!(l.vsock_path(), Some(PathBuf::from("/v.sock")));
     }
 }

@@ -19,5 +19,6 @@ pub mod hypervisor;
 pub mod launch;
 pub mod memory;
 pub mod relay;
+pub mod runner;
 pub mod vcpu;
 pub mod vm;

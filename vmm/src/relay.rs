@@ -174,7 +174,11 @@ impl ExecLog {
             if guard.1 > 0 && guard.1 + line.len() as u64 > self.max_bytes {
                 let mut old = self.path.clone().into_os_string();
                 old.push(".1");
-                std::fs::rename(&self.path, &old)?;
+                match std::fs::rename(&self.path, &old) {
+                    // Deleted from outside: start a new file.
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
                 *guard = (open_append(&self.path)?, 0);
             }
             guard.0.write_all(line.as_bytes())?;
@@ -282,7 +286,11 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(client) = conn else { continue };
+        let Ok(client) = conn else {
+            // Out of descriptors or similar: do not spin.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         if shared.clients.fetch_add(1, Ordering::SeqCst) >= shared.cfg.max_clients {
             shared.clients.fetch_sub(1, Ordering::SeqCst);
             refuse(
@@ -336,7 +344,9 @@ fn connect_agent(shared: &Shared) -> Result<UnixStream, String> {
     ))
 }
 
-fn try_connect(sock: &Path, deadline: Instant) -> Result<UnixStream, String> {
+/// One attempt to open a vsock connection to the agent through the device's hybrid socket
+/// (`CONNECT 1024`), waiting for the answer until `deadline`.
+pub(crate) fn try_connect(sock: &Path, deadline: Instant) -> Result<UnixStream, String> {
     let mut s = UnixStream::connect(sock).map_err(|e| format!("vsock socket: {e}"))?;
     s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
         .map_err(|e| format!("vsock socket: {e}"))?;
@@ -401,8 +411,9 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
     };
     client_to_agent(&client, &agent, &client_w, &sessions, shared);
     if done.recv_timeout(shared.cfg.agent_grace).is_err() {
-        // Wakes the other thread's blocked read.
+        // Wakes the other thread, blocked reading the agent or writing to the client.
         let _ = agent.shutdown(Shutdown::Both);
+        let _ = client.shutdown(Shutdown::Both);
     }
     let _ = back.join();
 }
@@ -487,7 +498,7 @@ fn send_error(client_w: &Mutex<UnixStream>, kind: ErrorKind, message: String) {
 }
 
 fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
-    let Message::ExecStart(req) = &frame.message else {
+    let (Message::ExecStart(req), Some(log)) = (&frame.message, &shared.log) else {
         return;
     };
     let global = shared.next_session.fetch_add(1, Ordering::Relaxed);
@@ -495,19 +506,17 @@ fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(frame.id, global);
-    if let Some(log) = &shared.log {
-        let mut argv = vec![req.cmd.as_str()];
-        argv.extend(req.args.iter().map(String::as_str));
-        log.append(
-            LogSource::System,
-            None,
-            format!(
-                "session {global}: exec {argv:?}{}",
-                if req.tty.is_some() { " (tty)" } else { "" }
-            )
-            .as_bytes(),
-        );
-    }
+    let mut argv = vec![req.cmd.as_str()];
+    argv.extend(req.args.iter().map(String::as_str));
+    log.append(
+        LogSource::System,
+        None,
+        format!(
+            "session {global}: exec {argv:?}{}",
+            if req.tty.is_some() { " (tty)" } else { "" }
+        )
+        .as_bytes(),
+    );
 }
 
 fn tap_reply(frame: &Frame, sessions: &Sessions, shared: &Shared) {

@@ -16,7 +16,6 @@ use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
-use msb_protocol::output::FrameError;
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -25,7 +24,7 @@ use crate::arch::x86_64::cpuid::{self, CpuProfile};
 use crate::arch::x86_64::layout::GDT_ADDR;
 use crate::arch::x86_64::regs;
 use crate::bus::{Bus, BusError, SharedDevice};
-use crate::console::{ConsoleLog, ConsoleWriter, Output, OutputWriter};
+use crate::console::{ConsoleLog, ConsoleWriter};
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{
     CpuStart, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
@@ -37,9 +36,6 @@ use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuHandle};
 /// COM1: the kernel console.
 const CONSOLE_PORT: u64 = 0x3f8;
 const CONSOLE_IRQ: u32 = 4;
-/// COM2: the command's framed output.
-const OUTPUT_PORT: u64 = 0x2f8;
-const OUTPUT_IRQ: u32 = 3;
 const UART_LEN: u64 = 8;
 /// i8042 data port; the command port is at offset 4 (0x64).
 const I8042_PORT: u64 = 0x60;
@@ -215,8 +211,6 @@ pub struct VmOutcome {
     pub console_tail: Vec<String>,
     /// Memory report.
     pub rss: Option<RssReport>,
-    /// A framing error on the output port, if the guest sent one.
-    pub output_error: Option<FrameError>,
     /// I/O accesses no device claimed (PIO, MMIO).
     pub unhandled_io: (u64, u64),
 }
@@ -279,7 +273,6 @@ pub struct Vm {
     events_tx: Arc<EventSink>,
     events: Receiver<VmEvent>,
     console: Arc<Mutex<ConsoleLog>>,
-    output_error: Arc<Mutex<Option<FrameError>>>,
     times: Arc<Mutex<BootTimes>>,
     _vm: Box<dyn HypervisorVm>,
     mem: GuestMemoryMmap,
@@ -328,9 +321,9 @@ pub fn validate_basic(cfg: &VmConfig) -> Result<(), VmmError> {
 }
 
 impl Vm {
-    /// Builds the VM described by `cfg`; `output` receives the command's stdout/stderr;
-    /// times are measured from `start` (the VMM process start).
-    pub fn build(cfg: &VmConfig, output: Output, start: Instant) -> Result<Vm, VmmError> {
+    /// Builds the VM described by `cfg`; times are measured from `start` (the VMM process
+    /// start).
+    pub fn build(cfg: &VmConfig, start: Instant) -> Result<Vm, VmmError> {
         validate_basic(cfg)?;
         let hv = KvmHypervisor::open(&cfg.kvm_path)?;
         validate_vcpu_limit(cfg, &hv)?;
@@ -386,11 +379,6 @@ impl Vm {
                 Box::new(move || panic_sink.send(VmEvent::KernelPanic)),
             ),
         )));
-        let output_error = Arc::new(Mutex::new(None));
-        let output_uart: SharedDevice = Arc::new(Mutex::new(Serial::new(
-            vm.interrupt_line(OUTPUT_IRQ)?,
-            OutputWriter::new(output, output_error.clone()),
-        )));
         let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(ResetSink(
             events_tx.clone(),
         )))));
@@ -400,7 +388,6 @@ impl Vm {
 
         let mut pio = Bus::default();
         pio.insert(CONSOLE_PORT, UART_LEN, console_uart)?;
-        pio.insert(OUTPUT_PORT, UART_LEN, output_uart)?;
         pio.insert(I8042_PORT, I8042_LEN, i8042)?;
         let mut mmio = Bus::default();
         mmio.insert(SYSDEV_BASE, SYSDEV_SIZE, sysdev)?;
@@ -439,7 +426,6 @@ impl Vm {
             events_tx,
             events,
             console,
-            output_error,
             times,
             _vm: vm,
             mem,
@@ -526,18 +512,12 @@ impl Vm {
             c.tail()
         };
         let times = *self.times.lock().unwrap_or_else(|p| p.into_inner());
-        let output_error = self
-            .output_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         Ok(VmOutcome {
             end,
             times,
             vcpu_start,
             console_tail,
             rss,
-            output_error,
             unhandled_io: (self.buses.pio.unhandled(), self.buses.mmio.unhandled()),
         })
     }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use msb_protocol::sysdev::ExitStatus;
 use msb_vmm::arch::x86_64::cpuid::CpuProfile;
-use msb_vmm::console::Output;
 use msb_vmm::host::HostKind;
 use msb_vmm::vm::{BootSource, CodeMode, Vm, VmConfig, VmEnd, VmOutcome};
 
@@ -40,7 +39,7 @@ fn config(boot: BootSource) -> VmConfig {
 }
 
 fn run(boot: BootSource) -> VmOutcome {
-    let vm = Vm::build(&config(boot), Output::inherit(), Instant::now()).expect("VM builds");
+    let vm = Vm::build(&config(boot), Instant::now()).expect("VM builds");
     vm.run(Some(TIMEOUT)).expect("VM runs")
 }
 
@@ -125,7 +124,6 @@ fn a_spinning_guest_is_stopped_at_the_timeout() {
     }
     let vm = Vm::build(
         &config(code(0x1000, vec![0xeb, 0xfe], CodeMode::Real)),
-        Output::inherit(),
         Instant::now(),
     )
     .expect("VM builds");

@@ -1,5 +1,5 @@
-//! `msb-vmm`: boots the guest kernel with the agent, runs one command, prints its output
-//! and exits with its exit code.
+//! `msb-vmm`: boots the guest kernel with the agent, runs one command over vsock, prints its
+//! output and exits with its exit code (stdin is forwarded to it).
 //!
 //! ```text
 //! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
@@ -25,10 +25,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use msb_vmm::console::Output;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, Launch};
 use msb_vmm::relay::{Relay, RelayConfig};
+use msb_vmm::runner::{self, CommandEnd};
 use msb_vmm::vm::{Vm, VmEnd, VmOutcome};
 
 const VMM_FAILURE: u8 = 125;
@@ -41,6 +41,8 @@ const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--
 
 struct Args {
     launch: Launch,
+    /// The command as UTF-8 (the protocol's strings), when one is given.
+    command: Option<Vec<String>>,
     report: Option<PathBuf>,
     exit_with_stdin: bool,
 }
@@ -100,8 +102,19 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
     if launch.exec_log.is_some() && launch.control_socket.is_none() {
         return Err("--exec-log needs --control-socket (the relay writes it)".into());
     }
+    let command = if launch.command.is_empty() {
+        None
+    } else {
+        let argv: Result<Vec<String>, _> = launch
+            .command
+            .iter()
+            .map(|a| a.clone().into_string())
+            .collect();
+        Some(argv.map_err(|a| format!("the command's arguments must be UTF-8: {a:?}"))?)
+    };
     Ok(Args {
         launch,
+        command,
         report,
         exit_with_stdin,
     })
@@ -152,6 +165,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A private directory for the vsock socket of a one-command VM, removed on drop.
+struct PrivateDir(Option<PathBuf>);
+
+impl PrivateDir {
+    fn for_command(launch: &mut Launch) -> PrivateDir {
+        if launch.command.is_empty() || launch.vsock_path().is_some() {
+            return PrivateDir(None);
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() {
+            // `resolve` then reports that no socket path is set.
+            return PrivateDir(None);
+        }
+        launch.vsock_socket = Some(dir.join("v.sock"));
+        PrivateDir(Some(dir))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone).
 fn watch_stdin(sockets: Vec<PathBuf>) {
     let spawned = std::thread::Builder::new()
@@ -186,7 +228,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let args = match parse(std::env::args_os().skip(1)) {
+    let mut args = match parse(std::env::args_os().skip(1)) {
         Ok(a) => a,
         Err(msg) => {
             if !msg.is_empty() {
@@ -196,13 +238,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
         }
     };
+    // A command needs a vsock socket no client will look for: a private one.
+    let private = PrivateDir::for_command(&mut args.launch);
     let host = HostKind::detect();
     let cfg = match launch::resolve(&args.launch, host) {
         Ok(c) => c,
-        Err(e) => return fail(&error_chain(&e), &[]),
-    };
-    let vm = match Vm::build(&cfg, Output::inherit(), start) {
-        Ok(vm) => vm,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
     let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {
@@ -215,6 +255,12 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
+    // After the relay: a control socket in use by another VMM is refused before this VM's
+    // device could touch the vsock socket beside it.
+    let vm = match Vm::build(&cfg, start) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&error_chain(&e), &[]),
+    };
     if args.exit_with_stdin {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
         watch_stdin(sockets.into_iter().flatten().collect());
@@ -222,6 +268,13 @@ fn main() -> ExitCode {
     if let Some(r) = &relay {
         r.log_system("vm started");
     }
+    let command = match (&args.command, args.launch.vsock_path()) {
+        (Some(argv), Some(vsock)) => match runner::spawn(vsock, argv.clone()) {
+            Ok(rx) => Some(rx),
+            Err(e) => return fail(&format!("cannot start the command runner: {e}"), &[]),
+        },
+        _ => None,
+    };
     let outcome = match vm.run(args.launch.timeout) {
         Ok(o) => o,
         Err(e) => return fail(&error_chain(&e), &[]),
@@ -232,11 +285,25 @@ fn main() -> ExitCode {
     if let Some(p) = &args.report {
         write_report(p, host, &outcome, start.elapsed());
     }
-    if let Some(e) = &outcome.output_error {
-        eprintln!("msb-vmm: warning: the guest's output stream was malformed ({e}); output after it was dropped");
-    }
+    drop(private);
     let tail = &outcome.console_tail;
     match outcome.end {
+        // The runner asks for the power-off once the command has ended.
+        VmEnd::Exited(_) if command.is_some() => match command.and_then(|rx| rx.try_recv().ok()) {
+            Some(end) => match (end.shell_code(), end) {
+                (Some(code), CommandEnd::Refused { message, .. }) => {
+                    eprintln!("msb-vmm: {message}");
+                    ExitCode::from(code as u8)
+                }
+                (Some(code), _) => ExitCode::from(code as u8),
+                (None, CommandEnd::Refused { kind, message }) => fail(
+                    &format!("the agent refused the command ({kind:?}): {message}"),
+                    tail,
+                ),
+                (None, other) => fail(&format!("the command was lost: {other:?}"), tail),
+            },
+            None => fail("the guest powered off before the command ended", tail),
+        },
         VmEnd::Exited(status) => ExitCode::from(status.shell_code() as u8),
         VmEnd::KernelPanic => fail("the guest kernel panicked", tail),
         VmEnd::Reset(why) => fail(

@@ -150,10 +150,14 @@ impl Backend {
             path: cfg.uds_path.clone(),
             source,
         };
-        // Replace a stale socket from an earlier run, never any other kind of file.
+        // Replace a stale socket from an earlier run, never a live one (another VM's) or any
+        // other kind of file.
         use std::os::unix::fs::FileTypeExt;
         match std::fs::symlink_metadata(&cfg.uds_path) {
             Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&cfg.uds_path).is_ok() {
+                    return Err(listen_err(std::io::Error::from(ErrorKind::AddrInUse)));
+                }
                 std::fs::remove_file(&cfg.uds_path).map_err(listen_err)?
             }
             Ok(_) => return Err(listen_err(std::io::Error::from(ErrorKind::AlreadyExists))),
