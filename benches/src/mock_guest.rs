@@ -68,21 +68,6 @@ impl Irq {
     }
 }
 
-fn encode_header(h: &Header) -> [u8; HDR] {
-    let mut b = [0u8; HDR];
-    b[0..8].copy_from_slice(&h.src_cid.to_le_bytes());
-    b[8..16].copy_from_slice(&h.dst_cid.to_le_bytes());
-    b[16..20].copy_from_slice(&h.src_port.to_le_bytes());
-    b[20..24].copy_from_slice(&h.dst_port.to_le_bytes());
-    b[24..28].copy_from_slice(&h.len.to_le_bytes());
-    b[28..30].copy_from_slice(&h.type_.to_le_bytes());
-    b[30..32].copy_from_slice(&h.op.to_le_bytes());
-    b[32..36].copy_from_slice(&h.flags.to_le_bytes());
-    b[36..40].copy_from_slice(&h.buf_alloc.to_le_bytes());
-    b[40..44].copy_from_slice(&h.fwd_cnt.to_le_bytes());
-    b
-}
-
 /// One host connection as the guest sees it.
 #[derive(Default)]
 struct Conn {
@@ -286,7 +271,7 @@ impl Driver {
         let (ha, da) = (self.tx_next, self.tx_next + HDR as u64);
         self.tx_next += need.next_multiple_of(64);
         self.mem
-            .write_slice(&encode_header(&h), GuestAddress(ha))
+            .write_slice(&h.to_le_bytes(), GuestAddress(ha))
             .expect("tx header");
         let mut descs = vec![(ha, HDR as u32, 0)];
         if !data.is_empty() {

@@ -35,21 +35,6 @@ impl InterruptTrigger for Irq {
     }
 }
 
-fn encode(h: &Header) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HDR);
-    b.extend_from_slice(&h.src_cid.to_le_bytes());
-    b.extend_from_slice(&h.dst_cid.to_le_bytes());
-    b.extend_from_slice(&h.src_port.to_le_bytes());
-    b.extend_from_slice(&h.dst_port.to_le_bytes());
-    b.extend_from_slice(&h.len.to_le_bytes());
-    b.extend_from_slice(&h.type_.to_le_bytes());
-    b.extend_from_slice(&h.op.to_le_bytes());
-    b.extend_from_slice(&h.flags.to_le_bytes());
-    b.extend_from_slice(&h.buf_alloc.to_le_bytes());
-    b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-    b
-}
-
 /// A guest: mock queues in guest memory, a buffer allocator, and the device.
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
@@ -151,7 +136,7 @@ impl<'a> Guest<'a> {
             len: data.len() as u32,
             ..h
         };
-        let mut descs = vec![(encode(&h), HDR as u32, 0)];
+        let mut descs = vec![(h.to_le_bytes().to_vec(), HDR as u32, 0)];
         if !data.is_empty() {
             descs.push((data.to_vec(), data.len() as u32, 0));
         }
@@ -401,16 +386,22 @@ fn a_malicious_guest_gets_counted_drops_and_the_device_keeps_serving() {
         len: 4096,
         ..guest_hdr(1, 5000, op::RW)
     };
-    g.send_raw(vec![(encode(&h), HDR as u32, 0), (vec![1u8; 16], 16, 0)]);
+    g.send_raw(vec![
+        (h.to_le_bytes().to_vec(), HDR as u32, 0),
+        (vec![1u8; 16], 16, 0),
+    ]);
     // Length beyond the device's limit.
     let h = Header {
         len: u32::MAX,
         ..guest_hdr(1, 5000, op::RW)
     };
-    g.send_raw(vec![(encode(&h), HDR as u32, 0), (vec![1u8; 16], 16, 0)]);
+    g.send_raw(vec![
+        (h.to_le_bytes().to_vec(), HDR as u32, 0),
+        (vec![1u8; 16], 16, 0),
+    ]);
     // A write-only descriptor on the TX queue.
     g.send_raw(vec![(
-        encode(&guest_hdr(1, 5000, op::REQUEST)),
+        guest_hdr(1, 5000, op::REQUEST).to_le_bytes().to_vec(),
         HDR as u32,
         F_WRITE,
     )]);
@@ -472,7 +463,7 @@ fn a_guest_flooding_without_rx_buffers_cannot_grow_the_device_without_bound() {
     for r in 0..rounds {
         for i in 0..255u32 {
             let h = guest_hdr(r as u32 * 1000 + i, 4444, op::RW);
-            let bytes = encode(&Header { len: 0, ..h });
+            let bytes = Header { len: 0, ..h }.to_le_bytes().to_vec();
             let a = g.alloc(HDR as u64);
             g.mem.write_slice(&bytes, GuestAddress(a)).expect("write");
             g.add_chain(TX_QUEUE, &[(a, HDR as u32, 0)]);
@@ -569,7 +560,7 @@ fn a_payload_spread_over_several_descriptors_arrives_whole() {
     let (a, rest) = payload.split_at(4096);
     let (b, c) = rest.split_at(20_000);
     g.send_raw(vec![
-        (encode(&h), HDR as u32, 0),
+        (h.to_le_bytes().to_vec(), HDR as u32, 0),
         (a.to_vec(), a.len() as u32, 0),
         (b.to_vec(), b.len() as u32, 0),
         (c.to_vec(), c.len() as u32, 0),
