@@ -429,7 +429,7 @@ impl Sandbox {
     async fn wait_ready(&self) -> MicrosandboxResult<()> {
         let start = Instant::now();
         loop {
-            if let Some(status) = self.exited().await? {
+            if let Some(status) = self.inner.vmm.as_ref().and_then(VmmProcess::exited) {
                 return Err(self.start_failed(format!("the VMM exited ({status})")));
             }
             if start.elapsed() > READY_TIMEOUT {
@@ -450,10 +450,6 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    async fn exited(&self) -> MicrosandboxResult<Option<std::process::ExitStatus>> {
-        Ok(self.inner.vmm.as_ref().and_then(VmmProcess::exited))
     }
 
     fn start_failed(&self, what: String) -> MicrosandboxError {

@@ -467,18 +467,11 @@ fn agent_to_client(
             Ok(None) | Err(ProtocolError::Io(_)) => break,
             Err(e) => {
                 // An untrusted guest sent garbage: end this client's connection, visibly.
+                let why = format!("the agent sent a malformed frame: {e}");
                 if let Some(log) = &shared.log {
-                    log.append(
-                        LogSource::System,
-                        None,
-                        format!("the agent sent a malformed frame: {e}").as_bytes(),
-                    );
+                    log.append(LogSource::System, None, why.as_bytes());
                 }
-                send_error(
-                    client_w,
-                    ErrorKind::Internal,
-                    format!("the agent sent a malformed frame: {e}"),
-                );
+                send_error(client_w, ErrorKind::Internal, why);
                 break;
             }
         }
