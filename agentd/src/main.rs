@@ -1,12 +1,15 @@
 //! `agentd`: the microsandbox guest agent, PID 1 inside the VM.
 //!
-//! It mounts the kernel filesystems, sets the hostname, tells the VMM's system device it is
-//! ready, and serves the host-agent protocol on vsock port 1024 (`server`): commands with
+//! It mounts the kernel filesystems, switches to the root filesystem the VMM shares over
+//! virtio-fs (an overlay of image layers and a writable layer, `rootfs`), mounts the
+//! volumes, sets the hostname, tells the VMM's system device it is ready, and serves the host-agent protocol on vsock port 1024 (`server`): commands with
 //! streamed output, stdin, signals, timeouts and PTYs, reaping every child as PID 1
-//! (`reaper`). A `Shutdown` request ends the VM through the system device.
+//! (`reaper`), and filesystem requests (`fs`). A `Shutdown` request ends the VM through the system device.
 #![deny(unsafe_code)]
 
+mod fs;
 mod reaper;
+mod rootfs;
 mod server;
 #[allow(unsafe_code)]
 mod sys;
@@ -21,6 +24,8 @@ use msb_protocol::sysdev::ExitStatus;
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
+/// Exit status when the guest cannot set itself up (root filesystem, volumes).
+const BOOT_FAILURE: u8 = 125;
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
 /// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
 const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
@@ -52,6 +57,7 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
     }
 }
 
+/// What the agent needs before it switches root (the root move carries them along).
 fn mount_kernel_filesystems() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None);
@@ -63,6 +69,11 @@ fn mount_kernel_filesystems() {
         MsFlags::MS_NOSUID,
         Some("mode=0755"),
     );
+}
+
+/// The rest, in the final root.
+fn mount_runtime_filesystems() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs(
         "devpts",
         "/dev/pts",
@@ -100,16 +111,26 @@ fn main() {
             log(&format!("cannot re-execute with glibc tunables: {e}"));
         }
     }
-    let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
-    if let Err(e) = nix::unistd::sethostname(hostname) {
-        log(&format!("cannot set hostname: {e}"));
-    }
-
+    // The system device first, so a failure below can still end the VM with a status.
     let sysdev = SYSDEV.get_or_init(|| {
         sys::SystemDevice::open()
             .map_err(|e| log(&format!("system device unavailable: {e}")))
             .ok()
     });
+    if let Err(e) = rootfs::switch_root(&cmdline) {
+        log(&format!("cannot switch to the root filesystem: {e}"));
+        shutdown(ExitStatus::Code(BOOT_FAILURE));
+    }
+    mount_runtime_filesystems();
+    if let Err(e) = rootfs::mount_volumes(&cmdline) {
+        log(&format!("cannot mount a volume: {e}"));
+        shutdown(ExitStatus::Code(BOOT_FAILURE));
+    }
+    let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
+    if let Err(e) = nix::unistd::sethostname(hostname) {
+        log(&format!("cannot set hostname: {e}"));
+    }
+
     if let Some(d) = sysdev {
         d.boot_ready();
     }

@@ -34,14 +34,14 @@ const CHUNK: usize = 32 * 1024;
 /// the pipes open forever).
 pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-type Writer = Arc<Mutex<File>>;
+pub(crate) type Writer = Arc<Mutex<File>>;
 
-fn send(w: &Writer, frame: &Frame) -> bool {
+pub(crate) fn send(w: &Writer, frame: &Frame) -> bool {
     let mut f = w.lock().unwrap_or_else(|p| p.into_inner());
     write_frame(&mut *f, frame).is_ok()
 }
 
-fn error(w: &Writer, id: u32, kind: ErrorKind, message: impl Into<String>) {
+pub(crate) fn error(w: &Writer, id: u32, kind: ErrorKind, message: impl Into<String>) {
     send(
         w,
         &Frame::new(
@@ -70,7 +70,12 @@ struct Session {
 struct ConnState {
     sessions: HashMap<u32, Session>,
     groups: Vec<i32>,
+    /// Filesystem writes in progress: their chunks go to the session's thread.
+    fs_writes: HashMap<u32, SyncSender<Vec<u8>>>,
 }
+
+/// Chunks of a filesystem write queued before the connection's reader waits.
+const FS_WRITE_QUEUE: usize = 4;
 
 type Sessions = Arc<Mutex<ConnState>>;
 
@@ -244,6 +249,17 @@ fn handle_connection(conn: File, env: &'static Env) {
             Message::Ping(n) => {
                 send(&writer, &Frame::new(id, Message::Pong(n)));
             }
+            Message::Fs(req) => start_fs(id, req, &writer, &sessions),
+            Message::FsData(data) => {
+                let end = data.is_empty();
+                let sender = lock(&sessions).fs_writes.get(&id).cloned();
+                // Data for a write that already failed (and said so) is dropped.
+                if let Some(tx) = sender {
+                    if tx.send(data).is_err() || end {
+                        lock(&sessions).fs_writes.remove(&id);
+                    }
+                }
+            }
             Message::Shutdown => crate::shutdown(msb_protocol::sysdev::ExitStatus::Code(0)),
             other => error(
                 &writer,
@@ -253,11 +269,47 @@ fn handle_connection(conn: File, env: &'static Env) {
             ),
         }
     }
-    // The client is gone: its commands go too, with whatever they left running.
+    // The client is gone: its commands go too, with whatever they left running, and its
+    // unfinished writes are abandoned.
     let mut st = lock(&sessions);
     st.sessions.clear();
+    st.fs_writes.clear();
     for group in st.groups.drain(..) {
         let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
+    }
+}
+
+/// Runs a filesystem request on a thread of its own (a read streams for as long as the
+/// file is; a write waits for its chunks).
+fn start_fs(id: u32, req: msb_protocol::message::FsRequest, writer: &Writer, sessions: &Sessions) {
+    use msb_protocol::message::FsRequest;
+    let data = if matches!(req, FsRequest::Write { .. }) {
+        let mut st = lock(sessions);
+        if id == 0 || st.fs_writes.contains_key(&id) {
+            drop(st);
+            error(
+                writer,
+                id,
+                ErrorKind::InvalidRequest,
+                "session id 0 or already in use",
+            );
+            return;
+        }
+        let (tx, rx) = sync_channel(FS_WRITE_QUEUE);
+        st.fs_writes.insert(id, tx);
+        Some(rx)
+    } else {
+        None
+    };
+    let w = writer.clone();
+    if let Err(e) = spawn_thread("fs", move || crate::fs::serve(id, req, &w, data)) {
+        lock(sessions).fs_writes.remove(&id);
+        error(
+            writer,
+            id,
+            ErrorKind::Internal,
+            format!("cannot start: {e}"),
+        );
     }
 }
 
@@ -282,6 +334,11 @@ fn name(m: &Message) -> &'static str {
         Message::Pong(_) => "Pong",
         Message::Shutdown => "Shutdown",
         Message::Error { .. } => "Error",
+        Message::Fs(_) => "Fs",
+        Message::FsStat(_) => "FsStat",
+        Message::FsEntries(_) => "FsEntries",
+        Message::FsData(_) => "FsData",
+        Message::FsDone => "FsDone",
     }
 }
 

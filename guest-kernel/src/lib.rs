@@ -5,8 +5,11 @@
 //!   with a PVH entry. Two flavours come from one source: `microvm` (the product kernel, no
 //!   patches) and `pvm-compat` (plus `config/pvm-compat.config` and the patches in
 //!   `patches/pvm-compat/`, so it runs on `kvm_pvm` hosts).
-//! - **Initramfs**: `agentd` built as a static binary as `/init`, Debian's `busybox-static`
-//!   for `/bin/sh` and the usual tools, written as an uncompressed newc cpio by [`cpio`].
+//! - **Initramfs**: `agentd` built as a static binary as `/init`, written as an
+//!   uncompressed newc cpio by [`cpio`]. The agent switches to the root filesystem the VMM
+//!   shares over virtio-fs.
+//! - **Default root filesystem**: a directory with Debian's `busybox-static` for `/bin/sh`
+//!   and the usual tools, the image layer of a sandbox without an image.
 //!
 //! Results are cached outside the repository (see [`cache_dir`]) under a hash of
 //! everything that goes into them, so a second request is instant and a changed config,
@@ -27,7 +30,8 @@ pub use progress::Progress;
 
 /// Bump when the build procedure changes in a way the inputs do not show.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
-const INITRAMFS_RECIPE: &str = "initramfs-recipe-1";
+const INITRAMFS_RECIPE: &str = "initramfs-recipe-2";
+const ROOTFS_RECIPE: &str = "rootfs-recipe-1";
 const SOURCE_PACKAGE: &str = "linux-source-6.12";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 const BUILD_PACKAGES: &[&str] = &[
@@ -569,12 +573,34 @@ fn busybox_applets() -> Result<Vec<String>, GuestBuildError> {
         .collect())
 }
 
-/// The members of the default initramfs around `agentd` and `busybox`.
-pub fn initramfs_entries(
-    agentd: Vec<u8>,
-    busybox: Vec<u8>,
-    applets: &[String],
-) -> Vec<cpio::Entry> {
+/// The members of the initramfs: `agentd` as `/init` and the mount points it needs before
+/// it switches to the root filesystem (which the VMM shares over virtio-fs).
+pub fn initramfs_entries(agentd: Vec<u8>) -> Vec<cpio::Entry> {
+    use cpio::{Entry, Kind};
+    let mut entries: Vec<Entry> = ["dev", "proc", "sys", "mnt"]
+        .into_iter()
+        .map(|d| Entry {
+            path: d.into(),
+            perm: 0o755,
+            kind: Kind::Dir,
+        })
+        .collect();
+    entries.push(Entry {
+        path: "dev/console".into(),
+        perm: 0o600,
+        kind: Kind::CharDev(5, 1),
+    });
+    entries.push(Entry {
+        path: "init".into(),
+        perm: 0o755,
+        kind: Kind::File(agentd),
+    });
+    entries
+}
+
+/// The members of the default root filesystem: Debian's static busybox with its applet
+/// links, `/etc/passwd` and `/etc/group` (root and nobody), and the usual directories.
+pub fn rootfs_entries(busybox: Vec<u8>, applets: &[String]) -> Vec<cpio::Entry> {
     use cpio::{Entry, Kind};
     let dir = |p: &str, perm| Entry {
         path: p.into(),
@@ -594,12 +620,6 @@ pub fn initramfs_entries(
         entries.push(dir(d, 0o755));
     }
     entries.push(dir("tmp", 0o1777));
-    entries.push(Entry {
-        path: "dev/console".into(),
-        perm: 0o600,
-        kind: Kind::CharDev(5, 1),
-    });
-    entries.push(file("init", 0o755, agentd));
     entries.push(file("bin/busybox", 0o755, busybox));
     entries.push(file(
         "etc/passwd",
@@ -622,25 +642,54 @@ pub fn initramfs_entries(
     entries
 }
 
-/// Returns the cached default initramfs, assembling it first if needed.
+/// Writes `entries` under `dir` (character devices are left out: the guest mounts devtmpfs).
+fn write_tree(dir: &Path, entries: &[cpio::Entry]) -> Result<(), GuestBuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in entries {
+        let p = dir.join(&e.path);
+        match &e.kind {
+            cpio::Kind::Dir => fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?,
+            cpio::Kind::File(data) => fs::write(&p, data).map_err(io_err("cannot write", &p))?,
+            cpio::Kind::Symlink(target) => {
+                std::os::unix::fs::symlink(target, &p).map_err(io_err("cannot link", &p))?
+            }
+            cpio::Kind::CharDev(..) => continue,
+        }
+        if !matches!(e.kind, cpio::Kind::Symlink(_)) {
+            fs::set_permissions(&p, fs::Permissions::from_mode(e.perm))
+                .map_err(io_err("cannot set the mode of", &p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every entry of `dir` named `prefix*` other than `keep`.
+fn remove_stale(dir: &Path, prefix: &str, keep: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p != keep && name.starts_with(prefix) {
+                let _ = if p.is_dir() {
+                    fs::remove_dir_all(p)
+                } else {
+                    fs::remove_file(p)
+                };
+            }
+        }
+    }
+}
+
+/// Returns the cached initramfs (just `agentd`), assembling it first if needed.
 pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
-    packages::ensure(&["busybox-static"], progress)?;
     let agentd_path = build_agentd(progress)?;
     let agentd = fs::read(&agentd_path).map_err(io_err("cannot read", &agentd_path))?;
     if !is_static_elf(&agentd) {
         return Err(GuestBuildError::NotStatic(agentd_path));
     }
-    let busybox = fs::read(BUSYBOX).map_err(io_err("cannot read", Path::new(BUSYBOX)))?;
-    if !is_static_elf(&busybox) {
-        return Err(GuestBuildError::NotStatic(BUSYBOX.into()));
-    }
-    let applets = busybox_applets()?;
-
     let mut h = Sha256::new();
     h.update(INITRAMFS_RECIPE.as_bytes());
     h.update(&agentd);
-    h.update(&busybox);
-    h.update(applets.join("\n").as_bytes());
     let hash = hex::encode(&h.finalize()[..8]);
     let dir = cache_dir()?.join("initramfs");
     let path = dir.join(format!("initramfs-{hash}.cpio"));
@@ -652,22 +701,52 @@ pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildEr
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
     let mut f =
         std::io::BufWriter::new(fs::File::create(&tmp).map_err(io_err("cannot create", &tmp))?);
-    cpio::write_archive(&mut f, &initramfs_entries(agentd, busybox, &applets))
+    cpio::write_archive(&mut f, &initramfs_entries(agentd))
         .and_then(|_| f.flush())
         .map_err(io_err("cannot write", &tmp))?;
     drop(f);
     fs::rename(&tmp, &path).map_err(io_err("cannot move initramfs to", &path))?;
     // Older archives are stale now (nobody holds them open: the VMM reads them whole).
-    if let Ok(rd) = fs::read_dir(&dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if p != path && name.starts_with("initramfs-") {
-                let _ = fs::remove_file(p);
-            }
-        }
-    }
+    remove_stale(&dir, "initramfs-", &path);
     progress.done(&format!("initramfs ready: {}", path.display()));
+    Ok(path)
+}
+
+/// Returns the cached default root filesystem (a directory the VMM shares read-only as the
+/// image layer of a sandbox without an image), assembling it first if needed.
+pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    packages::ensure(&["busybox-static"], progress)?;
+    let busybox = fs::read(BUSYBOX).map_err(io_err("cannot read", Path::new(BUSYBOX)))?;
+    if !is_static_elf(&busybox) {
+        return Err(GuestBuildError::NotStatic(BUSYBOX.into()));
+    }
+    let applets = busybox_applets()?;
+    let mut h = Sha256::new();
+    h.update(ROOTFS_RECIPE.as_bytes());
+    h.update(&busybox);
+    h.update(applets.join("\n").as_bytes());
+    let hash = hex::encode(&h.finalize()[..8]);
+    let dir = cache_dir()?.join("rootfs");
+    let path = dir.join(format!("default-{hash}"));
+    if path.is_dir() {
+        return Ok(path);
+    }
+    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    progress.phase("assembling the default root filesystem");
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
+    write_tree(&tmp, &rootfs_entries(busybox, &applets))?;
+    match fs::rename(&tmp, &path) {
+        Ok(()) => {}
+        // Another process finished the same tree first: use it.
+        Err(_) if path.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(io_err("cannot move the root filesystem to", &path)(e)),
+    }
+    // Older trees may still be in use by running sandboxes; they are small, so keep them.
+    progress.done(&format!("root filesystem ready: {}", path.display()));
     Ok(path)
 }
 

@@ -283,6 +283,62 @@ mod tests {
                 kind: ErrorKind::NotFound,
                 message: "nope: command not found".into(),
             },
+            Message::Fs(FsRequest::Stat {
+                path: "/etc/passwd".into(),
+                follow: true,
+            }),
+            Message::Fs(FsRequest::List { path: "/".into() }),
+            Message::Fs(FsRequest::Read { path: "/a".into() }),
+            Message::Fs(FsRequest::Write {
+                path: "/a b".into(),
+                mode: Some(0o4755),
+            }),
+            Message::Fs(FsRequest::Mkdir {
+                path: "/d".into(),
+                mode: 0o700,
+                parents: true,
+            }),
+            Message::Fs(FsRequest::Remove { path: "/a".into() }),
+            Message::Fs(FsRequest::RemoveDir {
+                path: "/d".into(),
+                recursive: true,
+            }),
+            Message::Fs(FsRequest::Rename {
+                from: "/a".into(),
+                to: "/b".into(),
+            }),
+            Message::Fs(FsRequest::Copy {
+                from: "/a".into(),
+                to: "/c".into(),
+            }),
+            Message::FsStat(FsStat {
+                kind: FsKind::Symlink,
+                size: 11,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                mtime_ms: -5,
+                target: Some("/etc/passwd".into()),
+            }),
+            Message::FsEntries(vec![FsEntry {
+                name: "x".into(),
+                stat: FsStat {
+                    kind: FsKind::File,
+                    size: u64::MAX,
+                    mode: 0o644,
+                    uid: 1000,
+                    gid: 1000,
+                    mtime_ms: 1_700_000_000_000,
+                    target: None,
+                },
+            }]),
+            Message::FsData(vec![0, 1, 2, 255]),
+            Message::FsData(vec![]),
+            Message::FsDone,
+            Message::Error {
+                kind: ErrorKind::ReadOnly,
+                message: "read-only file system".into(),
+            },
         ]
     }
 

@@ -104,7 +104,7 @@ impl ExecStart {
 pub enum ErrorKind {
     /// The protocol versions do not match.
     Version,
-    /// The program was not found.
+    /// The program, file or directory was not found.
     NotFound,
     /// The program could not be executed (permissions, format).
     PermissionDenied,
@@ -118,6 +118,131 @@ pub enum ErrorKind {
     Busy,
     /// Anything else.
     Internal,
+    /// A filesystem request named a path that already exists.
+    AlreadyExists,
+    /// A filesystem request needed a directory and found something else.
+    NotADirectory,
+    /// A filesystem request needed a non-directory and found a directory.
+    IsADirectory,
+    /// A directory to remove is not empty.
+    NotEmpty,
+    /// The path is on a read-only filesystem.
+    ReadOnly,
+    /// The filesystem is full (or over its size limit).
+    NoSpace,
+}
+
+/// Largest chunk of file data in one [`Message::FsData`] frame.
+pub const FS_CHUNK: usize = 256 * 1024;
+
+/// A filesystem request to the agent (the frame's id names the session). Paths are absolute
+/// paths inside the guest; the agent performs the operation as root in the guest's root
+/// filesystem, so it sees exactly what commands see (overlay, volumes, tmpfs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsRequest {
+    /// Metadata of `path`; `follow` resolves a final symlink.
+    Stat {
+        /// Path.
+        path: String,
+        /// Follow a final symlink.
+        follow: bool,
+    },
+    /// The entries of a directory (answered by [`Message::FsEntries`]).
+    List {
+        /// Directory.
+        path: String,
+    },
+    /// Read a regular file: answered by [`Message::FsData`] chunks, then [`Message::FsDone`].
+    Read {
+        /// File.
+        path: String,
+    },
+    /// Write a regular file from the [`Message::FsData`] chunks that follow (an empty chunk
+    /// ends them). The data goes to a temporary file beside `path` that replaces it only
+    /// when complete, so a failed or abandoned write leaves `path` as it was.
+    Write {
+        /// File.
+        path: String,
+        /// Permission bits of the file; `None` keeps an existing file's mode (a new file
+        /// gets 0644). An existing file always keeps its owner.
+        mode: Option<u32>,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Directory.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Create missing parents too, and accept an existing directory.
+        parents: bool,
+    },
+    /// Remove a file or symlink (not a directory).
+    Remove {
+        /// Path.
+        path: String,
+    },
+    /// Remove a directory; `recursive` removes its contents too.
+    RemoveDir {
+        /// Directory.
+        path: String,
+        /// Remove the contents first.
+        recursive: bool,
+    },
+    /// Rename (move) `from` to `to`, replacing a file at `to`.
+    Rename {
+        /// Source.
+        from: String,
+        /// Destination.
+        to: String,
+    },
+    /// Copy a regular file inside the guest.
+    Copy {
+        /// Source.
+        from: String,
+        /// Destination.
+        to: String,
+    },
+}
+
+/// File kinds as [`FsStat`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Directory,
+    /// Symbolic link.
+    Symlink,
+    /// Anything else (device, FIFO, socket).
+    Other,
+}
+
+/// Metadata of one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStat {
+    /// Kind.
+    pub kind: FsKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, ms since the epoch.
+    pub mtime_ms: i64,
+    /// Link target, for a symlink.
+    pub target: Option<String>,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEntry {
+    /// Name inside the directory.
+    pub name: String,
+    /// Its metadata (not following symlinks).
+    pub stat: FsStat,
 }
 
 /// One protocol message.
@@ -169,6 +294,17 @@ pub enum Message {
     Pong(u64),
     /// Stop the guest.
     Shutdown,
+    /// A filesystem request (a session of its own).
+    Fs(FsRequest),
+    /// Metadata (answer to [`FsRequest::Stat`]; END).
+    FsStat(FsStat),
+    /// Directory entries (answer to [`FsRequest::List`]; END).
+    FsEntries(Vec<FsEntry>),
+    /// A chunk of file data (agent to client for a read, client to agent for a write; an
+    /// empty chunk from the client ends a write).
+    FsData(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The request finished (END).
+    FsDone,
     /// A request failed.
     Error {
         /// Category.

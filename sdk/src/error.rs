@@ -14,6 +14,7 @@ pub type MicrosandboxResult<T> = Result<T, MicrosandboxError>;
 /// Everything that can go wrong talking to a sandbox. A command that runs and exits non-zero
 /// is not an error: look at [`ExecOutput::status`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MicrosandboxError {
     /// The sandbox name is not usable.
     #[error("invalid sandbox name {name:?}: {reason}")]
@@ -26,12 +27,70 @@ pub enum MicrosandboxError {
     /// A builder option is out of range.
     #[error("invalid sandbox configuration: {0}")]
     InvalidConfig(String),
-    /// A sandbox with this name is already running.
-    #[error("a sandbox named {0:?} is already running")]
+    /// A sandbox with this name already exists (running or stopped).
+    #[error("a sandbox named {0:?} already exists")]
     AlreadyExists(String),
-    /// No running sandbox has this name.
-    #[error("no running sandbox named {0:?}")]
+    /// No sandbox has this name.
+    #[error("no sandbox named {0:?}")]
     NotFound(String),
+    /// The sandbox is running, and the operation needs it stopped.
+    #[error("the sandbox {0:?} is still running; stop it first")]
+    StillRunning(String),
+    /// The sandbox is not running, and the operation needs it running.
+    #[error("the sandbox {0:?} is not running")]
+    NotRunning(String),
+    /// The image is neither a local directory nor an image archive, and is not in the
+    /// local image store.
+    #[error("image not found: {0}")]
+    ImageNotFound(String),
+    /// The image is malformed or could not be unpacked.
+    #[error("invalid image {image}: {reason}")]
+    InvalidImage {
+        /// The image as given.
+        image: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A blob of an image does not have the digest its manifest names.
+    #[error("digest mismatch in {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The blob (manifest, config or layer).
+        what: String,
+        /// The digest the manifest names.
+        expected: String,
+        /// The digest of what was read.
+        actual: String,
+    },
+    /// A patch targets a path that already exists in the image and does not set `replace`.
+    #[error("patch {index}: {path} already exists in the image (set replace to overwrite it)")]
+    PatchTargetExists {
+        /// Position of the patch (from 0).
+        index: usize,
+        /// Its guest path.
+        path: String,
+    },
+    /// A patch could not be applied.
+    #[error("patch {index} ({path}): {reason}")]
+    Patch {
+        /// Position of the patch (from 0).
+        index: usize,
+        /// Its guest path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A filesystem operation in the sandbox failed.
+    #[error("{op} {path}: {message}")]
+    Fs {
+        /// The operation (`read`, `write`, `stat`, ...).
+        op: &'static str,
+        /// The guest path.
+        path: String,
+        /// What kind of failure.
+        kind: FsErrorKind,
+        /// The guest's message.
+        message: String,
+    },
     /// The `msb-vmm` binary could not be found.
     #[error(
         "cannot find the msb-vmm binary (set MSB_VMM, or put it beside this program or on PATH)"
@@ -91,6 +150,49 @@ pub enum MicrosandboxError {
     Io(#[from] std::io::Error),
 }
 
+/// Kinds of [`MicrosandboxError::Fs`] failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FsErrorKind {
+    /// The path does not exist.
+    NotFound,
+    /// The path exists already.
+    AlreadyExists,
+    /// A directory was needed.
+    NotADirectory,
+    /// A non-directory was needed.
+    IsADirectory,
+    /// The directory is not empty.
+    DirectoryNotEmpty,
+    /// The guest refused access.
+    PermissionDenied,
+    /// The path is on a read-only filesystem (or volume).
+    ReadOnly,
+    /// The filesystem is full or over its size limit.
+    NoSpace,
+    /// The path or request is invalid (not absolute, too long, ...).
+    InvalidPath,
+    /// Anything else.
+    Other,
+}
+
+impl FsErrorKind {
+    pub(crate) fn from_agent(kind: ErrorKind) -> Self {
+        match kind {
+            ErrorKind::NotFound => FsErrorKind::NotFound,
+            ErrorKind::AlreadyExists => FsErrorKind::AlreadyExists,
+            ErrorKind::NotADirectory => FsErrorKind::NotADirectory,
+            ErrorKind::IsADirectory => FsErrorKind::IsADirectory,
+            ErrorKind::NotEmpty => FsErrorKind::DirectoryNotEmpty,
+            ErrorKind::PermissionDenied => FsErrorKind::PermissionDenied,
+            ErrorKind::ReadOnly => FsErrorKind::ReadOnly,
+            ErrorKind::NoSpace => FsErrorKind::NoSpace,
+            ErrorKind::InvalidRequest => FsErrorKind::InvalidPath,
+            _ => FsErrorKind::Other,
+        }
+    }
+}
+
 impl MicrosandboxError {
     /// The error for an agent's `Error` message.
     pub(crate) fn from_agent(kind: ErrorKind, message: String) -> Self {
@@ -101,7 +203,14 @@ impl MicrosandboxError {
             ErrorKind::Unavailable => MicrosandboxError::AgentUnavailable(message),
             ErrorKind::Busy => MicrosandboxError::Busy(message),
             ErrorKind::Version => MicrosandboxError::Version(message),
-            ErrorKind::UnknownSession | ErrorKind::Internal => MicrosandboxError::Agent(message),
+            ErrorKind::UnknownSession
+            | ErrorKind::Internal
+            | ErrorKind::AlreadyExists
+            | ErrorKind::NotADirectory
+            | ErrorKind::IsADirectory
+            | ErrorKind::NotEmpty
+            | ErrorKind::ReadOnly
+            | ErrorKind::NoSpace => MicrosandboxError::Agent(message),
         }
     }
 }

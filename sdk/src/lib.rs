@@ -21,13 +21,22 @@
 //! filesystem API and the persisted lifecycle come later.
 
 mod attach;
+mod config;
 mod conn;
 mod error;
 mod exec;
+mod fs;
+pub mod image;
+mod rootfs;
 mod sandbox;
+mod volume;
 
-pub use error::{MicrosandboxError, MicrosandboxResult};
+pub use config::{IntoImage, RootfsSource, SandboxConfig};
+pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
 pub use exec::{
     ExecEvent, ExecHandle, ExecOptions, ExecOutput, ExecSink, ExecStatus, Rlimit, Stdin,
 };
+pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
+pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::{msb_home, validate_name, Mebibytes, Sandbox, SandboxBuilder, MAX_NAME_LEN};
+pub use volume::{MountBuilder, VolumeMount};

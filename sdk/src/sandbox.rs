@@ -11,9 +11,13 @@ use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
+use crate::config::{self, Persisted, RootfsSource, SandboxConfig};
 use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
+use crate::fs::SandboxFs;
+use crate::rootfs::PatchBuilder;
+use crate::volume::{MountBuilder, VolumeMount};
 
 /// Longest sandbox name, bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -113,6 +117,16 @@ impl Paths {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
+
+    /// The writable layer shared with the guest: `upper/` and overlayfs' `work/`.
+    pub fn rw(&self) -> PathBuf {
+        self.dir.join("rw")
+    }
+
+    /// The persisted configuration.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
 }
 
 /// Finds `msb-vmm`: `$MSB_VMM`, else beside this program (or one directory up, for test
@@ -146,6 +160,10 @@ pub struct SandboxBuilder {
     shell: String,
     hostname: Option<String>,
     defaults: ExecDefaults,
+    image: RootfsSource,
+    patches: PatchBuilder,
+    scripts: Vec<(String, String)>,
+    volumes: Vec<(String, MountBuilder)>,
 }
 
 impl SandboxBuilder {
@@ -191,8 +209,68 @@ impl SandboxBuilder {
         self
     }
 
+    /// The root filesystem: an image archive (`docker save` or OCI archive), an OCI image
+    /// layout directory, or a plain directory (used read-only as the one image layer).
+    /// Without it the sandbox boots the default image (busybox). Registry references
+    /// (`"python:3.12"`) resolve only once they are in the local image store.
+    pub fn image(mut self, image: impl config::IntoImage) -> Self {
+        self.image = image.into_image();
+        self
+    }
+
+    /// Patches the root filesystem before the first boot (into the writable layer; the
+    /// image stays untouched). Patches apply in order.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microsandbox::MicrosandboxResult<()> {
+    /// let sb = microsandbox::Sandbox::builder("web")
+    ///     .patch(|p| p.mkdir("/app", Some(0o755)).text("/app/config.toml", "port = 80\n", None, false))
+    ///     .create()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn patch(mut self, f: impl FnOnce(PatchBuilder) -> PatchBuilder) -> Self {
+        self.patches = f(self.patches);
+        self
+    }
+
+    /// A script at `/.msb/scripts/<name>` (mode 0755, on `PATH`); a later script with the
+    /// same name replaces an earlier one.
+    pub fn script(mut self, name: impl Into<String>, content: impl Into<String>) -> Self {
+        let name = name.into();
+        self.scripts.retain(|(n, _)| *n != name);
+        self.scripts.push((name, content.into()));
+        self
+    }
+
+    /// A volume at `guest_path`: a host directory (`bind`), a named volume (`named`) or a
+    /// tmpfs (`tmpfs().size(MiB)`); a later volume at the same path replaces an earlier one.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microsandbox::MicrosandboxResult<()> {
+    /// let sb = microsandbox::Sandbox::builder("worker")
+    ///     .volume("/src", |v| v.bind("./src").readonly())
+    ///     .volume("/cache", |v| v.named("pip-cache"))
+    ///     .volume("/scratch", |v| v.tmpfs().size(64))
+    ///     .create()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn volume(
+        mut self,
+        guest_path: impl Into<String>,
+        f: impl FnOnce(MountBuilder) -> MountBuilder,
+    ) -> Self {
+        let guest = guest_path.into();
+        self.volumes.retain(|(g, _)| *g != guest);
+        let m = f(MountBuilder::default());
+        self.volumes.push((guest, m));
+        self
+    }
+
     /// Boots the sandbox and returns once its agent answers. The sandbox is attached: it
-    /// stops when the returned [`Sandbox`] is dropped or this process exits.
+    /// stops when the returned [`Sandbox`] is dropped or this process exits; its state
+    /// (configuration, writable layer, logs) stays until [`Sandbox::remove`].
     pub async fn create(self) -> MicrosandboxResult<Sandbox> {
         validate_name(&self.name)?;
         if self.cpus == 0 {
@@ -210,73 +288,172 @@ impl SandboxBuilder {
                 "the shell is empty".into(),
             ));
         }
+        let mut volumes = Vec::with_capacity(self.volumes.len());
+        for (guest, m) in self.volumes {
+            volumes.push(m.build(guest)?);
+        }
+        for (name, _) in &self.scripts {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(MicrosandboxError::InvalidConfig(format!(
+                    "invalid script name {name:?}"
+                )));
+            }
+        }
         let paths = Paths::for_name(&self.name)?;
-        if tokio::net::UnixStream::connect(&paths.control)
-            .await
-            .is_ok()
-        {
+        if answers(&paths.control).await {
             return Err(MicrosandboxError::AlreadyExists(self.name));
         }
-        let vmm = find_vmm()?;
-        let hostname = self.hostname.clone().unwrap_or_else(|| {
-            let h: String = self.name.chars().take(64).collect();
-            if h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            {
-                h
-            } else {
-                "sandbox".into()
-            }
-        });
-        let created_dir = !paths.dir.exists();
-        std::fs::create_dir_all(&paths.dir)?;
-        if let Some(run) = paths.control.parent() {
-            std::fs::create_dir_all(run)?;
-        }
-        let vmm_log = std::fs::File::create(paths.vmm_log())?;
-        // The VMM watches the read end: when this process is gone, so is the VM.
-        let (lifeline_r, lifeline_w) = std::io::pipe()?;
-        let mut cmd = Command::new(&vmm);
-        cmd.arg("--control-socket")
-            .arg(&paths.control)
-            .arg("--exec-log")
-            .arg(paths.exec_log())
-            .arg("--serial-log")
-            .arg(paths.dir.join("console.log"))
-            .args(["--memory", &self.memory.0.to_string()])
-            .args(["--cpus", &self.cpus.to_string()])
-            .args(["--hostname", &hostname])
-            .arg("--exit-with-stdin");
-        if let Some(k) = std::env::var_os("MSB_KERNEL") {
-            cmd.arg("--kernel").arg(k);
-        }
-        if let Some(i) = std::env::var_os("MSB_INITRD") {
-            cmd.arg("--initrd").arg(i);
-        }
-        cmd.stdin(Stdio::from(lifeline_r))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(vmm_log))
-            .kill_on_drop(true);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                if created_dir {
-                    let _ = std::fs::remove_dir_all(&paths.dir);
-                }
-                return Err(e.into());
-            }
+        let config = SandboxConfig {
+            name: self.name.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory.0,
+            image: self.image,
+            env: self.defaults.env,
+            workdir: self.defaults.workdir,
+            user: self.defaults.user,
+            shell: Some(self.shell),
+            hostname: self.hostname,
+            patches: self.patches.patches,
+            scripts: self.scripts,
+            volumes,
         };
-        let inner = Arc::new(Inner {
-            name: self.name,
-            paths,
-            shell: self.shell,
-            defaults: self.defaults,
-            vmm: Some(VmmProcess::watch(child, lifeline_w)),
-        });
-        let sandbox = Sandbox { inner };
-        sandbox.wait_ready().await?;
+        // The directory is the claim on the name: whoever creates it owns the sandbox.
+        std::fs::create_dir_all(paths.dir.parent().unwrap_or(&paths.dir))?;
+        match std::fs::create_dir(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(MicrosandboxError::AlreadyExists(config.name))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // From here on a failure removes everything this call made.
+        let mut claim = Claim(Some(paths.dir.clone()));
+        let home = msb_home();
+        let rw = paths.rw();
+        let prepared = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || config::prepare(&home, &config, &rw))
+                .await
+                .map_err(|e| MicrosandboxError::Agent(format!("rootfs preparation failed: {e}")))?
+        }?;
+        config::save(&paths.config(), &prepared)?;
+        let sandbox = spawn(paths, prepared).await?;
+        claim.0 = None;
         Ok(sandbox)
     }
+}
+
+/// Removes a half-created sandbox's directory unless disarmed.
+struct Claim(Option<PathBuf>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// True when a VMM answers on the control socket (the sandbox is running).
+async fn answers(control: &Path) -> bool {
+    tokio::net::UnixStream::connect(control).await.is_ok()
+}
+
+/// Starts the VMM of a prepared sandbox and waits for its agent.
+async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox> {
+    let config = &prepared.config;
+    let vmm = find_vmm()?;
+    let hostname = config.hostname.clone().unwrap_or_else(|| {
+        let h: String = config.name.chars().take(64).collect();
+        if h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            h
+        } else {
+            "sandbox".into()
+        }
+    });
+    if let Some(run) = paths.control.parent() {
+        std::fs::create_dir_all(run)?;
+    }
+    let vmm_log = std::fs::File::create(paths.vmm_log())?;
+    // The VMM watches the read end: when this process is gone, so is the VM.
+    let (lifeline_r, lifeline_w) = std::io::pipe()?;
+    let mut cmd = Command::new(&vmm);
+    cmd.arg("--control-socket")
+        .arg(&paths.control)
+        .arg("--exec-log")
+        .arg(paths.exec_log())
+        .arg("--serial-log")
+        .arg(paths.dir.join("console.log"))
+        .args(["--memory", &config.memory_mib.to_string()])
+        .args(["--cpus", &config.cpus.to_string()])
+        .args(["--hostname", &hostname])
+        .arg("--rw")
+        .arg(paths.rw())
+        .arg("--exit-with-stdin");
+    for layer in &prepared.layers {
+        cmd.arg("--layer").arg(layer);
+    }
+    let home = msb_home();
+    for v in &config.volumes {
+        match v {
+            VolumeMount::Bind {
+                guest,
+                host,
+                readonly,
+            } => {
+                cmd.arg(if *readonly { "--ro-volume" } else { "--volume" })
+                    .arg(guest)
+                    .arg(host);
+            }
+            VolumeMount::Named {
+                guest,
+                name,
+                readonly,
+            } => {
+                let dir = crate::volume::named_volume_dir(&home, name);
+                std::fs::create_dir_all(&dir)?;
+                cmd.arg(if *readonly { "--ro-volume" } else { "--volume" })
+                    .arg(guest)
+                    .arg(dir);
+            }
+            VolumeMount::Tmpfs { guest, size_mib } => {
+                let size = size_mib.map_or_else(|| "-".to_string(), |s| s.to_string());
+                cmd.arg("--tmpfs").arg(guest).arg(size);
+            }
+        }
+    }
+    if let Some(k) = std::env::var_os("MSB_KERNEL") {
+        cmd.arg("--kernel").arg(k);
+    }
+    if let Some(i) = std::env::var_os("MSB_INITRD") {
+        cmd.arg("--initrd").arg(i);
+    }
+    cmd.stdin(Stdio::from(lifeline_r))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(vmm_log))
+        .kill_on_drop(true);
+    let child = cmd.spawn()?;
+    let defaults = prepared.exec_defaults();
+    let inner = Arc::new(Inner {
+        name: config.name.clone(),
+        paths,
+        shell: config
+            .shell
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SHELL.to_string()),
+        defaults,
+        config: prepared.config,
+        vmm: Some(VmmProcess::watch(child, lifeline_w)),
+    });
+    let sandbox = Sandbox { inner };
+    if let Err(e) = sandbox.wait_ready().await {
+        // Nothing of this boot stays behind: the VMM goes, and with it the sockets.
+        let _ = sandbox.kill().await;
+        return Err(e);
+    }
+    Ok(sandbox)
 }
 
 #[derive(Debug)]
@@ -285,6 +462,7 @@ struct Inner {
     paths: Paths,
     shell: String,
     defaults: ExecDefaults,
+    config: SandboxConfig,
     /// The VMM this handle owns (none for [`Sandbox::over_control_socket`]).
     vmm: Option<VmmProcess>,
 }
@@ -378,6 +556,54 @@ impl Sandbox {
             shell: DEFAULT_SHELL.into(),
             hostname: None,
             defaults: ExecDefaults::default(),
+            image: RootfsSource::Default,
+            patches: PatchBuilder::default(),
+            scripts: Vec::new(),
+            volumes: Vec::new(),
+        }
+    }
+
+    /// Boots a stopped sandbox again from its persisted configuration and writable layer
+    /// (attached, as [`SandboxBuilder::create`]). Patches are not applied again: what they
+    /// wrote is in the writable layer already.
+    pub async fn start(name: &str) -> MicrosandboxResult<Sandbox> {
+        validate_name(name)?;
+        let paths = Paths::for_name(name)?;
+        let prepared = match config::load(&paths.config()) {
+            Ok(p) => p,
+            Err(MicrosandboxError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(MicrosandboxError::NotFound(name.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
+        if answers(&paths.control).await {
+            return Err(MicrosandboxError::StillRunning(name.to_string()));
+        }
+        for layer in &prepared.layers {
+            if !layer.is_dir() {
+                return Err(MicrosandboxError::ImageNotFound(format!(
+                    "layer {} of the sandbox {name:?} is gone",
+                    layer.display()
+                )));
+            }
+        }
+        spawn(paths, prepared).await
+    }
+
+    /// Deletes a stopped sandbox: its configuration, writable layer and logs (named
+    /// volumes stay). Fails with [`MicrosandboxError::StillRunning`] while it runs.
+    pub async fn remove(name: &str) -> MicrosandboxResult<()> {
+        validate_name(name)?;
+        let paths = Paths::for_name(name)?;
+        if answers(&paths.control).await {
+            return Err(MicrosandboxError::StillRunning(name.to_string()));
+        }
+        match tokio::fs::remove_dir_all(&paths.dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(MicrosandboxError::NotFound(name.to_string()))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -388,9 +614,11 @@ impl Sandbox {
         let dir = control
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let name = name.into();
         Sandbox {
             inner: Arc::new(Inner {
-                name: name.into(),
+                config: SandboxConfig::bare(name.clone()),
+                name,
                 paths: Paths { dir, control },
                 shell: DEFAULT_SHELL.into(),
                 defaults: ExecDefaults::default(),
@@ -402,6 +630,36 @@ impl Sandbox {
     /// The sandbox's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The sandbox's configuration.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.inner.config
+    }
+
+    /// Filesystem access inside the running sandbox.
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &microsandbox::Sandbox) -> microsandbox::MicrosandboxResult<()> {
+    /// sb.fs().write("/tmp/hello.txt", "hi").await?;
+    /// assert_eq!(sb.fs().read_to_string("/tmp/hello.txt").await?, "hi");
+    /// # Ok(()) }
+    /// ```
+    pub fn fs(&self) -> SandboxFs<'_> {
+        SandboxFs::new(self)
+    }
+
+    /// Removes this stopped sandbox's persisted state (see [`Sandbox::remove`]).
+    pub async fn remove_persisted(self) -> MicrosandboxResult<()> {
+        if self.vmm_pid().is_some() {
+            return Err(MicrosandboxError::StillRunning(self.inner.name.clone()));
+        }
+        let name = self.inner.name.clone();
+        Sandbox::remove(&name).await
+    }
+
+    pub(crate) fn control_path(&self) -> &Path {
+        &self.inner.paths.control
     }
 
     /// The sandbox's `exec.log` (JSON lines of every session's output).
@@ -485,7 +743,7 @@ impl Sandbox {
     ) -> MicrosandboxResult<ExecOutput> {
         let opts = f(ExecOptions::default());
         let timeout = opts.timeout;
-        let mut handle = self.start(cmd.into(), opts).await?;
+        let mut handle = self.start_exec(cmd.into(), opts).await?;
         if let Some(sink) = handle.take_stdin() {
             sink.close().await?;
         }
@@ -514,7 +772,7 @@ impl Sandbox {
         cmd: impl Into<String>,
         f: impl FnOnce(ExecOptions) -> ExecOptions,
     ) -> MicrosandboxResult<ExecHandle> {
-        self.start(cmd.into(), f(ExecOptions::default())).await
+        self.start_exec(cmd.into(), f(ExecOptions::default())).await
     }
 
     /// Runs `script` with the sandbox's shell (`sh -c script`) and collects its output.
@@ -546,7 +804,7 @@ impl Sandbox {
         &self.inner.shell
     }
 
-    async fn start(&self, cmd: String, opts: ExecOptions) -> MicrosandboxResult<ExecHandle> {
+    async fn start_exec(&self, cmd: String, opts: ExecOptions) -> MicrosandboxResult<ExecHandle> {
         let req = opts.request(cmd, &self.inner.defaults)?;
         ExecHandle::start(self.control(), req).await
     }

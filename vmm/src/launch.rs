@@ -5,9 +5,10 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use msb_devices::virtio::fs::{Share, ShareSource};
 use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
-use msb_protocol::bootcmd;
+use msb_protocol::bootcmd::{self, GuestMount};
 
 use crate::arch::x86_64::cpuid::CpuProfile;
 use crate::host::HostKind;
@@ -57,6 +58,44 @@ pub struct Launch {
     pub exec_log: Option<PathBuf>,
     /// The command to run in the guest (empty: serve clients until one shuts the VM down).
     pub command: Vec<OsString>,
+    /// Read-only image layers of the root filesystem, bottom first (empty: the default
+    /// root filesystem, built if missing).
+    pub layers: Vec<PathBuf>,
+    /// The writable layer: a host directory holding `upper/` and `work/` (created when
+    /// missing). Required by [`resolve`]; `msb-vmm` makes a temporary one when not given.
+    pub rw: Option<PathBuf>,
+    /// Volumes and tmpfs mounts, in the order given (parents are mounted before children).
+    pub mounts: Vec<MountSpec>,
+}
+
+/// A mount in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSpec {
+    /// A host directory (its own virtio-fs device).
+    Dir {
+        /// Absolute guest path.
+        guest: String,
+        /// Host directory.
+        host: PathBuf,
+        /// The guest may only read (enforced by the device).
+        readonly: bool,
+    },
+    /// A tmpfs.
+    Tmpfs {
+        /// Absolute guest path.
+        guest: String,
+        /// Size limit in MiB (the kernel's default when `None`).
+        size_mib: Option<u32>,
+    },
+}
+
+impl MountSpec {
+    /// The guest path.
+    pub fn guest(&self) -> &str {
+        match self {
+            MountSpec::Dir { guest, .. } | MountSpec::Tmpfs { guest, .. } => guest,
+        }
+    }
 }
 
 impl Default for Launch {
@@ -76,6 +115,9 @@ impl Default for Launch {
             control_socket: None,
             exec_log: None,
             command: Vec::new(),
+            layers: Vec::new(),
+            rw: None,
+            mounts: Vec::new(),
         }
     }
 }
@@ -111,6 +153,114 @@ pub enum LaunchError {
     /// The VMM rejected the config or failed.
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    /// No writable layer was given.
+    #[error("no writable layer (give --rw DIR)")]
+    NoRw,
+    /// A guest mount path is not an absolute, normalised path other than `/`.
+    #[error("invalid guest mount path {0:?}: use an absolute path without '.', '..' or '//', other than /")]
+    GuestPath(String),
+    /// Two mounts at one guest path.
+    #[error("two mounts at {0}")]
+    DuplicateMount(String),
+    /// A shared host directory is missing or is not a directory.
+    #[error("cannot share {path}: not an existing directory")]
+    HostDir {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The writable layer could not be prepared.
+    #[error("cannot prepare the writable layer {path}")]
+    Rw {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The virtio-fs tag of the `i`-th volume.
+pub fn volume_tag(i: usize) -> String {
+    format!("msbvol{i}")
+}
+
+/// True for an absolute guest path with no empty, `.` or `..` component, other than `/`.
+pub fn valid_guest_path(p: &str) -> bool {
+    p.len() > 1
+        && p.starts_with('/')
+        && !p.contains('\0')
+        && p[1..]
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The devices and command-line words for the root and the mounts of `launch`.
+fn shares(
+    launch: &Launch,
+    layers: Vec<PathBuf>,
+    rw: &std::path::Path,
+) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
+    for sub in ["upper", "work"] {
+        let p = rw.join(sub);
+        std::fs::create_dir_all(&p).map_err(|source| LaunchError::Rw { path: p, source })?;
+    }
+    for l in &layers {
+        if !l.is_dir() {
+            return Err(LaunchError::HostDir { path: l.clone() });
+        }
+    }
+    let mut words = vec![format!("{}={}", bootcmd::ROOT_KEY, layers.len())];
+    let mut shares = vec![Share {
+        tag: bootcmd::ROOT_TAG.into(),
+        source: ShareSource::Root {
+            layers,
+            rw: rw.to_path_buf(),
+        },
+    }];
+    // Parents before children, otherwise in the order given.
+    let mut mounts: Vec<&MountSpec> = launch.mounts.iter().collect();
+    mounts.sort_by_key(|m| m.guest().matches('/').count());
+    let mut seen = std::collections::HashSet::new();
+    for m in mounts {
+        let guest = m.guest();
+        if !valid_guest_path(guest) {
+            return Err(LaunchError::GuestPath(guest.into()));
+        }
+        if !seen.insert(guest.to_string()) {
+            return Err(LaunchError::DuplicateMount(guest.into()));
+        }
+        let mount = match m {
+            MountSpec::Dir {
+                guest,
+                host,
+                readonly,
+            } => {
+                if !host.is_dir() {
+                    return Err(LaunchError::HostDir { path: host.clone() });
+                }
+                let tag = volume_tag(shares.len() - 1);
+                shares.push(Share {
+                    tag: tag.clone(),
+                    source: ShareSource::Dir {
+                        path: host.clone(),
+                        readonly: *readonly,
+                    },
+                });
+                GuestMount::Virtiofs {
+                    tag,
+                    path: guest.clone(),
+                    readonly: *readonly,
+                }
+            }
+            MountSpec::Tmpfs { guest, size_mib } => GuestMount::Tmpfs {
+                path: guest.clone(),
+                size_mib: *size_mib,
+                readonly: false,
+            },
+        };
+        words.push(format!("{}={}", bootcmd::MOUNT_KEY, mount.encode()));
+    }
+    Ok((shares, words))
 }
 
 /// The kernel flavour for a host kind.
@@ -149,7 +299,7 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
 /// VM configuration.
 pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError> {
     let profile = CpuProfile::for_host(host);
-    let cmdline = kernel_cmdline(launch, profile)?;
+    let mut cmdline = kernel_cmdline(launch, profile)?;
     let mut cfg = VmConfig {
         memory_mib: launch.memory_mib,
         vcpus: launch.cpus,
@@ -157,7 +307,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         boot: BootSource::Kernel {
             kernel: PathBuf::new(),
             initrd: None,
-            cmdline,
+            cmdline: String::new(),
         },
         cpu_profile: profile,
         serial_log: launch.serial_log.clone(),
@@ -167,7 +317,9 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             guest_cid: GUEST_CID,
             uds_path: launch.vsock_path().ok_or(LaunchError::NoVsock)?,
         }),
+        fs: Vec::new(),
     };
+    let rw = launch.rw.as_deref().ok_or(LaunchError::NoRw)?;
     // Cheap checks first: bad input fails before any build.
     crate::vm::validate_basic(&cfg)?;
     if let Some(k) = &launch.kernel {
@@ -189,14 +341,28 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         Some(i) => i.clone(),
         None => msb_guest_kernel::ensure_initramfs(&mut Progress::new("initramfs"))?,
     };
+    let layers = if launch.layers.is_empty() {
+        vec![msb_guest_kernel::ensure_rootfs(&mut Progress::new(
+            "rootfs",
+        ))?]
+    } else {
+        launch.layers.clone()
+    };
+    let (fs, words) = shares(launch, layers, rw)?;
+    cfg.fs = fs;
+    for w in words {
+        cmdline.push(' ');
+        cmdline.push_str(&w);
+    }
     if let BootSource::Kernel {
         kernel: k,
         initrd: i,
-        ..
+        cmdline: c,
     } = &mut cfg.boot
     {
         *k = kernel;
         *i = Some(initrd);
+        *c = cmdline;
     }
     Ok(cfg)
 }
@@ -243,6 +409,113 @@ mod tests {
             resolve(&launch(), HostKind::HardwareKvm),
             Err(LaunchError::NoVsock)
         ));
+    }
+
+    #[test]
+    fn mounts_become_devices_and_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (host, rw, layer) = (
+            dir.path().join("h"),
+            dir.path().join("rw"),
+            dir.path().join("l"),
+        );
+        std::fs::create_dir_all(&host).expect("mkdir");
+        std::fs::create_dir_all(&layer).expect("mkdir");
+        let mut l = launch();
+        l.mounts = vec![
+            MountSpec::Dir {
+                guest: "/data/sub".into(),
+                host: host.clone(),
+                readonly: true,
+            },
+            MountSpec::Tmpfs {
+                guest: "/tmp".into(),
+                size_mib: Some(8),
+            },
+            MountSpec::Dir {
+                guest: "/data".into(),
+                host: host.clone(),
+                readonly: false,
+            },
+        ];
+        let (devs, words) = shares(&l, vec![layer.clone()], &rw).expect("valid");
+        assert!(rw.join("upper").is_dir() && rw.join("work").is_dir());
+        assert_eq!(devs.len(), 3);
+        assert_eq!(devs[0].tag, bootcmd::ROOT_TAG);
+        assert_eq!(words[0], "msb.root=1");
+        // Parents first: /tmp and /data (one level) before /data/sub.
+        let mounts: Vec<GuestMount> = words[1..]
+            .iter()
+            .map(|w| GuestMount::decode(w.strip_prefix("msb.mnt=").expect("key")).expect("decodes"))
+            .collect();
+        assert_eq!(mounts[0].path(), "/tmp");
+        assert_eq!(mounts[1].path(), "/data");
+        assert_eq!(mounts[2].path(), "/data/sub");
+        assert_eq!(
+            mounts[2],
+            GuestMount::Virtiofs {
+                tag: "msbvol1".into(),
+                path: "/data/sub".into(),
+                readonly: true
+            }
+        );
+        assert_eq!(
+            devs[2].source,
+            ShareSource::Dir {
+                path: host.clone(),
+                readonly: true
+            }
+        );
+
+        for bad in ["", "/", "rel", "/a/../b", "/a//b", "/a/.", "/a/"] {
+            let mut l = launch();
+            l.mounts = vec![MountSpec::Tmpfs {
+                guest: bad.into(),
+                size_mib: None,
+            }];
+            assert!(
+                matches!(shares_of(&l, &layer, &rw), Err(LaunchError::GuestPath(_))),
+                "{bad:?}"
+            );
+        }
+        let mut l = launch();
+        l.mounts = vec![
+            MountSpec::Tmpfs {
+                guest: "/x".into(),
+                size_mib: None,
+            },
+            MountSpec::Dir {
+                guest: "/x".into(),
+                host: host.clone(),
+                readonly: false,
+            },
+        ];
+        assert!(matches!(
+            shares_of(&l, &layer, &rw),
+            Err(LaunchError::DuplicateMount(_))
+        ));
+        let mut l = launch();
+        l.mounts = vec![MountSpec::Dir {
+            guest: "/x".into(),
+            host: dir.path().join("missing"),
+            readonly: false,
+        }];
+        assert!(matches!(
+            shares_of(&l, &layer, &rw),
+            Err(LaunchError::HostDir { .. })
+        ));
+        assert!(matches!(
+            shares(&launch(), vec![dir.path().join("nolayer")], &rw),
+            Err(LaunchError::HostDir { .. })
+        ));
+    }
+
+    fn shares_of(
+        l: &Launch,
+        layer: &std::path::Path,
+        rw: &std::path::Path,
+    ) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
+        shares(l, vec![layer.to_path_buf()], rw)
     }
 
     #[test]

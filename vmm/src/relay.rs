@@ -552,7 +552,8 @@ fn tap_reply(frame: &Frame, sessions: &Sessions, shared: &Shared) {
                 format!("session {g}: {how}{t}").as_bytes(),
             )
         }
-        Message::Error { kind, message } if frame.id != 0 => {
+        // Errors of sessions the tap knows (an exec); filesystem requests are not logged.
+        Message::Error { kind, message } if frame.id != 0 && global.is_some() => {
             let g = describe(global);
             log.append(
                 LogSource::System,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
+use msb_devices::virtio::fs::{mmio_transport as fs_transport, FsError, FsMetrics, Share};
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
@@ -43,6 +44,12 @@ const I8042_LEN: u64 = 5;
 /// First virtio-mmio window (right after the system device) and its interrupt.
 const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
 const VSOCK_IRQ: u32 = 5;
+/// virtio-fs devices follow the vsock window, one window and one interrupt each (IOAPIC
+/// pins 6 to 23; the MP table routes all 24).
+const FIRST_FS_IRQ: u32 = 6;
+const LAST_IRQ: u32 = 23;
+/// Most virtio-fs devices (root and volumes) one VM can have.
+pub const MAX_FS_DEVICES: usize = (LAST_IRQ - FIRST_FS_IRQ + 1) as usize;
 /// After a kernel panic line, how long to wait for the guest to reset on its own.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
 
@@ -97,6 +104,8 @@ pub struct VmConfig {
     pub console_echo: bool,
     /// A virtio-vsock device with this host socket and guest CID.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs devices, one per tag (the root first, then volumes).
+    pub fs: Vec<Share>,
 }
 
 /// Invalid configuration values.
@@ -121,6 +130,14 @@ pub enum ConfigError {
     TooManyVcpus {
         /// Requested.
         requested: u8,
+        /// Allowed.
+        max: usize,
+    },
+    /// More virtio-fs devices than interrupt lines.
+    #[error("{requested} shared directories (root and volumes); at most {max} fit")]
+    TooManyShares {
+        /// Requested.
+        requested: usize,
         /// Allowed.
         max: usize,
     },
@@ -159,6 +176,9 @@ pub enum VmmError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A virtio-fs device could not be created.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// The serial log could not be created.
     #[error("cannot create serial log {path}")]
     SerialLog {
@@ -213,6 +233,8 @@ pub struct VmOutcome {
     pub rss: Option<RssReport>,
     /// I/O accesses no device claimed (PIO, MMIO).
     pub unhandled_io: (u64, u64),
+    /// Counters of each virtio-fs device, by tag.
+    pub fs: Vec<(String, Arc<FsMetrics>)>,
 }
 
 enum VmEvent {
@@ -274,6 +296,7 @@ pub struct Vm {
     events: Receiver<VmEvent>,
     console: Arc<Mutex<ConsoleLog>>,
     times: Arc<Mutex<BootTimes>>,
+    fs_metrics: Vec<(String, Arc<FsMetrics>)>,
     _vm: Box<dyn HypervisorVm>,
     mem: GuestMemoryMmap,
 }
@@ -309,6 +332,13 @@ pub fn validate_basic(cfg: &VmConfig) -> Result<(), VmmError> {
     if cfg.vcpus == 0 {
         return Err(ConfigError::VcpusZero.into());
     }
+    if cfg.fs.len() > MAX_FS_DEVICES {
+        return Err(ConfigError::TooManyShares {
+            requested: cfg.fs.len(),
+            max: MAX_FS_DEVICES,
+        }
+        .into());
+    }
     let host_mib = crate::host::host_memory_bytes().map_err(VmmError::HostMemory)? >> 20;
     if cfg.memory_mib > host_mib {
         return Err(ConfigError::MemoryTooLarge {
@@ -343,6 +373,13 @@ impl Vm {
                 if cfg.vsock.is_some() {
                     cmdline.push_str(&format!(
                         " virtio_mmio.device={}K@{VIRTIO_MMIO_BASE:#x}:{VSOCK_IRQ}",
+                        MMIO_SIZE >> 10
+                    ));
+                }
+                for i in 0..cfg.fs.len() {
+                    let (base, irq) = fs_slot(i);
+                    cmdline.push_str(&format!(
+                        " virtio_mmio.device={}K@{base:#x}:{irq}",
                         MMIO_SIZE >> 10
                     ));
                 }
@@ -399,6 +436,14 @@ impl Vm {
             )));
             mmio.insert(VIRTIO_MMIO_BASE, MMIO_SIZE, transport)?;
         }
+        let mut fs_metrics = Vec::with_capacity(cfg.fs.len());
+        for (i, share) in cfg.fs.iter().enumerate() {
+            let (base, irq) = fs_slot(i);
+            let line = vm.interrupt_line(irq)?;
+            let (transport, metrics) = fs_transport(share, mem.clone(), line)?;
+            fs_metrics.push((share.tag.clone(), metrics));
+            mmio.insert(base, MMIO_SIZE, transport)?;
+        }
         let buses = Arc::new(Buses { pio, mmio });
 
         // vCPUs.
@@ -427,6 +472,7 @@ impl Vm {
             events,
             console,
             times,
+            fs_metrics,
             _vm: vm,
             mem,
         })
@@ -519,8 +565,17 @@ impl Vm {
             console_tail,
             rss,
             unhandled_io: (self.buses.pio.unhandled(), self.buses.mmio.unhandled()),
+            fs: self.fs_metrics.clone(),
         })
     }
+}
+
+/// MMIO base and interrupt line of the `i`-th virtio-fs device.
+fn fs_slot(i: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + (i as u64 + 1) * MMIO_SIZE,
+        FIRST_FS_IRQ + i as u32,
+    )
 }
 
 fn load_code(

@@ -161,9 +161,9 @@ fn kvm_device_not_permitted() {
         .arg(&bin_copy)
         .args(["--kvm-path"])
         .arg(&kvm)
-        .args([
-            "--kernel", &k, "--initrd", &i, "--memory", "16", "--", "true",
-        ])
+        .args(["--kernel", &k, "--initrd", &i, "--memory", "16", "--rootfs"])
+        .arg(dir.path())
+        .args(["--", "true"])
         .env("HOME", dir.path())
         .output()
         .expect("setpriv runs");

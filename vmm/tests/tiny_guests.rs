@@ -35,6 +35,7 @@ fn config(boot: BootSource) -> VmConfig {
         serial_log: None,
         console_echo: false,
         vsock: None,
+        fs: Vec::new(),
     }
 }
 

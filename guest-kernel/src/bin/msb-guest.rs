@@ -1,12 +1,13 @@
-//! `msb-guest`: builds the guest kernel and the default initramfs ahead of time and prints
+//! `msb-guest`: builds the guest kernel, the initramfs and the default root filesystem ahead of time and prints
 //! their paths (scripts and CI use it; `msb-vmm` does the same on demand).
 //!
 //! ```text
 //! msb-guest kernel [microvm|pvm-compat]
 //! msb-guest initramfs
+//! msb-guest rootfs
 //! ```
 
-use msb_guest_kernel::{ensure_initramfs, ensure_kernel, Flavour, Progress};
+use msb_guest_kernel::{ensure_initramfs, ensure_kernel, ensure_rootfs, Flavour, Progress};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,8 +23,11 @@ fn main() {
             }
         }
         Some("initramfs") => ensure_initramfs(&mut Progress::new("initramfs")),
+        Some("rootfs") => ensure_rootfs(&mut Progress::new("rootfs")),
         _ => {
-            eprintln!("usage: msb-guest kernel [microvm|pvm-compat] | msb-guest initramfs");
+            eprintln!(
+                "usage: msb-guest kernel [microvm|pvm-compat] | msb-guest initramfs | msb-guest rootfs"
+            );
             std::process::exit(2);
         }
     };

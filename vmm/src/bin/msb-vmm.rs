@@ -5,8 +5,16 @@
 //! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
 //!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
 //!         [--append WORD]... [--report FILE] [--vsock-socket PATH]
-//!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] -- CMD ARGS...
+//!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin]
+//!         [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]...
+//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... -- CMD ARGS...
 //! ```
+//! The root filesystem is an overlay of read-only layers (`--layer`, bottom first;
+//! `--rootfs DIR` is one layer; default: the default root filesystem) under a writable
+//! layer `--rw DIR` (a temporary directory, removed at exit, when not given), shared over
+//! virtio-fs. `--volume`/`--ro-volume` share a host directory at a guest path (read-only
+//! enforced by the device); `--tmpfs` mounts a tmpfs of that many MiB (`-`: the kernel's
+//! default size).
 //! With `--vsock-socket` and no command, the agent serves exec requests over vsock (host
 //! clients connect to the socket and send `CONNECT 1024`) until one asks it to shut down.
 //! `--control-socket` serves the same protocol to host clients through a relay that taps
@@ -25,8 +33,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use msb_devices::virtio::fs::FsMetrics;
 use msb_vmm::host::HostKind;
-use msb_vmm::launch::{self, Launch};
+use msb_vmm::launch::{self, Launch, MountSpec};
 use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::runner::{self, CommandEnd};
 use msb_vmm::vm::{Vm, VmEnd, VmOutcome};
@@ -37,7 +46,9 @@ const TAIL_IN_ERROR: usize = 20;
 const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] \
 [--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
 [--append WORD]... [--report FILE] [--vsock-socket PATH] \
-[--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] -- CMD ARGS...";
+[--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
+[--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]... [--ro-volume GUEST HOST]... \
+[--tmpfs GUEST MiB|-]... -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
@@ -86,6 +97,31 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--control-socket" => launch.control_socket = Some(value("a path")?.into()),
             "--exec-log" => launch.exec_log = Some(value("a path")?.into()),
             "--exit-with-stdin" => exit_with_stdin = true,
+            "--layer" | "--rootfs" => launch.layers.push(value("a directory")?.into()),
+            "--rw" => launch.rw = Some(value("a directory")?.into()),
+            "--volume" | "--ro-volume" => {
+                let guest = value("a guest path and a host directory")?;
+                let host = value("a host directory after the guest path")?;
+                launch.mounts.push(MountSpec::Dir {
+                    guest: guest.to_string_lossy().into_owned(),
+                    host: host.into(),
+                    readonly: name == "--ro-volume",
+                });
+            }
+            "--tmpfs" => {
+                let guest = value("a guest path and a size")?;
+                let size = value("a size in MiB (or -) after the guest path")?;
+                let size_mib = match size.to_string_lossy().as_ref() {
+                    "-" => None,
+                    v => Some(v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("--tmpfs needs a size in MiB above 0 or -, got {v:?}")
+                    })?),
+                };
+                launch.mounts.push(MountSpec::Tmpfs {
+                    guest: guest.to_string_lossy().into_owned(),
+                    size_mib,
+                });
+            }
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown option {name}")),
         }
@@ -136,6 +172,13 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
         "vmm_total_ms": ms(Some(total)),
         "vmm_rss_kib": o.rss.map(|r| r.vmm_kib),
         "guest_rss_kib": o.rss.map(|r| r.guest_kib),
+        "fs": o.fs.iter().map(|(tag, m)| (tag.clone(), serde_json::json!({
+            "requests": FsMetrics::get(&m.requests),
+            "read_bytes": FsMetrics::get(&m.read_bytes),
+            "write_bytes": FsMetrics::get(&m.write_bytes),
+            "errors": FsMetrics::get(&m.errors),
+            "bad_requests": FsMetrics::get(&m.bad_requests),
+        }))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "end": format!("{:?}", o.end),
     });
     if let Err(e) = std::fs::write(path, format!("{report}\n")) {
@@ -165,12 +208,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A private directory for the vsock socket of a one-command VM, removed on drop.
+/// A private directory, removed on drop, for what the caller did not give: the vsock
+/// socket of a one-command VM (no client will look for it) and the writable layer of a VM
+/// whose writes need not outlive it.
 struct PrivateDir(Option<PathBuf>);
 
 impl PrivateDir {
-    fn for_command(launch: &mut Launch) -> PrivateDir {
-        if launch.command.is_empty() || launch.vsock_path().is_some() {
+    fn fill_in(launch: &mut Launch) -> PrivateDir {
+        let needs_socket = !launch.command.is_empty() && launch.vsock_path().is_none();
+        if !needs_socket && launch.rw.is_some() {
             return PrivateDir(None);
         }
         let nanos = std::time::SystemTime::now()
@@ -178,10 +224,15 @@ impl PrivateDir {
             .map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
         if std::fs::create_dir(&dir).is_err() {
-            // `resolve` then reports that no socket path is set.
+            // `resolve` then reports that no socket path or writable layer is set.
             return PrivateDir(None);
         }
-        launch.vsock_socket = Some(dir.join("v.sock"));
+        if needs_socket {
+            launch.vsock_socket = Some(dir.join("v.sock"));
+        }
+        if launch.rw.is_none() {
+            launch.rw = Some(dir.join("rw"));
+        }
         PrivateDir(Some(dir))
     }
 }
@@ -218,6 +269,22 @@ fn watch_stdin(sockets: Vec<PathBuf>) {
     }
 }
 
+/// The virtio-fs devices keep a descriptor per guest-visible inode: allow as many as the
+/// hard limit does.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own; setrlimit only reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
@@ -238,8 +305,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
         }
     };
-    // A command needs a vsock socket no client will look for: a private one.
-    let private = PrivateDir::for_command(&mut args.launch);
+    raise_fd_limit();
+    let private = PrivateDir::fill_in(&mut args.launch);
     let host = HostKind::detect();
     let cfg = match launch::resolve(&args.launch, host) {
         Ok(c) => c,

@@ -1,0 +1,336 @@
+//! Filesystem requests: the SDK's `fs()` API, served in the guest so it sees exactly what
+//! commands see (the overlay root, volumes, tmpfs). Each request is a session of its own;
+//! file data moves in [`FS_CHUNK`] frames, so a file of any size needs bounded memory on
+//! both sides and a slow peer slows the transfer, not the agent.
+//!
+//! A write goes to a temporary file beside the target that replaces it only once every
+//! chunk has arrived: a failed or abandoned write leaves the target as it was.
+
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::UNIX_EPOCH;
+
+use msb_protocol::frame::Frame;
+use msb_protocol::message::{ErrorKind, FsEntry, FsKind, FsRequest, FsStat, Message, FS_CHUNK};
+
+use crate::server::{error, send, Writer};
+
+/// Mode of a file a write creates when the request names none.
+const DEFAULT_FILE_MODE: u32 = 0o644;
+
+/// The protocol's error kind for an I/O error.
+pub(crate) fn kind_of(e: &io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ErrorKind::NotFound,
+        Some(libc::EEXIST) => ErrorKind::AlreadyExists,
+        Some(libc::ENOTDIR) => ErrorKind::NotADirectory,
+        Some(libc::EISDIR) => ErrorKind::IsADirectory,
+        Some(libc::ENOTEMPTY) => ErrorKind::NotEmpty,
+        Some(libc::EROFS) => ErrorKind::ReadOnly,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorKind::NoSpace,
+        Some(libc::EACCES | libc::EPERM) => ErrorKind::PermissionDenied,
+        Some(libc::EINVAL | libc::ENAMETOOLONG | libc::ELOOP) => ErrorKind::InvalidRequest,
+        _ => ErrorKind::Internal,
+    }
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// An absolute guest path from a request.
+fn guest_path(p: &str) -> io::Result<PathBuf> {
+    if !p.starts_with('/') || p.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{p:?} is not an absolute path"),
+        ));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// The wire form of `meta` (of `path`, for a symlink's target).
+pub(crate) fn stat_of(path: &Path, meta: &Metadata) -> FsStat {
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        FsKind::Directory
+    } else if ft.is_file() {
+        FsKind::File
+    } else if ft.is_symlink() {
+        FsKind::Symlink
+    } else {
+        FsKind::Other
+    };
+    let mtime_ms = meta
+        .modified()
+        .ok()
+        .and_then(|t| match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).ok(),
+            Err(e) => i64::try_from(e.duration().as_millis()).ok().map(|m| -m),
+        })
+        .unwrap_or(0);
+    FsStat {
+        kind,
+        size: meta.len(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_ms,
+        target: ft
+            .is_symlink()
+            .then(|| fs::read_link(path).ok())
+            .flatten()
+            .map(|t| t.to_string_lossy().into_owned()),
+    }
+}
+
+/// Answers `req` on session `id`. `data` carries the chunks of a write (an empty chunk ends
+/// them; a closed channel means the client went away and the write is abandoned).
+pub(crate) fn serve(id: u32, req: FsRequest, writer: &Writer, data: Option<Receiver<Vec<u8>>>) {
+    let result = match req {
+        FsRequest::Stat { path, follow } => guest_path(&path)
+            .and_then(|p| {
+                let meta = if follow {
+                    fs::metadata(&p)
+                } else {
+                    fs::symlink_metadata(&p)
+                }?;
+                Ok(stat_of(&p, &meta))
+            })
+            .map(|s| Some(Message::FsStat(s))),
+        FsRequest::List { path } => guest_path(&path)
+            .and_then(|p| list(&p))
+            .map(|e| Some(Message::FsEntries(e))),
+        FsRequest::Read { path } => guest_path(&path).and_then(|p| read(id, &p, writer)),
+        FsRequest::Write { path, mode } => match data {
+            Some(rx) => guest_path(&path).and_then(|p| write(&p, mode, &rx)),
+            None => Err(errno(libc::EINVAL)),
+        },
+        FsRequest::Mkdir {
+            path,
+            mode,
+            parents,
+        } => guest_path(&path)
+            .and_then(|p| mkdir(&p, mode, parents))
+            .map(|()| Some(Message::FsDone)),
+        FsRequest::Remove { path } => guest_path(&path)
+            .and_then(|p| {
+                if fs::symlink_metadata(&p)?.is_dir() {
+                    return Err(errno(libc::EISDIR));
+                }
+                fs::remove_file(&p)
+            })
+            .map(|()| Some(Message::FsDone)),
+        FsRequest::RemoveDir { path, recursive } => guest_path(&path)
+            .and_then(|p| {
+                if !fs::symlink_metadata(&p)?.is_dir() {
+                    return Err(errno(libc::ENOTDIR));
+                }
+                if recursive {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_dir(&p)
+                }
+            })
+            .map(|()| Some(Message::FsDone)),
+        FsRequest::Rename { from, to } => guest_path(&from)
+            .and_then(|f| Ok((f, guest_path(&to)?)))
+            .and_then(|(f, t)| fs::rename(f, t))
+            .map(|()| Some(Message::FsDone)),
+        FsRequest::Copy { from, to } => guest_path(&from)
+            .and_then(|f| Ok((f, guest_path(&to)?)))
+            .and_then(|(f, t)| copy(&f, &t))
+            .map(|()| Some(Message::FsDone)),
+    };
+    match result {
+        Ok(Some(reply)) => {
+            send(writer, &Frame::new(id, reply).end());
+        }
+        // The client went away (an abandoned write): nobody to answer.
+        Ok(None) => {}
+        Err(e) => error(writer, id, kind_of(&e), e.to_string()),
+    }
+}
+
+fn list(dir: &Path) -> io::Result<Vec<FsEntry>> {
+    let mut entries = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let path = e.path();
+        // An entry removed while we list is simply not listed.
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        entries.push(FsEntry {
+            name: e.file_name().to_string_lossy().into_owned(),
+            stat: stat_of(&path, &meta),
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Streams a regular file as chunks, then `FsDone`.
+fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
+    let mut f = File::open(path)?;
+    if f.metadata()?.is_dir() {
+        return Err(errno(libc::EISDIR));
+    }
+    let mut buf = vec![0u8; FS_CHUNK];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok(Some(Message::FsDone)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if !send(writer, &Frame::new(id, Message::FsData(buf[..n].to_vec()))) {
+            // The client is gone.
+            return Ok(None);
+        }
+    }
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Removes the temporary file unless the write completed.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Writes the chunks from `rx` to a temporary file beside `path`, then renames it over
+/// `path`. An existing file keeps its owner, and its mode unless `mode` is given; a final
+/// symlink is followed.
+fn write(path: &Path, mode: Option<u32>, rx: &Receiver<Vec<u8>>) -> io::Result<Option<Message>> {
+    let target = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)?,
+        _ => path.to_path_buf(),
+    };
+    let existing = match fs::metadata(&target) {
+        Ok(m) if m.is_dir() => return Err(errno(libc::EISDIR)),
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(errno(libc::EINVAL));
+    };
+    let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp_path = dir.join(format!(".{}.msb-write-{seq}", name.to_string_lossy()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp_path)?;
+    let mut tmp = TempFile(Some(tmp_path.clone()));
+    loop {
+        match rx.recv() {
+            Ok(chunk) if chunk.is_empty() => break,
+            Ok(chunk) => f.write_all(&chunk)?,
+            // The client went away mid-write: the target stays as it was.
+            Err(_) => return Ok(None),
+        }
+    }
+    if let Some(m) = &existing {
+        std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+    }
+    let mode = match (mode, &existing) {
+        (Some(mode), _) => mode,
+        (None, Some(m)) => m.mode(),
+        (None, None) => DEFAULT_FILE_MODE,
+    };
+    // After the chown, which clears setuid and setgid bits.
+    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+    drop(f);
+    fs::rename(&tmp_path, &target)?;
+    tmp.0 = None;
+    Ok(Some(Message::FsDone))
+}
+
+fn mkdir(path: &Path, mode: u32, parents: bool) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.mode(mode & 0o7777).recursive(parents);
+    b.create(path)?;
+    // The umask trimmed the mode; the caller asked for exactly this one.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
+}
+
+fn copy(from: &Path, to: &Path) -> io::Result<()> {
+    if fs::metadata(from)?.is_dir() {
+        return Err(errno(libc::EISDIR));
+    }
+    fs::copy(from, to).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_kinds() {
+        assert_eq!(kind_of(&errno(libc::ENOENT)), ErrorKind::NotFound);
+        assert_eq!(kind_of(&errno(libc::EROFS)), ErrorKind::ReadOnly);
+        assert_eq!(kind_of(&errno(libc::ENOSPC)), ErrorKind::NoSpace);
+        assert_eq!(kind_of(&errno(libc::ENOTEMPTY)), ErrorKind::NotEmpty);
+        assert_eq!(kind_of(&errno(libc::EIO)), ErrorKind::Internal);
+        assert!(guest_path("relative").is_err());
+        assert!(guest_path("/ok").is_ok());
+    }
+
+    #[test]
+    fn a_write_replaces_only_when_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("f");
+        fs::write(&target, b"old").expect("write");
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o640)).expect("chmod");
+
+        // Abandoned half way: the old contents stay, no temporary file is left.
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(b"new".to_vec()).expect("send");
+        drop(tx);
+        assert!(matches!(write(&target, None, &rx), Ok(None)));
+        assert_eq!(fs::read(&target).expect("read"), b"old");
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
+
+        // Complete: new contents, the old mode kept.
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        for c in [b"ne".to_vec(), b"w".to_vec(), vec![]] {
+            tx.send(c).expect("send");
+        }
+        assert!(matches!(
+            write(&target, None, &rx),
+            Ok(Some(Message::FsDone))
+        ));
+        assert_eq!(fs::read(&target).expect("read"), b"new");
+        let mode = fs::metadata(&target).expect("stat").mode() & 0o7777;
+        assert_eq!(mode, 0o640);
+
+        // A mode given replaces the old one.
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(vec![]).expect("send");
+        assert!(write(&target, Some(0o4711), &rx).is_ok());
+        assert_eq!(fs::metadata(&target).expect("stat").mode() & 0o7777, 0o4711);
+
+        // A new file gets the requested mode.
+        let fresh = dir.path().join("g");
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(vec![]).expect("send");
+        assert!(write(&fresh, Some(0o751), &rx).is_ok());
+        assert_eq!(fs::metadata(&fresh).expect("stat").mode() & 0o7777, 0o751);
+
+        // A directory is refused.
+        let (_tx, rx) = std::sync::mpsc::sync_channel(4);
+        let e = write(dir.path(), None, &rx).expect_err("a directory");
+        assert_eq!(kind_of(&e), ErrorKind::IsADirectory);
+    }
+}

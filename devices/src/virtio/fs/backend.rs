@@ -1,0 +1,150 @@
+//! The filesystems a virtio-fs device serves.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use super::readonly::ReadOnly;
+use super::FsError;
+
+/// How long the guest may cache names and attributes of files that only it changes (image
+/// layers never change; the writable layer changes only through the guest).
+const STABLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The same for host directories the host may change under the guest (volumes).
+const SHARED_TIMEOUT: Duration = Duration::from_secs(1);
+/// Most image layers one root can have.
+pub const MAX_LAYERS: usize = 128;
+
+/// What one device shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareSource {
+    /// A host directory (a volume).
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The guest may only read.
+        readonly: bool,
+    },
+    /// The sandbox root: read-only layers (bottom first) at `/l/<i>` and the writable
+    /// directory (holding `upper/` and `work/`) at `/rw`.
+    Root {
+        /// Image layers, bottom first.
+        layers: Vec<PathBuf>,
+        /// The writable layer.
+        rw: PathBuf,
+    },
+}
+
+/// One device's tag and filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The tag the guest mounts.
+    pub tag: String,
+    /// What it serves.
+    pub source: ShareSource,
+}
+
+fn check_dir(path: &Path) -> Result<(), FsError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(FsError::NotADirectory { path: path.into() }),
+        Err(source) => Err(FsError::Open {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// A passthrough filesystem over `path`, its root opened.
+pub fn passthrough(path: &Path, timeout: Duration) -> Result<PassthroughFs, FsError> {
+    check_dir(path)?;
+    let open_err = |source| FsError::Open {
+        path: path.into(),
+        source,
+    };
+    let cfg = Config {
+        root_dir: path.to_string_lossy().into_owned(),
+        // overlayfs keeps its opaque-directory and whiteout markers in xattrs.
+        xattr: true,
+        cache_policy: if timeout == STABLE_TIMEOUT {
+            CachePolicy::Always
+        } else {
+            CachePolicy::Auto
+        },
+        entry_timeout: timeout,
+        attr_timeout: timeout,
+        // Writes go to the host as the guest makes them: nothing is lost with the VM.
+        writeback: false,
+        ..Config::default()
+    };
+    let fs = PassthroughFs::new(cfg).map_err(open_err)?;
+    fs.import().map_err(open_err)?;
+    Ok(fs)
+}
+
+/// The filesystem built for one share (each kind is its own type; a device is generic
+/// over it).
+pub enum Built {
+    /// A writable host directory.
+    Dir(PassthroughFs),
+    /// A host directory the guest may only read.
+    ReadOnlyDir(ReadOnly<PassthroughFs>),
+    /// The sandbox root.
+    Root(Vfs),
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Built::Dir(_) => "Built::Dir",
+            Built::ReadOnlyDir(_) => "Built::ReadOnlyDir",
+            Built::Root(_) => "Built::Root",
+        })
+    }
+}
+
+/// Builds the filesystem for `source`.
+pub fn build(source: &ShareSource) -> Result<Built, FsError> {
+    Ok(match source {
+        ShareSource::Dir {
+            path,
+            readonly: false,
+        } => Built::Dir(passthrough(path, SHARED_TIMEOUT)?),
+        ShareSource::Dir {
+            path,
+            readonly: true,
+        } => Built::ReadOnlyDir(ReadOnly(passthrough(path, SHARED_TIMEOUT)?)),
+        ShareSource::Root { layers, rw } => Built::Root(root(layers, rw)?),
+    })
+}
+
+/// The root: a Vfs with each layer read-only at `/l/<i>` and `rw` at `/rw`.
+pub fn root(layers: &[PathBuf], rw: &Path) -> Result<Vfs, FsError> {
+    if layers.is_empty() || layers.len() > MAX_LAYERS {
+        return Err(FsError::LayerCount {
+            got: layers.len(),
+            max: MAX_LAYERS,
+        });
+    }
+    let vfs = Vfs::new(VfsOptions {
+        // Every open and opendir goes to the backends (they keep real file handles).
+        no_open: false,
+        no_opendir: false,
+        // Write-through: a write is on the host when the guest's write returns.
+        no_writeback: true,
+        ..VfsOptions::default()
+    });
+    let mount = |fs: BackFileSystem, at: &str| {
+        vfs.mount(fs, at)
+            .map(|_| ())
+            .map_err(|e| FsError::Vfs(format!("mounting {at}: {e:?}")))
+    };
+    for (i, layer) in layers.iter().enumerate() {
+        let fs = ReadOnly(passthrough(layer, STABLE_TIMEOUT)?);
+        mount(Box::new(fs), &format!("/l/{i}"))?;
+    }
+    mount(Box::new(passthrough(rw, STABLE_TIMEOUT)?), "/rw")?;
+    Ok(vfs)
+}

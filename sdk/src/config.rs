@@ -1,0 +1,357 @@
+//! A sandbox's configuration, how it is persisted, and how its root filesystem is prepared
+//! before the first boot.
+//!
+//! `$MSB_HOME/sandboxes/<name>/config.json` holds the [`SandboxConfig`] with what
+//! preparing it resolved: the image's layer directories (bottom first) and the image's
+//! runtime configuration (environment, working directory, user). The writable layer is
+//! `rw/upper` beside it (with overlayfs' `rw/work`); both survive a stop, so a start boots
+//! the same filesystem again.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::exec::ExecDefaults;
+use crate::image::{self, ImageConfig, ImageError, LayerStore};
+use crate::rootfs::patch::{PatchFailure, Patcher};
+use crate::rootfs::Patch;
+use crate::volume::VolumeMount;
+
+/// Where a sandbox's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootfsSource {
+    /// The default image: busybox.
+    Default,
+    /// A host directory, used read-only as the one image layer, or an OCI image layout
+    /// directory (one with an `oci-layout` file).
+    Directory(PathBuf),
+    /// An image tarball (`docker save` or an OCI archive), gzip-compressed or not.
+    Archive(PathBuf),
+    /// An image reference such as `python:3.12`.
+    Oci(String),
+}
+
+/// Anything [`SandboxBuilder::image`](crate::SandboxBuilder::image) accepts: a path (an
+/// existing directory or file), or an image reference.
+pub trait IntoImage {
+    /// Where the root filesystem comes from.
+    fn into_image(self) -> RootfsSource;
+}
+
+impl IntoImage for RootfsSource {
+    fn into_image(self) -> RootfsSource {
+        self
+    }
+}
+
+impl IntoImage for &Path {
+    fn into_image(self) -> RootfsSource {
+        if self.is_file() {
+            RootfsSource::Archive(self.to_path_buf())
+        } else {
+            RootfsSource::Directory(self.to_path_buf())
+        }
+    }
+}
+
+impl IntoImage for PathBuf {
+    fn into_image(self) -> RootfsSource {
+        self.as_path().into_image()
+    }
+}
+
+impl IntoImage for &PathBuf {
+    fn into_image(self) -> RootfsSource {
+        self.as_path().into_image()
+    }
+}
+
+impl IntoImage for &str {
+    /// A string that names an existing path, or starts with `/` or `.`, is a path;
+    /// anything else is an image reference.
+    fn into_image(self) -> RootfsSource {
+        let p = Path::new(self);
+        if p.exists() || self.starts_with('/') || self.starts_with('.') {
+            p.into_image()
+        } else {
+            RootfsSource::Oci(self.to_string())
+        }
+    }
+}
+
+impl IntoImage for String {
+    fn into_image(self) -> RootfsSource {
+        self.as_str().into_image()
+    }
+}
+
+/// The full configuration of a sandbox, as created (see
+/// [`Sandbox::config`](crate::Sandbox::config)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SandboxConfig {
+    /// Name.
+    pub name: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Root filesystem source.
+    pub image: RootfsSource,
+    /// Environment of every command (on top of the image's).
+    pub env: Vec<(String, String)>,
+    /// Default working directory (else the image's).
+    pub workdir: Option<String>,
+    /// Default user (else the image's).
+    pub user: Option<String>,
+    /// Shell of [`Sandbox::shell`](crate::Sandbox::shell).
+    pub shell: Option<String>,
+    /// Guest hostname.
+    pub hostname: Option<String>,
+    /// Root filesystem patches, applied before the first boot.
+    pub patches: Vec<Patch>,
+    /// Scripts at `/.msb/scripts/<name>`.
+    pub scripts: Vec<(String, String)>,
+    /// Volumes.
+    pub volumes: Vec<VolumeMount>,
+}
+
+impl SandboxConfig {
+    /// A configuration with nothing but a name (for handles over someone else's socket).
+    pub(crate) fn bare(name: String) -> Self {
+        SandboxConfig {
+            name,
+            cpus: 1,
+            memory_mib: crate::sandbox::DEFAULT_MEMORY_MIB,
+            image: RootfsSource::Default,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            shell: None,
+            hostname: None,
+            patches: Vec::new(),
+            scripts: Vec::new(),
+            volumes: Vec::new(),
+        }
+    }
+}
+
+/// What `config.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Persisted {
+    /// The configuration as created.
+    pub config: SandboxConfig,
+    /// The image's layer directories, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// The image's runtime configuration.
+    pub image: ImageConfig,
+}
+
+impl Persisted {
+    /// Command defaults: the image's environment with the sandbox's on top, the sandbox's
+    /// working directory and user, else the image's.
+    pub(crate) fn exec_defaults(&self) -> ExecDefaults {
+        let mut env = self.image.env.clone();
+        env.extend(self.config.env.iter().cloned());
+        ExecDefaults {
+            env,
+            workdir: self
+                .config
+                .workdir
+                .clone()
+                .or_else(|| self.image.workdir.clone().filter(|w| !w.is_empty())),
+            user: self
+                .config
+                .user
+                .clone()
+                .or_else(|| self.image.user.clone().filter(|u| !u.is_empty())),
+        }
+    }
+}
+
+/// Writes `config.json` (a temporary file renamed into place: never half-written).
+pub(crate) fn save(path: &Path, p: &Persisted) -> MicrosandboxResult<()> {
+    let json = serde_json::to_vec_pretty(p)
+        .map_err(|e| MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}")))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads `config.json`.
+pub(crate) fn load(path: &Path) -> MicrosandboxResult<Persisted> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        MicrosandboxError::InvalidConfig(format!("{} is damaged: {e}", path.display()))
+    })
+}
+
+fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
+    match e {
+        ImageError::DigestMismatch {
+            what,
+            expected,
+            actual,
+        } => MicrosandboxError::DigestMismatch {
+            what,
+            expected,
+            actual,
+        },
+        other => {
+            let mut reason = other.to_string();
+            let mut cur = std::error::Error::source(&other);
+            while let Some(c) = cur {
+                reason.push_str(": ");
+                reason.push_str(&c.to_string());
+                cur = c.source();
+            }
+            MicrosandboxError::InvalidImage {
+                image: image.to_string(),
+                reason,
+            }
+        }
+    }
+}
+
+/// The image's layers (bottom first) and runtime configuration, unpacking what the layer
+/// store lacks.
+fn resolve_image(
+    home: &Path,
+    source: &RootfsSource,
+) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig)> {
+    let store = LayerStore::new(home);
+    match source {
+        RootfsSource::Default => {
+            let dir =
+                msb_guest_kernel::ensure_rootfs(&mut msb_guest_kernel::Progress::new("rootfs"))
+                    .map_err(|e| {
+                        MicrosandboxError::ImageNotFound(format!("the default image: {e}"))
+                    })?;
+            Ok((vec![dir], ImageConfig::default()))
+        }
+        RootfsSource::Directory(d) => {
+            let shown = d.display().to_string();
+            let dir = std::fs::canonicalize(d)
+                .ok()
+                .filter(|d| d.is_dir())
+                .ok_or_else(|| {
+                    MicrosandboxError::ImageNotFound(format!("{shown}: no such directory"))
+                })?;
+            if dir.join("oci-layout").is_file() {
+                let img = image::load_layout(&dir, &store).map_err(|e| image_error(&shown, e))?;
+                return Ok((img.layers, img.config));
+            }
+            Ok((vec![dir], ImageConfig::default()))
+        }
+        RootfsSource::Archive(f) => {
+            let shown = f.display().to_string();
+            if !f.is_file() {
+                return Err(MicrosandboxError::ImageNotFound(format!(
+                    "{shown}: no such file"
+                )));
+            }
+            let img = image::load_archive(f, &store).map_err(|e| image_error(&shown, e))?;
+            Ok((img.layers, img.config))
+        }
+        RootfsSource::Oci(reference) => Err(MicrosandboxError::ImageNotFound(format!(
+            "{reference}: not a local directory or image archive, and pulling from a \\
+             registry is not implemented yet"
+        ))),
+    }
+}
+
+/// Resolves the image and writes the patches and scripts into `rw/upper` (creating it):
+/// everything a first boot needs. Blocking; run it off the async runtime.
+pub(crate) fn prepare(
+    home: &Path,
+    config: &SandboxConfig,
+    rw: &Path,
+) -> MicrosandboxResult<Persisted> {
+    let (layers, image) = resolve_image(home, &config.image)?;
+    let upper = rw.join("upper");
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(rw.join("work"))?;
+    let patcher = Patcher::new(&upper, &layers);
+    let scripts = config.scripts.iter().map(|(name, content)| Patch::File {
+        path: format!("/.msb/scripts/{name}"),
+        content: content.as_bytes().to_vec(),
+        mode: Some(0o755),
+        replace: true,
+    });
+    for (index, patch) in config.patches.iter().cloned().chain(scripts).enumerate() {
+        patcher.apply(&patch).map_err(|e| match e {
+            PatchFailure::Exists => MicrosandboxError::PatchTargetExists {
+                index,
+                path: patch.path().to_string(),
+            },
+            PatchFailure::Failed(reason) => MicrosandboxError::Patch {
+                index,
+                path: patch.path().to_string(),
+                reason,
+            },
+        })?;
+    }
+    Ok(Persisted {
+        config: config.clone(),
+        layers,
+        image,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_told_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("img.tar");
+        std::fs::write(&file, b"").expect("write");
+        assert_eq!(
+            dir.path().into_image(),
+            RootfsSource::Directory(dir.path().into())
+        );
+        assert_eq!(
+            file.clone().into_image(),
+            RootfsSource::Archive(file.clone())
+        );
+        assert_eq!(
+            file.to_string_lossy().as_ref().into_image(),
+            RootfsSource::Archive(file)
+        );
+        assert_eq!(
+            "python:3.12".into_image(),
+            RootfsSource::Oci("python:3.12".into())
+        );
+        assert_eq!(
+            "./missing".into_image(),
+            RootfsSource::Directory("./missing".into())
+        );
+    }
+
+    #[test]
+    fn image_settings_sit_under_the_sandbox_ones() {
+        let mut p = Persisted {
+            config: SandboxConfig::bare("x".into()),
+            layers: vec![],
+            image: ImageConfig {
+                env: vec![("A".into(), "image".into()), ("B".into(), "image".into())],
+                workdir: Some("/app".into()),
+                user: Some("1000".into()),
+                ..ImageConfig::default()
+            },
+        };
+        p.config.env = vec![("B".into(), "sandbox".into())];
+        p.config.user = Some("root".into());
+        let d = p.exec_defaults();
+        assert_eq!(
+            d.env.last(),
+            Some(&("B".to_string(), "sandbox".to_string()))
+        );
+        assert_eq!(d.workdir.as_deref(), Some("/app"));
+        assert_eq!(d.user.as_deref(), Some("root"));
+    }
+}

@@ -1,0 +1,522 @@
+//! The sandbox filesystem API ([`Sandbox::fs`](crate::Sandbox::fs)): files in and out of a
+//! running sandbox, through the guest agent, so every call sees exactly what commands see
+//! (the root overlay, volumes, tmpfs).
+//!
+//! Each call is one connection to the sandbox. File data moves in chunks of at most
+//! 256 KiB in both directions, so reading or writing a file of any size holds a bounded
+//! amount of memory (except [`SandboxFs::read`], which returns the whole file). A write
+//! lands in a temporary file in the guest that replaces the target only once complete;
+//! [`SandboxFs::copy_to_host`] does the same on the host.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use msb_protocol::frame::Frame;
+use msb_protocol::message::{FsKind, FsRequest, FsStat, Message, FS_CHUNK};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+use crate::conn;
+use crate::error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
+use crate::Sandbox;
+
+/// The session id of the one request on an fs connection.
+const SESSION: u32 = 1;
+
+/// What a path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsEntryKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Directory,
+    /// Symbolic link.
+    Symlink,
+    /// Device, FIFO or socket.
+    Other,
+}
+
+/// Metadata of a path in the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsMetadata {
+    /// What it is.
+    pub kind: FsEntryKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits (`0o7777` mask: setuid, setgid, sticky, rwx).
+    pub mode: u32,
+    /// Owner's uid in the guest.
+    pub uid: u32,
+    /// Group's gid in the guest.
+    pub gid: u32,
+    /// Last modification.
+    pub modified: Option<SystemTime>,
+    /// Where a symlink points.
+    pub symlink_target: Option<String>,
+}
+
+impl FsMetadata {
+    /// True for a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind == FsEntryKind::Directory
+    }
+
+    /// True for a regular file.
+    pub fn is_file(&self) -> bool {
+        self.kind == FsEntryKind::File
+    }
+
+    fn from_wire(s: FsStat) -> Self {
+        FsMetadata {
+            kind: match s.kind {
+                FsKind::File => FsEntryKind::File,
+                FsKind::Directory => FsEntryKind::Directory,
+                FsKind::Symlink => FsEntryKind::Symlink,
+                FsKind::Other => FsEntryKind::Other,
+            },
+            size: s.size,
+            mode: s.mode,
+            uid: s.uid,
+            gid: s.gid,
+            modified: u64::try_from(s.mtime_ms)
+                .ok()
+                .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            symlink_target: s.target,
+        }
+    }
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEntry {
+    /// Full guest path.
+    pub path: String,
+    /// Name in the directory.
+    pub name: String,
+    /// What it is.
+    pub kind: FsEntryKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its metadata (symlinks not followed).
+    pub metadata: FsMetadata,
+}
+
+/// Filesystem access to a running sandbox, from [`Sandbox::fs`](crate::Sandbox::fs).
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxFs<'a> {
+    sb: &'a Sandbox,
+}
+
+/// A file's contents as a stream of chunks (from [`SandboxFs::read_stream`]).
+pub struct FsReadStream {
+    rx: mpsc::Receiver<MicrosandboxResult<Bytes>>,
+}
+
+impl std::fmt::Debug for FsReadStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsReadStream").finish_non_exhaustive()
+    }
+}
+
+impl FsReadStream {
+    /// The next chunk; `None` after the last.
+    pub async fn recv(&mut self) -> Option<MicrosandboxResult<Bytes>> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for FsReadStream {
+    type Item = MicrosandboxResult<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// The next chunk of at most [`FS_CHUNK`] bytes; `None` at the end.
+async fn read_chunk(
+    src: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; FS_CHUNK];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = src.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok((filled > 0).then_some(buf))
+}
+
+/// Turns the agent's answer into a typed error.
+fn agent_error(op: &'static str, path: &str, m: Message) -> MicrosandboxError {
+    match m {
+        Message::Error { kind, message } => MicrosandboxError::Fs {
+            op,
+            path: path.to_string(),
+            kind: FsErrorKind::from_agent(kind),
+            message,
+        },
+        other => MicrosandboxError::Agent(format!("unexpected answer to {op}: {other:?}")),
+    }
+}
+
+impl<'a> SandboxFs<'a> {
+    pub(crate) fn new(sb: &'a Sandbox) -> Self {
+        SandboxFs { sb }
+    }
+
+    async fn open(&self, req: FsRequest) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
+        let (r, mut w) = conn::open(self.sb.control_path()).await?;
+        conn::write_frame(&mut w, &Frame::new(SESSION, Message::Fs(req))).await?;
+        Ok((r, w))
+    }
+
+    /// Sends a request that has one answer and returns it (an `Error` becomes an error).
+    async fn call(
+        &self,
+        op: &'static str,
+        path: &str,
+        req: FsRequest,
+    ) -> MicrosandboxResult<Message> {
+        let (mut r, _w) = self.open(req).await?;
+        match conn::read_frame(&mut r).await? {
+            Some(Frame {
+                message: m @ Message::Error { .. },
+                ..
+            }) => Err(agent_error(op, path, m)),
+            Some(f) => Ok(f.message),
+            None => Err(MicrosandboxError::ConnectionClosed),
+        }
+    }
+
+    async fn done(&self, op: &'static str, path: &str, req: FsRequest) -> MicrosandboxResult<()> {
+        match self.call(op, path, req).await? {
+            Message::FsDone => Ok(()),
+            other => Err(agent_error(op, path, other)),
+        }
+    }
+
+    /// Reads a whole file.
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &microsandbox::Sandbox) -> microsandbox::MicrosandboxResult<()> {
+    /// let bytes = sb.fs().read("/etc/hostname").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn read(&self, path: &str) -> MicrosandboxResult<Bytes> {
+        let mut s = self.read_stream(path).await?;
+        let mut out = BytesMut::new();
+        while let Some(chunk) = s.recv().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Reads a whole file as UTF-8 text.
+    pub async fn read_to_string(&self, path: &str) -> MicrosandboxResult<String> {
+        let bytes = self.read(path).await?;
+        Ok(String::from_utf8(bytes.to_vec())?)
+    }
+
+    /// Streams a file in chunks of at most 256 KiB. The guest reads only as fast as the
+    /// stream is consumed.
+    pub async fn read_stream(&self, path: &str) -> MicrosandboxResult<FsReadStream> {
+        let (mut r, w) = self
+            .open(FsRequest::Read {
+                path: path.to_string(),
+            })
+            .await?;
+        // The first frame says whether the file opened; read it here so `read_stream`
+        // itself fails for a missing file.
+        let first = conn::read_frame(&mut r).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let path = path.to_string();
+        let first = match first {
+            Some(Frame {
+                message: Message::FsData(d),
+                ..
+            }) => Some(Bytes::from(d)),
+            Some(Frame {
+                message: Message::FsDone,
+                ..
+            }) => None,
+            Some(f) => return Err(agent_error("read", &path, f.message)),
+            None => return Err(MicrosandboxError::ConnectionClosed),
+        };
+        tokio::spawn(async move {
+            let _w = w;
+            let Some(first) = first else { return };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let item = match conn::read_frame(&mut r).await {
+                    Ok(Some(Frame {
+                        message: Message::FsData(d),
+                        ..
+                    })) => Ok(Bytes::from(d)),
+                    Ok(Some(Frame {
+                        message: Message::FsDone,
+                        ..
+                    })) => return,
+                    Ok(Some(f)) => Err(agent_error("read", &path, f.message)),
+                    Ok(None) => Err(MicrosandboxError::ConnectionClosed),
+                    Err(e) => Err(e),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(FsReadStream { rx })
+    }
+
+    /// Writes `data` to `path`, replacing the file (which keeps its mode and owner) or
+    /// creating it with mode 0644. The parent directory must exist.
+    pub async fn write(&self, path: &str, data: impl AsRef<[u8]>) -> MicrosandboxResult<()> {
+        self.write_from(path, None, data.as_ref()).await
+    }
+
+    /// Sends a write of everything `src` yields, in chunks. Stops sending as soon as the
+    /// agent answers (an early error).
+    async fn write_from(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        mut src: impl tokio::io::AsyncRead + Unpin,
+    ) -> MicrosandboxResult<()> {
+        let (mut r, mut w) = self
+            .open(FsRequest::Write {
+                path: path.to_string(),
+                mode,
+            })
+            .await?;
+        let reply = tokio::spawn(async move { conn::read_frame(&mut r).await });
+        let mut send_failed = None;
+        loop {
+            if reply.is_finished() {
+                break;
+            }
+            let chunk = match read_chunk(&mut src).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // The agent drops the temporary file when the connection closes.
+                    reply.abort();
+                    return Err(e.into());
+                }
+            };
+            let last = chunk.is_none();
+            let frame = Frame::new(SESSION, Message::FsData(chunk.unwrap_or_default()));
+            if let Err(e) = conn::write_frame(&mut w, &frame).await {
+                send_failed = Some(e);
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        let answer = reply
+            .await
+            .map_err(|e| MicrosandboxError::Agent(format!("the reply reader failed: {e}")))?;
+        match answer {
+            Ok(Some(Frame {
+                message: Message::FsDone,
+                ..
+            })) => Ok(()),
+            Ok(Some(f)) => Err(agent_error("write", path, f.message)),
+            Ok(None) => Err(send_failed.unwrap_or(MicrosandboxError::ConnectionClosed)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entries of a directory, sorted by name.
+    pub async fn list(&self, path: &str) -> MicrosandboxResult<Vec<FsEntry>> {
+        match self
+            .call(
+                "list",
+                path,
+                FsRequest::List {
+                    path: path.to_string(),
+                },
+            )
+            .await?
+        {
+            Message::FsEntries(entries) => Ok(entries
+                .into_iter()
+                .map(|e| {
+                    let metadata = FsMetadata::from_wire(e.stat);
+                    FsEntry {
+                        path: format!("{}/{}", path.trim_end_matches('/'), e.name),
+                        name: e.name,
+                        kind: metadata.kind,
+                        size: metadata.size,
+                        metadata,
+                    }
+                })
+                .collect()),
+            other => Err(agent_error("list", path, other)),
+        }
+    }
+
+    async fn stat_with(&self, path: &str, follow: bool) -> MicrosandboxResult<FsMetadata> {
+        let req = FsRequest::Stat {
+            path: path.to_string(),
+            follow,
+        };
+        match self.call("stat", path, req).await? {
+            Message::FsStat(s) => Ok(FsMetadata::from_wire(s)),
+            other => Err(agent_error("stat", path, other)),
+        }
+    }
+
+    /// Metadata of `path` (a final symlink is followed).
+    pub async fn stat(&self, path: &str) -> MicrosandboxResult<FsMetadata> {
+        self.stat_with(path, true).await
+    }
+
+    /// Metadata of `path` itself, a symlink not followed.
+    pub async fn symlink_metadata(&self, path: &str) -> MicrosandboxResult<FsMetadata> {
+        self.stat_with(path, false).await
+    }
+
+    /// True when `path` exists (a final symlink is followed, as `Path::exists` does).
+    pub async fn exists(&self, path: &str) -> MicrosandboxResult<bool> {
+        match self.stat(path).await {
+            Ok(_) => Ok(true),
+            Err(MicrosandboxError::Fs {
+                kind: FsErrorKind::NotFound,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a directory (mode 0755); the parent must exist.
+    pub async fn mkdir(&self, path: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::Mkdir {
+            path: path.to_string(),
+            mode: 0o755,
+            parents: false,
+        };
+        self.done("mkdir", path, req).await
+    }
+
+    /// Creates a directory and its missing parents (mode 0755); an existing one is fine.
+    pub async fn mkdir_all(&self, path: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::Mkdir {
+            path: path.to_string(),
+            mode: 0o755,
+            parents: true,
+        };
+        self.done("mkdir", path, req).await
+    }
+
+    /// Removes a file or symlink (not a directory).
+    pub async fn remove(&self, path: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::Remove {
+            path: path.to_string(),
+        };
+        self.done("remove", path, req).await
+    }
+
+    /// Removes a directory and everything in it.
+    pub async fn remove_dir(&self, path: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::RemoveDir {
+            path: path.to_string(),
+            recursive: true,
+        };
+        self.done("remove_dir", path, req).await
+    }
+
+    /// Renames (moves) `from` to `to`, replacing a file at `to`.
+    pub async fn rename(&self, from: &str, to: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
+        };
+        self.done("rename", from, req).await
+    }
+
+    /// Copies a file inside the sandbox.
+    pub async fn copy(&self, from: &str, to: &str) -> MicrosandboxResult<()> {
+        let req = FsRequest::Copy {
+            from: from.to_string(),
+            to: to.to_string(),
+        };
+        self.done("copy", from, req).await
+    }
+
+    /// Copies the host file `host_path` to `guest_path` in chunks, keeping its permission
+    /// bits.
+    pub async fn copy_from_host(
+        &self,
+        host_path: impl AsRef<Path>,
+        guest_path: &str,
+    ) -> MicrosandboxResult<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = tokio::fs::File::open(host_path.as_ref()).await?;
+        let meta = f.metadata().await?;
+        if !meta.is_file() {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "{} is not a regular file",
+                host_path.as_ref().display()
+            )));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        self.write_from(guest_path, Some(mode), &mut f).await
+    }
+
+    /// Copies `guest_path` to the host file `host_path` in chunks, keeping its permission
+    /// bits. The host file is replaced only once the copy is complete.
+    pub async fn copy_to_host(
+        &self,
+        guest_path: &str,
+        host_path: impl AsRef<Path>,
+    ) -> MicrosandboxResult<()> {
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::AsyncWriteExt;
+        let host_path = host_path.as_ref();
+        let meta = self.stat(guest_path).await?;
+        let dir = match host_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let name = host_path
+            .file_name()
+            .ok_or_else(|| {
+                MicrosandboxError::InvalidConfig(format!("{} names no file", host_path.display()))
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dir.join(format!(".{name}.msb-copy-{}", std::process::id()));
+        let result = async {
+            let mut out = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .await?;
+            let mut s = self.read_stream(guest_path).await?;
+            while let Some(chunk) = s.recv().await {
+                out.write_all(&chunk?).await?;
+            }
+            out.flush().await?;
+            out.sync_all().await?;
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode)).await?;
+            tokio::fs::rename(&tmp, host_path).await?;
+            MicrosandboxResult::Ok(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+}

@@ -1,0 +1,229 @@
+//! Volumes: host directories (bind mounts and named volumes) and tmpfs mounts in a
+//! sandbox. A bind mount or named volume is its own virtio-fs device, so the guest reads
+//! and writes the host directory directly (a read-only volume is enforced by the device,
+//! not just by the guest's mount flags); a tmpfs lives in guest memory with a size limit.
+//! Every volume is mounted nosuid and nodev.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::sandbox::Mebibytes;
+
+/// One mount of a sandbox, as its configuration records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VolumeMount {
+    /// A host directory.
+    Bind {
+        /// Absolute guest path.
+        guest: String,
+        /// Host directory (absolute).
+        host: PathBuf,
+        /// The guest may only read.
+        readonly: bool,
+    },
+    /// A named volume: `$MSB_HOME/volumes/<name>`, created on first use, kept until removed.
+    Named {
+        /// Absolute guest path.
+        guest: String,
+        /// Volume name.
+        name: String,
+        /// The guest may only read.
+        readonly: bool,
+    },
+    /// A tmpfs in guest memory, gone when the sandbox stops.
+    Tmpfs {
+        /// Absolute guest path.
+        guest: String,
+        /// Size limit in MiB (the guest kernel's default, half its memory, when `None`).
+        size_mib: Option<u32>,
+    },
+}
+
+impl VolumeMount {
+    /// The guest path.
+    pub fn guest_path(&self) -> &str {
+        match self {
+            VolumeMount::Bind { guest, .. }
+            | VolumeMount::Named { guest, .. }
+            | VolumeMount::Tmpfs { guest, .. } => guest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+enum Kind {
+    #[default]
+    Unset,
+    Bind(PathBuf),
+    Named(String),
+    Tmpfs,
+}
+
+/// Configures one mount for [`SandboxBuilder::volume`](crate::SandboxBuilder::volume).
+#[derive(Debug, Clone, Default)]
+pub struct MountBuilder {
+    kind: Kind,
+    readonly: bool,
+    size: Option<Mebibytes>,
+}
+
+impl MountBuilder {
+    /// Mounts the host directory `host_path` (relative paths are taken from the current
+    /// directory).
+    pub fn bind(mut self, host_path: impl Into<PathBuf>) -> Self {
+        self.kind = Kind::Bind(host_path.into());
+        self
+    }
+
+    /// Mounts the named volume `name` (created empty on first use).
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.kind = Kind::Named(name.into());
+        self
+    }
+
+    /// Mounts a tmpfs.
+    pub fn tmpfs(mut self) -> Self {
+        self.kind = Kind::Tmpfs;
+        self
+    }
+
+    /// The guest may only read (bind mounts and named volumes).
+    pub fn readonly(mut self) -> Self {
+        self.readonly = true;
+        self
+    }
+
+    /// Size limit of a tmpfs.
+    pub fn size(mut self, mib: impl Into<Mebibytes>) -> Self {
+        self.size = Some(mib.into());
+        self
+    }
+
+    /// Checks the options and fixes the host side.
+    pub(crate) fn build(self, guest: String) -> MicrosandboxResult<VolumeMount> {
+        let bad = |why: String| {
+            Err(MicrosandboxError::InvalidConfig(format!(
+                "volume {guest}: {why}"
+            )))
+        };
+        if crate::rootfs::patch::check_guest_path(&guest).is_err()
+            || guest.split('/').any(|c| c == "..")
+        {
+            return bad("the guest path must be absolute, without '..', and not /".into());
+        }
+        let guest = normalise(&guest);
+        if self.size.is_some() && !matches!(self.kind, Kind::Tmpfs) {
+            return bad("a size limit applies to tmpfs mounts only".into());
+        }
+        match self.kind {
+            Kind::Unset => bad("choose bind(), named() or tmpfs()".into()),
+            Kind::Bind(host) => {
+                let host = match std::fs::canonicalize(&host) {
+                    Ok(h) if h.is_dir() => h,
+                    _ => return bad(format!("{} is not an existing directory", host.display())),
+                };
+                Ok(VolumeMount::Bind {
+                    guest,
+                    host,
+                    readonly: self.readonly,
+                })
+            }
+            Kind::Named(name) => {
+                if crate::sandbox::validate_name(&name).is_err() {
+                    return bad(format!(
+                        "invalid volume name {name:?}: use 1-128 letters, digits, '-', '_' and '.'"
+                    ));
+                }
+                Ok(VolumeMount::Named {
+                    guest,
+                    name,
+                    readonly: self.readonly,
+                })
+            }
+            Kind::Tmpfs if self.readonly => bad("a read-only tmpfs would always be empty".into()),
+            Kind::Tmpfs => match self.size {
+                Some(Mebibytes(0)) => bad("a tmpfs needs a size above 0 MiB".into()),
+                size => Ok(VolumeMount::Tmpfs {
+                    guest,
+                    size_mib: size.map(|m| m.0),
+                }),
+            },
+        }
+    }
+}
+
+/// `/a//b/./c` -> `/a/b/c`.
+fn normalise(p: &str) -> String {
+    let comps: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    format!("/{}", comps.join("/"))
+}
+
+/// The directory of the named volume `name` under `home`.
+pub(crate) fn named_volume_dir(home: &Path, name: &str) -> PathBuf {
+    home.join("volumes").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = MountBuilder::default()
+            .bind(dir.path())
+            .readonly()
+            .build("/data//x/".into())
+            .expect("valid");
+        assert_eq!(
+            ok,
+            VolumeMount::Bind {
+                guest: "/data/x".into(),
+                host: std::fs::canonicalize(dir.path()).expect("canon"),
+                readonly: true
+            }
+        );
+        let t = MountBuilder::default()
+            .tmpfs()
+            .size(16)
+            .build("/tmp".into());
+        assert_eq!(
+            t.expect("valid"),
+            VolumeMount::Tmpfs {
+                guest: "/tmp".into(),
+                size_mib: Some(16)
+            }
+        );
+        let bad = [
+            MountBuilder::default().build("/x".into()),
+            MountBuilder::default().tmpfs().build("rel".into()),
+            MountBuilder::default().tmpfs().build("/".into()),
+            MountBuilder::default().tmpfs().build("/a/../b".into()),
+            MountBuilder::default().tmpfs().size(0).build("/x".into()),
+            MountBuilder::default()
+                .tmpfs()
+                .readonly()
+                .build("/x".into()),
+            MountBuilder::default()
+                .bind("/nonexistent/dir")
+                .build("/x".into()),
+            MountBuilder::default()
+                .bind(dir.path())
+                .size(3)
+                .build("/x".into()),
+            MountBuilder::default().named("../up").build("/x".into()),
+        ];
+        for b in bad {
+            assert!(
+                matches!(b, Err(MicrosandboxError::InvalidConfig(_))),
+                "{b:?}"
+            );
+        }
+    }
+}
