@@ -34,6 +34,7 @@ pub(crate) fn kind_of(e: &io::Error) -> ErrorKind {
         Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorKind::NoSpace,
         Some(libc::EACCES | libc::EPERM) => ErrorKind::PermissionDenied,
         Some(libc::EINVAL | libc::ENAMETOOLONG | libc::ELOOP) => ErrorKind::InvalidRequest,
+        None if e.kind() == io::ErrorKind::InvalidInput => ErrorKind::InvalidRequest,
         _ => ErrorKind::Internal,
     }
 }
@@ -283,7 +284,8 @@ mod tests {
         assert_eq!(kind_of(&errno(libc::ENOSPC)), ErrorKind::NoSpace);
         assert_eq!(kind_of(&errno(libc::ENOTEMPTY)), ErrorKind::NotEmpty);
         assert_eq!(kind_of(&errno(libc::EIO)), ErrorKind::Internal);
-        assert!(guest_path("relative").is_err());
+        let relative = guest_path("relative").expect_err("relative");
+        assert_eq!(kind_of(&relative), ErrorKind::InvalidRequest);
         assert!(guest_path("/ok").is_ok());
     }
 

@@ -10,6 +10,8 @@
 
 pub mod legacy;
 pub mod system;
+#[doc(hidden)]
+pub mod testing;
 pub mod virtio;
 
 use std::sync::Arc;

@@ -5,17 +5,16 @@
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, SetattrIn};
+use msb_devices::testing::CountingInterrupt;
 use msb_devices::virtio::fs::backend::{passthrough, root};
 use msb_devices::virtio::fs::readonly::ReadOnly;
 use msb_devices::virtio::fs::testing::{opcode, FuseDriver, MEM_LEN, REPLY_ADDR, REQ_ADDR, ROOT};
 use msb_devices::virtio::fs::{FsMetrics, VirtioFs};
 use msb_devices::virtio::{VirtioDevice, VirtioInterrupt};
-use msb_devices::InterruptTrigger;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 const LONG: Duration = Duration::from_secs(3600);
@@ -325,15 +324,6 @@ fn malformed_requests_and_bad_buffers_are_errors_not_panics() {
     assert_eq!(std::fs::read(d.path().join("f")).expect("read"), b"data");
 }
 
-#[derive(Default)]
-struct Irq(AtomicUsize);
-impl InterruptTrigger for Irq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 #[test]
 fn the_device_serves_from_its_worker_and_announces_its_tag() {
     let d = share(&[]);
@@ -360,7 +350,7 @@ fn the_device_serves_from_its_worker_and_announces_its_tag() {
         q.set_ready(true);
         q
     };
-    let irq_line = Arc::new(Irq::default());
+    let irq_line = Arc::new(CountingInterrupt::default());
     let irq = Arc::new(VirtioInterrupt::new(irq_line.clone()));
     dev.activate(mem.clone(), irq, vec![mk(0x8000), mk(0)])
         .expect("activate");
@@ -397,7 +387,7 @@ fn the_device_serves_from_its_worker_and_announces_its_tag() {
     let error: i32 = mem.read_obj(GuestAddress(REPLY_ADDR + 4)).expect("reply");
     assert_eq!(error, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while irq_line.0.load(Ordering::SeqCst) == 0 {
+    while irq_line.count() == 0 {
         assert!(Instant::now() < deadline, "no interrupt");
         std::thread::sleep(Duration::from_millis(5));
     }

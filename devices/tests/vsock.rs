@@ -5,15 +5,14 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use msb_devices::testing::CountingInterrupt;
 use msb_devices::virtio::vsock::backend::Header;
 use msb_devices::virtio::vsock::metrics::VsockMetrics;
 use msb_devices::virtio::vsock::{op, Vsock, VsockConfig, CONN_BUF_ALLOC, RX_QUEUE, TX_QUEUE};
 use msb_devices::virtio::{VirtioDevice, VirtioInterrupt};
-use msb_devices::InterruptTrigger;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -25,15 +24,6 @@ const HDR: usize = 44;
 const QSIZE: u16 = 256;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
-
-#[derive(Default)]
-struct Irq(AtomicUsize);
-impl InterruptTrigger for Irq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 /// A guest: mock queues in guest memory, a buffer allocator, and the device.
 struct Guest<'a> {
@@ -67,7 +57,7 @@ impl<'a> Guest<'a> {
             tx.create_queue().expect("tx"),
             ev.create_queue().expect("ev"),
         ];
-        let irq = Arc::new(VirtioInterrupt::new(Arc::new(Irq::default())));
+        let irq = Arc::new(VirtioInterrupt::new(Arc::new(CountingInterrupt::default())));
         dev.activate(mem.clone(), irq, queues).expect("activate");
         Guest {
             mem,

@@ -104,6 +104,77 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+/// Prints that one check of `suite` passed, with the host kind and how long it took.
+pub fn check(suite: &str, name: &str, start: std::time::Instant) {
+    eprintln!(
+        "{suite} e2e [{}]: {name}: ok ({:.1} s)",
+        host_kind(),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Runs `fut` to completion on a two-thread runtime; panics if it takes longer than
+/// `limit`.
+pub fn block_on_within<F: std::future::Future>(limit: std::time::Duration, fut: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        tokio::time::timeout(limit, fut)
+            .await
+            .unwrap_or_else(|_| panic!("the checks did not finish within {limit:?}"))
+    })
+}
+
+/// The default root filesystem (busybox), built if missing.
+pub fn default_rootfs() -> PathBuf {
+    msb_guest_kernel::ensure_rootfs(&mut Progress::new("rootfs")).expect("default rootfs builds")
+}
+
+/// The default root filesystem as entries of a test image layer, so images the tests
+/// build have a shell and the usual tools.
+pub fn busybox_layer() -> Vec<microsandbox::image::fixture::FixtureEntry> {
+    use microsandbox::image::fixture::FixtureEntry;
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<FixtureEntry>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("list the rootfs")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p
+                .strip_prefix(root)
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned();
+            let meta = std::fs::symlink_metadata(&p).expect("stat");
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&p).expect("readlink");
+                out.push(FixtureEntry::symlink(&rel, &target.to_string_lossy()));
+            } else if meta.is_dir() {
+                out.push(FixtureEntry::Dir { path: rel, mode });
+                walk(root, &p, out);
+            } else {
+                out.push(FixtureEntry::File {
+                    path: rel,
+                    data: std::fs::read(&p).expect("read"),
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                });
+            }
+        }
+    }
+    let root = default_rootfs();
+    let mut out = Vec::new();
+    walk(&root, &root, &mut out);
+    out
+}
+
 /// Points the SDK at the test artifacts with its state under `home`. Call it before any
 /// thread of the process reads the environment.
 pub fn sdk_env(home: &Path) {

@@ -94,18 +94,19 @@ fn kernel_panic_fails_with_the_last_console_lines() {
 }
 
 #[test]
-fn the_guest_driver_brings_up_our_virtio_vsock_device() {
+fn the_guest_driver_brings_up_our_virtio_devices() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("v.sock");
     let out = run_vm(
         &["--vsock-socket", &sock.display().to_string()],
-        &["sh", "-c", "cat /sys/bus/virtio/devices/*/device /sys/bus/virtio/devices/*/status; test -c /dev/vsock && echo has-dev-vsock"],
+        &["sh", "-c", "for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) $(cat $d/status); done | sort; test -c /dev/vsock && echo has-dev-vsock; grep -c virtiofs /proc/mounts || true"],
     );
     assert_eq!(out.status.code(), Some(0));
-    // Device id 19 (vsock); status ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK.
+    // vsock (19) and the root's virtio-fs (26), each ACKNOWLEDGE | DRIVER | DRIVER_OK |
+    // FEATURES_OK; the root share is mounted (once: the overlay's source).
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "0x0013\n0x0000000f\nhas-dev-vsock\n"
+        "0x0013 0x0000000f\n0x001a 0x0000000f\nhas-dev-vsock\n0\n"
     );
 }
 

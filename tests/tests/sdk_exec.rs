@@ -16,11 +16,7 @@ const BIG_STDOUT: u64 = 64 << 20;
 const BIG_SEQ: u64 = 8_600_000;
 
 fn check(name: &str, start: Instant) {
-    eprintln!(
-        "sdk e2e [{}]: {name}: ok ({:.1} s)",
-        host_kind(),
-        start.elapsed().as_secs_f64()
-    );
+    msb_e2e::check("sdk", name, start);
 }
 
 #[test]
@@ -28,16 +24,7 @@ fn sdk_exec_family_on_one_sandbox() {
     let home = tempfile::tempdir().expect("tempdir");
     // One test in this binary: nothing reads the environment concurrently.
     sdk_env(home.path());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(1800), run_all())
-            .await
-            .expect("the checks finish within 30 minutes");
-    });
+    msb_e2e::block_on_within(Duration::from_secs(1800), run_all());
 }
 
 async fn run_all() {

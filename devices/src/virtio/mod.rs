@@ -79,6 +79,19 @@ impl VirtioInterrupt {
     }
 }
 
+/// Copies the bytes of `config` at `offset` into `data` (zeros past its end): the read of a
+/// device's configuration space, whatever offset and width the driver uses.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = start
+            .checked_add(i)
+            .and_then(|j| config.get(j))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Virtio device id (e.g. 19 for vsock).

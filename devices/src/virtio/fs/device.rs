@@ -144,14 +144,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for VirtioFs<F> {
     fn set_acked_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = offset as usize;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = start
-                .checked_add(i)
-                .and_then(|j| self.config.get(j))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(

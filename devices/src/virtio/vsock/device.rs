@@ -311,15 +311,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // The configuration is the guest's CID, a little-endian u64.
-        let cid = self.cfg.guest_cid.to_le_bytes();
-        let start = offset as usize;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = start
-                .checked_add(i)
-                .and_then(|j| cid.get(j))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_bytes(&self.cfg.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn activate(
