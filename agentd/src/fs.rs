@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use std::time::UNIX_EPOCH;
 use msb_protocol::frame::Frame;
 use msb_protocol::message::{ErrorKind, FsEntry, FsKind, FsRequest, FsStat, Message, FS_CHUNK};
 
-use crate::server::{error, send, Writer};
+use crate::server::{error, send, send_fs_data, Writer};
 
 /// Mode of a file a write creates when the request names none.
 const DEFAULT_FILE_MODE: u32 = 0o644;
@@ -103,9 +104,7 @@ pub(crate) fn serve(id: u32, req: FsRequest, writer: &Writer, data: Option<Recei
                 Ok(stat_of(&p, &meta))
             })
             .map(|s| Some(Message::FsStat(s))),
-        FsRequest::List { path } => guest_path(&path)
-            .and_then(|p| list(&p))
-            .map(|e| Some(Message::FsEntries(e))),
+        FsRequest::List { path } => guest_path(&path).and_then(|p| list(id, &p, writer)),
         FsRequest::Read { path } => guest_path(&path).and_then(|p| read(id, &p, writer)),
         FsRequest::Write { path, mode } => match data {
             Some(rx) => guest_path(&path).and_then(|p| write(&p, mode, &rx)),
@@ -157,7 +156,12 @@ pub(crate) fn serve(id: u32, req: FsRequest, writer: &Writer, data: Option<Recei
     }
 }
 
-fn list(dir: &Path) -> io::Result<Vec<FsEntry>> {
+/// Bytes of entries (names and link targets, roughly) per `FsEntries` frame: far below the
+/// frame limit whatever the names, so a directory of any size lists.
+const LIST_BATCH_BYTES: usize = 128 * 1024;
+
+/// Sends a directory's entries, sorted by name, in `FsEntries` frames, then `FsDone`.
+fn list(id: u32, dir: &Path, writer: &Writer) -> io::Result<Option<Message>> {
     let mut entries = Vec::new();
     for e in fs::read_dir(dir)? {
         let e = e?;
@@ -172,15 +176,65 @@ fn list(dir: &Path) -> io::Result<Vec<FsEntry>> {
         });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for e in entries {
+        bytes += 64 + e.name.len() + e.stat.target.as_ref().map_or(0, String::len);
+        batch.push(e);
+        if bytes >= LIST_BATCH_BYTES {
+            if !send(
+                writer,
+                &Frame::new(id, Message::FsEntries(std::mem::take(&mut batch))),
+            ) {
+                return Ok(None);
+            }
+            bytes = 0;
+        }
+    }
+    if !batch.is_empty() && !send(writer, &Frame::new(id, Message::FsEntries(batch))) {
+        return Ok(None);
+    }
+    Ok(Some(Message::FsDone))
 }
 
-/// Streams a regular file as chunks, then `FsDone`.
-fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
-    let mut f = File::open(path)?;
-    if f.metadata()?.is_dir() {
+/// Opens a regular file for reading. Opening without blocking first means a FIFO cannot
+/// hang the request, and the check refuses devices (`/dev/zero` never ends).
+fn open_regular(path: &Path) -> io::Result<(File, Metadata)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if meta.is_dir() {
         return Err(errno(libc::EISDIR));
     }
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    // Regular files ignore O_NONBLOCK, but leave nothing surprising behind.
+    let flags =
+        nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(io::Error::from)?;
+    Ok((f, meta))
+}
+
+/// Streams a regular file: its metadata first (the size the client may expect), then at
+/// most that many bytes as chunks, then `FsDone`. What a file grows by while it is read is
+/// not sent.
+fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
+    let (f, meta) = open_regular(path)?;
+    if !send(
+        writer,
+        &Frame::new(id, Message::FsStat(stat_of(path, &meta))),
+    ) {
+        return Ok(None);
+    }
+    let mut f = f.take(meta.len());
     let mut buf = vec![0u8; FS_CHUNK];
     loop {
         let n = match f.read(&mut buf) {
@@ -189,7 +243,7 @@ fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        if !send(writer, &Frame::new(id, Message::FsData(buf[..n].to_vec()))) {
+        if !send_fs_data(writer, id, &buf[..n]) {
             // The client is gone.
             return Ok(None);
         }
@@ -197,6 +251,29 @@ fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
 }
 
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a fresh temporary file in `dir` (mode 0600). The name does not grow with the
+/// target's (a 255-byte name still gets a temporary file), and one left by a VM that died
+/// mid-write is stepped over, not tripped on.
+fn temp_in(dir: &Path) -> io::Result<(File, PathBuf)> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    loop {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let p = dir.join(format!(".msb-write-{}-{nanos:x}-{seq}", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+        {
+            Ok(f) => return Ok((f, p)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && seq < u64::MAX => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Removes the temporary file unless the write completed.
 struct TempFile(Option<PathBuf>);
@@ -213,6 +290,26 @@ impl Drop for TempFile {
 /// `path`. An existing file keeps its owner, and its mode unless `mode` is given; a final
 /// symlink is followed.
 fn write(path: &Path, mode: Option<u32>, rx: &Receiver<Vec<u8>>) -> io::Result<Option<Message>> {
+    replace_file(path, mode, |f| {
+        loop {
+            match rx.recv() {
+                Ok(chunk) if chunk.is_empty() => return Ok(true),
+                Ok(chunk) => f.write_all(&chunk)?,
+                // The client went away mid-write: the target stays as it was.
+                Err(_) => return Ok(false),
+            }
+        }
+    })
+}
+
+/// Fills a temporary file beside `path` with `fill` (which returns false to abandon the
+/// write), then renames it over `path`, keeping an existing file's owner and, unless
+/// `mode` is given, its mode.
+fn replace_file(
+    path: &Path,
+    mode: Option<u32>,
+    fill: impl FnOnce(&mut File) -> io::Result<bool>,
+) -> io::Result<Option<Message>> {
     let target = match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)?,
         _ => path.to_path_buf(),
@@ -223,24 +320,13 @@ fn write(path: &Path, mode: Option<u32>, rx: &Receiver<Vec<u8>>) -> io::Result<O
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
     };
-    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+    let (Some(dir), Some(_)) = (target.parent(), target.file_name()) else {
         return Err(errno(libc::EINVAL));
     };
-    let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp_path = dir.join(format!(".{}.msb-write-{seq}", name.to_string_lossy()));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp_path)?;
+    let (mut f, tmp_path) = temp_in(dir)?;
     let mut tmp = TempFile(Some(tmp_path.clone()));
-    loop {
-        match rx.recv() {
-            Ok(chunk) if chunk.is_empty() => break,
-            Ok(chunk) => f.write_all(&chunk)?,
-            // The client went away mid-write: the target stays as it was.
-            Err(_) => return Ok(None),
-        }
+    if !fill(&mut f)? {
+        return Ok(None);
     }
     if let Some(m) = &existing {
         std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
@@ -259,6 +345,10 @@ fn write(path: &Path, mode: Option<u32>, rx: &Receiver<Vec<u8>>) -> io::Result<O
 }
 
 fn mkdir(path: &Path, mode: u32, parents: bool) -> io::Result<()> {
+    if parents && fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        // An existing directory keeps its mode (`mkdir -p /tmp` must not change /tmp).
+        return Ok(());
+    }
     let mut b = fs::DirBuilder::new();
     b.mode(mode & 0o7777).recursive(parents);
     b.create(path)?;
@@ -266,11 +356,21 @@ fn mkdir(path: &Path, mode: u32, parents: bool) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
 }
 
+/// Copies a regular file the way a write does: into a temporary file beside `to`, renamed
+/// over it when complete (the copy gets the source's mode).
 fn copy(from: &Path, to: &Path) -> io::Result<()> {
-    if fs::metadata(from)?.is_dir() {
-        return Err(errno(libc::EISDIR));
+    let (mut src, meta) = open_regular(from)?;
+    if fs::metadata(to).is_ok_and(|t| t.dev() == meta.dev() && t.ino() == meta.ino()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} and {} are the same file", from.display(), to.display()),
+        ));
     }
-    fs::copy(from, to).map(|_| ())
+    replace_file(to, Some(meta.mode()), |f| {
+        io::copy(&mut src, f)?;
+        Ok(true)
+    })
+    .map(|_| ())
 }
 
 #[cfg(test)]

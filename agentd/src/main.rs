@@ -96,6 +96,7 @@ fn main() {
         eprintln!("msb-agentd runs as PID 1 inside a microsandbox VM");
         std::process::exit(2);
     }
+    sys::keep_freed_memory();
     // The re-executed agent (below) finds the filesystems mounted already.
     if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(NO_AVX_TUNABLES) {
         mount_kernel_filesystems();

@@ -4,7 +4,9 @@
 //! `/l/0` (bottom) to `/l/N-1` and the writable layer at `/rw` (see
 //! `msb_protocol::bootcmd`). The agent mounts it, stacks an overlay of the layers under
 //! `/rw/upper`, moves `/dev`, `/proc` and `/sys` into it and makes it `/`. The raw share
-//! stays mounted only in the abandoned initramfs, out of reach of every command. Volumes
+//! stays mounted only in the abandoned initramfs, where no path from the new root leads
+//! (guest root could still mount the tag itself; the device keeps the layers read-only
+//! whatever it does). Volumes
 //! and tmpfs mounts follow, inside the new root, so image symlinks resolve as the image
 //! means them.
 

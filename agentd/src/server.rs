@@ -41,6 +41,17 @@ pub(crate) fn send(w: &Writer, frame: &Frame) -> bool {
     write_frame(&mut *f, frame).is_ok()
 }
 
+/// Sends `data` as one `FsData` frame without copying it into a message first.
+pub(crate) fn send_fs_data(w: &Writer, id: u32, data: &[u8]) -> bool {
+    let Ok(header) = msb_protocol::frame::fs_data_header(id, data.len()) else {
+        return false;
+    };
+    let mut f = w.lock().unwrap_or_else(|p| p.into_inner());
+    f.write_all(&header)
+        .and_then(|()| f.write_all(data))
+        .is_ok()
+}
+
 pub(crate) fn error(w: &Writer, id: u32, kind: ErrorKind, message: impl Into<String>) {
     send(
         w,
@@ -88,6 +99,21 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Resul
         .name(name.into())
         .spawn(f)
         .map(|_| ())
+}
+
+/// Where the sandbox's scripts live; always on a command's `PATH`.
+pub const SCRIPTS_DIR: &str = "/.msb/scripts";
+
+/// `path` with [`SCRIPTS_DIR`] at the end unless it is there already (an image's own
+/// `PATH` replaces the agent's, and must not lose the scripts).
+fn with_scripts(path: &str) -> String {
+    if path.split(':').any(|p| p == SCRIPTS_DIR) {
+        path.to_string()
+    } else if path.is_empty() {
+        SCRIPTS_DIR.to_string()
+    } else {
+        format!("{path}:{SCRIPTS_DIR}")
+    }
 }
 
 /// Base environment of every command (the request's `env` is added on top).
@@ -496,7 +522,13 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
     if let Some(t) = env.tunables {
         cmd.env("GLIBC_TUNABLES", t);
     }
-    cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
+    for (k, v) in &req.env {
+        if k == "PATH" {
+            cmd.env(k, with_scripts(v));
+        } else {
+            cmd.env(k, v);
+        }
+    }
     if let Some(u) = &req.user {
         match resolve_user(u) {
             Ok((uid, gid)) => {
@@ -697,5 +729,17 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
     });
     if let Err(e) = waiter {
         fail(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_stay_on_every_path() {
+        assert_eq!(with_scripts("/usr/bin:/bin"), "/usr/bin:/bin:/.msb/scripts");
+        assert_eq!(with_scripts("/.msb/scripts:/bin"), "/.msb/scripts:/bin");
+        assert_eq!(with_scripts(""), "/.msb/scripts");
     }
 }

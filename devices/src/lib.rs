@@ -10,6 +10,7 @@
 
 pub mod legacy;
 pub mod system;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 pub mod virtio;

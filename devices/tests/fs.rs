@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, SetattrIn};
 use msb_devices::testing::CountingInterrupt;
 use msb_devices::virtio::fs::backend::{passthrough, root};
-use msb_devices::virtio::fs::readonly::ReadOnly;
+use msb_devices::virtio::fs::guard::{Guard, Policy};
 use msb_devices::virtio::fs::testing::{opcode, FuseDriver, MEM_LEN, REPLY_ADDR, REQ_ADDR, ROOT};
 use msb_devices::virtio::fs::{FsMetrics, VirtioFs};
 use msb_devices::virtio::{VirtioDevice, VirtioInterrupt};
@@ -90,7 +90,10 @@ fn setattr_mode(
 fn a_read_only_share_refuses_every_change() {
     let d = share(&[("f", b"keep me")]);
     let before = std::fs::metadata(d.path().join("f")).expect("stat");
-    let mut g = FuseDriver::new(ReadOnly(passthrough(d.path(), LONG).expect("share")));
+    let mut g = FuseDriver::new(Guard::new(
+        passthrough(d.path(), LONG).expect("share"),
+        Policy::ReadOnly,
+    ));
     g.init();
     let e = g.lookup(ROOT, "f").expect("lookup");
     let erofs = Err(-libc::EROFS);
@@ -127,6 +130,63 @@ fn a_read_only_share_refuses_every_change() {
     assert_eq!(std::fs::read(d.path().join("f")).expect("read"), b"keep me");
     assert_eq!(before.permissions(), after.permissions());
     assert_eq!(std::fs::read_dir(d.path()).expect("ls").count(), 1);
+}
+
+#[test]
+fn a_volume_takes_no_device_nodes_setuid_bits_or_capabilities() {
+    use std::os::unix::fs::FileTypeExt;
+    let d = share(&[]);
+    let mut g = FuseDriver::new(Guard::new(
+        passthrough(d.path(), LONG).expect("share"),
+        Policy::Volume,
+    ));
+    g.init();
+    let eperm = Err(-libc::EPERM);
+    assert_eq!(
+        g.mknod(ROOT, "sda", libc::S_IFBLK | 0o600, 8 << 8)
+            .map(|_| ()),
+        eperm
+    );
+    assert_eq!(
+        g.mknod(ROOT, "null", libc::S_IFCHR | 0o666, (1 << 8) | 3)
+            .map(|_| ()),
+        eperm
+    );
+    g.mknod(ROOT, "wh", libc::S_IFCHR, 0).expect("a whiteout");
+    g.mknod(ROOT, "fifo", libc::S_IFIFO | 0o644, 0)
+        .expect("a fifo");
+    assert!(std::fs::symlink_metadata(d.path().join("wh"))
+        .expect("on the host")
+        .file_type()
+        .is_char_device());
+    assert!(!d.path().join("sda").exists() && !d.path().join("null").exists());
+    let (e, fh) = g
+        .create(ROOT, "suid", libc::S_IFREG | 0o4755, libc::O_RDWR as u32)
+        .expect("create");
+    g.release(e.nodeid, fh);
+    let mode = std::fs::metadata(d.path().join("suid"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "setuid dropped");
+    g.mkdir(ROOT, "sgid", 0o2775).expect("mkdir");
+    let mode = std::fs::metadata(d.path().join("sgid"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o775, "setgid dropped");
+    assert_eq!(setattr_mode(&mut g, e.nodeid), 0);
+    let mode = std::fs::metadata(d.path().join("suid"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o777, "chmod u+s dropped");
+    assert_eq!(
+        g.setxattr(e.nodeid, "security.capability", b"\x01"),
+        -libc::EPERM
+    );
+    assert_eq!(g.setxattr(e.nodeid, "trusted.x", b"1"), -libc::EPERM);
+    assert_eq!(g.setxattr(e.nodeid, "user.note", b"fine"), 0);
 }
 
 #[test]
@@ -254,6 +314,12 @@ fn malformed_requests_and_bad_buffers_are_errors_not_panics() {
         g.raw(&[(u64::MAX - 100, 200, false), (REPLY_ADDR, 256, true)]),
         0
     );
+    // Overlapping descriptors that together claim far more than any request.
+    let overlapping: Vec<(u64, u32, bool)> = (0..8)
+        .map(|_| (REQ_ADDR, 1 << 20, false))
+        .chain([(REPLY_ADDR, 256, true)])
+        .collect();
+    assert_eq!(g.raw(&overlapping), 0);
     // Descriptor lengths that overflow when summed.
     assert_eq!(
         g.raw(&[
@@ -263,7 +329,7 @@ fn malformed_requests_and_bad_buffers_are_errors_not_panics() {
         ]),
         0
     );
-    assert!(FsMetrics::get(&g.metrics.bad_requests) >= bad_before + 6);
+    assert!(FsMetrics::get(&g.metrics.bad_requests) >= bad_before + 7);
 
     // Lies in the header: a length far past the buffer, an unknown opcode, a node that
     // does not exist, a name without its NUL, a READ of 4 GiB, a WRITE claiming more
@@ -276,7 +342,8 @@ fn malformed_requests_and_bad_buffers_are_errors_not_panics() {
     assert!(r.error < 0 || r.used_len == 0, "name without NUL: {r:?}");
     let fh = g.open(e.nodeid, libc::O_RDONLY as u32).expect("open");
     let huge = g.read(e.nodeid, fh, 0, u32::MAX);
-    assert!(matches!(&huge, Ok(d) if d == b"data") || huge.is_err());
+    // The data, an error, or (with a reply buffer larger than any request) a dropped chain.
+    assert!(matches!(&huge, Ok(d) if d == b"data" || d.is_empty()) || huge.is_err());
     assert!(
         g.read(e.nodeid, 0xffff_ffff, 0, 16).is_err(),
         "bad file handle"
@@ -338,7 +405,10 @@ fn the_device_serves_from_its_worker_and_announces_its_tag() {
     assert!(VirtioFs::new(&"x".repeat(37), passthrough(d.path(), LONG).expect("share")).is_err());
 
     // The driver's view: its queues handed to the device, a notification, an interrupt.
-    let g = FuseDriver::new(ReadOnly(passthrough(Path::new("/"), LONG).expect("share")));
+    let g = FuseDriver::new(Guard::new(
+        passthrough(Path::new("/"), LONG).expect("share"),
+        Policy::ReadOnly,
+    ));
     let mem = g.mem.clone();
     let mk = |base: u64| {
         use virtio_queue::QueueT;

@@ -733,10 +733,19 @@ pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError
     }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
     progress.phase("assembling the default root filesystem");
-    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).map_err(io_err("cannot create", &tmp))?;
-    write_tree(&tmp, &rootfs_entries(busybox, &applets))?;
+    // A name of this call's own: two builds at once (two threads, two processes) never
+    // share or remove each other's tree.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{nanos:x}-{seq}", std::process::id()));
+    fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+    if let Err(e) = write_tree(&tmp, &rootfs_entries(busybox, &applets)) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     match fs::rename(&tmp, &path) {
         Ok(()) => {}
         // Another process finished the same tree first: use it.

@@ -106,6 +106,50 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtocolError> {
     Ok(out)
 }
 
+/// The bytes of a frame carrying [`Message::FsData`] with `len` bytes of data, up to where
+/// the data starts: send them, then the data itself, and the peer decodes one frame exactly
+/// as [`encode`] would have written it. This saves copying a file chunk into a message and
+/// again into a frame on its way out.
+pub fn fs_data_header(id: u32, len: usize) -> Result<Vec<u8>, ProtocolError> {
+    // The encoding of an empty chunk ends with the byte string's header (0x40, length 0);
+    // replace it with the header for `len` bytes (CBOR major type 2, shortest length form).
+    let mut payload = Vec::new();
+    ciborium::into_writer(&Message::FsData(Vec::new()), &mut payload)
+        .map_err(|e| ProtocolError::BadPayload(e.to_string()))?;
+    if payload.pop() != Some(0x40) {
+        return Err(ProtocolError::BadPayload(
+            "unexpected encoding of an empty FsData".into(),
+        ));
+    }
+    match len {
+        0..=23 => payload.push(0x40 | len as u8),
+        24..=0xff => payload.extend_from_slice(&[0x58, len as u8]),
+        0x100..=0xffff => {
+            payload.push(0x59);
+            payload.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            payload.push(0x5a);
+            payload.extend_from_slice(
+                &u32::try_from(len)
+                    .map_err(|_| ProtocolError::MessageTooLarge(len))?
+                    .to_be_bytes(),
+            );
+        }
+    }
+    let total = payload.len() + len;
+    if total > MAX_PAYLOAD {
+        return Err(ProtocolError::MessageTooLarge(total));
+    }
+    let body = HEADER_AFTER_LEN + total;
+    let mut out = Vec::with_capacity(4 + HEADER_AFTER_LEN + payload.len());
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.extend_from_slice(&id.to_le_bytes());
+    out.push(0);
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
 /// Decodes a frame body (the bytes after the length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Frame, ProtocolError> {
     if body.len() < HEADER_AFTER_LEN {
@@ -377,6 +421,21 @@ mod tests {
         }
         assert_eq!(got, frames);
         assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn fs_data_header_matches_the_whole_encoding() {
+        for len in [0usize, 1, 23, 24, 255, 256, 65_535, 65_536, 256 * 1024] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let whole = encode(&Frame::new(7, Message::FsData(data.clone()))).expect("encode");
+            let mut split = fs_data_header(7, len).expect("header");
+            split.extend_from_slice(&data);
+            assert_eq!(split, whole, "len {len}");
+        }
+        assert!(matches!(
+            fs_data_header(1, MAX_PAYLOAD),
+            Err(ProtocolError::MessageTooLarge(_))
+        ));
     }
 
     #[test]

@@ -147,12 +147,15 @@ pub enum FsRequest {
         /// Follow a final symlink.
         follow: bool,
     },
-    /// The entries of a directory (answered by [`Message::FsEntries`]).
+    /// The entries of a directory, sorted by name: answered by [`Message::FsEntries`]
+    /// frames (as many as the directory needs), then [`Message::FsDone`].
     List {
         /// Directory.
         path: String,
     },
-    /// Read a regular file: answered by [`Message::FsData`] chunks, then [`Message::FsDone`].
+    /// Read a regular file (a FIFO or device is refused): answered by [`Message::FsStat`]
+    /// (the size to expect), at most that many bytes as [`Message::FsData`] chunks, then
+    /// [`Message::FsDone`].
     Read {
         /// File.
         path: String,
@@ -296,9 +299,10 @@ pub enum Message {
     Shutdown,
     /// A filesystem request (a session of its own).
     Fs(FsRequest),
-    /// Metadata (answer to [`FsRequest::Stat`]; END).
+    /// Metadata (the answer to [`FsRequest::Stat`], END; the first answer to
+    /// [`FsRequest::Read`]).
     FsStat(FsStat),
-    /// Directory entries (answer to [`FsRequest::List`]; END).
+    /// Some of a directory's entries (answers to [`FsRequest::List`]).
     FsEntries(Vec<FsEntry>),
     /// A chunk of file data (agent to client for a read, client to agent for a write; an
     /// empty chunk from the client ends a write).

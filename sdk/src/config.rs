@@ -18,6 +18,9 @@ use crate::rootfs::patch::{PatchFailure, Patcher};
 use crate::rootfs::Patch;
 use crate::volume::VolumeMount;
 
+/// Most image layers a root can stack (the root device's limit).
+const MAX_LAYERS: usize = 128;
+
 /// Where a sandbox's root filesystem comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -222,6 +225,8 @@ fn resolve_image(
     home: &Path,
     source: &RootfsSource,
 ) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig)> {
+    // Layers keep images' setuid files and owners: private to this user.
+    crate::sandbox::private_dir(&home.join("layers"))?;
     let store = LayerStore::new(home);
     match source {
         RootfsSource::Default => {
@@ -271,6 +276,15 @@ pub(crate) fn prepare(
     rw: &Path,
 ) -> MicrosandboxResult<Persisted> {
     let (layers, image) = resolve_image(home, &config.image)?;
+    if layers.len() > MAX_LAYERS {
+        return Err(MicrosandboxError::InvalidImage {
+            image: format!("{:?}", config.image),
+            reason: format!(
+                "{} layers; at most {MAX_LAYERS} are supported",
+                layers.len()
+            ),
+        });
+    }
     let upper = rw.join("upper");
     std::fs::create_dir_all(&upper)?;
     std::fs::create_dir_all(rw.join("work"))?;

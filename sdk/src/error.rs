@@ -61,8 +61,9 @@ pub enum MicrosandboxError {
         /// The digest of what was read.
         actual: String,
     },
-    /// A patch targets a path that already exists in the image and does not set `replace`.
-    #[error("patch {index}: {path} already exists in the image (set replace to overwrite it)")]
+    /// A patch targets a path that already exists (in the image, or written by an earlier
+    /// patch) and does not set `replace`.
+    #[error("patch {index}: {path} already exists (set replace to overwrite it)")]
     PatchTargetExists {
         /// Position of the patch (from 0).
         index: usize,

@@ -114,6 +114,7 @@ pub struct SandboxFs<'a> {
 /// A file's contents as a stream of chunks (from [`SandboxFs::read_stream`]).
 pub struct FsReadStream {
     rx: mpsc::Receiver<MicrosandboxResult<Bytes>>,
+    metadata: FsMetadata,
 }
 
 impl std::fmt::Debug for FsReadStream {
@@ -126,6 +127,11 @@ impl FsReadStream {
     /// The next chunk; `None` after the last.
     pub async fn recv(&mut self) -> Option<MicrosandboxResult<Bytes>> {
         self.rx.recv().await
+    }
+
+    /// The file's metadata when it was opened; the stream yields at most `size` bytes.
+    pub fn metadata(&self) -> &FsMetadata {
+        &self.metadata
     }
 }
 
@@ -173,7 +179,18 @@ impl<'a> SandboxFs<'a> {
     }
 
     async fn open(&self, req: FsRequest) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
-        let (r, mut w) = conn::open(self.sb.control_path()).await?;
+        let (r, mut w) = match conn::open(self.sb.control_path()).await {
+            Ok(c) => c,
+            Err(MicrosandboxError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(MicrosandboxError::NotRunning(self.sb.name().to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         conn::write_frame(&mut w, &Frame::new(SESSION, Message::Fs(req))).await?;
         Ok((r, w))
     }
@@ -212,7 +229,8 @@ impl<'a> SandboxFs<'a> {
     /// ```
     pub async fn read(&self, path: &str) -> MicrosandboxResult<Bytes> {
         let mut s = self.read_stream(path).await?;
-        let mut out = BytesMut::new();
+        // The announced size bounds what arrives; reserve up to a sane amount of it.
+        let mut out = BytesMut::with_capacity(s.metadata.size.min(64 << 20) as usize);
         while let Some(chunk) = s.recv().await {
             out.extend_from_slice(&chunk?);
         }
@@ -226,42 +244,43 @@ impl<'a> SandboxFs<'a> {
     }
 
     /// Streams a file in chunks of at most 256 KiB. The guest reads only as fast as the
-    /// stream is consumed.
+    /// stream is consumed, and sends at most the size the file had when it was opened
+    /// ([`FsReadStream::metadata`]); more is an error.
     pub async fn read_stream(&self, path: &str) -> MicrosandboxResult<FsReadStream> {
         let (mut r, w) = self
             .open(FsRequest::Read {
                 path: path.to_string(),
             })
             .await?;
-        // The first frame says whether the file opened; read it here so `read_stream`
-        // itself fails for a missing file.
-        let first = conn::read_frame(&mut r).await?;
-        let (tx, rx) = mpsc::channel(4);
-        let path = path.to_string();
-        let first = match first {
+        // The first answer says whether the file opened, and how big it is.
+        let metadata = match conn::read_frame(&mut r).await? {
             Some(Frame {
-                message: Message::FsData(d),
+                message: Message::FsStat(s),
                 ..
-            }) => Some(Bytes::from(d)),
-            Some(Frame {
-                message: Message::FsDone,
-                ..
-            }) => None,
-            Some(f) => return Err(agent_error("read", &path, f.message)),
+            }) => FsMetadata::from_wire(s),
+            Some(f) => return Err(agent_error("read", path, f.message)),
             None => return Err(MicrosandboxError::ConnectionClosed),
         };
+        let (tx, rx) = mpsc::channel(4);
+        let path = path.to_string();
+        let mut left = metadata.size;
         tokio::spawn(async move {
             let _w = w;
-            let Some(first) = first else { return };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
             loop {
                 let item = match conn::read_frame(&mut r).await {
                     Ok(Some(Frame {
                         message: Message::FsData(d),
                         ..
-                    })) => Ok(Bytes::from(d)),
+                    })) if d.len() as u64 <= left => {
+                        left -= d.len() as u64;
+                        Ok(Bytes::from(d))
+                    }
+                    Ok(Some(Frame {
+                        message: Message::FsData(_),
+                        ..
+                    })) => Err(MicrosandboxError::Agent(format!(
+                        "the guest sent more of {path} than its size"
+                    ))),
                     Ok(Some(Frame {
                         message: Message::FsDone,
                         ..
@@ -276,7 +295,7 @@ impl<'a> SandboxFs<'a> {
                 }
             }
         });
-        Ok(FsReadStream { rx })
+        Ok(FsReadStream { rx, metadata })
     }
 
     /// Writes `data` to `path`, replacing the file (which keeps its mode and owner) or
@@ -475,16 +494,17 @@ impl<'a> SandboxFs<'a> {
     }
 
     /// Copies `guest_path` to the host file `host_path` in chunks, keeping its permission
-    /// bits. The host file is replaced only once the copy is complete.
+    /// bits (not setuid, setgid or sticky: the host file belongs to this process). The host
+    /// file is replaced only once the copy is complete; a failed or cancelled copy leaves
+    /// nothing behind.
     pub async fn copy_to_host(
         &self,
         guest_path: &str,
         host_path: impl AsRef<Path>,
     ) -> MicrosandboxResult<()> {
+        use std::io::Write;
         use std::os::unix::fs::PermissionsExt;
-        use tokio::io::AsyncWriteExt;
-        let host_path = host_path.as_ref();
-        let meta = self.stat(guest_path).await?;
+        let host_path = host_path.as_ref().to_path_buf();
         let dir = match host_path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => std::path::PathBuf::from("."),
@@ -496,27 +516,31 @@ impl<'a> SandboxFs<'a> {
             })?
             .to_string_lossy()
             .into_owned();
-        let tmp = dir.join(format!(".{name}.msb-copy-{}", std::process::id()));
-        let result = async {
-            let mut out = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .await?;
-            let mut s = self.read_stream(guest_path).await?;
-            while let Some(chunk) = s.recv().await {
-                out.write_all(&chunk?).await?;
-            }
-            out.flush().await?;
-            out.sync_all().await?;
-            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode)).await?;
-            tokio::fs::rename(&tmp, host_path).await?;
-            MicrosandboxResult::Ok(())
+        let mut s = self.read_stream(guest_path).await?;
+        let mode = s.metadata().mode & 0o777;
+        // Removed on drop, so an error or a cancelled future leaves no temporary file.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".msb-copy")
+            .tempfile_in(&dir)?;
+        let (file, tmp_path) = tmp.into_parts();
+        let mut file = Some(file);
+        while let Some(chunk) = s.recv().await {
+            let chunk = chunk?;
+            let mut f = file.take().ok_or(MicrosandboxError::ConnectionClosed)?;
+            f = tokio::task::spawn_blocking(move || f.write_all(&chunk).map(|()| f))
+                .await
+                .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))??;
+            file = Some(f);
         }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result
+        let f = file.ok_or(MicrosandboxError::ConnectionClosed)?;
+        tokio::task::spawn_blocking(move || {
+            f.sync_all()?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            tmp_path.persist(&host_path).map_err(|e| e.error)
+        })
+        .await
+        .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))??;
+        Ok(())
     }
 }

@@ -127,6 +127,11 @@ impl Paths {
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")
     }
+
+    /// The file the sandbox's VMM holds an exclusive `flock` on while it runs.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
 }
 
 /// Finds `msb-vmm`: `$MSB_VMM`, else beside this program (or one directory up, for test
@@ -211,8 +216,9 @@ impl SandboxBuilder {
 
     /// The root filesystem: an image archive (`docker save` or OCI archive), an OCI image
     /// layout directory, or a plain directory (used read-only as the one image layer).
-    /// Without it the sandbox boots the default image (busybox). Registry references
-    /// (`"python:3.12"`) resolve only once they are in the local image store.
+    /// Without it the sandbox boots the default image (busybox). A registry reference
+    /// (`"python:3.12"`) is [`MicrosandboxError::ImageNotFound`] for now: pulling from a
+    /// registry is not built yet.
     pub fn image(mut self, image: impl config::IntoImage) -> Self {
         self.image = image.into_image();
         self
@@ -261,7 +267,7 @@ impl SandboxBuilder {
         guest_path: impl Into<String>,
         f: impl FnOnce(MountBuilder) -> MountBuilder,
     ) -> Self {
-        let guest = guest_path.into();
+        let guest = crate::volume::normalise(&guest_path.into());
         self.volumes.retain(|(g, _)| *g != guest);
         let m = f(MountBuilder::default());
         self.volumes.push((guest, m));
@@ -292,8 +298,23 @@ impl SandboxBuilder {
         for (guest, m) in self.volumes {
             volumes.push(m.build(guest)?);
         }
+        let shared = volumes
+            .iter()
+            .filter(|v| !matches!(v, VolumeMount::Tmpfs { .. }))
+            .count();
+        if shared > MAX_SHARED_VOLUMES {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "{shared} bind and named volumes; at most {MAX_SHARED_VOLUMES} fit (one device each)"
+            )));
+        }
+        crate::volume::check_nesting(&volumes)?;
         for (name, _) in &self.scripts {
-            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            if name.is_empty()
+                || name.contains('/')
+                || name.contains('\0')
+                || name == "."
+                || name == ".."
+            {
                 return Err(MicrosandboxError::InvalidConfig(format!(
                     "invalid script name {name:?}"
                 )));
@@ -318,7 +339,8 @@ impl SandboxBuilder {
             volumes,
         };
         // The directory is the claim on the name: whoever creates it owns the sandbox.
-        std::fs::create_dir_all(paths.dir.parent().unwrap_or(&paths.dir))?;
+        // Sandboxes hold other users' data (and setuid files of images): private to us.
+        private_dir(&msb_home().join("sandboxes"))?;
         match std::fs::create_dir(&paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -326,25 +348,50 @@ impl SandboxBuilder {
             }
             Err(e) => return Err(e.into()),
         }
-        // From here on a failure removes everything this call made.
-        let mut claim = Claim(Some(paths.dir.clone()));
+        // From here on a failure removes everything this call made. The claim travels with
+        // the blocking preparation: if this future is dropped mid-way, the directory goes
+        // only once nothing writes into it any more.
+        let claim = Claim(Some(paths.dir.clone()));
         let home = msb_home();
         let rw = paths.rw();
-        let prepared = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || config::prepare(&home, &config, &rw))
-                .await
-                .map_err(|e| MicrosandboxError::Agent(format!("rootfs preparation failed: {e}")))?
-        }?;
-        config::save(&paths.config(), &prepared)?;
-        let sandbox = spawn(paths, prepared).await?;
-        claim.0 = None;
+        let config_path = paths.config();
+        let (claim, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = config::prepare(&home, &config, &rw)
+                .and_then(|p| config::save(&config_path, &p).map(|()| p));
+            (claim, prepared)
+        })
+        .await
+        .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))?;
+        let sandbox = spawn(paths, prepared?).await?;
+        claim.disarm();
         Ok(sandbox)
     }
 }
 
+/// Most bind and named volumes: one virtio-fs device each, besides the root, on the
+/// VMM's interrupt lines.
+pub const MAX_SHARED_VOLUMES: usize = 17;
+
+/// Creates `dir` (and its parents) if missing, readable by this user only.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Removes a half-created sandbox's directory unless disarmed.
 struct Claim(Option<PathBuf>);
+
+impl Claim {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Claim {
     fn drop(&mut self) {
@@ -391,6 +438,8 @@ async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox>
         .args(["--hostname", &hostname])
         .arg("--rw")
         .arg(paths.rw())
+        .arg("--lock")
+        .arg(paths.lock())
         .arg("--exit-with-stdin");
     for layer in &prepared.layers {
         cmd.arg("--layer").arg(layer);
@@ -598,6 +647,19 @@ impl Sandbox {
         if answers(&paths.control).await {
             return Err(MicrosandboxError::StillRunning(name.to_string()));
         }
+        if !paths.dir.is_dir() {
+            return Err(MicrosandboxError::NotFound(name.to_string()));
+        }
+        // A VMM that is still booting holds the lock before its socket answers.
+        let _held = match std::fs::OpenOptions::new().write(true).open(paths.lock()) {
+            Ok(f) => {
+                match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => Some(f),
+                    Err(_) => return Err(MicrosandboxError::StillRunning(name.to_string())),
+                }
+            }
+            Err(_) => None,
+        };
         match tokio::fs::remove_dir_all(&paths.dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

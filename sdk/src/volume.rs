@@ -155,8 +155,34 @@ impl MountBuilder {
     }
 }
 
+/// Refuses a volume inside a read-only volume (its mount point could not be made).
+pub(crate) fn check_nesting(volumes: &[VolumeMount]) -> MicrosandboxResult<()> {
+    for outer in volumes {
+        let ro = matches!(
+            outer,
+            VolumeMount::Bind { readonly: true, .. } | VolumeMount::Named { readonly: true, .. }
+        );
+        if !ro {
+            continue;
+        }
+        let prefix = format!("{}/", outer.guest_path());
+        if let Some(inner) = volumes.iter().find(|v| v.guest_path().starts_with(&prefix)) {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "volume {} is inside the read-only volume {}",
+                inner.guest_path(),
+                outer.guest_path()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `/a//b/./c` -> `/a/b/c`.
-fn normalise(p: &str) -> String {
+pub(crate) fn normalise(p: &str) -> String {
+    if !p.starts_with('/') {
+        // Refused by `build`, as given.
+        return p.to_string();
+    }
     let comps: Vec<&str> = p
         .split('/')
         .filter(|c| !c.is_empty() && *c != ".")

@@ -200,9 +200,26 @@ fn shares(
     layers: Vec<PathBuf>,
     rw: &std::path::Path,
 ) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
-    for sub in ["upper", "work"] {
-        let p = rw.join(sub);
-        std::fs::create_dir_all(&p).map_err(|source| LaunchError::Rw { path: p, source })?;
+    // The guest writes inside `rw`: never follow what it may have put there.
+    let rw_err = |path: &std::path::Path, source| LaunchError::Rw {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(rw).map_err(|e| rw_err(rw, e))?;
+    for p in [rw.to_path_buf(), rw.join("upper"), rw.join("work")] {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(rw_err(
+                    &p,
+                    std::io::Error::other("not a directory (a symlink or a file)"),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&p).map_err(|e| rw_err(&p, e))?
+            }
+            Err(e) => return Err(rw_err(&p, e)),
+        }
     }
     for l in &layers {
         if !l.is_dir() {
@@ -508,6 +525,15 @@ mod tests {
             shares(&launch(), vec![dir.path().join("nolayer")], &rw),
             Err(LaunchError::HostDir { .. })
         ));
+        // A guest that swapped its upper for a symlink gets no directory made through it.
+        let target = dir.path().join("elsewhere");
+        std::fs::remove_dir(rw.join("work")).expect("rmdir");
+        std::os::unix::fs::symlink(&target, rw.join("work")).expect("symlink");
+        assert!(matches!(
+            shares(&launch(), vec![layer.clone()], &rw),
+            Err(LaunchError::Rw { .. })
+        ));
+        assert!(!target.exists());
     }
 
     fn shares_of(

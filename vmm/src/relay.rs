@@ -197,7 +197,9 @@ impl ExecLog {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    // An explicit mode: the virtio-fs devices set this process's umask to 0.
+    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
+        .open(path)
 }
 
 struct Shared {

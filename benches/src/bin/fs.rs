@@ -8,7 +8,10 @@
 //! through the device (the host's page cache still holds the file, as it does for the
 //! host's own read).
 //!
-//! `cargo run --release -p msb-benches --bin fs -- [--mib M] [--files N]`
+//! The fs API's own throughput (`copy_from_host`, `copy_to_host`, beside `cat` of the same
+//! file over the exec path) closes the report.
+//!
+//! `cargo run --release -p msb-benches --bin fs -- [--mib M] [--files N] [--api-mib M]`
 
 use std::io::{Read, Write};
 use std::time::Instant;
@@ -122,6 +125,27 @@ async fn main() {
     .await;
     let out = sb.shell("ls /root/many | wc -l").await.expect("count");
     assert_eq!(out.stdout().expect("utf-8").trim(), files.to_string());
+
+    // The fs API (SDK -> relay -> vsock -> agent), beside stdout of `cat` of the same file.
+    let api_mib = arg("--api-mib", 8).max(1);
+    let host_file = home.path().join("api.bin");
+    std::fs::write(&host_file, vec![0x5au8; (api_mib << 20) as usize]).expect("write");
+    let t = Instant::now();
+    sb.fs()
+        .copy_from_host(&host_file, "/root/api.bin")
+        .await
+        .expect("copy_from_host");
+    let api_in = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    sb.fs()
+        .copy_to_host("/root/api.bin", home.path().join("api.back"))
+        .await
+        .expect("copy_to_host");
+    let api_out = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = sb.exec("cat", ["/root/api.bin"]).await.expect("cat");
+    let cat_out = t.elapsed().as_secs_f64();
+    assert_eq!(out.stdout_bytes().len() as u64, api_mib << 20);
     sb.stop().await.expect("stop");
 
     let host_dir = tempfile::tempdir_in(home.path()).expect("tempdir on the same disk");
@@ -154,5 +178,22 @@ async fn main() {
         g_create + g_stat,
         h_create + h_stat,
         None,
+    );
+    let api_mb = (api_mib << 20) as f64 / 1e6;
+    println!(
+        "fs API through the SDK ({api_mib} MiB; host kind {}):",
+        host_kind()
+    );
+    println!(
+        "  copy_from_host              {:>9.2} MB/s ({api_in:.2} s)",
+        api_mb / api_in
+    );
+    println!(
+        "  copy_to_host                {:>9.2} MB/s ({api_out:.2} s)",
+        api_mb / api_out
+    );
+    println!(
+        "  exec `cat` of the same file {:>9.2} MB/s ({cat_out:.2} s, stdout through the exec path)",
+        api_mb / cat_out
     );
 }

@@ -292,22 +292,42 @@ fn clear_upper(p: &Path) -> io::Result<()> {
 
 /// Applies patches to one upper directory over its image layers.
 pub(crate) struct Patcher {
+    upper: PathBuf,
+    /// The guest's view: the upper over the image.
     view: MergedView,
+    /// The image alone (what a whiteout must hide, what an opaque directory covers).
+    image: MergedView,
+}
+
+fn guest_path(comps: &[String]) -> String {
+    format!("/{}", comps.join("/"))
 }
 
 impl Patcher {
     /// A patcher for `upper` over `lowers` (bottom first).
     pub(crate) fn new(upper: &Path, lowers: &[PathBuf]) -> Self {
         Patcher {
+            upper: upper.to_path_buf(),
             view: MergedView::new(upper, lowers),
+            image: MergedView::image(lowers),
+        }
+    }
+
+    /// What the image alone has at `comps` (an upper entry may hide it).
+    fn in_image(&self, comps: &[String]) -> Result<Option<Node>, PatchFailure> {
+        match self.image.resolve(&guest_path(comps), false) {
+            Ok((_, node)) => Ok(node),
+            // A path the image cannot even resolve (through a file) is not in it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Makes sure the directory `comps` exists in the upper: directories the image has are
-    /// copied up (mode, owner, times), missing ones are created with mode 0755, a
-    /// directory whited out in the upper is recreated opaque.
+    /// copied up (mode and owner), missing ones are created with mode 0755, a directory
+    /// whited out in the upper is recreated opaque.
     fn upper_dir(&self, comps: &[String]) -> Result<PathBuf, PatchFailure> {
-        let mut host = self.view.upper().to_path_buf();
+        let mut host = self.upper.clone();
         for i in 0..comps.len() {
             host.push(&comps[i]);
             let guest = format!("/{}", comps[..=i].join("/"));
@@ -328,7 +348,7 @@ impl Patcher {
                 (_, Some(Node::Dir(parts))) => {
                     let (_, lower) = parts
                         .iter()
-                        .find(|(layer, _)| *layer > 0)
+                        .find(|(layer, _)| self.view.is_image_layer(*layer))
                         .ok_or_else(|| PatchFailure::Failed(format!("{guest} vanished")))?;
                     let meta = fs::metadata(lower)?;
                     fs::create_dir(&host)?;
@@ -356,13 +376,10 @@ impl Patcher {
         Ok(self.view.resolve(guest, follow_last)?)
     }
 
-    /// Removes the node at `comps` from the view: the upper's entry goes, and a whiteout
-    /// hides an image entry.
-    fn remove_node(&self, comps: &[String], node: &Node) -> Result<(), PatchFailure> {
-        let in_image = match node {
-            Node::Dir(parts) => parts.iter().any(|(l, _)| *l > 0),
-            Node::Other(layer, ..) => *layer > 0,
-        };
+    /// Removes `comps` from the view: the upper's entry goes, and a whiteout hides what the
+    /// image has there (even where an upper entry hid it before).
+    fn remove_node(&self, comps: &[String]) -> Result<(), PatchFailure> {
+        let in_image = self.in_image(comps)?.is_some();
         let parent = self.upper_dir(&comps[..comps.len() - 1])?;
         let host = parent.join(&comps[comps.len() - 1]);
         clear_upper(&host)?;
@@ -377,14 +394,12 @@ impl Patcher {
     /// (a new directory must then be opaque).
     fn make_way(&self, guest: &str, replace: bool) -> Result<(PathBuf, bool), PatchFailure> {
         let (comps, node) = self.target(guest, false)?;
-        let mut image_dir = false;
-        if let Some(node) = &node {
-            if !replace {
-                return Err(PatchFailure::Exists);
-            }
-            image_dir = matches!(node, Node::Dir(parts) if parts.iter().any(|(l, _)| *l > 0));
-            self.remove_node(&comps, node)?;
+        if node.is_some() && !replace {
+            return Err(PatchFailure::Exists);
         }
+        // A directory here must hide the image's directory, also one an earlier patch
+        // removed.
+        let image_dir = matches!(self.in_image(&comps)?, Some(Node::Dir(_)));
         let parent = self.upper_dir(&comps[..comps.len() - 1])?;
         let host = parent.join(&comps[comps.len() - 1]);
         clear_upper(&host)?;
@@ -429,7 +444,7 @@ impl Patcher {
             Patch::Remove { path } => {
                 let (comps, node) = self.target(path, false)?;
                 match node {
-                    Some(node) => self.remove_node(&comps, &node),
+                    Some(_) => self.remove_node(&comps),
                     None => Ok(()),
                 }
             }
@@ -496,7 +511,7 @@ impl Patcher {
         };
         let parent = self.upper_dir(&comps[..comps.len() - 1])?;
         let host = parent.join(&comps[comps.len() - 1]);
-        if layer > 0 {
+        if self.view.is_image_layer(layer) {
             // Copy up: contents, mode, owner.
             fs::copy(&lower, &host)?;
             set_mode(&host, meta.mode())?;
@@ -511,8 +526,9 @@ impl Patcher {
 }
 
 /// Copies a host tree: directories, regular files (modes kept) and symlinks (as links).
+/// `src` itself may be a symlink to a directory; below it nothing is followed.
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(src)?;
+    let meta = fs::metadata(src)?;
     fs::create_dir(dst)?;
     for e in fs::read_dir(src)? {
         let e = e?;
@@ -744,6 +760,75 @@ mod tests {
             super::super::view::is_opaque(&d),
             "the image's a must stay hidden"
         );
+    }
+
+    #[test]
+    fn removing_what_an_earlier_patch_replaced_still_hides_the_image() {
+        let f = fixture();
+        f.patcher
+            .apply(&Patch::Text {
+                path: "/etc/hosts".into(),
+                content: "mine\n".into(),
+                mode: None,
+                replace: true,
+            })
+            .expect("replace");
+        f.patcher
+            .apply(&Patch::Remove {
+                path: "/etc/hosts".into(),
+            })
+            .expect("remove");
+        let wo = fs::symlink_metadata(f.upper.join("etc/hosts")).expect("whiteout");
+        assert!(
+            wo.file_type().is_char_device(),
+            "the image's hosts stays hidden"
+        );
+        // remove, mkdir, remove: the image's directory stays hidden.
+        for p in [
+            Patch::Remove {
+                path: "/etc/conf.d".into(),
+            },
+            Patch::Mkdir {
+                path: "/etc/conf.d".into(),
+                mode: None,
+            },
+            Patch::Remove {
+                path: "/etc/conf.d".into(),
+            },
+        ] {
+            f.patcher.apply(&p).expect("patch");
+        }
+        let wo = fs::symlink_metadata(f.upper.join("etc/conf.d")).expect("whiteout");
+        assert!(wo.file_type().is_char_device());
+        // copy_dir onto the removed directory: opaque, so the image's files stay gone.
+        let tree = f.host.join("t");
+        fs::create_dir_all(&tree).expect("mkdir");
+        fs::write(tree.join("new"), b"n").expect("write");
+        f.patcher
+            .apply(&Patch::CopyDir {
+                src: tree,
+                dst: "/etc/conf.d".into(),
+                replace: false,
+            })
+            .expect("copy_dir");
+        assert!(super::super::view::is_opaque(&f.upper.join("etc/conf.d")));
+    }
+
+    #[test]
+    fn copy_dir_through_a_symlinked_source_keeps_its_mode() {
+        let f = fixture();
+        let tree = f.host.join("real");
+        fs::create_dir_all(&tree).expect("mkdir");
+        set_mode(&tree, 0o750).expect("chmod");
+        std::os::unix::fs::symlink(&tree, f.host.join("link")).expect("symlink");
+        f.patcher
+            .apply(&Patch::CopyDir {
+                src: f.host.join("link"),
+                dst: "/srv".into(),
+                replace: false,
+            })
+            .expect("copy_dir");
+        assert_eq!(mode(&f.upper.join("srv")), 0o750);
     }
 
     #[test]

@@ -41,10 +41,12 @@ pub(crate) enum Node {
     Other(usize, PathBuf, Metadata),
 }
 
-/// Layer 0 is the writable upper; 1.. are the image layers, top first.
+/// Layer 0 is the writable upper (when there is one); the rest are the image layers, top
+/// first.
 #[derive(Debug, Clone)]
 pub(crate) struct MergedView {
     layers: Vec<PathBuf>,
+    first_lower: usize,
 }
 
 /// The components of an absolute guest path (`.` and empty ones dropped); `..` is refused
@@ -62,12 +64,23 @@ impl MergedView {
     pub(crate) fn new(upper: &Path, lowers: &[PathBuf]) -> Self {
         let mut layers = vec![upper.to_path_buf()];
         layers.extend(lowers.iter().rev().cloned());
-        MergedView { layers }
+        MergedView {
+            layers,
+            first_lower: 1,
+        }
     }
 
-    /// The upper directory.
-    pub(crate) fn upper(&self) -> &Path {
-        &self.layers[0]
+    /// The image alone, without the upper: what "exists in the image" means.
+    pub(crate) fn image(lowers: &[PathBuf]) -> Self {
+        MergedView {
+            layers: lowers.iter().rev().cloned().collect(),
+            first_lower: 0,
+        }
+    }
+
+    /// True when layer `i` is an image layer (not the upper).
+    pub(crate) fn is_image_layer(&self, i: usize) -> bool {
+        i >= self.first_lower
     }
 
     fn root(&self) -> Node {

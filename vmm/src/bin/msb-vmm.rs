@@ -7,8 +7,10 @@
 //!         [--append WORD]... [--report FILE] [--vsock-socket PATH]
 //!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin]
 //!         [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]...
-//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... -- CMD ARGS...
+//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... [--lock FILE] -- CMD ARGS...
 //! ```
+//! `--lock FILE` holds an exclusive `flock` on FILE for the VMM's life and refuses to start
+//! when another process holds it (the SDK passes its sandbox's lock).
 //! The root filesystem is an overlay of read-only layers (`--layer`, bottom first;
 //! `--rootfs DIR` is one layer; default: the default root filesystem) under a writable
 //! layer `--rw DIR` (a temporary directory, removed at exit, when not given), shared over
@@ -48,7 +50,7 @@ const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--
 [--append WORD]... [--report FILE] [--vsock-socket PATH] \
 [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
 [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]... [--ro-volume GUEST HOST]... \
-[--tmpfs GUEST MiB|-]... -- CMD ARGS...";
+[--tmpfs GUEST MiB|-]... [--lock FILE] -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
@@ -56,12 +58,15 @@ struct Args {
     command: Option<Vec<String>>,
     report: Option<PathBuf>,
     exit_with_stdin: bool,
+    /// A file this VMM holds an exclusive `flock` on for its whole life.
+    lock: Option<PathBuf>,
 }
 
 fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
     let mut launch = Launch::default();
     let mut report = None;
     let mut exit_with_stdin = false;
+    let mut lock = None;
     while let Some(arg) = it.next() {
         let name = arg.to_string_lossy().into_owned();
         if name == "--" {
@@ -97,6 +102,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--control-socket" => launch.control_socket = Some(value("a path")?.into()),
             "--exec-log" => launch.exec_log = Some(value("a path")?.into()),
             "--exit-with-stdin" => exit_with_stdin = true,
+            "--lock" => lock = Some(PathBuf::from(value("a path")?)),
             "--layer" | "--rootfs" => launch.layers.push(value("a directory")?.into()),
             "--rw" => launch.rw = Some(value("a directory")?.into()),
             "--volume" | "--ro-volume" => {
@@ -153,6 +159,7 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
         command,
         report,
         exit_with_stdin,
+        lock,
     })
 }
 
@@ -181,7 +188,17 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
         }))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "end": format!("{:?}", o.end),
     });
-    if let Err(e) = std::fs::write(path, format!("{report}\n")) {
+    // An explicit mode: the virtio-fs devices set this process's umask to 0.
+    let written = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        0o644,
+    )
+    .open(path)
+    .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{report}\n").as_bytes()));
+    if let Err(e) = written {
         eprintln!("msb-vmm: cannot write report {}: {e}", path.display());
     }
 }
@@ -245,8 +262,9 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Ends the process when stdin reaches end of file (the parent holding the pipe is gone).
-fn watch_stdin(sockets: Vec<PathBuf>) {
+/// Ends the process when stdin reaches end of file (the parent holding the pipe is gone),
+/// removing `sockets` and the private directory.
+fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>) {
     let spawned = std::thread::Builder::new()
         .name("stdin-watch".into())
         .spawn(move || {
@@ -262,10 +280,35 @@ fn watch_stdin(sockets: Vec<PathBuf>) {
             for s in sockets {
                 let _ = std::fs::remove_file(s);
             }
+            if let Some(d) = private {
+                let _ = std::fs::remove_dir_all(d);
+            }
             std::process::exit(i32::from(VMM_FAILURE));
         });
     if let Err(e) = spawned {
         eprintln!("msb-vmm: warning: cannot watch stdin: {e}");
+    }
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing) without waiting.
+fn lock_file(path: &PathBuf) -> Result<std::fs::File, String> {
+    let f = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+        0o600,
+    )
+    .open(path)
+    .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(format!(
+            "the sandbox is in use by another VMM (lock {} is held)",
+            path.display()
+        )),
+        Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }
 
@@ -306,6 +349,14 @@ fn main() -> ExitCode {
         }
     };
     raise_fd_limit();
+    // Held until the process ends: a second VMM for the same sandbox (and a remove) sees it.
+    let _lock = match &args.lock {
+        Some(p) => match lock_file(p) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(&e, &[]),
+        },
+        None => None,
+    };
     let private = PrivateDir::fill_in(&mut args.launch);
     let host = HostKind::detect();
     let cfg = match launch::resolve(&args.launch, host) {
@@ -330,7 +381,7 @@ fn main() -> ExitCode {
     };
     if args.exit_with_stdin {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
-        watch_stdin(sockets.into_iter().flatten().collect());
+        watch_stdin(sockets.into_iter().flatten().collect(), private.0.clone());
     }
     if let Some(r) = &relay {
         r.log_system("vm started");

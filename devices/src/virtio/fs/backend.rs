@@ -6,7 +6,7 @@ use std::time::Duration;
 use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-use super::readonly::ReadOnly;
+use super::guard::{Guard, Policy};
 use super::FsError;
 
 /// How long the guest may cache names and attributes of files that only it changes (image
@@ -87,10 +87,8 @@ pub fn passthrough(path: &Path, timeout: Duration) -> Result<PassthroughFs, FsEr
 /// The filesystem built for one share (each kind is its own type; a device is generic
 /// over it).
 pub enum Built {
-    /// A writable host directory.
-    Dir(PassthroughFs),
-    /// A host directory the guest may only read.
-    ReadOnlyDir(ReadOnly<PassthroughFs>),
+    /// A host directory (a volume, read-only or not).
+    Dir(Box<Guard<PassthroughFs>>),
     /// The sandbox root.
     Root(Vfs),
 }
@@ -99,7 +97,6 @@ impl std::fmt::Debug for Built {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Built::Dir(_) => "Built::Dir",
-            Built::ReadOnlyDir(_) => "Built::ReadOnlyDir",
             Built::Root(_) => "Built::Root",
         })
     }
@@ -108,14 +105,17 @@ impl std::fmt::Debug for Built {
 /// Builds the filesystem for `source`.
 pub fn build(source: &ShareSource) -> Result<Built, FsError> {
     Ok(match source {
-        ShareSource::Dir {
-            path,
-            readonly: false,
-        } => Built::Dir(passthrough(path, SHARED_TIMEOUT)?),
-        ShareSource::Dir {
-            path,
-            readonly: true,
-        } => Built::ReadOnlyDir(ReadOnly(passthrough(path, SHARED_TIMEOUT)?)),
+        ShareSource::Dir { path, readonly } => {
+            let policy = if *readonly {
+                Policy::ReadOnly
+            } else {
+                Policy::Volume
+            };
+            Built::Dir(Box::new(Guard::new(
+                passthrough(path, SHARED_TIMEOUT)?,
+                policy,
+            )))
+        }
         ShareSource::Root { layers, rw } => Built::Root(root(layers, rw)?),
     })
 }
@@ -142,9 +142,10 @@ pub fn root(layers: &[PathBuf], rw: &Path) -> Result<Vfs, FsError> {
             .map_err(|e| FsError::Vfs(format!("mounting {at}: {e:?}")))
     };
     for (i, layer) in layers.iter().enumerate() {
-        let fs = ReadOnly(passthrough(layer, STABLE_TIMEOUT)?);
+        let fs = Guard::new(passthrough(layer, STABLE_TIMEOUT)?, Policy::ReadOnly);
         mount(Box::new(fs), &format!("/l/{i}"))?;
     }
-    mount(Box::new(passthrough(rw, STABLE_TIMEOUT)?), "/rw")?;
+    let rw = Guard::new(passthrough(rw, STABLE_TIMEOUT)?, Policy::Private);
+    mount(Box::new(rw), "/rw")?;
     Ok(vfs)
 }

@@ -118,7 +118,7 @@ fn serve<F: FileSystem + Sync>(
         }
         let mut used = false;
         for q in queues.iter_mut() {
-            used |= process_queue(server, mem, q, metrics);
+            used |= process_queue(server, mem, q, metrics, stop);
         }
         if used {
             if let Err(e) = irq.signal_used() {

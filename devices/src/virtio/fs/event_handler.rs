@@ -12,7 +12,7 @@ use fuse_backend_rs::abi::fuse_abi::OutHeader;
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::metrics::{FsMetrics, Hook};
@@ -48,6 +48,28 @@ fn reply_header(
     })
 }
 
+/// The most a request or its reply may span: fuse-backend-rs's largest request
+/// (`MAX_BUFFER_SIZE`) plus a page for the headers. Larger chains are refused before the
+/// server sees them, since some handlers allocate what the request claims.
+const MAX_CHAIN_BYTES: u64 = (1 << 20) + 0x1000;
+
+/// True when the chain's readable and writable parts each fit [`MAX_CHAIN_BYTES`].
+fn bounded(chain: &DescriptorChain<&GuestMemoryMmap>) -> bool {
+    let (mut readable, mut writable) = (0u64, 0u64);
+    for d in chain.clone() {
+        let total = if d.is_write_only() {
+            &mut writable
+        } else {
+            &mut readable
+        };
+        *total += u64::from(d.len());
+        if *total > MAX_CHAIN_BYTES {
+            return false;
+        }
+    }
+    true
+}
+
 /// Handles one chain; returns the bytes written for the used ring.
 fn handle_chain<F: FileSystem + Sync>(
     server: &Server<F>,
@@ -55,6 +77,11 @@ fn handle_chain<F: FileSystem + Sync>(
     chain: DescriptorChain<&GuestMemoryMmap>,
     metrics: &FsMetrics,
 ) -> u32 {
+    if !bounded(&chain) {
+        tracing::debug!("virtio-fs: dropping a chain larger than any request");
+        FsMetrics::add(&metrics.bad_requests, 1);
+        return 0;
+    }
     let reader = Reader::from_descriptor_chain(mem, chain.clone());
     let writer = VirtioFsWriter::new(mem, chain.clone()).map(Writer::VirtioFs);
     let (Ok(reader), Ok(writer)) = (reader, writer) else {
@@ -88,15 +115,21 @@ fn handle_chain<F: FileSystem + Sync>(
     }
 }
 
-/// Serves every chain available on `queue`; true if any was used.
+/// Serves every chain available on `queue` until it is empty or `stop` is set; true if
+/// any was used.
 pub fn process_queue<F: FileSystem + Sync>(
     server: &Server<F>,
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     metrics: &FsMetrics,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> bool {
     let mut used = false;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            queue.go_to_previous_position();
+            break;
+        }
         let head = chain.head_index();
         let len = handle_chain(server, mem, chain, metrics);
         if queue.add_used(mem, head, len).is_err() {

@@ -2,20 +2,21 @@
 //! served in-process by `fuse-backend-rs`.
 //!
 //! One device per tag. A device serves one filesystem ([`backend::Share`]): a host
-//! directory ([`PassthroughFs`](fuse_backend_rs::passthrough::PassthroughFs), wrapped in
-//! [`readonly::ReadOnly`] when the guest may only read), or the sandbox root, a
+//! directory ([`PassthroughFs`](fuse_backend_rs::passthrough::PassthroughFs) under a
+//! [`guard::Guard`] that enforces what the guest may do there), or the sandbox root, a
 //! [`Vfs`](fuse_backend_rs::api::Vfs) that shows the read-only image layers at `/l/<i>` and
 //! the writable layer at `/rw` for the guest's overlayfs.
 //!
 //! Files: [`device`] (the `VirtioDevice` and its worker thread), [`event_handler`] (one
-//! pass over the queues), [`backend`] (building the filesystems), [`readonly`] (the
-//! read-only wrapper), [`metrics`] (counters).
+//! pass over the queues), [`backend`] (building the filesystems), [`guard`] (the device's
+//! limits: read-only, no device nodes, no host privileges), [`metrics`] (counters).
 
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+pub mod guard;
 pub mod metrics;
-pub mod readonly;
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 
@@ -95,8 +96,7 @@ pub fn mmio_transport(
         ))
     }
     match backend::build(&share.source)? {
-        backend::Built::Dir(fs) => wrap(&share.tag, fs, mem, irq),
-        backend::Built::ReadOnlyDir(fs) => wrap(&share.tag, fs, mem, irq),
+        backend::Built::Dir(fs) => wrap(&share.tag, *fs, mem, irq),
         backend::Built::Root(fs) => wrap(&share.tag, fs, mem, irq),
     }
 }

@@ -4,7 +4,8 @@
 //! device's queue handler on the calling thread.
 
 use fuse_backend_rs::abi::fuse_abi::{
-    CreateIn, EntryOut, InHeader, InitIn, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, WriteIn,
+    CreateIn, EntryOut, InHeader, InitIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn,
+    WriteIn,
 };
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
@@ -26,6 +27,8 @@ pub mod opcode {
     pub const SETATTR: u32 = 4;
     /// READLINK
     pub const READLINK: u32 = 5;
+    /// MKNOD
+    pub const MKNOD: u32 = 8;
     /// MKDIR
     pub const MKDIR: u32 = 9;
     /// UNLINK
@@ -142,7 +145,13 @@ impl<F: FileSystem + Sync> FuseDriver<F> {
         self.mem
             .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
             .expect("avail idx");
-        process_queue(&self.server, &self.mem, &mut self.queue, &self.metrics);
+        process_queue(
+            &self.server,
+            &self.mem,
+            &mut self.queue,
+            &self.metrics,
+            &std::sync::atomic::AtomicBool::new(false),
+        );
         let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx");
         assert_eq!(used_idx, self.avail_idx, "the device returns every chain");
         let slot = u64::from(used_idx.wrapping_sub(1) % QSIZE);
@@ -307,6 +316,36 @@ impl<F: FileSystem + Sync> FuseDriver<F> {
         body.push(0);
         let r = self.call(opcode::MKDIR, parent, &body, 256);
         Self::entry(r)
+    }
+
+    /// MKNOD `name` in `parent`.
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<EntryOut, i32> {
+        let mut body = bytes_of(&MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        });
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        let r = self.call(opcode::MKNOD, parent, &body, 256);
+        Self::entry(r)
+    }
+
+    /// SETXATTR `name` = `value` on `node`; the error (0 on success).
+    pub fn setxattr(&mut self, node: u64, name: &str, value: &[u8]) -> i32 {
+        let mut body = (value.len() as u32).to_le_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value);
+        self.call(opcode::SETXATTR, node, &body, 64).error
     }
 
     /// READLINK `node`.
