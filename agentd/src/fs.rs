@@ -389,6 +389,153 @@ mod tests {
         assert!(guest_path("/ok").is_ok());
     }
 
+    /// Frames written to a file standing in for the connection.
+    fn frames_of(path: &Path) -> Vec<Frame> {
+        let mut f = File::open(path).expect("open");
+        let mut out = Vec::new();
+        while let Some(fr) = msb_protocol::frame::read_frame(&mut f).expect("a frame") {
+            out.push(fr);
+        }
+        out
+    }
+
+    fn sink(dir: &Path) -> (Writer, PathBuf) {
+        let p = dir.join("frames");
+        let f = File::create(&p).expect("create");
+        (std::sync::Arc::new(std::sync::Mutex::new(f)), p)
+    }
+
+    #[test]
+    fn a_big_directory_lists_in_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big");
+        fs::create_dir(&big).expect("mkdir");
+        for i in 0..3000 {
+            fs::write(big.join(format!("{i:05}-{}", "n".repeat(200))), b"").expect("write");
+        }
+        let (w, frames) = sink(dir.path());
+        serve(
+            7,
+            FsRequest::List {
+                path: big.display().to_string(),
+            },
+            &w,
+            None,
+        );
+        let frames = frames_of(&frames);
+        let batches = frames
+            .iter()
+            .filter(|f| matches!(f.message, Message::FsEntries(_)))
+            .count();
+        assert!(batches > 1, "{batches} batch(es)");
+        let names: Vec<String> = frames
+            .iter()
+            .flat_map(|f| match &f.message {
+                Message::FsEntries(e) => e.iter().map(|e| e.name.clone()).collect(),
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(names.len(), 3000);
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted");
+        assert!(matches!(
+            frames.last().map(|f| &f.message),
+            Some(Message::FsDone)
+        ));
+    }
+
+    #[test]
+    fn reads_announce_the_size_and_refuse_what_is_not_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("f");
+        fs::write(&file, vec![7u8; FS_CHUNK + 10]).expect("write");
+        let (w, frames) = sink(dir.path());
+        serve(
+            1,
+            FsRequest::Read {
+                path: file.display().to_string(),
+            },
+            &w,
+            None,
+        );
+        let frames = frames_of(&frames);
+        assert!(matches!(&frames[0].message, Message::FsStat(s) if s.size == FS_CHUNK as u64 + 10));
+        let data: usize = frames
+            .iter()
+            .map(|f| match &f.message {
+                Message::FsData(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(data, FS_CHUNK + 10);
+        assert!(matches!(
+            frames.last().map(|f| &f.message),
+            Some(Message::FsDone)
+        ));
+
+        // A FIFO nobody writes to: refused at once, not waited on.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let (w, frames) = sink(dir.path());
+        serve(
+            1,
+            FsRequest::Read {
+                path: fifo.display().to_string(),
+            },
+            &w,
+            None,
+        );
+        assert!(matches!(
+            frames_of(&frames).first().map(|f| &f.message),
+            Some(Message::Error {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            })
+        ));
+        let (w, frames) = sink(dir.path());
+        serve(
+            1,
+            FsRequest::Read {
+                path: "/dev/zero".into(),
+            },
+            &w,
+            None,
+        );
+        assert!(matches!(
+            frames_of(&frames).first().map(|f| &f.message),
+            Some(Message::Error {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn copies_are_atomic_and_not_onto_themselves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a");
+        fs::write(&a, b"contents").expect("write");
+        fs::set_permissions(&a, fs::Permissions::from_mode(0o751)).expect("chmod");
+        let e = copy(&a, &a).expect_err("onto itself");
+        assert_eq!(kind_of(&e), ErrorKind::InvalidRequest);
+        assert_eq!(fs::read(&a).expect("read"), b"contents");
+        let b = dir.path().join("b");
+        copy(&a, &b).expect("copy");
+        assert_eq!(fs::read(&b).expect("read"), b"contents");
+        assert_eq!(fs::metadata(&b).expect("stat").mode() & 0o7777, 0o751);
+        assert_eq!(
+            fs::read_dir(dir.path()).expect("ls").count(),
+            2,
+            "no temporaries"
+        );
+        // mkdir -p on an existing directory keeps its mode.
+        let t = dir.path().join("sticky");
+        fs::create_dir(&t).expect("mkdir");
+        fs::set_permissions(&t, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        mkdir(&t, 0o755, true).expect("mkdir -p");
+        assert_eq!(fs::metadata(&t).expect("stat").mode() & 0o7777, 0o1777);
+    }
+
     #[test]
     fn a_write_replaces_only_when_complete() {
         let dir = tempfile::tempdir().expect("tempdir");

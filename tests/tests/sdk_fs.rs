@@ -67,6 +67,8 @@ fn build_image(dir: &Path) -> PathBuf {
             FixtureEntry::file("var/lib/opq/new", "new\n"),
         ])
         .env("IMAGE_ENV", "from-image")
+        // An image PATH of its own: the scripts must stay callable by name.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .workdir("/opt")
         .gzip(true)
         .write_oci_archive(&path)
@@ -442,6 +444,13 @@ touch /owned-by-guest && chown 1234:4321 /owned-by-guest && chmod 0711 /owned-by
     assert!(is_fs(&e, FsErrorKind::NoSpace), "{e:?}");
     let e = fs.read("relative").await.expect_err("relative");
     assert!(is_fs(&e, FsErrorKind::InvalidPath), "{e:?}");
+    // What is not a regular file is refused at once: no waiting on a FIFO, no endless
+    // /dev/zero.
+    sb.exec("mkfifo", ["/root/fifo"]).await.expect("mkfifo");
+    for p in ["/root/fifo", "/dev/zero"] {
+        let e = fs.read(p).await.expect_err("not a regular file");
+        assert!(is_fs(&e, FsErrorKind::InvalidPath), "{p}: {e:?}");
+    }
     // Host files in and out, modes kept.
     fs.copy_from_host(&tool, "/root/tool")
         .await

@@ -6,8 +6,8 @@
 //! [`Policy`]:
 //! - read-only shares (image layers, read-only volumes): every request that could change
 //!   the host directory gets `EROFS`, opens for writing or truncation included;
-//! - every writable share: `mknod` only of overlayfs whiteouts (character device 0:0),
-//!   FIFOs and sockets, never of device nodes;
+//! - every writable share: `mknod` of no device node but the overlayfs whiteout
+//!   (character device 0:0);
 //! - volumes (host directories other processes on the host use): no setuid or setgid bits
 //!   and no `security.*` or `trusted.*` xattrs (file capabilities), so a guest cannot plant
 //!   privileges for the host's users;
@@ -56,12 +56,14 @@ pub enum Policy {
     Volume,
 }
 
-/// `mknod` of what a writable share may hold.
+/// `mknod` of what a writable share may hold: anything but a device node, except the
+/// character device 0:0 that is an overlayfs whiteout. (The kernel creates regular files
+/// with `mknod` too, where it has no open file to create.)
 fn node_allowed(mode: u32, rdev: u32) -> bool {
     match mode & libc::S_IFMT {
         libc::S_IFCHR => rdev == 0,
-        libc::S_IFIFO | libc::S_IFSOCK => true,
-        _ => false,
+        libc::S_IFBLK => false,
+        _ => true,
     }
 }
 
@@ -178,6 +180,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         if !node_allowed(mode, rdev) {
+            tracing::debug!("virtio-fs: refusing mknod of mode {mode:#o}, rdev {rdev:#x}");
             return eperm();
         }
         self.fs
@@ -500,7 +503,7 @@ mod tests {
         assert!(node_allowed(libc::S_IFSOCK | 0o644, 0));
         assert!(!node_allowed(libc::S_IFCHR, (1 << 8) | 3), "/dev/null");
         assert!(!node_allowed(libc::S_IFBLK, 8 << 8), "/dev/sda");
-        assert!(!node_allowed(libc::S_IFREG, 0));
+        assert!(node_allowed(libc::S_IFREG | 0o600, 0), "a plain file");
         assert!(privileged_xattr(c"security.capability"));
         assert!(privileged_xattr(c"trusted.overlay.opaque"));
         assert!(!privileged_xattr(c"user.overlay.opaque"));

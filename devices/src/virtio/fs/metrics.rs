@@ -62,6 +62,11 @@ impl<'a> Hook<'a> {
 
     /// Counts the reply to the request `collect` saw.
     pub(crate) fn replied(&self, oh: &OutHeader) {
+        tracing::trace!(
+            opcode = self.opcode.get(),
+            error = oh.error,
+            "virtio-fs reply"
+        );
         if oh.error != 0 {
             FsMetrics::add(&self.metrics.errors, 1);
             return;
