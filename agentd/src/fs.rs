@@ -399,10 +399,20 @@ mod tests {
         out
     }
 
-    fn sink(dir: &Path) -> (Writer, PathBuf) {
-        let p = dir.join("frames");
+    /// The frames the agent answers `req` with (no write data).
+    fn answer(req: FsRequest) -> Vec<Frame> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("frames");
         let f = File::create(&p).expect("create");
-        (std::sync::Arc::new(std::sync::Mutex::new(f)), p)
+        let w: Writer = std::sync::Arc::new(std::sync::Mutex::new(f));
+        serve(1, req, &w, None);
+        frames_of(&p)
+    }
+
+    fn read_req(p: &Path) -> FsRequest {
+        FsRequest::Read {
+            path: p.display().to_string(),
+        }
     }
 
     #[test]
@@ -413,16 +423,9 @@ mod tests {
         for i in 0..3000 {
             fs::write(big.join(format!("{i:05}-{}", "n".repeat(200))), b"").expect("write");
         }
-        let (w, frames) = sink(dir.path());
-        serve(
-            7,
-            FsRequest::List {
-                path: big.display().to_string(),
-            },
-            &w,
-            None,
-        );
-        let frames = frames_of(&frames);
+        let frames = answer(FsRequest::List {
+            path: big.display().to_string(),
+        });
         let batches = frames
             .iter()
             .filter(|f| matches!(f.message, Message::FsEntries(_)))
@@ -448,16 +451,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("f");
         fs::write(&file, vec![7u8; FS_CHUNK + 10]).expect("write");
-        let (w, frames) = sink(dir.path());
-        serve(
-            1,
-            FsRequest::Read {
-                path: file.display().to_string(),
-            },
-            &w,
-            None,
-        );
-        let frames = frames_of(&frames);
+        let frames = answer(read_req(&file));
         assert!(matches!(&frames[0].message, Message::FsStat(s) if s.size == FS_CHUNK as u64 + 10));
         let data: usize = frames
             .iter()
@@ -476,33 +470,17 @@ mod tests {
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
             .expect("mkfifo");
-        let (w, frames) = sink(dir.path());
-        serve(
-            1,
-            FsRequest::Read {
-                path: fifo.display().to_string(),
-            },
-            &w,
-            None,
-        );
         assert!(matches!(
-            frames_of(&frames).first().map(|f| &f.message),
+            answer(read_req(&fifo)).first().map(|f| &f.message),
             Some(Message::Error {
                 kind: ErrorKind::InvalidRequest,
                 ..
             })
         ));
-        let (w, frames) = sink(dir.path());
-        serve(
-            1,
-            FsRequest::Read {
-                path: "/dev/zero".into(),
-            },
-            &w,
-            None,
-        );
         assert!(matches!(
-            frames_of(&frames).first().map(|f| &f.message),
+            answer(read_req(Path::new("/dev/zero")))
+                .first()
+                .map(|f| &f.message),
             Some(Message::Error {
                 kind: ErrorKind::InvalidRequest,
                 ..

@@ -68,7 +68,10 @@ fn build_image(dir: &Path) -> PathBuf {
         ])
         .env("IMAGE_ENV", "from-image")
         // An image PATH of its own: the scripts must stay callable by name.
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .workdir("/opt")
         .gzip(true)
         .write_oci_archive(&path)
