@@ -26,6 +26,9 @@ use crate::Sandbox;
 
 /// The session id of the one request on an fs connection.
 const SESSION: u32 = 1;
+/// Most entries [`SandboxFs::list`] collects: what the guest sends is bounded, whatever it
+/// sends.
+const MAX_LIST_ENTRIES: usize = 1_000_000;
 
 /// What a path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
