@@ -361,30 +361,39 @@ impl<'a> SandboxFs<'a> {
 
     /// The entries of a directory, sorted by name.
     pub async fn list(&self, path: &str) -> MicrosandboxResult<Vec<FsEntry>> {
-        match self
-            .call(
-                "list",
-                path,
-                FsRequest::List {
-                    path: path.to_string(),
-                },
-            )
-            .await?
-        {
-            Message::FsEntries(entries) => Ok(entries
-                .into_iter()
-                .map(|e| {
-                    let metadata = FsMetadata::from_wire(e.stat);
-                    FsEntry {
-                        path: format!("{}/{}", path.trim_end_matches('/'), e.name),
-                        name: e.name,
-                        kind: metadata.kind,
-                        size: metadata.size,
-                        metadata,
-                    }
-                })
-                .collect()),
-            other => Err(agent_error("list", path, other)),
+        let req = FsRequest::List {
+            path: path.to_string(),
+        };
+        let (mut r, _w) = self.open(req).await?;
+        let mut out = Vec::new();
+        loop {
+            let entries = match conn::read_frame(&mut r).await? {
+                Some(Frame {
+                    message: Message::FsEntries(entries),
+                    ..
+                }) => entries,
+                Some(Frame {
+                    message: Message::FsDone,
+                    ..
+                }) => return Ok(out),
+                Some(f) => return Err(agent_error("list", path, f.message)),
+                None => return Err(MicrosandboxError::ConnectionClosed),
+            };
+            if out.len() + entries.len() > MAX_LIST_ENTRIES {
+                return Err(MicrosandboxError::Agent(format!(
+                    "{path} lists more than {MAX_LIST_ENTRIES} entries"
+                )));
+            }
+            out.extend(entries.into_iter().map(|e| {
+                let metadata = FsMetadata::from_wire(e.stat);
+                FsEntry {
+                    path: format!("{}/{}", path.trim_end_matches('/'), e.name),
+                    name: e.name,
+                    kind: metadata.kind,
+                    size: metadata.size,
+                    metadata,
+                }
+            }));
         }
     }
 

@@ -416,6 +416,10 @@ touch /owned-by-guest && chown 1234:4321 /owned-by-guest && chmod 0711 /owned-by
     assert!(fs.exists("/etc/greeting").await.expect("exists"));
     assert!(!fs.exists("/etc/conf.d").await.expect("exists"));
     fs.mkdir("/root/d").await.expect("mkdir");
+    assert!(
+        fs.list("/root/d").await.expect("list").is_empty(),
+        "an empty directory"
+    );
     let e = fs.mkdir("/root/d").await.expect_err("exists");
     assert!(is_fs(&e, FsErrorKind::AlreadyExists), "{e:?}");
     let e = fs.mkdir("/root/x/y").await.expect_err("no parent");
