@@ -382,6 +382,21 @@ touch /owned-by-guest && chown 1234:4321 /owned-by-guest && chmod 0711 /owned-by
         t,
     );
 
+    // A directory too big for one answer: the host fills the bind volume, the list comes
+    // in several batches and arrives whole and sorted.
+    let t = Instant::now();
+    let many = bind.join("many");
+    std::fs::create_dir(&many).expect("mkdir");
+    let long = "n".repeat(200);
+    for i in 0..1500 {
+        std::fs::write(many.join(format!("{i:04}-{long}")), b"").expect("write");
+    }
+    let listed = sb.fs().list("/mnt/bind/many").await.expect("list");
+    assert_eq!(listed.len(), 1500);
+    assert!(listed.windows(2).all(|w| w[0].name < w[1].name), "sorted");
+    assert_eq!(listed[0].path, format!("/mnt/bind/many/0000-{long}"));
+    check("a 1500-entry directory (several batches) lists whole", t);
+
     // --- The fs API.
     let t = Instant::now();
     let fs = sb.fs();
