@@ -359,6 +359,8 @@ fn name(m: &Message) -> &'static str {
         Message::Ping(_) => "Ping",
         Message::Pong(_) => "Pong",
         Message::Shutdown => "Shutdown",
+        Message::Drain => "Drain",
+        Message::Draining { .. } => "Draining",
         Message::Error { .. } => "Error",
         Message::Fs(_) => "Fs",
         Message::FsStat(_) => "FsStat",

@@ -323,6 +323,8 @@ mod tests {
             Message::Ping(u64::MAX),
             Message::Pong(1),
             Message::Shutdown,
+            Message::Drain,
+            Message::Draining { sessions: 3 },
             Message::Error {
                 kind: ErrorKind::NotFound,
                 message: "nope: command not found".into(),

@@ -297,6 +297,14 @@ pub enum Message {
     Pong(u64),
     /// Stop the guest.
     Shutdown,
+    /// Host only (answered by the VMM's relay, never sent to the guest): refuse new
+    /// commands from now on and stop the VM once the running ones have ended.
+    Drain,
+    /// The relay's answer to [`Message::Drain`] (END): how many commands still run.
+    Draining {
+        /// Commands still running.
+        sessions: u32,
+    },
     /// A filesystem request (a session of its own).
     Fs(FsRequest),
     /// Metadata (the answer to [`FsRequest::Stat`], END; the first answer to

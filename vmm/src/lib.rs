@@ -17,6 +17,7 @@ pub mod console;
 pub mod host;
 pub mod hypervisor;
 pub mod launch;
+pub mod lifecycle;
 pub mod memory;
 pub mod relay;
 pub mod runner;

@@ -208,6 +208,26 @@ struct Shared {
     next_session: AtomicU32,
     clients: AtomicUsize,
     stop: AtomicBool,
+    activity: Mutex<Activity>,
+    draining: AtomicBool,
+    agent_seen: AtomicBool,
+}
+
+/// What the relay has seen of the sandbox's use, for idle timeouts and drains.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    /// Commands started and not yet ended.
+    pub sessions: usize,
+    /// The last request from any client, or the last command's end.
+    pub last: Instant,
+}
+
+impl Shared {
+    fn touch(&self, delta: isize) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.sessions = a.sessions.saturating_add_signed(delta);
+        a.last = Instant::now();
+    }
 }
 
 /// A running relay. Dropping it stops accepting clients and removes the socket file;
@@ -248,6 +268,12 @@ impl Relay {
             next_session: AtomicU32::new(1),
             clients: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            activity: Mutex::new(Activity {
+                sessions: 0,
+                last: Instant::now(),
+            }),
+            draining: AtomicBool::new(false),
+            agent_seen: AtomicBool::new(false),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -265,6 +291,37 @@ impl Relay {
         if let Some(log) = &self.shared.log {
             log.append(LogSource::System, None, text.as_bytes());
         }
+    }
+
+    /// Running commands and the time of the last request.
+    pub fn activity(&self) -> Activity {
+        *self
+            .shared
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses new commands from now on (running ones go on); true if it was not draining.
+    pub fn drain(&self) -> bool {
+        !self.shared.draining.swap(true, Ordering::SeqCst)
+    }
+
+    /// True once a client's connection reached the guest agent.
+    pub fn agent_ready(&self) -> bool {
+        self.shared.agent_seen.load(Ordering::SeqCst)
+    }
+
+    /// True once [`Relay::drain`] was called (or a client sent [`Message::Drain`]).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Asks the guest agent to power off (a `Shutdown` on a connection of its own).
+    pub fn shutdown_guest(&self, wait: Duration) -> Result<(), String> {
+        let mut s = try_connect(&self.shared.cfg.vsock_socket, Instant::now() + wait)?;
+        let _ = s.set_write_timeout(Some(wait.max(Duration::from_millis(1))));
+        write_frame(&mut s, &Frame::new(0, Message::Shutdown)).map_err(|e| e.to_string())
     }
 }
 
@@ -384,6 +441,9 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
         Ok(a) => a,
         Err(why) => return refuse(&client, ErrorKind::Unavailable, why),
     };
+    if !shared.agent_seen.swap(true, Ordering::SeqCst) {
+        shared.touch(0);
+    }
     let (Ok(client_w), Ok(agent_r)) = (client.try_clone(), agent.try_clone()) else {
         return refuse(
             &client,
@@ -418,6 +478,9 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
         let _ = client.shutdown(Shutdown::Both);
     }
     let _ = back.join();
+    // Commands of a client that went away end with its connection (the agent kills them).
+    let left = std::mem::take(&mut *sessions.lock().unwrap_or_else(|p| p.into_inner())).len();
+    shared.touch(-(left as isize));
 }
 
 fn client_to_agent(
@@ -430,6 +493,52 @@ fn client_to_agent(
     loop {
         match read_frame_raw(&mut client) {
             Ok(Some((frame, raw))) => {
+                match frame.message {
+                    Message::Drain => {
+                        if !shared.draining.swap(true, Ordering::SeqCst) {
+                            if let Some(log) = &shared.log {
+                                log.append(
+                                    LogSource::System,
+                                    None,
+                                    b"draining (asked by a client)",
+                                );
+                            }
+                        }
+                        let running = shared
+                            .activity
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .sessions;
+                        let reply = Frame::new(
+                            frame.id,
+                            Message::Draining {
+                                sessions: u32::try_from(running).unwrap_or(u32::MAX),
+                            },
+                        )
+                        .end();
+                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+                        if write_frame(&mut *w, &reply).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Message::ExecStart(_) if shared.draining.load(Ordering::SeqCst) => {
+                        let refusal = Frame::new(
+                            frame.id,
+                            Message::Error {
+                                kind: ErrorKind::Unavailable,
+                                message: "the sandbox is draining: it takes no new commands".into(),
+                            },
+                        )
+                        .end();
+                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+                        if write_frame(&mut *w, &refusal).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
                 tap_request(&frame, sessions, shared);
                 if agent.write_all(&raw).is_err() {
                     break;
@@ -493,14 +602,18 @@ fn send_error(client_w: &Mutex<UnixStream>, kind: ErrorKind, message: String) {
 }
 
 fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
-    let (Message::ExecStart(req), Some(log)) = (&frame.message, &shared.log) else {
+    let Message::ExecStart(req) = &frame.message else {
+        shared.touch(0);
         return;
     };
     let global = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    sessions
+    let fresh = sessions
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(frame.id, global);
+        .insert(frame.id, global)
+        .is_none();
+    shared.touch(isize::from(fresh));
+    let Some(log) = &shared.log else { return };
     let mut argv = vec![req.cmd.as_str()];
     argv.extend(req.args.iter().map(String::as_str));
     log.append(
@@ -515,15 +628,15 @@ fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
 }
 
 fn tap_reply(frame: &Frame, sessions: &Sessions, shared: &Shared) {
-    let Some(log) = &shared.log else { return };
     let global = {
         let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
         let g = map.get(&frame.id).copied();
-        if frame.flags & msb_protocol::frame::FLAG_END != 0 {
-            map.remove(&frame.id);
+        if frame.flags & msb_protocol::frame::FLAG_END != 0 && map.remove(&frame.id).is_some() {
+            shared.touch(-1);
         }
         g
     };
+    let Some(log) = &shared.log else { return };
     match &frame.message {
         Message::Stdout(d) => log.append(LogSource::Stdout, global, d),
         Message::Stderr(d) => log.append(LogSource::Stderr, global, d),

@@ -207,6 +207,25 @@ pub enum VmEnd {
     Failed(String),
     /// The VM ran past its time limit and was stopped.
     TimedOut(Duration),
+    /// The host stopped the VM through a [`VmStopper`] (the reason it gave).
+    StoppedByHost(String),
+}
+
+/// Stops a running VM from another thread (the guest did not power off in time).
+#[derive(Clone)]
+pub struct VmStopper(Arc<EventSink>);
+
+impl std::fmt::Debug for VmStopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmStopper")
+    }
+}
+
+impl VmStopper {
+    /// Ends [`Vm::run`] with [`VmEnd::StoppedByHost`] (a no-op once it has ended).
+    pub fn stop(&self, reason: impl Into<String>) {
+        self.0.send(VmEvent::Stop(reason.into()));
+    }
 }
 
 /// Memory of the VMM process at the end of the run.
@@ -242,6 +261,7 @@ enum VmEvent {
     Reset(&'static str),
     Vcpu(u8, VcpuEnd),
     KernelPanic,
+    Stop(String),
 }
 
 struct EventSink(Mutex<Sender<VmEvent>>);
@@ -478,6 +498,22 @@ impl Vm {
         })
     }
 
+    /// A handle that ends [`Vm::run`] from another thread.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.events_tx.clone())
+    }
+
+    /// Counters of each virtio-fs device, by tag (live while the VM runs).
+    pub fn fs_metrics(&self) -> Vec<(String, Arc<FsMetrics>)> {
+        self.fs_metrics.clone()
+    }
+
+    /// The guest memory (a cheap clone that keeps the mapping alive), for accounting its
+    /// resident size while the VM runs ([`memory::own_rss_split_kib`]).
+    pub fn guest_memory(&self) -> GuestMemoryMmap {
+        self.mem.clone()
+    }
+
     /// Runs the VM until the guest ends it, it fails, or `timeout` passes.
     pub fn run(mut self, timeout: Option<Duration>) -> Result<VmOutcome, VmmError> {
         let vcpu_start = self.start.elapsed();
@@ -515,6 +551,7 @@ impl Vm {
                 // After a panic line the kernel's own reset is how the panic ends.
                 Ok(VmEvent::Reset(_)) if panic_deadline.is_some() => break VmEnd::KernelPanic,
                 Ok(VmEvent::Reset(src)) => break VmEnd::Reset(src),
+                Ok(VmEvent::Stop(why)) => break VmEnd::StoppedByHost(why),
                 Ok(VmEvent::KernelPanic) => {
                     panic_deadline.get_or_insert(Instant::now() + PANIC_GRACE);
                 }

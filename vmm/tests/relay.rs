@@ -332,3 +332,64 @@ fn a_guest_that_never_closes_does_not_hold_the_client_slot() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn activity_counts_running_commands_and_a_drain_refuses_new_ones() {
+    let s = setup(true, Duration::from_secs(10));
+    let relay = s.relay.as_ref().expect("relay");
+    let before = relay.activity();
+    assert_eq!(before.sessions, 0);
+
+    let mut a = client(&s.control);
+    read_frame(&mut a).expect("frame").expect("ready");
+    write_frame(&mut a, &Frame::new(3, exec("cat", &[]))).expect("w");
+    let started = read_frame(&mut a).expect("frame").expect("started");
+    assert!(matches!(started.message, Message::Started { .. }));
+    assert_eq!(relay.activity().sessions, 1, "cat runs");
+    assert!(relay.activity().last > before.last);
+
+    // A client asks for a drain: the answer counts the running command...
+    let mut b = client(&s.control);
+    read_frame(&mut b).expect("frame").expect("ready");
+    write_frame(&mut b, &Frame::new(9, Message::Drain)).expect("w");
+    let reply = frames_until_end(&mut b);
+    assert_eq!(reply[0].message, Message::Draining { sessions: 1 });
+    assert!(relay.is_draining());
+    assert!(!relay.drain(), "already draining");
+    // ...a new command is refused, typed...
+    write_frame(&mut b, &Frame::new(10, exec("echo", &["late"]))).expect("w");
+    let refused = frames_until_end(&mut b);
+    assert!(
+        matches!(
+            &refused[0].message,
+            Message::Error {
+                kind: ErrorKind::Unavailable,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // ...and the running one finishes normally.
+    write_frame(&mut a, &Frame::new(3, Message::Stdin(vec![]))).expect("w");
+    let end = frames_until_end(&mut a);
+    assert!(matches!(
+        end.last().map(|f| &f.message),
+        Some(Message::Exited { .. })
+    ));
+    assert_eq!(relay.activity().sessions, 0);
+
+    // A client that leaves with a command running does not leave it counted.
+    let s = setup(true, Duration::from_secs(10));
+    let relay = s.relay.as_ref().expect("relay");
+    let mut c = client(&s.control);
+    read_frame(&mut c).expect("frame").expect("ready");
+    write_frame(&mut c, &Frame::new(1, exec("cat", &[]))).expect("w");
+    read_frame(&mut c).expect("frame").expect("started");
+    assert_eq!(relay.activity().sessions, 1);
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relay.activity().sessions != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(relay.activity().sessions, 0);
+}

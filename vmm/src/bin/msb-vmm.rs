@@ -7,8 +7,18 @@
 //!         [--append WORD]... [--report FILE] [--vsock-socket PATH]
 //!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin]
 //!         [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]...
-//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... [--lock FILE] -- CMD ARGS...
+//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... [--lock FILE]
+//!         [--idle-timeout SECS] [--max-duration SECS] [--metrics FILE]
+//!         [--exit-record FILE] [--log-level LEVEL] -- CMD ARGS...
 //! ```
+//! With `--control-socket`, the VMM itself enforces the sandbox's limits, whether or not
+//! the process that started it is still there: `--idle-timeout` (no command running and no
+//! request for that long, counted from the agent's first answer) and `--max-duration`
+//! (from the start) drain the sandbox and ask the guest to power off; a client's `Drain`
+//! does the same once its commands end. `--metrics FILE` is rewritten every second with
+//! a JSON snapshot (vCPU time and CPU%, resident guest memory, filesystem bytes);
+//! `--exit-record FILE` is written at exit with how the VM ended (`clean` true for an
+//! orderly stop). `--log-level` is the VMM's own log filter on stderr (default `warn`).
 //! `--lock FILE` holds an exclusive `flock` on FILE for the VMM's life and refuses to start
 //! when another process holds it (the SDK passes its sandbox's lock).
 //! The root filesystem is an overlay of read-only layers (`--layer`, bottom first;
@@ -33,14 +43,17 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use msb_devices::virtio::fs::FsMetrics;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, Launch, MountSpec};
+use msb_vmm::lifecycle::{self, Action, ExitRecord, Limits, MetricsSnapshot, Policy};
 use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::runner::{self, CommandEnd};
-use msb_vmm::vm::{Vm, VmEnd, VmOutcome};
+use msb_vmm::vm::{Vm, VmEnd, VmOutcome, VmStopper};
 
 const VMM_FAILURE: u8 = 125;
 const TAIL_IN_ERROR: usize = 20;
@@ -50,7 +63,8 @@ const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--
 [--append WORD]... [--report FILE] [--vsock-socket PATH] \
 [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
 [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]... [--ro-volume GUEST HOST]... \
-[--tmpfs GUEST MiB|-]... [--lock FILE] -- CMD ARGS...";
+[--tmpfs GUEST MiB|-]... [--lock FILE] [--idle-timeout SECS] [--max-duration SECS] \
+[--metrics FILE] [--exit-record FILE] [--log-level LEVEL] -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
@@ -60,6 +74,10 @@ struct Args {
     exit_with_stdin: bool,
     /// A file this VMM holds an exclusive `flock` on for its whole life.
     lock: Option<PathBuf>,
+    limits: Limits,
+    metrics: Option<PathBuf>,
+    exit_record: Option<PathBuf>,
+    log_level: Option<String>,
 }
 
 fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
@@ -67,6 +85,10 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
     let mut report = None;
     let mut exit_with_stdin = false;
     let mut lock = None;
+    let mut limits = Limits::default();
+    let mut metrics = None;
+    let mut exit_record = None;
+    let mut log_level = None;
     while let Some(arg) = it.next() {
         let name = arg.to_string_lossy().into_owned();
         if name == "--" {
@@ -103,6 +125,21 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--exec-log" => launch.exec_log = Some(value("a path")?.into()),
             "--exit-with-stdin" => exit_with_stdin = true,
             "--lock" => lock = Some(PathBuf::from(value("a path")?)),
+            "--idle-timeout" | "--max-duration" => {
+                let secs = number(value("seconds")?, "seconds above 0")?;
+                if secs == 0 {
+                    return Err(format!("{name} needs seconds above 0"));
+                }
+                let d = Some(Duration::from_secs(secs));
+                if name == "--idle-timeout" {
+                    limits.idle_timeout = d;
+                } else {
+                    limits.max_duration = d;
+                }
+            }
+            "--metrics" => metrics = Some(PathBuf::from(value("a path")?)),
+            "--exit-record" => exit_record = Some(PathBuf::from(value("a path")?)),
+            "--log-level" => log_level = Some(value("a level")?.to_string_lossy().into_owned()),
             "--layer" | "--rootfs" => launch.layers.push(value("a directory")?.into()),
             "--rw" => launch.rw = Some(value("a directory")?.into()),
             "--volume" | "--ro-volume" => {
@@ -144,6 +181,12 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
     if launch.exec_log.is_some() && launch.control_socket.is_none() {
         return Err("--exec-log needs --control-socket (the relay writes it)".into());
     }
+    if (limits != Limits::default() || metrics.is_some()) && launch.control_socket.is_none() {
+        return Err(
+            "--idle-timeout, --max-duration and --metrics need --control-socket (a served sandbox)"
+                .into(),
+        );
+    }
     let command = if launch.command.is_empty() {
         None
     } else {
@@ -160,6 +203,10 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
         report,
         exit_with_stdin,
         lock,
+        limits,
+        metrics,
+        exit_record,
+        log_level,
     })
 }
 
@@ -203,7 +250,26 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
     }
 }
 
+/// Where `--exit-record` goes (set once the arguments are parsed).
+static EXIT_RECORD: OnceLock<PathBuf> = OnceLock::new();
+
+/// Writes the exit record, if one was asked for.
+fn record_exit(clean: bool, reason: &str, exit_code: u8) {
+    if let Some(p) = EXIT_RECORD.get() {
+        let rec = ExitRecord {
+            clean,
+            reason: reason.to_string(),
+            exit_code,
+            at_ms: lifecycle::epoch_ms(),
+        };
+        if let Err(e) = lifecycle::write_json_atomic(p, &rec) {
+            eprintln!("msb-vmm: cannot write the exit record {}: {e}", p.display());
+        }
+    }
+}
+
 fn fail(msg: &str, tail: &[String]) -> ExitCode {
+    record_exit(false, msg, VMM_FAILURE);
     eprintln!("msb-vmm: error: {msg}");
     if !tail.is_empty() {
         eprintln!("msb-vmm: last guest console lines:");
@@ -277,6 +343,7 @@ fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>) {
                 }
             }
             eprintln!("msb-vmm: stdin closed (the owning process ended): stopping the VM");
+            record_exit(true, "the owning process ended", VMM_FAILURE);
             for s in sockets {
                 let _ = std::fs::remove_file(s);
             }
@@ -302,14 +369,133 @@ fn lock_file(path: &PathBuf) -> Result<std::fs::File, String> {
     )
     .open(path)
     .map_err(|e| format!("cannot open the lock {}: {e}", path.display()))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(f),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(format!(
-            "the sandbox is in use by another VMM (lock {} is held)",
-            path.display()
-        )),
-        Err(e) => Err(format!("cannot lock {}: {e}", path.display())),
+    // A reader probing the lock (the SDK, with a shared lock) holds it for an instant:
+    // retry for a second before calling it held.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(format!(
+                    "the sandbox is in use by another VMM (lock {} is held)",
+                    path.display()
+                ))
+            }
+            Err(e) => return Err(format!("cannot lock {}: {e}", path.display())),
+        }
     }
+}
+
+/// What the lifecycle monitor works with.
+struct MonitorSetup {
+    relay: Arc<Relay>,
+    stopper: VmStopper,
+    limits: Limits,
+    metrics: Option<PathBuf>,
+    mem: vm_memory::GuestMemoryMmap,
+    fs: Vec<(String, Arc<FsMetrics>)>,
+    memory_limit: u64,
+}
+
+/// A thread that enforces the limits and writes the metrics file while the VM runs.
+struct Monitor {
+    done: Sender<()>,
+    thread: std::thread::JoinHandle<Option<String>>,
+}
+
+const MONITOR_TICK: Duration = Duration::from_millis(250);
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+const POWER_OFF_CONNECT: Duration = Duration::from_secs(5);
+
+impl Monitor {
+    fn spawn(setup: MonitorSetup) -> Monitor {
+        let (done, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("lifecycle".into())
+            .spawn(move || monitor(setup, rx));
+        match thread {
+            Ok(thread) => Monitor { done, thread },
+            Err(e) => {
+                // Without it the limits cannot be kept: not a sandbox to leave running.
+                fail(&format!("cannot start the lifecycle monitor: {e}"), &[]);
+                std::process::exit(i32::from(VMM_FAILURE));
+            }
+        }
+    }
+
+    /// Stops the thread; the reason the host stopped the VM, if it did.
+    fn finish(self) -> Option<String> {
+        let _ = self.done.send(());
+        self.thread.join().ok().flatten()
+    }
+}
+
+fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
+    let started_ms = lifecycle::epoch_ms();
+    let mut policy = Policy::new(m.limits, Instant::now());
+    let mut last_cpu = (Instant::now(), lifecycle::vcpu_time_ns());
+    let mut next_metrics = Instant::now();
+    let mut powering_off = None;
+    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(MONITOR_TICK) {
+        let now = Instant::now();
+        let activity = m.relay.activity();
+        match policy.tick(now, activity, m.relay.agent_ready(), m.relay.is_draining()) {
+            Action::Wait => {}
+            Action::Drain(why) => {
+                m.relay.drain();
+                m.relay.log_system(&format!("draining: {why}"));
+            }
+            Action::PowerOff(why) => {
+                m.relay.log_system(&format!("stopping: {why}"));
+                if let Err(e) = m.relay.shutdown_guest(POWER_OFF_CONNECT) {
+                    eprintln!("msb-vmm: cannot ask the guest to power off: {e}");
+                }
+                powering_off = Some(why);
+            }
+            Action::Stop(why) => {
+                m.relay.log_system(&format!("stopping the VM: {why}"));
+                m.stopper.stop(why);
+            }
+        }
+        if let Some(path) = m.metrics.as_ref().filter(|_| now >= next_metrics) {
+            next_metrics = now + METRICS_EVERY;
+            let cpu = lifecycle::vcpu_time_ns();
+            let wall = now.saturating_duration_since(last_cpu.0).as_nanos() as f64;
+            let cpu_percent = if wall > 0.0 {
+                cpu.saturating_sub(last_cpu.1) as f64 * 100.0 / wall
+            } else {
+                0.0
+            };
+            last_cpu = (now, cpu);
+            let (guest_kib, vmm_kib) = msb_vmm::memory::own_rss_split_kib(&m.mem).unwrap_or((0, 0));
+            let sum = |f: fn(&FsMetrics) -> u64| m.fs.iter().map(|(_, x)| f(x)).sum::<u64>();
+            let snap = MetricsSnapshot {
+                timestamp_ms: lifecycle::epoch_ms(),
+                started_at_ms: started_ms,
+                cpu_percent,
+                vcpu_time_ns: cpu,
+                guest_rss_bytes: guest_kib << 10,
+                vmm_rss_bytes: vmm_kib << 10,
+                memory_limit_bytes: m.memory_limit,
+                disk_read_bytes: sum(|x| FsMetrics::get(&x.read_bytes)),
+                disk_write_bytes: sum(|x| FsMetrics::get(&x.write_bytes)),
+                net_rx_bytes: 0,
+                net_tx_bytes: 0,
+                sessions: activity.sessions as u64,
+                draining: m.relay.is_draining(),
+            };
+            if let Err(e) = lifecycle::write_json_atomic(path, &snap) {
+                eprintln!("msb-vmm: cannot write metrics {}: {e}", path.display());
+            }
+        }
+    }
+    if let Some(p) = &m.metrics {
+        let _ = std::fs::remove_file(p);
+    }
+    powering_off.or_else(|| policy.drain_reason().map(str::to_string))
 }
 
 /// The virtio-fs devices keep a descriptor per guest-visible inode: allow as many as the
@@ -330,14 +516,6 @@ fn raise_fd_limit() {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let mut args = match parse(std::env::args_os().skip(1)) {
         Ok(a) => a,
         Err(msg) => {
@@ -348,6 +526,21 @@ fn main() -> ExitCode {
             return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
         }
     };
+    let filter = match &args.log_level {
+        Some(level) => match tracing_subscriber::EnvFilter::try_new(level) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("msb-vmm: error: --log-level {level:?}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     raise_fd_limit();
     // Held until the process ends: a second VMM for the same sandbox (and a remove) sees it.
     let _lock = match &args.lock {
@@ -357,6 +550,11 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    // Only the VMM that holds the sandbox's lock speaks for how it ended.
+    if let Some(p) = &args.exit_record {
+        let _ = std::fs::remove_file(p);
+        let _ = EXIT_RECORD.set(p.clone());
+    }
     let private = PrivateDir::fill_in(&mut args.launch);
     let host = HostKind::detect();
     let cfg = match launch::resolve(&args.launch, host) {
@@ -367,7 +565,7 @@ fn main() -> ExitCode {
         (Some(control), Some(vsock)) => {
             let rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
             match Relay::start(rc) {
-                Ok(r) => Some(r),
+                Ok(r) => Some(Arc::new(r)),
                 Err(e) => return fail(&error_chain(&e), &[]),
             }
         }
@@ -386,6 +584,17 @@ fn main() -> ExitCode {
     if let Some(r) = &relay {
         r.log_system("vm started");
     }
+    let monitor = relay.as_ref().map(|r| {
+        Monitor::spawn(MonitorSetup {
+            relay: r.clone(),
+            stopper: vm.stopper(),
+            limits: args.limits,
+            metrics: args.metrics.clone(),
+            mem: vm.guest_memory(),
+            fs: vm.fs_metrics(),
+            memory_limit: args.launch.memory_mib << 20,
+        })
+    });
     let command = match (&args.command, args.launch.vsock_path()) {
         (Some(argv), Some(vsock)) => match runner::spawn(vsock, argv.clone()) {
             Ok(rx) => Some(rx),
@@ -397,6 +606,8 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
+    // Why the host stopped it, when it did (idle, max duration, a drain).
+    let stopped_for = monitor.and_then(Monitor::finish);
     if let Some(r) = relay {
         r.log_system(&format!("vm ended: {:?}", outcome.end));
     }
@@ -422,7 +633,21 @@ fn main() -> ExitCode {
             },
             None => fail("the guest powered off before the command ended", tail),
         },
-        VmEnd::Exited(status) => ExitCode::from(status.shell_code() as u8),
+        VmEnd::Exited(status) => {
+            let code = status.shell_code() as u8;
+            let clean = code == 0;
+            let reason = match (&stopped_for, clean) {
+                (Some(why), true) => format!("stopped: {why}"),
+                (_, true) => "the guest powered off".to_string(),
+                (_, false) => format!("the guest ended with status {code}"),
+            };
+            record_exit(clean, &reason, code);
+            ExitCode::from(code)
+        }
+        VmEnd::StoppedByHost(why) => {
+            record_exit(true, &format!("stopped: {why}"), 0);
+            ExitCode::SUCCESS
+        }
         VmEnd::KernelPanic => fail("the guest kernel panicked", tail),
         VmEnd::Reset(why) => fail(
             &format!("the guest reset ({why}) before reporting an exit status"),
