@@ -234,7 +234,12 @@ fn read(id: u32, path: &Path, writer: &Writer) -> io::Result<Option<Message>> {
     ) {
         return Ok(None);
     }
-    let mut f = f.take(meta.len());
+    // A procfs or sysfs file says 0 until read: read it to its end, within a bound.
+    let limit = match meta.len() {
+        0 => msb_protocol::message::FS_SIZELESS_MAX,
+        n => n,
+    };
+    let mut f = f.take(limit);
     let mut buf = vec![0u8; FS_CHUNK];
     loop {
         let n = match f.read(&mut buf) {
@@ -413,6 +418,27 @@ mod tests {
         FsRequest::Read {
             path: p.display().to_string(),
         }
+    }
+
+    #[test]
+    fn a_procfs_file_reads_to_its_end() {
+        let frames = answer(FsRequest::Read {
+            path: "/proc/self/status".into(),
+        });
+        let data: Vec<u8> = frames
+            .iter()
+            .flat_map(|f| match &f.message {
+                Message::FsData(d) => d.clone(),
+                _ => vec![],
+            })
+            .collect();
+        assert!(matches!(&frames[0].message, Message::FsStat(s) if s.size == 0));
+        let text = String::from_utf8(data).expect("utf-8");
+        assert!(text.contains("VmRSS:"), "{text}");
+        assert!(matches!(
+            frames.last().map(|f| &f.message),
+            Some(Message::FsDone)
+        ));
     }
 
     #[test]

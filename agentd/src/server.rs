@@ -360,6 +360,8 @@ fn name(m: &Message) -> &'static str {
         Message::Pong(_) => "Pong",
         Message::Shutdown => "Shutdown",
         Message::Drain => "Drain",
+        Message::Detach => "Detach",
+        Message::Detached => "Detached",
         Message::Draining { .. } => "Draining",
         Message::Error { .. } => "Error",
         Message::Fs(_) => "Fs",

@@ -324,6 +324,8 @@ mod tests {
             Message::Pong(1),
             Message::Shutdown,
             Message::Drain,
+            Message::Detach,
+            Message::Detached,
             Message::Draining { sessions: 3 },
             Message::Error {
                 kind: ErrorKind::NotFound,

@@ -134,6 +134,9 @@ pub enum ErrorKind {
 
 /// Largest chunk of file data in one [`Message::FsData`] frame.
 pub const FS_CHUNK: usize = 256 * 1024;
+/// What a read of a regular file whose size reads 0 may send (a procfs or sysfs file has
+/// no size until it is read): it is read to its end, at most this much.
+pub const FS_SIZELESS_MAX: u64 = 1 << 20;
 
 /// A filesystem request to the agent (the frame's id names the session). Paths are absolute
 /// paths inside the guest; the agent performs the operation as root in the guest's root
@@ -154,8 +157,8 @@ pub enum FsRequest {
         path: String,
     },
     /// Read a regular file (a FIFO or device is refused): answered by [`Message::FsStat`]
-    /// (the size to expect), at most that many bytes as [`Message::FsData`] chunks, then
-    /// [`Message::FsDone`].
+    /// (the size to expect), at most that many bytes as [`Message::FsData`] chunks (for a
+    /// size of 0, at most [`FS_SIZELESS_MAX`]: procfs files), then [`Message::FsDone`].
     Read {
         /// File.
         path: String,
@@ -300,6 +303,11 @@ pub enum Message {
     /// Host only (answered by the VMM's relay, never sent to the guest): refuse new
     /// commands from now on and stop the VM once the running ones have ended.
     Drain,
+    /// Host only (answered by the relay): the VMM no longer ends when the process that
+    /// started it goes away (its stdin closes).
+    Detach,
+    /// The relay's answer to [`Message::Detach`] (END).
+    Detached,
     /// The relay's answer to [`Message::Drain`] (END): how many commands still run.
     Draining {
         /// Commands still running.

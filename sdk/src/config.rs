@@ -119,6 +119,27 @@ pub struct SandboxConfig {
     pub scripts: Vec<(String, String)>,
     /// Volumes.
     pub volumes: Vec<VolumeMount>,
+    /// Labels, for filtering ([`Sandbox::list_with`](crate::Sandbox::list_with)).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The image entrypoint override: what `msb run` runs when given no command.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Stop after this many seconds with no command running (enforced by the VMM).
+    #[serde(default)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Stop this many seconds after each start (enforced by the VMM).
+    #[serde(default)]
+    pub max_duration_secs: Option<u64>,
+    /// The VMM's log level (its `vmm.log`).
+    #[serde(default)]
+    pub log_level: Option<crate::LogLevel>,
+    /// No VMM log and no console log.
+    #[serde(default)]
+    pub quiet_logs: bool,
+    /// Everything of the sandbox is removed once it stops.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 impl SandboxConfig {
@@ -137,6 +158,13 @@ impl SandboxConfig {
             patches: Vec::new(),
             scripts: Vec::new(),
             volumes: Vec::new(),
+            labels: Default::default(),
+            entrypoint: None,
+            idle_timeout_secs: None,
+            max_duration_secs: None,
+            log_level: None,
+            quiet_logs: false,
+            ephemeral: false,
         }
     }
 }
@@ -262,7 +290,7 @@ fn resolve_image(
             Ok((img.layers, img.config))
         }
         RootfsSource::Oci(reference) => Err(MicrosandboxError::ImageNotFound(format!(
-            "{reference}: not a local directory or image archive, and pulling from a \\
+            "{reference}: not a local directory or image archive, and pulling from a \
              registry is not implemented yet"
         ))),
     }

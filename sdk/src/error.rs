@@ -33,6 +33,12 @@ pub enum MicrosandboxError {
     /// No sandbox has this name.
     #[error("no sandbox named {0:?}")]
     NotFound(String),
+    /// The guest kernel given (`MSB_KERNEL`) is not a file.
+    #[error("kernel not found: {0}")]
+    KernelNotFound(std::path::PathBuf),
+    /// The state database could not be read or written.
+    #[error("state database: {0}")]
+    State(String),
     /// The sandbox is running, and the operation needs it stopped.
     #[error("the sandbox {0:?} is still running; stop it first")]
     StillRunning(String),

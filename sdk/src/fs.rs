@@ -266,7 +266,11 @@ impl<'a> SandboxFs<'a> {
         };
         let (tx, rx) = mpsc::channel(4);
         let path = path.to_string();
-        let mut left = metadata.size;
+        // A size of 0 is a procfs-like file: the guest sends what reading it gives.
+        let mut left = match metadata.size {
+            0 => msb_protocol::message::FS_SIZELESS_MAX,
+            n => n,
+        };
         tokio::spawn(async move {
             let _w = w;
             loop {

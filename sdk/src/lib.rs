@@ -26,9 +26,13 @@ mod conn;
 mod error;
 mod exec;
 mod fs;
+mod handle;
 pub mod image;
+mod logs;
+mod metrics;
 mod rootfs;
 mod sandbox;
+mod state;
 mod volume;
 
 pub use config::{IntoImage, RootfsSource, SandboxConfig};
@@ -37,6 +41,12 @@ pub use exec::{
     ExecEvent, ExecHandle, ExecOptions, ExecOutput, ExecSink, ExecStatus, Rlimit, Stdin,
 };
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
+pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
+pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
+pub use metrics::{all_sandbox_metrics, SandboxMetrics};
 pub use rootfs::{Patch, PatchBuilder};
-pub use sandbox::{msb_home, validate_name, Mebibytes, Sandbox, SandboxBuilder, MAX_NAME_LEN};
+pub use sandbox::{
+    msb_home, validate_name, LogLevel, Mebibytes, Sandbox, SandboxBuilder, MAX_NAME_LEN,
+};
+pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};

@@ -1,7 +1,9 @@
 //! Creating a sandbox (one `msb-vmm` process) and running commands in it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,11 @@ use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
 use crate::fs::SandboxFs;
+use crate::handle::{self, SandboxFilter, SandboxHandle};
+use crate::logs::{LogEntry, LogOptions, LogStream, LogStreamOptions};
+use crate::metrics::SandboxMetrics;
 use crate::rootfs::PatchBuilder;
+use crate::state::{NewRow, ProcessId, RowStatus, SandboxStatus};
 use crate::volume::{MountBuilder, VolumeMount};
 
 /// Longest sandbox name, bytes.
@@ -27,8 +33,6 @@ pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 /// How long `create` waits for the guest agent (a software-KVM host boots in ~30 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long `stop` waits for the VM to power off before killing it.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a dropped sandbox's VMM gets to end itself before it is killed.
 const DROP_GRACE: Duration = Duration::from_secs(2);
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
@@ -94,7 +98,11 @@ pub(crate) struct Paths {
 
 impl Paths {
     pub fn for_name(name: &str) -> MicrosandboxResult<Paths> {
-        let home = msb_home();
+        Paths::in_home(&msb_home(), name)
+    }
+
+    /// The paths of `name` under the state directory `home`.
+    pub fn in_home(home: &Path, name: &str) -> MicrosandboxResult<Paths> {
         let hash = hex::encode(&Sha256::digest(name.as_bytes())[..8]);
         let control = home.join("run").join(format!("{hash}.sock"));
         // msb-vmm adds ".vsock" (and the device "_<port>") beside it.
@@ -131,6 +139,46 @@ impl Paths {
     /// The file the sandbox's VMM holds an exclusive `flock` on while it runs.
     pub fn lock(&self) -> PathBuf {
         self.dir.join("lock")
+    }
+
+    /// How the VMM ended (written by it as it exits).
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join("vmm-exit.json")
+    }
+
+    /// The VMM's metrics snapshot, rewritten every second while it runs.
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+}
+
+/// The VMM's log verbosity (its `vmm.log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogLevel {
+    /// Everything.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Progress.
+    Info,
+    /// Problems (the default).
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+impl LogLevel {
+    /// The level's name, as `msb-vmm --log-level` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
     }
 }
 
@@ -169,9 +217,86 @@ pub struct SandboxBuilder {
     patches: PatchBuilder,
     scripts: Vec<(String, String)>,
     volumes: Vec<(String, MountBuilder)>,
+    labels: BTreeMap<String, String>,
+    replace: Option<Duration>,
+    ephemeral: bool,
+    idle_timeout: Option<u64>,
+    max_duration: Option<u64>,
+    log_level: Option<LogLevel>,
+    quiet_logs: bool,
+    entrypoint: Option<Vec<String>>,
 }
 
 impl SandboxBuilder {
+    /// A label (for [`Sandbox::list_with`]); a later value for a key replaces an earlier
+    /// one. Keys starting `sandbox.`, `microsandbox.` or `service.` are reserved.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Several labels (merged with earlier ones).
+    pub fn labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        for (k, v) in labels {
+            self.labels.insert(k.into(), v.into());
+        }
+        self
+    }
+
+    /// If a sandbox of this name exists, stop it (10 s to power off, then killed), remove
+    /// it and create this one. Without it, a taken name is
+    /// [`MicrosandboxError::AlreadyExists`].
+    pub fn replace(self) -> Self {
+        self.replace_with_timeout(crate::handle::DEFAULT_STOP_TIMEOUT)
+    }
+
+    /// [`SandboxBuilder::replace`] with another grace period (zero: kill at once).
+    pub fn replace_with_timeout(mut self, timeout: Duration) -> Self {
+        self.replace = Some(timeout);
+        self
+    }
+
+    /// Remove everything of the sandbox (row, writable layer, logs) once it stops.
+    pub fn ephemeral(mut self, ephemeral: bool) -> Self {
+        self.ephemeral = ephemeral;
+        self
+    }
+
+    /// Stop the sandbox after this many seconds with no command running and no request,
+    /// counted from boot; enforced by its VMM, whatever happens to this process.
+    pub fn idle_timeout(mut self, secs: u64) -> Self {
+        self.idle_timeout = Some(secs);
+        self
+    }
+
+    /// Stop the sandbox this many seconds after it starts (running commands get 10 s to
+    /// finish); enforced by its VMM, the guest cannot extend it.
+    pub fn max_duration(mut self, secs: u64) -> Self {
+        self.max_duration = Some(secs);
+        self
+    }
+
+    /// The VMM's log verbosity (`vmm.log` in the sandbox's directory).
+    pub fn log_level(mut self, level: LogLevel) -> Self {
+        self.log_level = Some(level);
+        self
+    }
+
+    /// No VMM log and no guest console log.
+    pub fn quiet_logs(mut self) -> Self {
+        self.quiet_logs = true;
+        self
+    }
+
+    /// Overrides the image's entrypoint: what `msb run` runs when given no command.
+    pub fn entrypoint(mut self, cmd: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.entrypoint = Some(cmd.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// vCPUs (default 1).
     pub fn cpus(mut self, count: u8) -> Self {
         self.cpus = count;
@@ -278,6 +403,16 @@ impl SandboxBuilder {
     /// stops when the returned [`Sandbox`] is dropped or this process exits; its state
     /// (configuration, writable layer, logs) stays until [`Sandbox::remove`].
     pub async fn create(self) -> MicrosandboxResult<Sandbox> {
+        self.create_mode(false).await
+    }
+
+    /// Boots the sandbox detached: it runs on after this process exits, until it is
+    /// stopped ([`Sandbox::get`] finds it again) or one of its limits ends it.
+    pub async fn create_detached(self) -> MicrosandboxResult<Sandbox> {
+        self.create_mode(true).await
+    }
+
+    async fn create_mode(self, detached: bool) -> MicrosandboxResult<Sandbox> {
         validate_name(&self.name)?;
         if self.cpus == 0 {
             return Err(MicrosandboxError::InvalidConfig(
@@ -294,6 +429,17 @@ impl SandboxBuilder {
                 "the shell is empty".into(),
             ));
         }
+        if self.idle_timeout == Some(0) || self.max_duration == Some(0) {
+            return Err(MicrosandboxError::InvalidConfig(
+                "idle_timeout and max_duration must be at least 1 second".into(),
+            ));
+        }
+        if self.entrypoint.as_ref().is_some_and(Vec::is_empty) {
+            return Err(MicrosandboxError::InvalidConfig(
+                "the entrypoint is empty".into(),
+            ));
+        }
+        crate::handle::check_labels(&self.labels)?;
         let mut volumes = Vec::with_capacity(self.volumes.len());
         for (guest, m) in self.volumes {
             volumes.push(m.build(guest)?);
@@ -320,10 +466,9 @@ impl SandboxBuilder {
                 )));
             }
         }
+        check_kernel()?;
+        find_vmm()?;
         let paths = Paths::for_name(&self.name)?;
-        if answers(&paths.control).await {
-            return Err(MicrosandboxError::AlreadyExists(self.name));
-        }
         let config = SandboxConfig {
             name: self.name.clone(),
             cpus: self.cpus,
@@ -337,21 +482,57 @@ impl SandboxBuilder {
             patches: self.patches.patches,
             scripts: self.scripts,
             volumes,
+            labels: self.labels,
+            entrypoint: self.entrypoint,
+            idle_timeout_secs: self.idle_timeout,
+            max_duration_secs: self.max_duration,
+            log_level: self.log_level,
+            quiet_logs: self.quiet_logs,
+            ephemeral: self.ephemeral,
         };
-        // The directory is the claim on the name: whoever creates it owns the sandbox.
+        let config_json = serde_json::to_string(&config).map_err(|e| {
+            MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))
+        })?;
         // Sandboxes hold other users' data (and setuid files of images): private to us.
         private_dir(&msb_home().join("sandboxes"))?;
-        match std::fs::create_dir(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(MicrosandboxError::AlreadyExists(config.name))
+        let mut db = handle::open_db()?;
+        if let Some(row) = db.get(&config.name)? {
+            if let Some(row) = handle::reconcile(&db, row)? {
+                let Some(timeout) = self.replace else {
+                    return Err(MicrosandboxError::AlreadyExists(config.name));
+                };
+                if row.status == RowStatus::Creating {
+                    // Someone is creating it right now: not ours to replace.
+                    return Err(MicrosandboxError::AlreadyExists(config.name));
+                }
+                if handle::vmm_alive(&paths) {
+                    handle::stop_vmm(&paths, row.vmm, timeout).await?;
+                }
+                let Some(_held) = handle::lock_exclusive(&paths)? else {
+                    return Err(MicrosandboxError::StillRunning(config.name));
+                };
+                handle::remove_all(&db, &config.name, &paths)?;
             }
-            Err(e) => return Err(e.into()),
         }
+        // The row is the claim on the name: whoever inserts it owns the new sandbox.
+        db.claim(&NewRow {
+            name: &config.name,
+            config_json: &config_json,
+            labels: &config.labels,
+            detached,
+            ephemeral: config.ephemeral,
+        })?;
         // From here on a failure removes everything this call made. The claim travels with
         // the blocking preparation: if this future is dropped mid-way, the directory goes
         // only once nothing writes into it any more.
-        let claim = Claim(Some(paths.dir.clone()));
+        let claim = Claim(Some((config.name.clone(), paths.dir.clone())));
+        // A directory without a row is what a process killed while removing left.
+        match std::fs::remove_dir_all(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        std::fs::create_dir(&paths.dir)?;
         let home = msb_home();
         let rw = paths.rw();
         let config_path = paths.config();
@@ -362,9 +543,23 @@ impl SandboxBuilder {
         })
         .await
         .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))?;
-        let sandbox = spawn(paths, prepared?).await?;
+        let sandbox = spawn(paths, prepared?, detached).await?;
+        if let Err(e) = db.set_running(sandbox.name(), sandbox.inner.pid, detached) {
+            let _ = sandbox.kill().await;
+            return Err(e);
+        }
         claim.disarm();
         Ok(sandbox)
+    }
+}
+
+/// `MSB_KERNEL`, when set, must name a file: checked before anything is created.
+fn check_kernel() -> MicrosandboxResult<()> {
+    match std::env::var_os("MSB_KERNEL") {
+        Some(k) if !Path::new(&k).is_file() => {
+            Err(MicrosandboxError::KernelNotFound(PathBuf::from(k)))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -384,8 +579,8 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Removes a half-created sandbox's directory unless disarmed.
-struct Claim(Option<PathBuf>);
+/// Removes a half-created sandbox (its directory, then its `creating` row) unless disarmed.
+struct Claim(Option<(String, PathBuf)>);
 
 impl Claim {
     fn disarm(mut self) {
@@ -395,21 +590,27 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = std::fs::remove_dir_all(d);
+        if let Some((name, dir)) = self.0.take() {
+            let db = handle::open_db().ok();
+            // A boot cut short (the create future dropped): its VMM goes too.
+            if let Some(row) = db.as_ref().and_then(|db| db.get(&name).ok().flatten()) {
+                if row.status == RowStatus::Creating {
+                    handle::kill_creating_vmm(&row);
+                }
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            if let Some(db) = db {
+                let _ = db.delete_creating(&name);
+            }
         }
     }
 }
 
-/// True when a VMM answers on the control socket (the sandbox is running).
-async fn answers(control: &Path) -> bool {
-    tokio::net::UnixStream::connect(control).await.is_ok()
-}
-
 /// Starts the VMM of a prepared sandbox and waits for its agent.
-async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox> {
+async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> MicrosandboxResult<Sandbox> {
     let config = &prepared.config;
     let vmm = find_vmm()?;
+    check_kernel()?;
     let hostname = config.hostname.clone().unwrap_or_else(|| {
         let h: String = config.name.chars().take(64).collect();
         if h.bytes()
@@ -423,16 +624,15 @@ async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox>
     if let Some(run) = paths.control.parent() {
         std::fs::create_dir_all(run)?;
     }
-    let vmm_log = std::fs::File::create(paths.vmm_log())?;
-    // The VMM watches the read end: when this process is gone, so is the VM.
-    let (lifeline_r, lifeline_w) = std::io::pipe()?;
+    // What a previous run left says nothing of this one.
+    for stale in [paths.exit_record(), paths.metrics()] {
+        let _ = std::fs::remove_file(stale);
+    }
     let mut cmd = Command::new(&vmm);
     cmd.arg("--control-socket")
         .arg(&paths.control)
         .arg("--exec-log")
         .arg(paths.exec_log())
-        .arg("--serial-log")
-        .arg(paths.dir.join("console.log"))
         .args(["--memory", &config.memory_mib.to_string()])
         .args(["--cpus", &config.cpus.to_string()])
         .args(["--hostname", &hostname])
@@ -440,7 +640,26 @@ async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox>
         .arg(paths.rw())
         .arg("--lock")
         .arg(paths.lock())
-        .arg("--exit-with-stdin");
+        .arg("--exit-record")
+        .arg(paths.exit_record())
+        .arg("--metrics")
+        .arg(paths.metrics());
+    if !config.quiet_logs {
+        cmd.arg("--serial-log").arg(paths.dir.join("console.log"));
+    }
+    let level = match (config.quiet_logs, config.log_level) {
+        (true, _) => Some("off"),
+        (false, l) => l.map(LogLevel::as_str),
+    };
+    if let Some(level) = level {
+        cmd.args(["--log-level", level]);
+    }
+    if let Some(s) = config.idle_timeout_secs {
+        cmd.args(["--idle-timeout", &s.to_string()]);
+    }
+    if let Some(s) = config.max_duration_secs {
+        cmd.args(["--max-duration", &s.to_string()]);
+    }
     for layer in &prepared.layers {
         cmd.arg("--layer").arg(layer);
     }
@@ -479,12 +698,35 @@ async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox>
     if let Some(i) = std::env::var_os("MSB_INITRD") {
         cmd.arg("--initrd").arg(i);
     }
-    cmd.stdin(Stdio::from(lifeline_r))
-        .stdout(Stdio::null())
+    let vmm_log = std::fs::File::create(paths.vmm_log())?;
+    // Its own process group: a terminal's Ctrl-C to this process does not reach it (an
+    // attached VMM still ends with this process, through its lifeline).
+    cmd.process_group(0);
+    let lifeline = if detached {
+        cmd.stdin(Stdio::null());
+        None
+    } else {
+        // The VMM watches the read end: when this process is gone, so is the VM.
+        let (lifeline_r, lifeline_w) = std::io::pipe()?;
+        cmd.arg("--exit-with-stdin").stdin(Stdio::from(lifeline_r));
+        Some(lifeline_w)
+    };
+    // Never killed on drop: an attached VMM ends itself when its lifeline closes, which
+    // also happens when this process dies; a detached one is meant to outlive us.
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::from(vmm_log))
-        .kill_on_drop(true);
+        .kill_on_drop(false);
     let child = cmd.spawn()?;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(ProcessId::of);
+    // A first boot: a reader that finds the creator dead can end this VMM.
+    if let Some(pid) = pid {
+        handle::open_db()?.set_creating_vmm(&config.name, pid)?;
+    }
     let defaults = prepared.exec_defaults();
+    let detached = Arc::new(AtomicBool::new(detached));
     let inner = Arc::new(Inner {
         name: config.name.clone(),
         paths,
@@ -493,8 +735,11 @@ async fn spawn(paths: Paths, prepared: Persisted) -> MicrosandboxResult<Sandbox>
             .clone()
             .unwrap_or_else(|| DEFAULT_SHELL.to_string()),
         defaults,
+        image_command: image_command(&prepared),
         config: prepared.config,
-        vmm: Some(VmmProcess::watch(child, lifeline_w)),
+        pid,
+        vmm: Some(VmmProcess::watch(child, lifeline, detached.clone())),
+        detached,
     });
     let sandbox = Sandbox { inner };
     if let Err(e) = sandbox.wait_ready().await {
@@ -512,7 +757,14 @@ struct Inner {
     shell: String,
     defaults: ExecDefaults,
     config: SandboxConfig,
-    /// The VMM this handle owns (none for [`Sandbox::over_control_socket`]).
+    /// The image's ENTRYPOINT followed by its CMD.
+    image_command: Vec<String>,
+    /// The VMM's process, when known.
+    pid: Option<ProcessId>,
+    /// True when this handle does not own the lifecycle (created or started detached,
+    /// connected to, or detached since).
+    detached: Arc<AtomicBool>,
+    /// The VMM this process spawned (none for a connection to someone else's).
     vmm: Option<VmmProcess>,
 }
 
@@ -523,12 +775,16 @@ struct VmmProcess {
     pid: Option<u32>,
     status: watch::Receiver<Option<std::process::ExitStatus>>,
     kill: mpsc::Sender<()>,
-    /// The write end of the VMM's stdin: when it closes, the VMM ends itself.
+    /// The write end of an attached VMM's stdin: when it closes, the VMM ends itself.
     lifeline: std::sync::Mutex<Option<std::io::PipeWriter>>,
 }
 
 impl VmmProcess {
-    fn watch(mut child: Child, lifeline: std::io::PipeWriter) -> VmmProcess {
+    fn watch(
+        mut child: Child,
+        lifeline: Option<std::io::PipeWriter>,
+        detached: Arc<AtomicBool>,
+    ) -> VmmProcess {
         let pid = child.id();
         let (status_tx, status) = watch::channel(None);
         let (kill, mut kill_rx) = mpsc::channel::<()>(1);
@@ -536,9 +792,13 @@ impl VmmProcess {
             let status = tokio::select! {
                 s = child.wait() => s,
                 asked = kill_rx.recv() => {
-                    // Every handle is gone (None): the VMM sees its stdin close and ends
-                    // itself, cleaning up; give it a moment before killing.
                     if asked.is_none() {
+                        // Every handle is gone. A detached VMM runs on (the runtime reaps
+                        // it if it ends while this process lives); an attached one sees
+                        // its stdin close and ends itself: give it a moment, then kill.
+                        if detached.load(Ordering::SeqCst) {
+                            return;
+                        }
                         if let Ok(s) = tokio::time::timeout(DROP_GRACE, child.wait()).await {
                             let _ = status_tx.send(s.ok());
                             return;
@@ -556,7 +816,7 @@ impl VmmProcess {
             pid,
             status,
             kill,
-            lifeline: std::sync::Mutex::new(Some(lifeline)),
+            lifeline: std::sync::Mutex::new(lifeline),
         }
     }
 
@@ -582,11 +842,42 @@ impl VmmProcess {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Close the lifeline first so the VMM ends itself (and removes its sockets).
-        if let Some(v) = &self.vmm {
-            v.release();
+        let Some(v) = &self.vmm else { return };
+        if self.detached.load(Ordering::SeqCst) {
+            return;
         }
+        // Close the lifeline so the VMM ends itself (and removes its sockets); then settle
+        // the row (an ephemeral sandbox's files go) once it has, if this process lives on.
+        v.release();
+        let (name, paths) = (self.name.clone(), self.paths.clone());
+        let _ = std::thread::Builder::new()
+            .name("msb-settle".into())
+            .spawn(move || {
+                let deadline = Instant::now() + DROP_GRACE + Duration::from_secs(1);
+                while handle::vmm_alive(&paths) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = settle(&name);
+            });
     }
+}
+
+fn image_command(p: &Persisted) -> Vec<String> {
+    p.image
+        .entrypoint
+        .iter()
+        .chain(p.image.cmd.iter())
+        .cloned()
+        .collect()
+}
+
+/// Brings the row of `name` up to date with its VMM (see [`handle::reconcile`]).
+fn settle(name: &str) -> MicrosandboxResult<()> {
+    let db = handle::open_db()?;
+    if let Some(row) = db.get(name)? {
+        handle::reconcile(&db, row)?;
+    }
+    Ok(())
 }
 
 /// A running sandbox. Cheap to clone; all clones share the VM.
@@ -596,7 +887,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A builder for a sandbox called `name` (unique among running sandboxes).
+    /// A builder for a sandbox called `name` (unique among sandboxes).
     pub fn builder(name: impl Into<String>) -> SandboxBuilder {
         SandboxBuilder {
             name: name.into(),
@@ -609,14 +900,66 @@ impl Sandbox {
             patches: PatchBuilder::default(),
             scripts: Vec::new(),
             volumes: Vec::new(),
+            labels: BTreeMap::new(),
+            replace: None,
+            ephemeral: false,
+            idle_timeout: None,
+            max_duration: None,
+            log_level: None,
+            quiet_logs: false,
+            entrypoint: None,
         }
+    }
+
+    /// The sandbox `name` (running or stopped) as the state database has it.
+    pub async fn get(name: &str) -> MicrosandboxResult<SandboxHandle> {
+        match handle::get_row(name)? {
+            Some(row) if row.status != RowStatus::Creating => {
+                let paths = Paths::for_name(name)?;
+                // A drain the VMM started itself (idle timeout, max duration).
+                if row.status == RowStatus::Is(SandboxStatus::Running)
+                    && crate::metrics::draining(&paths)
+                {
+                    let db = handle::open_db()?;
+                    db.transition(name, &[row.status], SandboxStatus::Draining)?;
+                    if let Some(row) = db.get(name)? {
+                        return Ok(SandboxHandle::from_row(row));
+                    }
+                }
+                Ok(SandboxHandle::from_row(row))
+            }
+            _ => Err(MicrosandboxError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Every sandbox (running, draining, stopped, crashed), by name.
+    pub async fn list() -> MicrosandboxResult<Vec<SandboxHandle>> {
+        handle::list_filtered(&SandboxFilter::new())
+    }
+
+    /// The sandboxes `filter` matches (all of its labels, and its status if set).
+    pub async fn list_with(filter: SandboxFilter) -> MicrosandboxResult<Vec<SandboxHandle>> {
+        handle::list_filtered(&filter)
     }
 
     /// Boots a stopped sandbox again from its persisted configuration and writable layer
     /// (attached, as [`SandboxBuilder::create`]). Patches are not applied again: what they
     /// wrote is in the writable layer already.
     pub async fn start(name: &str) -> MicrosandboxResult<Sandbox> {
-        validate_name(name)?;
+        Sandbox::start_mode(name, false).await
+    }
+
+    /// [`Sandbox::start`], detached (as [`SandboxBuilder::create_detached`]).
+    pub async fn start_detached(name: &str) -> MicrosandboxResult<Sandbox> {
+        Sandbox::start_mode(name, true).await
+    }
+
+    async fn start_mode(name: &str, detached: bool) -> MicrosandboxResult<Sandbox> {
+        let row =
+            handle::get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
+        if !row.status.is_terminal() {
+            return Err(MicrosandboxError::StillRunning(name.to_string()));
+        }
         let paths = Paths::for_name(name)?;
         let prepared = match config::load(&paths.config()) {
             Ok(p) => p,
@@ -625,9 +968,6 @@ impl Sandbox {
             }
             Err(e) => return Err(e),
         };
-        if answers(&paths.control).await {
-            return Err(MicrosandboxError::StillRunning(name.to_string()));
-        }
         for layer in &prepared.layers {
             if !layer.is_dir() {
                 return Err(MicrosandboxError::ImageNotFound(format!(
@@ -636,37 +976,66 @@ impl Sandbox {
                 )));
             }
         }
-        spawn(paths, prepared).await
+        let sandbox = spawn(paths, prepared, detached).await?;
+        let db = handle::open_db()?;
+        if let Err(e) = db.set_running(name, sandbox.inner.pid, detached) {
+            let _ = sandbox.kill().await;
+            return Err(e);
+        }
+        Ok(sandbox)
     }
 
-    /// Deletes a stopped sandbox: its configuration, writable layer and logs (named
-    /// volumes stay). Fails with [`MicrosandboxError::StillRunning`] while it runs.
+    /// A [`Sandbox`] over the running sandbox `name`, whoever started it. It does not own
+    /// the lifecycle: dropping it leaves the sandbox running; `stop` and `kill` still work.
+    pub async fn connect(name: &str) -> MicrosandboxResult<Sandbox> {
+        let row =
+            handle::get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
+        let paths = Paths::for_name(name)?;
+        if row.status.is_terminal() || !handle::vmm_alive(&paths) {
+            return Err(MicrosandboxError::NotRunning(name.to_string()));
+        }
+        let prepared = config::load(&paths.config())?;
+        let defaults = prepared.exec_defaults();
+        Ok(Sandbox {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                shell: prepared
+                    .config
+                    .shell
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_SHELL.to_string()),
+                defaults,
+                image_command: image_command(&prepared),
+                config: prepared.config,
+                pid: row.vmm,
+                detached: Arc::new(AtomicBool::new(true)),
+                vmm: None,
+                paths,
+            }),
+        })
+    }
+
+    /// Deletes a stopped sandbox: its row, configuration, writable layer and logs (named
+    /// volumes stay). [`MicrosandboxError::StillRunning`] while it runs.
     pub async fn remove(name: &str) -> MicrosandboxResult<()> {
         validate_name(name)?;
         let paths = Paths::for_name(name)?;
-        if answers(&paths.control).await {
+        let db = handle::open_db()?;
+        let row = match db.get(name)? {
+            Some(row) => handle::reconcile(&db, row)?,
+            None => None,
+        };
+        let Some(row) = row else {
+            return Err(MicrosandboxError::NotFound(name.to_string()));
+        };
+        if !row.status.is_terminal() {
             return Err(MicrosandboxError::StillRunning(name.to_string()));
         }
-        if !paths.dir.is_dir() {
-            return Err(MicrosandboxError::NotFound(name.to_string()));
-        }
-        // A VMM that is still booting holds the lock before its socket answers.
-        let _held = match std::fs::OpenOptions::new().write(true).open(paths.lock()) {
-            Ok(f) => {
-                match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                    Ok(()) => Some(f),
-                    Err(_) => return Err(MicrosandboxError::StillRunning(name.to_string())),
-                }
-            }
-            Err(_) => None,
+        // Held while deleting: nobody starts it meanwhile.
+        let Some(_held) = handle::lock_exclusive(&paths)? else {
+            return Err(MicrosandboxError::StillRunning(name.to_string()));
         };
-        match tokio::fs::remove_dir_all(&paths.dir).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(MicrosandboxError::NotFound(name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        handle::remove_all(&db, name, &paths)
     }
 
     /// A `Sandbox` over an existing control socket, owning no VMM (`stop` and `kill` have
@@ -680,10 +1049,13 @@ impl Sandbox {
         Sandbox {
             inner: Arc::new(Inner {
                 config: SandboxConfig::bare(name.clone()),
+                image_command: Vec::new(),
                 name,
                 paths: Paths { dir, control },
                 shell: DEFAULT_SHELL.into(),
                 defaults: ExecDefaults::default(),
+                pid: None,
+                detached: Arc::new(AtomicBool::new(true)),
                 vmm: None,
             }),
         }
@@ -697,6 +1069,17 @@ impl Sandbox {
     /// The sandbox's configuration.
     pub fn config(&self) -> &SandboxConfig {
         &self.inner.config
+    }
+
+    /// The sandbox's default command: the builder's
+    /// [`entrypoint`](SandboxBuilder::entrypoint), else the image's ENTRYPOINT and CMD;
+    /// `None` when neither says anything.
+    pub fn default_command(&self) -> Option<Vec<String>> {
+        let argv = match &self.inner.config.entrypoint {
+            Some(ep) => ep.clone(),
+            None => self.inner.image_command.clone(),
+        };
+        (!argv.is_empty()).then_some(argv)
     }
 
     /// Filesystem access inside the running sandbox.
@@ -713,7 +1096,7 @@ impl Sandbox {
 
     /// Removes this stopped sandbox's persisted state (see [`Sandbox::remove`]).
     pub async fn remove_persisted(self) -> MicrosandboxResult<()> {
-        if self.vmm_pid().is_some() {
+        if handle::vmm_alive(&self.inner.paths) {
             return Err(MicrosandboxError::StillRunning(self.inner.name.clone()));
         }
         let name = self.inner.name.clone();
@@ -731,15 +1114,14 @@ impl Sandbox {
 
     /// The pid of the sandbox's VMM process, while it runs.
     pub fn vmm_pid(&self) -> Option<u32> {
-        let v = self.inner.vmm.as_ref()?;
-        v.exited().is_none().then_some(v.pid).flatten()
-    }
-
-    fn owned(&self) -> MicrosandboxResult<&VmmProcess> {
-        self.inner
-            .vmm
-            .as_ref()
-            .ok_or_else(|| MicrosandboxError::NotFound(self.inner.name.clone()))
+        match &self.inner.vmm {
+            Some(v) => v.exited().is_none().then_some(v.pid).flatten(),
+            None => self
+                .inner
+                .pid
+                .filter(|p| p.alive())
+                .and_then(|p| u32::try_from(p.pid).ok()),
+        }
     }
 
     fn control(&self) -> &Path {
@@ -786,7 +1168,6 @@ impl Sandbox {
             log,
         }
     }
-
     /// Runs `cmd args` and collects its output.
     pub async fn exec(
         &self,
@@ -878,40 +1259,161 @@ impl Sandbox {
 
     /// [`Sandbox::stop`], returning the VMM's exit status (0 after a clean power-off).
     pub async fn stop_and_wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
-        let vmm = self.owned()?;
-        if vmm.exited().is_none() {
-            if let Ok((_r, mut w)) = conn::open(self.control()).await {
-                let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
+        self.stop_within(handle::DEFAULT_STOP_TIMEOUT).await
+    }
+
+    /// Kills the VM at once (like pulling the power). The sandbox is `stopped` after it,
+    /// not `crashed`: the end was asked for.
+    pub async fn kill(&self) -> MicrosandboxResult<()> {
+        self.stop_within(Duration::ZERO).await.map(|_| ())
+    }
+
+    async fn stop_within(&self, grace: Duration) -> MicrosandboxResult<std::process::ExitStatus> {
+        let paths = &self.inner.paths;
+        let status = match &self.inner.vmm {
+            Some(vmm) => {
+                if vmm.exited().is_none() {
+                    if !grace.is_zero() {
+                        if let Ok((_r, mut w)) = conn::open(self.control()).await {
+                            let _ =
+                                conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
+                        }
+                    }
+                    if grace.is_zero() || tokio::time::timeout(grace, vmm.wait()).await.is_err() {
+                        handle::write_exit(paths, "killed");
+                        let _ = vmm.kill.try_send(());
+                    }
+                }
+                vmm.wait().await
             }
-            if tokio::time::timeout(STOP_GRACE, vmm.wait()).await.is_err() {
-                let _ = vmm.kill.try_send(());
+            None => {
+                handle::stop_vmm(paths, self.inner.pid, grace).await?;
+                self.recorded_status()
             }
-        }
-        let status = vmm.wait().await;
+        };
         self.release();
+        settle(&self.inner.name)?;
         Ok(status)
     }
 
-    /// Kills the VM at once (like pulling the power).
-    pub async fn kill(&self) -> MicrosandboxResult<()> {
-        let vmm = self.owned()?;
-        let _ = vmm.kill.try_send(());
-        vmm.wait().await;
-        self.release();
+    /// The exit status the VMM recorded (-1 when it left none).
+    fn recorded_status(&self) -> std::process::ExitStatus {
+        let code = handle::read_exit(&self.inner.paths).map_or(-1, |r| i32::from(r.exit_code) << 8);
+        std::os::unix::process::ExitStatusExt::from_raw(code)
+    }
+
+    /// Starts a drain: running commands go on, new ones are refused
+    /// ([`MicrosandboxError::AgentUnavailable`]), and the sandbox stops once the last one
+    /// ends. Returns at once; [`Sandbox::wait`] waits for the stop.
+    pub async fn drain(&self) -> MicrosandboxResult<()> {
+        let (mut r, mut w) = conn::open(self.control()).await?;
+        conn::write_frame(&mut w, &Frame::new(1, Message::Drain)).await?;
+        match conn::read_frame(&mut r).await? {
+            Some(Frame {
+                message: Message::Draining { .. },
+                ..
+            }) => {}
+            Some(Frame {
+                message: Message::Error { kind, message },
+                ..
+            }) => return Err(MicrosandboxError::from_agent(kind, message)),
+            other => {
+                return Err(MicrosandboxError::Agent(format!(
+                    "unexpected answer to a drain: {other:?}"
+                )))
+            }
+        }
+        let db = handle::open_db()?;
+        db.transition(
+            &self.inner.name,
+            &[RowStatus::Is(SandboxStatus::Running)],
+            SandboxStatus::Draining,
+        )?;
         Ok(())
     }
 
-    /// Waits until the VM exits on its own; returns the VMM's exit status.
+    /// Waits until the VM ends (a stop from anywhere, a limit, the guest powering off);
+    /// returns the VMM's exit status.
     pub async fn wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
-        let status = self.owned()?.wait().await;
+        let status = match &self.inner.vmm {
+            Some(vmm) => vmm.wait().await,
+            None => {
+                while !handle::wait_lock_free(&self.inner.paths, Duration::from_secs(3600)).await {}
+                self.recorded_status()
+            }
+        };
         self.release();
+        settle(&self.inner.name)?;
         Ok(status)
     }
 
-    /// True: the sandbox stops when this process exits (detached mode comes with the
-    /// lifecycle work).
+    /// Lets the sandbox outlive this handle and this process: it runs on until stopped
+    /// ([`Sandbox::get`] finds it). A no-op for a sandbox that is detached already.
+    pub async fn detach(self) -> MicrosandboxResult<()> {
+        if self.inner.detached.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (mut r, mut w) = conn::open(self.control()).await?;
+        conn::write_frame(&mut w, &Frame::new(1, Message::Detach)).await?;
+        match conn::read_frame(&mut r).await? {
+            Some(Frame {
+                message: Message::Detached,
+                ..
+            }) => {}
+            other => {
+                return Err(MicrosandboxError::Agent(format!(
+                    "unexpected answer to a detach: {other:?}"
+                )))
+            }
+        }
+        self.inner.detached.store(true, Ordering::SeqCst);
+        let db = handle::open_db()?;
+        db.set_running(&self.inner.name, self.inner.pid, true)?;
+        Ok(())
+    }
+
+    /// True when the sandbox stops with this handle (created or started attached, and not
+    /// detached since); false for detached sandboxes and connections.
     pub fn owns_lifecycle(&self) -> bool {
-        self.inner.vmm.is_some()
+        self.inner.vmm.is_some() && !self.inner.detached.load(Ordering::SeqCst)
+    }
+
+    /// A resource snapshot: CPU, memory (host and guest view), filesystem bytes, uptime.
+    pub async fn metrics(&self) -> MicrosandboxResult<SandboxMetrics> {
+        crate::metrics::read(&self.inner.name, &self.inner.paths, Some(self)).await
+    }
+
+    /// A snapshot every `interval` until the sandbox stops (the stream then ends).
+    pub fn metrics_stream(
+        &self,
+        interval: Duration,
+    ) -> impl futures_core::Stream<Item = MicrosandboxResult<SandboxMetrics>> + '_ {
+        let interval = interval.max(Duration::from_millis(1));
+        futures_util::stream::unfold(true, move |first| async move {
+            if !first {
+                tokio::time::sleep(interval).await;
+            }
+            match self.metrics().await {
+                Err(MicrosandboxError::NotRunning(_)) => None,
+                other => Some((other, false)),
+            }
+        })
+    }
+
+    /// Captured output of the sandbox's commands (see [`LogOptions`]).
+    pub fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
+        crate::logs::read_logs(&self.inner.paths.dir, opts)
+    }
+
+    /// Captured output as a stream; with `follow`, new output as it comes, until the
+    /// sandbox stops.
+    pub fn log_stream(&self, opts: LogStreamOptions) -> MicrosandboxResult<LogStream> {
+        let paths = self.inner.paths.clone();
+        crate::logs::log_stream(
+            paths.dir.clone(),
+            opts,
+            Box::new(move || handle::vmm_alive(&paths)),
+        )
     }
 
     /// After the VMM ended: drop the lifeline and the socket file (a VMM killed outright
@@ -919,6 +1421,8 @@ impl Sandbox {
     fn release(&self) {
         if let Some(v) = &self.inner.vmm {
             v.release();
+        }
+        if !handle::vmm_alive(&self.inner.paths) {
             let _ = std::fs::remove_file(&self.inner.paths.control);
             let mut vsock = self.inner.paths.control.clone().into_os_string();
             vsock.push(".vsock");

@@ -53,24 +53,35 @@ fn msb_vmm_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("MSB_VMM_BIN") {
         return PathBuf::from(p);
     }
+    workspace_binary("msb-vmm")
+}
+
+/// The `msb` command-line tool from the same build profile as this test, built if missing.
+pub fn msb_cli() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("msb")).clone()
+}
+
+/// The workspace binary `name` of this test's build profile, built (`cargo build --bin`).
+fn workspace_binary(name: &str) -> PathBuf {
     // Tests live in target/<profile>/deps/, binaries (the benchmarks) in target/<profile>/.
     let exe = std::env::current_exe().expect("executable path");
     let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
     if profile_dir.file_name().is_some_and(|n| n == "deps") {
         profile_dir.pop();
     }
-    let bin = profile_dir.join("msb-vmm");
+    let bin = profile_dir.join(name);
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--bin", "msb-vmm", "--manifest-path"])
+    cmd.args(["build", "--bin", name, "--manifest-path"])
         .arg(workspace().join("Cargo.toml"));
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("cargo runs");
-    assert!(status.success(), "building msb-vmm failed");
-    assert!(bin.exists(), "msb-vmm not found at {}", bin.display());
+    assert!(status.success(), "building {name} failed");
+    assert!(bin.exists(), "{name} not found at {}", bin.display());
     bin
 }
 

@@ -211,6 +211,7 @@ struct Shared {
     activity: Mutex<Activity>,
     draining: AtomicBool,
     agent_seen: AtomicBool,
+    detached: AtomicBool,
 }
 
 /// What the relay has seen of the sandbox's use, for idle timeouts and drains.
@@ -274,6 +275,7 @@ impl Relay {
             }),
             draining: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -305,6 +307,11 @@ impl Relay {
     /// Refuses new commands from now on (running ones go on); true if it was not draining.
     pub fn drain(&self) -> bool {
         !self.shared.draining.swap(true, Ordering::SeqCst)
+    }
+
+    /// True once a client sent [`Message::Detach`]: the VMM outlives its starter.
+    pub fn is_detached(&self) -> bool {
+        self.shared.detached.load(Ordering::SeqCst)
     }
 
     /// True once a client's connection reached the guest agent.
@@ -494,6 +501,18 @@ fn client_to_agent(
         match read_frame_raw(&mut client) {
             Ok(Some((frame, raw))) => {
                 match frame.message {
+                    Message::Detach => {
+                        shared.detached.store(true, Ordering::SeqCst);
+                        if let Some(log) = &shared.log {
+                            log.append(LogSource::System, None, b"detached from its starter");
+                        }
+                        let reply = Frame::new(frame.id, Message::Detached).end();
+                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+                        if write_frame(&mut *w, &reply).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     Message::Drain => {
                         if !shared.draining.swap(true, Ordering::SeqCst) {
                             if let Some(log) = &shared.log {

@@ -329,8 +329,8 @@ impl Drop for PrivateDir {
 }
 
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone),
-/// removing `sockets` and the private directory.
-fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>) {
+/// removing `sockets` and the private directory; unless a client detached the VM first.
+fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>, relay: Option<Arc<Relay>>) {
     let spawned = std::thread::Builder::new()
         .name("stdin-watch".into())
         .spawn(move || {
@@ -341,6 +341,9 @@ fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
+            }
+            if relay.as_ref().is_some_and(|r| r.is_detached()) {
+                return;
             }
             eprintln!("msb-vmm: stdin closed (the owning process ended): stopping the VM");
             record_exit(true, "the owning process ended", VMM_FAILURE);
@@ -579,7 +582,11 @@ fn main() -> ExitCode {
     };
     if args.exit_with_stdin {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
-        watch_stdin(sockets.into_iter().flatten().collect(), private.0.clone());
+        watch_stdin(
+            sockets.into_iter().flatten().collect(),
+            private.0.clone(),
+            relay.clone(),
+        );
     }
     if let Some(r) = &relay {
         r.log_system("vm started");

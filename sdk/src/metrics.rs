@@ -1,0 +1,179 @@
+//! Resource metrics of a running sandbox: the VMM's snapshot (`metrics.json`, rewritten
+//! every second by `msb-vmm --metrics`) plus the guest's own view of its memory.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::sandbox::{Paths, Sandbox};
+
+/// A point-in-time resource snapshot of a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SandboxMetrics {
+    /// CPU use of the vCPUs over the last second, percent of one host CPU (up to 100 per
+    /// vCPU).
+    pub cpu_percent: f32,
+    /// Total vCPU time since boot, ns.
+    pub vcpu_time_ns: u64,
+    /// Memory in use: what the guest reports as used (total less available) when known,
+    /// else the host memory backing it.
+    pub memory_bytes: u64,
+    /// The guest's `MemAvailable`, when it answered.
+    pub memory_available_bytes: Option<u64>,
+    /// Host resident memory backing the guest.
+    pub memory_host_resident_bytes: Option<u64>,
+    /// The guest's memory size.
+    pub memory_limit_bytes: u64,
+    /// Bytes read through the sandbox's filesystem devices since boot.
+    pub disk_read_bytes: u64,
+    /// Bytes written through the sandbox's filesystem devices since boot.
+    pub disk_write_bytes: u64,
+    /// Network bytes received since boot (0: the network is not built yet).
+    pub net_rx_bytes: u64,
+    /// Network bytes sent since boot (0: the network is not built yet).
+    pub net_tx_bytes: u64,
+    /// When the VMM took the snapshot.
+    pub timestamp: DateTime<Utc>,
+    /// Time since the VM started.
+    pub uptime: Duration,
+}
+
+/// What `msb-vmm` writes (its `MetricsSnapshot`).
+#[derive(Debug, Deserialize)]
+struct Snapshot {
+    timestamp_ms: i64,
+    started_at_ms: i64,
+    cpu_percent: f64,
+    vcpu_time_ns: u64,
+    guest_rss_bytes: u64,
+    memory_limit_bytes: u64,
+    disk_read_bytes: u64,
+    disk_write_bytes: u64,
+    net_rx_bytes: u64,
+    net_tx_bytes: u64,
+    #[serde(default)]
+    pub draining: bool,
+}
+
+fn load(paths: &Paths) -> Option<Snapshot> {
+    let bytes = std::fs::read(paths.metrics()).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// True when the VMM's last snapshot says the sandbox drains.
+pub(crate) fn draining(paths: &Paths) -> bool {
+    load(paths).is_some_and(|s| s.draining)
+}
+
+/// `MemTotal` and `MemAvailable` of a `/proc/meminfo`, bytes.
+fn meminfo(text: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib << 10)
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// A snapshot of the sandbox at `paths`; `guest` (a connection to it) adds what the guest
+/// says of its memory.
+pub(crate) async fn read(
+    name: &str,
+    paths: &Paths,
+    guest: Option<&Sandbox>,
+) -> MicrosandboxResult<SandboxMetrics> {
+    if !crate::handle::vmm_alive(paths) {
+        return Err(MicrosandboxError::NotRunning(name.to_string()));
+    }
+    // The VMM writes its first snapshot a second after it starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let snap = loop {
+        if let Some(s) = load(paths) {
+            break s;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(MicrosandboxError::NotRunning(name.to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let connected;
+    let guest = match guest {
+        Some(g) => Some(g),
+        None => {
+            connected = Sandbox::connect(name).await.ok();
+            connected.as_ref()
+        }
+    };
+    let mem = match guest {
+        Some(sb) => sb
+            .fs()
+            .read_to_string("/proc/meminfo")
+            .await
+            .ok()
+            .and_then(|t| meminfo(&t)),
+        None => None,
+    };
+    let ts = |ms: i64| {
+        Utc.timestamp_millis_opt(ms)
+            .single()
+            .unwrap_or_else(Utc::now)
+    };
+    Ok(SandboxMetrics {
+        cpu_percent: snap.cpu_percent as f32,
+        vcpu_time_ns: snap.vcpu_time_ns,
+        memory_bytes: mem.map_or(snap.guest_rss_bytes, |(total, avail)| {
+            total.saturating_sub(avail)
+        }),
+        memory_available_bytes: mem.map(|(_, avail)| avail),
+        memory_host_resident_bytes: Some(snap.guest_rss_bytes),
+        memory_limit_bytes: snap.memory_limit_bytes,
+        disk_read_bytes: snap.disk_read_bytes,
+        disk_write_bytes: snap.disk_write_bytes,
+        net_rx_bytes: snap.net_rx_bytes,
+        net_tx_bytes: snap.net_tx_bytes,
+        timestamp: ts(snap.timestamp_ms),
+        uptime: Duration::from_millis(
+            u64::try_from(snap.timestamp_ms.saturating_sub(snap.started_at_ms)).unwrap_or(0),
+        ),
+    })
+}
+
+/// Metrics of every running sandbox, by name.
+pub async fn all_sandbox_metrics() -> MicrosandboxResult<HashMap<String, SandboxMetrics>> {
+    let mut out = HashMap::new();
+    for h in crate::handle::list_filtered(&crate::handle::SandboxFilter::new())? {
+        if !matches!(
+            h.status(),
+            crate::SandboxStatus::Running | crate::SandboxStatus::Draining
+        ) {
+            continue;
+        }
+        // One that stops meanwhile is left out.
+        if let Ok(m) = h.metrics().await {
+            out.insert(h.name().to_string(), m);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_parses() {
+        let text = "MemTotal:         498000 kB\nMemFree:  1 kB\nMemAvailable:     400000 kB\n";
+        assert_eq!(meminfo(text), Some((498000 << 10, 400000 << 10)));
+        assert_eq!(meminfo("MemTotal: x kB"), None);
+        assert_eq!(meminfo(""), None);
+    }
+}
