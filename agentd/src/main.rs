@@ -140,6 +140,8 @@ fn main() {
     let env: &'static server::Env = Box::leak(Box::new(server::Env {
         path: PATH,
         tunables,
+        restricted: bootcmd::find_param(&cmdline, bootcmd::SECURITY_KEY)
+            == Some(bootcmd::SECURITY_RESTRICTED),
     }));
     let status = match server::serve(env) {
         Ok(()) => ExitStatus::Code(0),

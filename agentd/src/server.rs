@@ -122,6 +122,9 @@ pub struct Env {
     pub path: &'static str,
     /// glibc tunables the agent runs with, passed on (see `main`).
     pub tunables: Option<&'static str>,
+    /// The restricted security profile: commands get `no_new_privs` and lose
+    /// `CAP_SYS_ADMIN` from their bounding set.
+    pub restricted: bool,
 }
 
 /// Listens on vsock and serves connections forever.
@@ -520,8 +523,8 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             None
         }
     };
-    if !limits.is_empty() || pty.is_some() {
-        crate::sys::child_setup(&mut cmd, limits, pty.is_some());
+    if !limits.is_empty() || pty.is_some() || env.restricted {
+        crate::sys::child_setup(&mut cmd, limits, pty.is_some(), env.restricted);
     }
     if let Some(t) = env.tunables {
         cmd.env("GLIBC_TUNABLES", t);

@@ -124,18 +124,30 @@ pub fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
     })
 }
 
-/// Makes the child apply `limits` and, when `controlling_tty`, start a new session whose
-/// controlling terminal is its stdin (the PTY slave), just before it executes.
+/// `CAP_SYS_ADMIN` (linux/capability.h): mount, among much else.
+const CAP_SYS_ADMIN: libc::c_ulong = 21;
+
+/// Makes the child apply `limits`, when `controlling_tty` start a new session whose
+/// controlling terminal is its stdin (the PTY slave), and when `restricted` set
+/// `no_new_privs` and drop `CAP_SYS_ADMIN` from its bounding set (root then execs without
+/// it), just before it executes.
 pub fn child_setup(
     cmd: &mut std::process::Command,
     limits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     controlling_tty: bool,
+    restricted: bool,
 ) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setrlimit, setsid, ioctl) on values it owns.
+    // async-signal-safe system calls (setrlimit, setsid, ioctl, prctl) on values it owns.
     unsafe {
         cmd.pre_exec(move || {
+            if restricted
+                && (libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             for (res, soft, hard) in &limits {
                 let lim = libc::rlimit {
                     rlim_cur: *soft,

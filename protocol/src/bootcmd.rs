@@ -15,6 +15,13 @@ pub const ROOT_KEY: &str = "msb.root";
 pub const ROOT_TAG: &str = "msbroot";
 /// Kernel command-line key of one volume mount (repeated).
 pub const MOUNT_KEY: &str = "msb.mnt";
+/// Kernel command-line key of the security profile of user commands: with
+/// [`SECURITY_RESTRICTED`], every command runs with `no_new_privs` set and without
+/// `CAP_SYS_ADMIN` in its bounding set (so it cannot mount, even as root). Volumes are
+/// mounted `nosuid,nodev` whatever the profile.
+pub const SECURITY_KEY: &str = "msb.security";
+/// The value of [`SECURITY_KEY`] for the restricted profile.
+pub const SECURITY_RESTRICTED: &str = "restricted";
 
 /// Finds `key=value` in a kernel command line and returns the value.
 pub fn find_param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {

@@ -140,6 +140,9 @@ pub struct SandboxConfig {
     /// Everything of the sandbox is removed once it stops.
     #[serde(default)]
     pub ephemeral: bool,
+    /// The in-guest security profile of commands.
+    #[serde(default)]
+    pub security_profile: crate::SecurityProfile,
 }
 
 impl SandboxConfig {
@@ -165,6 +168,7 @@ impl SandboxConfig {
             log_level: None,
             quiet_logs: false,
             ephemeral: false,
+            security_profile: crate::SecurityProfile::Default,
         }
     }
 }

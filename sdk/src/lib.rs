@@ -46,7 +46,8 @@ pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, SandboxMetrics};
 pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::{
-    msb_home, validate_name, LogLevel, Mebibytes, Sandbox, SandboxBuilder, MAX_NAME_LEN,
+    msb_home, validate_name, LogLevel, Mebibytes, Sandbox, SandboxBuilder, SecurityProfile,
+    MAX_NAME_LEN,
 };
 pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};

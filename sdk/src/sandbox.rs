@@ -152,6 +152,22 @@ impl Paths {
     }
 }
 
+/// The in-guest hardening of every command ([`SandboxBuilder::security_profile`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SecurityProfile {
+    /// Guest root is root (volumes are still mounted nosuid,nodev).
+    #[default]
+    Default,
+    /// Every command runs with `no_new_privs` set (setuid binaries do not raise
+    /// privileges) and without `CAP_SYS_ADMIN` (no mounts, even as root); volumes are
+    /// mounted nosuid,nodev.
+    Restricted,
+}
+
 /// The VMM's log verbosity (its `vmm.log`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -225,6 +241,7 @@ pub struct SandboxBuilder {
     log_level: Option<LogLevel>,
     quiet_logs: bool,
     entrypoint: Option<Vec<String>>,
+    security_profile: SecurityProfile,
 }
 
 impl SandboxBuilder {
@@ -282,6 +299,13 @@ impl SandboxBuilder {
     /// The VMM's log verbosity (`vmm.log` in the sandbox's directory).
     pub fn log_level(mut self, level: LogLevel) -> Self {
         self.log_level = Some(level);
+        self
+    }
+
+    /// The in-guest security profile of every command (default
+    /// [`SecurityProfile::Default`]).
+    pub fn security_profile(mut self, profile: SecurityProfile) -> Self {
+        self.security_profile = profile;
         self
     }
 
@@ -489,6 +513,7 @@ impl SandboxBuilder {
             log_level: self.log_level,
             quiet_logs: self.quiet_logs,
             ephemeral: self.ephemeral,
+            security_profile: self.security_profile,
         };
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))
@@ -653,6 +678,13 @@ async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> Microsandbo
     };
     if let Some(level) = level {
         cmd.args(["--log-level", level]);
+    }
+    if config.security_profile == SecurityProfile::Restricted {
+        cmd.arg("--append").arg(format!(
+            "{}={}",
+            msb_protocol::bootcmd::SECURITY_KEY,
+            msb_protocol::bootcmd::SECURITY_RESTRICTED
+        ));
     }
     if let Some(s) = config.idle_timeout_secs {
         cmd.args(["--idle-timeout", &s.to_string()]);
@@ -908,6 +940,7 @@ impl Sandbox {
             log_level: None,
             quiet_logs: false,
             entrypoint: None,
+            security_profile: SecurityProfile::Default,
         }
     }
 

@@ -134,6 +134,15 @@ async fn run_all(home: &Path) -> R {
         "a child creates a sandbox detached and exits; get, connect and exec find it",
         t,
     );
+    let out = sb
+        .shell("grep NoNewPrivs /proc/self/status; mount -t tmpfs none /mnt && echo mounted")
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.stdout().expect("utf-8"),
+        "NoNewPrivs:\t0\nmounted\n",
+        "default profile"
+    );
 
     // --- Listing and label filters; a taken name; remove while running.
     let t = Instant::now();
@@ -553,12 +562,188 @@ async fn metrics(sb: &Sandbox) {
     check("metrics: CPU% and memory move, fs bytes counted, stream", t);
 }
 
-/// `msb` flows on the running sandbox (CLI output parsed as a user's script would).
-async fn cli_on_running(_home: &Path) {}
+/// Runs `msb args`, with `stdin` (else nothing) on its standard input.
+fn msb(args: &[&str]) -> std::process::Output {
+    let out = Command::new(msb_e2e::msb_cli())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("msb runs");
+    eprintln!(
+        "lifecycle e2e: msb {} -> {:?}{}",
+        args.join(" "),
+        out.status.code(),
+        if out.stderr.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n  stderr: {}",
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            )
+        }
+    );
+    out
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("utf-8 output")
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// `msb` flows on the running sandbox (its output read as a user's script would).
+async fn cli_on_running(home: &Path) {
+    let t = Instant::now();
+    let ls = json_of(&msb(&["ls", "--json"]));
+    let main = &ls.as_array().expect("array")[0];
+    assert_eq!(main["name"], "lc-main");
+    assert_eq!(main["status"], "running");
+    assert_eq!(main["labels"]["team"], "e2e");
+    let table = stdout_of(&msb(&["ls", "-l", "team=e2e"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(
+        lines[1].starts_with("lc-main") && lines[1].contains("running"),
+        "{table}"
+    );
+    assert_eq!(
+        stdout_of(&msb(&["ls", "-l", "team=nobody"]))
+            .lines()
+            .count(),
+        1
+    );
+
+    let out = msb(&[
+        "exec",
+        "lc-main",
+        "--",
+        "sh",
+        "-c",
+        "echo cli-out; echo cli-err >&2; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(stdout_of(&out), "cli-out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cli-err"));
+    let out = msb(&["shell", "lc-main", "echo $FROM_CHILD"]);
+    assert_eq!(
+        (out.status.code(), stdout_of(&out).as_str()),
+        (Some(0), "yes\n")
+    );
+
+    let logs = msb(&["logs", "lc-main", "--json", "-n", "1"]);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout_of(&logs).trim()).expect("one JSON line");
+    assert_eq!(last["data"], "yes\n");
+    assert_eq!(last["source"], "stdout");
+    let logs = msb(&["logs", "lc-main", "-s", "stderr"]);
+    assert!(
+        String::from_utf8_lossy(&logs.stderr).contains("cli-err"),
+        "{logs:?}"
+    );
+
+    let m = json_of(&msb(&["metrics", "lc-main", "--json"]));
+    let m = if m.is_array() { m[0].clone() } else { m };
+    assert_eq!(m["memory_limit_bytes"], u64::from(GUEST_MIB) << 20, "{m}");
+    let inspect = json_of(&msb(&["inspect", "lc-main"]));
+    assert_eq!(inspect["status"], "running");
+    assert_eq!(inspect["config"]["memory_mib"], GUEST_MIB);
+
+    let src = home.join("cp-in.txt");
+    std::fs::write(&src, b"through msb cp\n").expect("write");
+    let src_s = src.to_str().expect("utf-8 path");
+    assert!(msb(&["cp", src_s, "lc-main:/root/cp.txt"]).status.success());
+    let back = home.join("cp-out.txt");
+    let back_s = back.to_str().expect("utf-8 path");
+    assert!(msb(&["cp", "lc-main:/root/cp.txt", back_s])
+        .status
+        .success());
+    assert_eq!(std::fs::read(&back).expect("read"), b"through msb cp\n");
+
+    let out = msb(&["stop", "no-such"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox named"));
+    let out = msb(&["rm", "lc-main"]);
+    assert_eq!(out.status.code(), Some(1), "rm of a running sandbox fails");
+    check(
+        "msb ls/exec/shell/logs/metrics/inspect/cp on a running sandbox",
+        t,
+    );
+}
 
 /// A sandbox created detached by `msb` (which then exits) with an idle timeout: its VMM
 /// stops it after the timeout with nobody watching.
-async fn idle_timeout_via_cli(_home: &Path) {}
+async fn idle_timeout_via_cli(_home: &Path) {
+    let t = Instant::now();
+    let out = msb(&[
+        "create",
+        "--memory",
+        "256",
+        "--idle-timeout",
+        "15",
+        "--restricted",
+        "lc-idle",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout_of(&out).trim(), "lc-idle");
+    // The restricted profile: no_new_privs, and root cannot mount.
+    let sb = Sandbox::connect("lc-idle").await.expect("connect");
+    let out = sb
+        .shell("grep NoNewPrivs /proc/self/status; mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo refused")
+        .await
+        .expect("exec");
+    assert_eq!(
+        out.stdout().expect("utf-8"),
+        "NoNewPrivs:\t1\nrefused\n",
+        "restricted profile"
+    );
+    drop(sb);
+    let created = Instant::now();
+    assert_eq!(
+        Sandbox::get("lc-idle").await.expect("get").status(),
+        SandboxStatus::Running,
+        "it outlives the msb process that created it"
+    );
+    let h = loop {
+        let h = Sandbox::get("lc-idle").await.expect("get");
+        if h.status() == SandboxStatus::Stopped {
+            break h;
+        }
+        assert!(
+            created.elapsed() < Duration::from_secs(120),
+            "lc-idle still {:?} after {:.0} s",
+            h.status(),
+            created.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let idle_for = created.elapsed();
+    assert!(
+        idle_for >= Duration::from_secs(15),
+        "stopped early: {idle_for:?}"
+    );
+    assert!(
+        h.exit_reason().is_some_and(|r| r.contains("idle for 15s")),
+        "{:?}",
+        h.exit_reason()
+    );
+    eprintln!(
+        "lifecycle e2e [{}]: lc-idle stopped {:.1} s after msb create returned (idle timeout 15 s)",
+        host_kind(),
+        idle_for.as_secs_f64()
+    );
+    let system = stdout_of(&msb(&["logs", "lc-idle", "-s", "system"]));
+    assert!(system.contains("draining: idle for 15s"), "{system}");
+    assert!(msb(&["rm", "lc-idle"]).status.success());
+    let e = Sandbox::get("lc-idle").await.expect_err("removed");
+    assert!(matches!(e, MicrosandboxError::NotFound(_)), "{e:?}");
+    check(
+        "restricted profile; idle timeout fires in a sandbox msb created detached; msb rm",
+        t,
+    );
+}
 
 /// The creating process is killed with SIGKILL while the sandbox boots: the row and the
 /// directory go, and no VMM stays.
@@ -598,4 +783,26 @@ async fn killed_mid_create(home: &Path) {
 }
 
 /// `msb run` boots, runs, stops and removes.
-async fn msb_run(_home: &Path) {}
+async fn msb_run(home: &Path) {
+    let t = Instant::now();
+    let out = msb(&[
+        "run",
+        "--memory",
+        "256",
+        "lc-run",
+        "--",
+        "sh",
+        "-c",
+        "echo run-out; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(stdout_of(&out), "run-out\n");
+    let e = Sandbox::get("lc-run")
+        .await
+        .expect_err("removed after the run");
+    assert!(matches!(e, MicrosandboxError::NotFound(_)), "{e:?}");
+    assert!(!sandbox_dir(home, "lc-run").exists());
+    let ls = json_of(&msb(&["ls", "--json"]));
+    assert_eq!(ls, serde_json::json!([]), "nothing is left of any sandbox");
+    check("msb run: exit code and output, then nothing left", t);
+}

@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use microsandbox::{
     all_sandbox_metrics, validate_name, ExecEvent, ExecOptions, ExecSink, LogEntry, LogLevel,
     LogOptions, LogSource, LogStreamOptions, MicrosandboxError, Sandbox, SandboxBuilder,
-    SandboxFilter, SandboxHandle, SandboxMetrics, SandboxStatus,
+    SandboxFilter, SandboxHandle, SandboxMetrics, SandboxStatus, SecurityProfile,
 };
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
@@ -186,6 +186,9 @@ struct CreateOpts {
     /// Verbosity of the VMM's log (vmm.log in the sandbox's directory)
     #[arg(long, value_enum, value_name = "LEVEL")]
     log_level: Option<LogLevelArg>,
+    /// Run every command with no_new_privs and without CAP_SYS_ADMIN (no mounts)
+    #[arg(long)]
+    restricted: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1172,6 +1175,9 @@ impl CreateOpts {
         }
         if !self.entrypoint.is_empty() {
             b = b.entrypoint(entrypoint_words(&self.entrypoint));
+        }
+        if self.restricted {
+            b = b.security_profile(SecurityProfile::Restricted);
         }
         if self.quiet_logs {
             b = b.quiet_logs();
