@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 mod fs;
+mod init;
 mod reaper;
 mod rootfs;
 mod server;
@@ -25,7 +26,7 @@ use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
 /// Exit status when the guest cannot set itself up (root filesystem, volumes).
-const BOOT_FAILURE: u8 = 125;
+pub(crate) const BOOT_FAILURE: u8 = 125;
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
 /// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
 const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
@@ -130,6 +131,21 @@ fn main() {
     let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
     if let Err(e) = nix::unistd::sethostname(hostname) {
         log(&format!("cannot set hostname: {e}"));
+    }
+
+    // The image's own init as PID 1, the agent as its child (before any thread starts).
+    match bootcmd::InitSpec::from_cmdline(&cmdline) {
+        Ok(None) => {}
+        Ok(Some(spec)) => {
+            if let Err(e) = init::hand_off(&spec, PATH) {
+                log(&format!("cannot hand PID 1 to the init: {e}"));
+                shutdown(ExitStatus::Code(BOOT_FAILURE));
+            }
+        }
+        Err(e) => {
+            log(&e);
+            shutdown(ExitStatus::Code(BOOT_FAILURE));
+        }
     }
 
     if let Some(d) = sysdev {

@@ -124,6 +124,28 @@ pub fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
     })
 }
 
+/// Forks, refusing when the process has more than one thread (then the child could find a
+/// lock held by a thread that does not exist in it).
+pub fn fork_single_threaded() -> Result<nix::unistd::ForkResult, String> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    if threads != 1 {
+        return Err(format!(
+            "the agent runs {threads} threads: cannot fork safely"
+        ));
+    }
+    // SAFETY: the process has one thread (checked above), so the child may run any code.
+    unsafe { nix::unistd::fork() }.map_err(|e| format!("cannot fork: {e}"))
+}
+
+/// Makes this process the reaper of its descendants' orphans (instead of PID 1).
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl sets a flag of this process; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `CAP_SYS_ADMIN` (linux/capability.h): mount, among much else.
 const CAP_SYS_ADMIN: libc::c_ulong = 21;
 

@@ -23,6 +23,78 @@ pub const SECURITY_KEY: &str = "msb.security";
 /// The value of [`SECURITY_KEY`] for the restricted profile.
 pub const SECURITY_RESTRICTED: &str = "restricted";
 
+/// Kernel command-line key of the init hand-off: `auto` or the percent-encoded path of
+/// the init, then its arguments, comma-separated (see [`InitSpec`]).
+pub const INIT_KEY: &str = "msb.init";
+/// Kernel command-line key of one environment variable of the init (`KEY,VALUE`, both
+/// percent-encoded; repeated).
+pub const INIT_ENV_KEY: &str = "msb.init.env";
+/// Where `auto` looks for an init, in order.
+pub const INIT_CANDIDATES: &[&str] = &[
+    "/sbin/init",
+    "/usr/sbin/init",
+    "/lib/systemd/systemd",
+    "/usr/lib/systemd/systemd",
+];
+
+/// A hand-off of PID 1: once the agent has set the guest up, PID 1 becomes this init and
+/// the agent carries on as its child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitSpec {
+    /// The init's path; `None`: the first of [`INIT_CANDIDATES`] the root has.
+    pub path: Option<String>,
+    /// Its arguments (after argv\[0\]).
+    pub args: Vec<String>,
+    /// Its environment (on top of `PATH`).
+    pub env: Vec<(String, String)>,
+}
+
+impl InitSpec {
+    /// The kernel command-line words that carry it.
+    pub fn encode(&self) -> Vec<String> {
+        let mut head = vec![match &self.path {
+            Some(p) => encode_component(p),
+            None => "auto".to_string(),
+        }];
+        head.extend(self.args.iter().map(|a| encode_component(a)));
+        let mut words = vec![format!("{INIT_KEY}={}", head.join(","))];
+        for (k, v) in &self.env {
+            words.push(format!(
+                "{INIT_ENV_KEY}={},{}",
+                encode_component(k),
+                encode_component(v)
+            ));
+        }
+        words
+    }
+
+    /// The hand-off a kernel command line asks for, if any; `Err` for a malformed one.
+    pub fn from_cmdline(cmdline: &str) -> Result<Option<InitSpec>, String> {
+        let Some(value) = find_param(cmdline, INIT_KEY) else {
+            return Ok(None);
+        };
+        let bad = || format!("malformed {INIT_KEY}={value}");
+        let mut parts = value.split(',');
+        let path = match parts.next() {
+            Some("auto") => None,
+            Some(p) if !p.is_empty() => Some(decode_component(p).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        let args = parts
+            .map(|a| decode_component(a).ok_or_else(bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = Vec::new();
+        for e in find_all(cmdline, INIT_ENV_KEY) {
+            let (k, v) = e
+                .split_once(',')
+                .and_then(|(k, v)| Some((decode_component(k)?, decode_component(v)?)))
+                .ok_or_else(|| format!("malformed {INIT_ENV_KEY}={e}"))?;
+            env.push((k, v));
+        }
+        Ok(Some(InitSpec { path, args, env }))
+    }
+}
+
 /// Finds `key=value` in a kernel command line and returns the value.
 pub fn find_param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
@@ -166,6 +238,30 @@ pub fn decode_component(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_specs_round_trip() {
+        let spec = InitSpec {
+            path: Some("/usr/lib/systemd/systemd".into()),
+            args: vec!["--log-level=info".into(), "a b,c".into()],
+            env: vec![("container".into(), "msb, yes".into())],
+        };
+        let line = format!("quiet {} msb.root=1", spec.encode().join(" "));
+        assert_eq!(InitSpec::from_cmdline(&line), Ok(Some(spec)));
+        let auto = InitSpec {
+            path: None,
+            args: vec![],
+            env: vec![],
+        };
+        assert_eq!(
+            InitSpec::from_cmdline(&auto.encode().join(" ")),
+            Ok(Some(auto))
+        );
+        assert_eq!(InitSpec::from_cmdline("quiet"), Ok(None));
+        assert!(InitSpec::from_cmdline("msb.init=").is_err());
+        assert!(InitSpec::from_cmdline("msb.init=/x,%zz").is_err());
+        assert!(InitSpec::from_cmdline("msb.init=auto msb.init.env=novalue").is_err());
+    }
 
     #[test]
     fn find_param_needs_exact_key() {

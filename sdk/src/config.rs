@@ -143,6 +143,9 @@ pub struct SandboxConfig {
     /// The in-guest security profile of commands.
     #[serde(default)]
     pub security_profile: crate::SecurityProfile,
+    /// The init PID 1 is handed to after the agent's setup, if any.
+    #[serde(default)]
+    pub init: Option<crate::Init>,
 }
 
 impl SandboxConfig {
@@ -169,6 +172,7 @@ impl SandboxConfig {
             quiet_logs: false,
             ephemeral: false,
             security_profile: crate::SecurityProfile::Default,
+            init: None,
         }
     }
 }

@@ -46,7 +46,7 @@ pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, SandboxMetrics};
 pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::{
-    msb_home, validate_name, LogLevel, Mebibytes, Sandbox, SandboxBuilder, SecurityProfile,
+    msb_home, validate_name, Init, LogLevel, Mebibytes, Sandbox, SandboxBuilder, SecurityProfile,
     MAX_NAME_LEN,
 };
 pub use state::SandboxStatus;

@@ -168,6 +168,82 @@ pub enum SecurityProfile {
     Restricted,
 }
 
+/// A custom init for PID 1 ([`SandboxBuilder::init`]): after the agent has set the guest
+/// up (root, volumes, hostname), PID 1 execs this init and the agent carries on as its
+/// child, so images that need their own init (systemd) work. Stopping the sandbox still
+/// powers the VM off through the agent, whatever the init does.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Init {
+    /// The init's path; `None`: the first of `/sbin/init`, `/usr/sbin/init`,
+    /// `/lib/systemd/systemd`, `/usr/lib/systemd/systemd` the image has.
+    pub path: Option<String>,
+    /// Arguments after argv\[0\].
+    pub args: Vec<String>,
+    /// Environment on top of `PATH`.
+    pub env: Vec<(String, String)>,
+}
+
+impl Init {
+    /// The image's own init, found at the usual places.
+    pub fn auto() -> Init {
+        Init {
+            path: None,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The init at `path` (absolute, inside the guest).
+    pub fn path(path: impl Into<String>) -> Init {
+        Init {
+            path: Some(path.into()),
+            ..Init::auto()
+        }
+    }
+
+    /// One more argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Init {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// More arguments.
+    pub fn args(mut self, args: impl IntoIterator<Item = impl Into<String>>) -> Init {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable of the init.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Init {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    fn check(&self) -> MicrosandboxResult<()> {
+        if self
+            .path
+            .as_ref()
+            .is_some_and(|p| !p.starts_with('/') || p.contains('\0'))
+        {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "the init path {:?} must be absolute",
+                self.path
+            )));
+        }
+        let nul = self.args.iter().any(|a| a.contains('\0'))
+            || self
+                .env
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'));
+        if nul {
+            return Err(MicrosandboxError::InvalidConfig(
+                "init arguments and environment must not hold NUL (and keys no '=')".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The VMM's log verbosity (its `vmm.log`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -242,6 +318,7 @@ pub struct SandboxBuilder {
     quiet_logs: bool,
     entrypoint: Option<Vec<String>>,
     security_profile: SecurityProfile,
+    init: Option<Init>,
 }
 
 impl SandboxBuilder {
@@ -306,6 +383,13 @@ impl SandboxBuilder {
     /// [`SecurityProfile::Default`]).
     pub fn security_profile(mut self, profile: SecurityProfile) -> Self {
         self.security_profile = profile;
+        self
+    }
+
+    /// Hands PID 1 to an init of the image once the agent has set the guest up
+    /// ([`Init::auto`], or [`Init::path`] with arguments and environment).
+    pub fn init(mut self, init: Init) -> Self {
+        self.init = Some(init);
         self
     }
 
@@ -464,6 +548,9 @@ impl SandboxBuilder {
             ));
         }
         crate::handle::check_labels(&self.labels)?;
+        if let Some(init) = &self.init {
+            init.check()?;
+        }
         let mut volumes = Vec::with_capacity(self.volumes.len());
         for (guest, m) in self.volumes {
             volumes.push(m.build(guest)?);
@@ -514,6 +601,7 @@ impl SandboxBuilder {
             quiet_logs: self.quiet_logs,
             ephemeral: self.ephemeral,
             security_profile: self.security_profile,
+            init: self.init,
         };
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))
@@ -680,11 +768,17 @@ async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> Microsandbo
         cmd.args(["--log-level", level]);
     }
     if config.security_profile == SecurityProfile::Restricted {
-        cmd.arg("--append").arg(format!(
-            "{}={}",
-            msb_protocol::bootcmd::SECURITY_KEY,
-            msb_protocol::bootcmd::SECURITY_RESTRICTED
-        ));
+        cmd.args(["--security", "restricted"]);
+    }
+    if let Some(init) = &config.init {
+        cmd.arg("--init")
+            .arg(init.path.as_deref().unwrap_or("auto"));
+        for a in &init.args {
+            cmd.arg("--init-arg").arg(a);
+        }
+        for (k, v) in &init.env {
+            cmd.arg("--init-env").arg(format!("{k}={v}"));
+        }
     }
     if let Some(s) = config.idle_timeout_secs {
         cmd.args(["--idle-timeout", &s.to_string()]);
@@ -941,6 +1035,7 @@ impl Sandbox {
             quiet_logs: false,
             entrypoint: None,
             security_profile: SecurityProfile::Default,
+            init: None,
         }
     }
 

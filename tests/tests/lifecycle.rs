@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use microsandbox::{
-    ExecEvent, LogOptions, LogSource, LogStreamOptions, MicrosandboxError, Sandbox, SandboxFilter,
-    SandboxStatus,
+    ExecEvent, Init, LogOptions, LogSource, LogStreamOptions, MicrosandboxError, Sandbox,
+    SandboxFilter, SandboxStatus,
 };
 use msb_e2e::{host_kind, sdk_env};
 
@@ -241,7 +241,7 @@ async fn run_all(home: &Path) -> R {
         t,
     );
 
-    // --- Start again (attached): config and writable layer kept. Then SIGKILL the VMM.
+    // --- Start again (attached): config and writable layer kept; detach() lets it run on.
     let t = Instant::now();
     let sb = Sandbox::start("lc-main").await.expect("start again");
     assert!(sb.owns_lifecycle());
@@ -255,7 +255,69 @@ async fn run_all(home: &Path) -> R {
     assert_eq!(h.status(), SandboxStatus::Running);
     assert!(!h.detached());
     check("stop then start keeps the config and the writable layer", t);
+    let t = Instant::now();
+    sb.detach().await.expect("detach");
+    // Dropped: an attached sandbox would stop now (its lifeline closes); this one runs on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let h = Sandbox::get("lc-main").await.expect("get");
+    assert_eq!(h.status(), SandboxStatus::Running);
+    assert!(h.detached());
+    let out = h
+        .connect()
+        .await
+        .expect("connect")
+        .exec("echo", ["still-here"])
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout().expect("utf-8"), "still-here\n");
+    check("detach() of an attached sandbox: it outlives its handle", t);
 
+    // --- replace: the running sandbox is stopped and removed, a fresh one takes the name.
+    let t = Instant::now();
+    let sb = Sandbox::builder("lc-main")
+        .memory(GUEST_MIB)
+        .label("generation", "2")
+        // PID 1 handed to an init of the image, with arguments and environment.
+        .patch(|p| {
+            p.text(
+                "/init.sh",
+                "#!/bin/sh\necho \"$MSB_INIT_NOTE $*\" > /init-ran\nexec sleep 2147483647\n",
+                Some(0o755),
+                false,
+            )
+        })
+        .init(
+            Init::path("/init.sh")
+                .args(["a", "b c"])
+                .env("MSB_INIT_NOTE", "hello"),
+        )
+        .replace_with_timeout(Duration::from_secs(20))
+        .create()
+        .await
+        .expect("replace a running sandbox");
+    let out = sb
+        .shell("test -e /root/mark && echo old || echo fresh")
+        .await
+        .expect("exec");
+    assert_eq!(out.stdout().expect("utf-8"), "fresh\n");
+    let out = sb
+        .shell("cat /init-ran; tr '\\0' ' ' < /proc/1/cmdline; echo")
+        .await
+        .expect("exec under a custom init");
+    assert_eq!(
+        out.stdout().expect("utf-8"),
+        "hello a b c\nsleep 2147483647 \n",
+        "PID 1 is the image's init; the agent serves as its child"
+    );
+    let h = Sandbox::get("lc-main").await.expect("get");
+    assert_eq!(h.labels().get("generation").map(String::as_str), Some("2"));
+    assert!(h.labels().get("team").is_none(), "the old row is gone");
+    check(
+        "replace stops and removes a running sandbox, then boots a fresh one with its own init",
+        t,
+    );
+
+    // --- SIGKILL of the VMM: crashed.
     let t = Instant::now();
     let pid = sb.vmm_pid().expect("vmm pid");
     rustix::process::kill_process(
@@ -271,14 +333,13 @@ async fn run_all(home: &Path) -> R {
         "a SIGKILLed VMM is a crash"
     );
     assert_eq!(h.vmm_pid(), None);
+    assert_eq!(h.exit_reason(), None, "a SIGKILLed VMM says nothing");
     drop(sb);
     let listed = Sandbox::list().await.expect("list");
     assert!(listed
         .iter()
         .any(|h| h.name() == "lc-main" && h.status() == SandboxStatus::Crashed));
-    Sandbox::remove("lc-main")
-        .await
-        .expect("a crashed sandbox can be removed");
+    h.remove().await.expect("a crashed sandbox can be removed");
     assert!(!sandbox_dir(home, "lc-main").exists());
     let e = Sandbox::get("lc-main").await.expect_err("gone");
     assert!(matches!(e, MicrosandboxError::NotFound(_)), "{e:?}");
@@ -562,7 +623,17 @@ async fn metrics(sb: &Sandbox) {
     check("metrics: CPU% and memory move, fs bytes counted, stream", t);
 }
 
-/// Runs `msb args`, with `stdin` (else nothing) on its standard input.
+/// How many VMMs of this test's home run.
+fn vmm_processes(home: &Path) -> usize {
+    let out = Command::new("pgrep")
+        .args(["-f", "--"])
+        .arg(format!("--control-socket {}/", home.display()))
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Runs `msb args` (stdin: nothing).
 fn msb(args: &[&str]) -> std::process::Output {
     let out = Command::new(msb_e2e::msb_cli())
         .args(args)
@@ -776,6 +847,7 @@ async fn killed_mid_create(home: &Path) {
     }
     let e = Sandbox::get("lc-doomed").await.expect_err("gone");
     assert!(matches!(e, MicrosandboxError::NotFound(_)), "{e:?}");
+    assert_eq!(vmm_processes(home), 0, "no VMM was left");
     check(
         "creator SIGKILLed mid-create: no row, no directory, no VMM left",
         t,

@@ -47,8 +47,12 @@ pub struct Launch {
     pub timeout: Option<Duration>,
     /// Guest hostname.
     pub hostname: String,
-    /// Extra kernel command-line words.
+    /// Extra kernel command-line words (not `msb.` ones: those are the VMM's).
     pub append: Vec<String>,
+    /// The restricted security profile for the guest's commands.
+    pub restricted: bool,
+    /// Hand PID 1 to this init after the agent's setup.
+    pub init: Option<bootcmd::InitSpec>,
     /// Host socket of the guest's vsock device (hybrid mode); by default beside the control
     /// socket, else chosen by the caller.
     pub vsock_socket: Option<PathBuf>,
@@ -111,6 +115,8 @@ impl Default for Launch {
             timeout: None,
             hostname: "msb".into(),
             append: Vec::new(),
+            restricted: false,
+            init: None,
             vsock_socket: None,
             control_socket: None,
             exec_log: None,
@@ -309,6 +315,16 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
         words.push(a.clone());
     }
     words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
+    if launch.restricted {
+        words.push(format!(
+            "{}={}",
+            bootcmd::SECURITY_KEY,
+            bootcmd::SECURITY_RESTRICTED
+        ));
+    }
+    if let Some(init) = &launch.init {
+        words.extend(init.encode());
+    }
     Ok(words.join(" "))
 }
 
@@ -406,6 +422,33 @@ mod tests {
         );
         let plain = kernel_cmdline(&launch(), CpuProfile::Host).expect("valid");
         assert!(!plain.contains("noxsave"));
+    }
+
+    #[test]
+    fn cmdline_carries_the_security_profile_and_the_init() {
+        let mut l = launch();
+        let line = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert_eq!(bootcmd::find_param(&line, bootcmd::SECURITY_KEY), None);
+        assert_eq!(bootcmd::InitSpec::from_cmdline(&line), Ok(None));
+        l.restricted = true;
+        let init = bootcmd::InitSpec {
+            path: Some("/sbin/my init".into()),
+            args: vec!["--x".into()],
+            env: vec![("A".into(), "b c".into())],
+        };
+        l.init = Some(init.clone());
+        let line = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert_eq!(
+            bootcmd::find_param(&line, bootcmd::SECURITY_KEY),
+            Some(bootcmd::SECURITY_RESTRICTED)
+        );
+        assert_eq!(bootcmd::InitSpec::from_cmdline(&line), Ok(Some(init)));
+        // The VMM's own words cannot be forged through --append.
+        l.append = vec!["msb.init=auto".into()];
+        assert!(matches!(
+            kernel_cmdline(&l, CpuProfile::Host),
+            Err(LaunchError::Append(_))
+        ));
     }
 
     #[test]

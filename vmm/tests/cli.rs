@@ -169,3 +169,19 @@ fn kvm_device_not_permitted() {
         .expect("setpriv runs");
     assert_error(&out, 125, "permission denied opening");
 }
+
+#[test]
+fn bad_security_and_init_flags() {
+    let out = msb_vmm(&["--security", "lax", "--", "true"]);
+    assert_error(&out, 2, "--security takes default or restricted");
+    let out = msb_vmm(&["--init-arg", "x", "--", "true"]);
+    assert_error(&out, 2, "--init-arg needs --init before it");
+    let out = msb_vmm(&["--init", "relative/init", "--", "true"]);
+    assert_error(&out, 2, "--init takes auto or an absolute guest path");
+    let out = msb_vmm(&["--init", "auto", "--init-env", "=x", "--", "true"]);
+    assert_error(&out, 2, "--init-env needs KEY=VALUE");
+    let out = msb_vmm(&["--idle-timeout", "0", "--control-socket", "/tmp/x.sock"]);
+    assert_error(&out, 2, "--idle-timeout needs seconds above 0");
+    let out = msb_vmm(&["--max-duration", "5", "--", "true"]);
+    assert_error(&out, 2, "need --control-socket");
+}

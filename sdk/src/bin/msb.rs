@@ -34,7 +34,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use microsandbox::{
-    all_sandbox_metrics, validate_name, ExecEvent, ExecOptions, ExecSink, LogEntry, LogLevel,
+    all_sandbox_metrics, validate_name, ExecEvent, ExecOptions, ExecSink, Init, LogEntry, LogLevel,
     LogOptions, LogSource, LogStreamOptions, MicrosandboxError, Sandbox, SandboxBuilder,
     SandboxFilter, SandboxHandle, SandboxMetrics, SandboxStatus, SecurityProfile,
 };
@@ -189,6 +189,18 @@ struct CreateOpts {
     /// Run every command with no_new_privs and without CAP_SYS_ADMIN (no mounts)
     #[arg(long)]
     restricted: bool,
+    /// Hand PID 1 to an init of the image after setup: `auto` (/sbin/init, systemd, ...)
+    /// or its absolute path
+    #[arg(long, value_name = "auto|PATH")]
+    init: Option<String>,
+    /// Argument of the --init (repeatable)
+    #[arg(
+        long = "init-arg",
+        value_name = "ARG",
+        requires = "init",
+        allow_hyphen_values = true
+    )]
+    init_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1178,6 +1190,13 @@ impl CreateOpts {
         }
         if self.restricted {
             b = b.security_profile(SecurityProfile::Restricted);
+        }
+        if let Some(init) = &self.init {
+            let init = match init.as_str() {
+                "auto" => Init::auto(),
+                path => Init::path(path),
+            };
+            b = b.init(init.args(self.init_args.iter().cloned()));
         }
         if self.quiet_logs {
             b = b.quiet_logs();

@@ -9,8 +9,12 @@
 //!         [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]...
 //!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... [--lock FILE]
 //!         [--idle-timeout SECS] [--max-duration SECS] [--metrics FILE]
-//!         [--exit-record FILE] [--log-level LEVEL] -- CMD ARGS...
+//!         [--exit-record FILE] [--log-level LEVEL] [--security default|restricted]
+//!         [--init auto|PATH [--init-arg ARG]... [--init-env K=V]...] -- CMD ARGS...
 //! ```
+//! `--security restricted` runs every guest command with `no_new_privs` and without
+//! `CAP_SYS_ADMIN`; `--init` hands PID 1 to an init of the image once the agent has set
+//! the guest up (the agent carries on as its child).
 //! With `--control-socket`, the VMM itself enforces the sandbox's limits, whether or not
 //! the process that started it is still there: `--idle-timeout` (no command running and no
 //! request for that long, counted from the agent's first answer) and `--max-duration`
@@ -48,6 +52,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use msb_devices::virtio::fs::FsMetrics;
+use msb_protocol::bootcmd::InitSpec;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, Launch, MountSpec};
 use msb_vmm::lifecycle::{self, Action, ExitRecord, Limits, MetricsSnapshot, Policy};
@@ -64,7 +69,8 @@ const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--
 [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
 [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]... [--ro-volume GUEST HOST]... \
 [--tmpfs GUEST MiB|-]... [--lock FILE] [--idle-timeout SECS] [--max-duration SECS] \
-[--metrics FILE] [--exit-record FILE] [--log-level LEVEL] -- CMD ARGS...";
+[--metrics FILE] [--exit-record FILE] [--log-level LEVEL] [--security default|restricted] \
+[--init auto|PATH [--init-arg ARG]... [--init-env K=V]...] -- CMD ARGS...";
 
 struct Args {
     launch: Launch,
@@ -140,6 +146,51 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--metrics" => metrics = Some(PathBuf::from(value("a path")?)),
             "--exit-record" => exit_record = Some(PathBuf::from(value("a path")?)),
             "--log-level" => log_level = Some(value("a level")?.to_string_lossy().into_owned()),
+            "--security" => match value("a profile")?.to_string_lossy().as_ref() {
+                "restricted" => launch.restricted = true,
+                "default" => launch.restricted = false,
+                other => {
+                    return Err(format!(
+                        "--security takes default or restricted, got {other:?}"
+                    ))
+                }
+            },
+            "--init" => {
+                let v = value("auto or a guest path")?
+                    .to_string_lossy()
+                    .into_owned();
+                let path = match v.as_str() {
+                    "auto" => None,
+                    p if p.starts_with('/') => Some(p.to_string()),
+                    p => {
+                        return Err(format!(
+                            "--init takes auto or an absolute guest path, got {p:?}"
+                        ))
+                    }
+                };
+                let spec = launch.init.get_or_insert_with(|| InitSpec {
+                    path: None,
+                    args: Vec::new(),
+                    env: Vec::new(),
+                });
+                spec.path = path;
+            }
+            "--init-arg" | "--init-env" => {
+                let v = value("a value")?.to_string_lossy().into_owned();
+                let spec = launch
+                    .init
+                    .as_mut()
+                    .ok_or_else(|| format!("{name} needs --init before it"))?;
+                if name == "--init-arg" {
+                    spec.args.push(v);
+                } else {
+                    let (k, val) = v
+                        .split_once('=')
+                        .filter(|(k, _)| !k.is_empty())
+                        .ok_or_else(|| format!("--init-env needs KEY=VALUE, got {v:?}"))?;
+                    spec.env.push((k.to_string(), val.to_string()));
+                }
+            }
             "--layer" | "--rootfs" => launch.layers.push(value("a directory")?.into()),
             "--rw" => launch.rw = Some(value("a directory")?.into()),
             "--volume" | "--ro-volume" => {
