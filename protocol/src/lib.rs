@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bootcmd;
+pub mod execlog;
 pub mod frame;
 pub mod message;
 pub mod sysdev;

@@ -37,7 +37,6 @@ use std::io::{ErrorKind, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::str::FromStr;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,54 +53,7 @@ const CHUNK: usize = 64 * 1024;
 /// How long past `until` a following stream waits for late lines stamped before it.
 const UNTIL_GRACE: TimeDelta = TimeDelta::seconds(1);
 
-/// Where a log entry came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum LogSource {
-    /// A command's standard output.
-    Stdout,
-    /// A command's standard error.
-    Stderr,
-    /// The output of a command run with a terminal (stdout and stderr merged).
-    Output,
-    /// Messages from the sandbox itself.
-    System,
-}
-
-impl LogSource {
-    /// The name used in the file: `stdout`, `stderr`, `output` or `system`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogSource::Stdout => "stdout",
-            LogSource::Stderr => "stderr",
-            LogSource::Output => "output",
-            LogSource::System => "system",
-        }
-    }
-}
-
-impl fmt::Display for LogSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for LogSource {
-    type Err = MicrosandboxError;
-
-    /// Parses the name used in the file; anything else is [`MicrosandboxError::InvalidConfig`].
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stdout" => Ok(LogSource::Stdout),
-            "stderr" => Ok(LogSource::Stderr),
-            "output" => Ok(LogSource::Output),
-            "system" => Ok(LogSource::System),
-            _ => Err(MicrosandboxError::InvalidConfig(format!(
-                "unknown log source {s:?} (expected stdout, stderr, output or system)"
-            ))),
-        }
-    }
-}
+pub use msb_protocol::execlog::LogSource;
 
 /// One entry of the log: a chunk of output as the VMM relayed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -683,12 +635,6 @@ mod tests {
         assert_eq!(read(d, sys), ["system"]);
         let s = stream(d, LogStreamOptions::default());
         assert_eq!(collect(s).await, ["stdout", "stderr", "output"]);
-        assert_eq!("output".parse::<LogSource>().ok(), Some(LogSource::Output));
-        assert_eq!(LogSource::Stderr.to_string(), "stderr");
-        assert!(matches!(
-            "nope".parse::<LogSource>(),
-            Err(MicrosandboxError::InvalidConfig(_))
-        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+pub use msb_protocol::execlog::LogSource;
 use msb_protocol::frame::{read_frame_raw, write_frame, Frame, ProtocolError};
 use msb_protocol::message::{ErrorKind, Message, AGENT_PORT};
 
@@ -94,31 +95,6 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Where a log entry came from (the `source` field of `exec.log`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogSource {
-    /// A session's stdout (pipe mode).
-    Stdout,
-    /// A session's stderr (pipe mode).
-    Stderr,
-    /// A session's terminal (tty mode: stdout and stderr merged in the guest).
-    Output,
-    /// Lifecycle markers written by the relay.
-    System,
-}
-
-impl LogSource {
-    /// The name used in the file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogSource::Stdout => "stdout",
-            LogSource::Stderr => "stderr",
-            LogSource::Output => "output",
-            LogSource::System => "system",
-        }
-    }
 }
 
 /// The `exec.log` tap: JSON lines `{"timestamp_ms", "source", "session_id", "data"}`, where
