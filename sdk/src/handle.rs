@@ -136,6 +136,13 @@ pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row
         }
         RowStatus::Is(SandboxStatus::Running | SandboxStatus::Draining) => {
             if vmm_alive(&paths) {
+                // A drain the VMM started itself (idle timeout, max duration).
+                if row.status == RowStatus::Is(SandboxStatus::Running)
+                    && crate::metrics::draining(&paths)
+                {
+                    db.transition(&row.name, &[row.status], SandboxStatus::Draining)?;
+                    return db.get(&row.name);
+                }
                 return Ok(Some(row));
             }
             let to = match read_exit(&paths) {

@@ -1042,20 +1042,7 @@ impl Sandbox {
     /// The sandbox `name` (running or stopped) as the state database has it.
     pub async fn get(name: &str) -> MicrosandboxResult<SandboxHandle> {
         match handle::get_row(name)? {
-            Some(row) if row.status != RowStatus::Creating => {
-                let paths = Paths::for_name(name)?;
-                // A drain the VMM started itself (idle timeout, max duration).
-                if row.status == RowStatus::Is(SandboxStatus::Running)
-                    && crate::metrics::draining(&paths)
-                {
-                    let db = handle::open_db()?;
-                    db.transition(name, &[row.status], SandboxStatus::Draining)?;
-                    if let Some(row) = db.get(name)? {
-                        return Ok(SandboxHandle::from_row(row));
-                    }
-                }
-                Ok(SandboxHandle::from_row(row))
-            }
+            Some(row) if row.status != RowStatus::Creating => Ok(SandboxHandle::from_row(row)),
             _ => Err(MicrosandboxError::NotFound(name.to_string())),
         }
     }

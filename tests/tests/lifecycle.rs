@@ -733,13 +733,64 @@ async fn cli_on_running(home: &Path) {
         .success());
     assert_eq!(std::fs::read(&back).expect("read"), b"through msb cp\n");
 
+    // logs -f: a line printed after it started arrives while it follows.
+    let mut follow = Command::new(msb_e2e::msb_cli())
+        .args(["logs", "-f", "-n", "0", "lc-main"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("msb logs -f");
+    let mut follow_out = follow.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = follow_out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("followed-by-cli") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(msb(&["exec", "lc-main", "--", "echo", "followed-by-cli"])
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let followed = reader.join().expect("reader");
+    assert!(followed.contains("followed-by-cli"), "{followed:?}");
+
+    // exec -t on a terminal (script(1) gives msb one): the command sees a tty.
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} exec -t lc-main -- sh -c 'test -t 0 && echo on-a-tty; exit 5'",
+            msb_e2e::msb_cli().display()
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("on-a-tty"), "{text:?}");
+    assert_eq!(out.status.code(), Some(5), "{text:?}");
+
     let out = msb(&["stop", "no-such"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no sandbox named"));
     let out = msb(&["rm", "lc-main"]);
     assert_eq!(out.status.code(), Some(1), "rm of a running sandbox fails");
     check(
-        "msb ls/exec/shell/logs/metrics/inspect/cp on a running sandbox",
+        "msb ls/exec/exec -t/shell/logs/logs -f/metrics/inspect/cp on a running sandbox",
         t,
     );
 }
