@@ -164,8 +164,12 @@ pub fn child_setup(
     // async-signal-safe system calls (setrlimit, setsid, ioctl, prctl) on values it owns.
     unsafe {
         cmd.pre_exec(move || {
+            // std has switched to the command's user by now: only root may (and needs
+            // to) drop from the bounding set; no_new_privs stops setuid and file
+            // capabilities for everyone.
             if restricted
-                && (libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0
+                && ((libc::geteuid() == 0
+                    && libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0)
                     || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
             {
                 return Err(std::io::Error::last_os_error());

@@ -70,3 +70,32 @@ pub(crate) async fn open(control: &Path) -> MicrosandboxResult<(OwnedReadHalf, O
         None => Err(MicrosandboxError::ConnectionClosed),
     }
 }
+
+/// One request the VMM's relay answers itself (`Drain`, `Detach`: no Hello, no guest),
+/// within `timeout`; an `Error` answer is the typed error.
+pub(crate) async fn relay_request(
+    control: &Path,
+    message: Message,
+    timeout: std::time::Duration,
+) -> MicrosandboxResult<Message> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(control).await?;
+        write_frame(&mut stream, &Frame::new(1, message)).await?;
+        match read_frame(&mut stream).await? {
+            Some(Frame {
+                message: Message::Error { kind, message },
+                ..
+            }) => Err(MicrosandboxError::from_agent(kind, message)),
+            Some(f) => Ok(f.message),
+            None => Err(MicrosandboxError::ConnectionClosed),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(MicrosandboxError::AgentUnavailable(format!(
+                "the VMM did not answer within {}s",
+                timeout.as_secs()
+            )))
+        })
+}

@@ -10,6 +10,7 @@
 //! a process killed at any point leaves a database the next reader puts right.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -45,22 +46,32 @@ pub(crate) fn vmm_alive(paths: &Paths) -> bool {
             let _ = rustix::fs::flock(&f, rustix::fs::FlockOperation::Unlock);
             false
         }
-        Err(_) => true,
+        Err(e) => e == rustix::io::Errno::WOULDBLOCK,
     }
 }
 
 /// Takes the sandbox's lock exclusively (nobody runs it and nobody can start it while the
 /// returned file is open); `None` while a VMM holds it.
 pub(crate) fn lock_exclusive(paths: &Paths) -> MicrosandboxResult<Option<std::fs::File>> {
+    try_lock(&paths.lock())
+}
+
+/// Takes `sandboxes/<name>/start.lock`, held by whoever starts, replaces or removes the
+/// sandbox (one at a time; a process killed meanwhile lets go of it); `None` while held.
+pub(crate) fn start_lock(paths: &Paths) -> MicrosandboxResult<Option<std::fs::File>> {
+    try_lock(&paths.dir.join("start.lock"))
+}
+
+fn try_lock(path: &Path) -> MicrosandboxResult<Option<std::fs::File>> {
     let f = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(paths.lock())
+        .open(path)
     {
         Ok(f) => f,
-        // No directory: nothing to lock, nothing runs.
+        // No directory: nothing to lock, nothing runs there.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Some(tempfile::tempfile()?))
         }
@@ -68,7 +79,11 @@ pub(crate) fn lock_exclusive(paths: &Paths) -> MicrosandboxResult<Option<std::fs
     };
     match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(Some(f)),
-        Err(_) => Ok(None),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(MicrosandboxError::State(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -85,9 +100,12 @@ pub(crate) fn read_exit(paths: &Paths) -> Option<ExitRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Records an orderly end before this process kills the VMM itself (a kill asked for is
-/// a stop, not a crash).
-pub(crate) fn write_exit(paths: &Paths, reason: &str) {
+/// Records an orderly end after this process killed the VMM itself (a kill asked for is
+/// a stop, not a crash), unless the VMM recorded its own end first.
+pub(crate) fn record_kill(paths: &Paths, reason: &str) {
+    if paths.exit_record().exists() {
+        return;
+    }
     let at_ms = chrono::Utc::now().timestamp_millis();
     let rec =
         serde_json::json!({"clean": true, "reason": reason, "exit_code": 137, "at_ms": at_ms});
@@ -97,10 +115,18 @@ pub(crate) fn write_exit(paths: &Paths, reason: &str) {
     }
 }
 
-/// Removes a sandbox's row, then its directory (a directory without a row is removed by
-/// the next create of the name). The caller holds the lock or knows nothing runs.
-pub(crate) fn remove_all(db: &StateDb, name: &str, paths: &Paths) -> MicrosandboxResult<()> {
-    db.delete(name)?;
+/// Removes the sandbox of `row`: its row (only if it is still that claim's), then its
+/// directory (a directory without a row is removed by the next create of the name). The
+/// caller holds the sandbox's lock or knows nothing runs.
+pub(crate) fn remove_all(db: &StateDb, row: &Row, paths: &Paths) -> MicrosandboxResult<()> {
+    if !db.delete(&row.name, &row.claim)? {
+        // Replaced meanwhile: the directory is the new sandbox's.
+        return Ok(());
+    }
+    remove_dir(paths)
+}
+
+fn remove_dir(paths: &Paths) -> MicrosandboxResult<()> {
     match std::fs::remove_dir_all(&paths.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -109,29 +135,27 @@ pub(crate) fn remove_all(db: &StateDb, name: &str, paths: &Paths) -> Microsandbo
 }
 
 /// Puts `row` right against what runs; `None` when the sandbox is gone (an unfinished
-/// create, or an ephemeral sandbox that has ended).
+/// create, or an ephemeral sandbox that has ended). Every change names the row's claim, so
+/// a stale snapshot never changes a sandbox made of the name since.
 pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row>> {
     let paths = Paths::in_home(db.home(), &row.name)?;
     match row.status {
         RowStatus::Creating => {
-            let owner_alive = row.owner.is_some_and(ProcessId::alive);
-            if owner_alive {
+            // A creator's VMM has its lifeline: with the creator gone it ends itself.
+            if row.owner.is_some_and(ProcessId::alive) {
                 return Ok(Some(row));
             }
-            // The creator is gone: a detached VMM it started boots for nobody.
-            kill_creating_vmm(&row);
-            match lock_exclusive(&paths)? {
-                Some(_held) => {
-                    // Re-read: the creator may have finished between the two reads.
-                    match db.get(&row.name)? {
-                        Some(r) if r.status == RowStatus::Creating => {
-                            remove_all(db, &row.name, &paths)?;
-                            Ok(None)
-                        }
-                        other => Ok(other),
-                    }
-                }
-                None => Ok(Some(row)),
+            let Some(_held) = lock_exclusive(&paths)? else {
+                return Ok(Some(row));
+            };
+            if db.delete_creating(&row.name, &row.claim)? {
+                remove_dir(&paths)?;
+                return Ok(None);
+            }
+            // The creator finished (or someone else cleaned up) meanwhile.
+            match db.get(&row.name)? {
+                Some(r) if r.claim != row.claim || r.status != RowStatus::Creating => Ok(Some(r)),
+                _ => Ok(None),
             }
         }
         RowStatus::Is(SandboxStatus::Running | SandboxStatus::Draining) => {
@@ -140,7 +164,12 @@ pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row
                 if row.status == RowStatus::Is(SandboxStatus::Running)
                     && crate::metrics::draining(&paths)
                 {
-                    db.transition(&row.name, &[row.status], SandboxStatus::Draining)?;
+                    db.transition(
+                        &row.name,
+                        &row.claim,
+                        &[row.status],
+                        SandboxStatus::Draining,
+                    )?;
                     return db.get(&row.name);
                 }
                 return Ok(Some(row));
@@ -151,48 +180,33 @@ pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row
             };
             db.transition(
                 &row.name,
+                &row.claim,
                 &[
                     RowStatus::Is(SandboxStatus::Running),
                     RowStatus::Is(SandboxStatus::Draining),
                 ],
                 to,
             )?;
-            let row = db.get(&row.name)?;
-            match row {
-                Some(r) if r.ephemeral && r.status.is_terminal() => {
-                    cleanup_ephemeral(db, &r.name, &paths)?;
-                    Ok(None)
+            match db.get(&row.name)? {
+                Some(r) if r.claim == row.claim && r.ephemeral && r.status.is_terminal() => {
+                    cleanup_ephemeral(db, &r, &paths)
                 }
                 other => Ok(other),
             }
         }
-        RowStatus::Is(_) if row.ephemeral => {
-            cleanup_ephemeral(db, &row.name, &paths)?;
-            Ok(None)
-        }
+        RowStatus::Is(_) if row.ephemeral => cleanup_ephemeral(db, &row, &paths),
         RowStatus::Is(_) => Ok(Some(row)),
     }
 }
 
-fn cleanup_ephemeral(db: &StateDb, name: &str, paths: &Paths) -> MicrosandboxResult<()> {
-    if let Some(_held) = lock_exclusive(paths)? {
-        remove_all(db, name, paths)?;
-    }
-    Ok(())
-}
-
-/// SIGKILLs the VMM a `creating` row records (if it is still that process) and waits a
-/// little for it to go.
-pub(crate) fn kill_creating_vmm(row: &Row) {
-    let Some(vmm) = row.vmm.filter(|p| p.alive()) else {
-        return;
-    };
-    if let Some(pid) = rustix::process::Pid::from_raw(vmm.pid) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while vmm.alive() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+/// Removes an ended ephemeral sandbox; kept (and returned) while something holds its lock.
+fn cleanup_ephemeral(db: &StateDb, row: &Row, paths: &Paths) -> MicrosandboxResult<Option<Row>> {
+    match lock_exclusive(paths)? {
+        Some(_held) => {
+            remove_all(db, row, paths)?;
+            Ok(None)
+        }
+        None => Ok(Some(row.clone())),
     }
 }
 
@@ -214,9 +228,7 @@ pub(crate) async fn stop_vmm(
     timeout: Duration,
 ) -> MicrosandboxResult<()> {
     if !timeout.is_zero() {
-        if let Ok((_r, mut w)) = conn::open(&paths.control).await {
-            let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
-        }
+        ask_power_off(&paths.control, timeout).await;
         if wait_lock_free(paths, timeout).await {
             return Ok(());
         }
@@ -224,7 +236,19 @@ pub(crate) async fn stop_vmm(
     kill_vmm(paths, vmm, "killed").await
 }
 
-/// Kills the VMM (SIGKILL) after recording that the end was asked for.
+/// Asks the guest to power off (a `Shutdown` to the agent), giving up after `within`: a
+/// dead or hostile guest cannot hold a stop up.
+pub(crate) async fn ask_power_off(control: &Path, within: Duration) {
+    let _ = tokio::time::timeout(within, async {
+        if let Ok((_r, mut w)) = conn::open(control).await {
+            let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
+        }
+    })
+    .await;
+}
+
+/// Kills the VMM (SIGKILL), then records that the end was asked for (unless the VMM
+/// recorded its own end first).
 pub(crate) async fn kill_vmm(
     paths: &Paths,
     vmm: Option<ProcessId>,
@@ -235,13 +259,11 @@ pub(crate) async fn kill_vmm(
     }
     match vmm.filter(|p| p.alive()) {
         Some(p) => {
-            write_exit(paths, why);
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(p.pid).ok_or_else(|| {
-                    MicrosandboxError::State(format!("invalid VMM pid {}", p.pid))
-                })?,
-                rustix::process::Signal::KILL,
-            );
+            let pid = rustix::process::Pid::from_raw(p.pid)
+                .ok_or_else(|| MicrosandboxError::State(format!("invalid VMM pid {}", p.pid)))?;
+            rustix::process::kill_process(pid, rustix::process::Signal::KILL).map_err(|e| {
+                MicrosandboxError::State(format!("cannot kill the VMM (pid {}): {e}", p.pid))
+            })?;
         }
         None => {
             return Err(MicrosandboxError::State(format!(
@@ -251,6 +273,7 @@ pub(crate) async fn kill_vmm(
         }
     }
     if wait_lock_free(paths, KILL_WAIT).await {
+        record_kill(paths, why);
         let _ = std::fs::remove_file(&paths.control);
         Ok(())
     } else {
@@ -524,7 +547,7 @@ mod tests {
     use super::*;
     use crate::state::NewRow;
 
-    fn claim(db: &mut StateDb, name: &str, ephemeral: bool) {
+    fn claim(db: &mut StateDb, name: &str, ephemeral: bool) -> String {
         let labels = BTreeMap::new();
         db.claim(&NewRow {
             name,
@@ -533,8 +556,10 @@ mod tests {
             detached: true,
             ephemeral,
         })
-        .expect("claim");
+        .expect("claim")
     }
+
+    const CREATING: [RowStatus; 1] = [RowStatus::Creating];
 
     /// A process that holds `lock` exclusively (as a VMM does) until killed.
     fn holder(lock: &std::path::Path) -> std::process::Child {
@@ -610,10 +635,10 @@ mod tests {
         assert!(reconcile(&db, row).expect("reconcile").is_none());
 
         // A running sandbox whose VMM is SIGKILLed (no exit record): crashed.
-        claim(&mut db, "run", false);
+        let c = claim(&mut db, "run", false);
         mkdir("run");
         let mut vmm = holder(&paths("run").lock());
-        db.set_running("run", ProcessId::of(vmm.id() as i32), true)
+        db.set_running("run", &c, &CREATING, ProcessId::of(vmm.id() as i32), true)
             .expect("running");
         let row = db.get("run").expect("get").expect("row");
         let row = reconcile(&db, row).expect("reconcile").expect("row");
@@ -638,9 +663,10 @@ mod tests {
         assert_eq!(db.get("run").expect("get").expect("row").vmm, None);
 
         // A VMM that recorded a clean end: stopped. Ephemeral and ended: removed whole.
-        claim(&mut db, "clean", false);
+        let c = claim(&mut db, "clean", false);
         mkdir("clean");
-        db.set_running("clean", None, true).expect("running");
+        db.set_running("clean", &c, &CREATING, None, true)
+            .expect("running");
         std::fs::write(
             paths("clean").exit_record(),
             r#"{"clean":true,"reason":"stopped: idle for 5s","exit_code":0,"at_ms":1}"#,
@@ -649,9 +675,10 @@ mod tests {
         let row = db.get("clean").expect("get").expect("row");
         let row = reconcile(&db, row).expect("reconcile").expect("row");
         assert_eq!(row.status, RowStatus::Is(SandboxStatus::Stopped));
-        claim(&mut db, "eph", true);
+        let c = claim(&mut db, "eph", true);
         mkdir("eph");
-        db.set_running("eph", None, true).expect("running");
+        db.set_running("eph", &c, &CREATING, None, true)
+            .expect("running");
         let row = db.get("eph").expect("get").expect("row");
         assert!(reconcile(&db, row).expect("reconcile").is_none());
         assert!(!paths("eph").dir.exists());

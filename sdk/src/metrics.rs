@@ -69,6 +69,26 @@ pub(crate) fn draining(paths: &Paths) -> bool {
     load(paths).is_some_and(|s| s.draining)
 }
 
+/// How long the guest gets to say how much memory it has (a guest that does not answer
+/// costs a metrics call this, no more).
+const GUEST_ANSWER: Duration = Duration::from_secs(2);
+/// The most of `/proc/meminfo` read (it is ~1.5 KiB; the guest decides what it sends).
+const MEMINFO_MAX: usize = 64 << 10;
+
+/// The guest's `/proc/meminfo`, at most [`MEMINFO_MAX`] bytes of it.
+async fn guest_meminfo(sb: &Sandbox) -> Option<String> {
+    let mut stream = sb.fs().read_stream("/proc/meminfo").await.ok()?;
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.recv().await {
+        text.extend_from_slice(&chunk.ok()?);
+        if text.len() >= MEMINFO_MAX {
+            text.truncate(MEMINFO_MAX);
+            break;
+        }
+    }
+    String::from_utf8(text).ok()
+}
+
 /// `MemTotal` and `MemAvailable` of a `/proc/meminfo`, bytes.
 fn meminfo(text: &str) -> Option<(u64, u64)> {
     let field = |name: &str| -> Option<u64> {
@@ -114,11 +134,10 @@ pub(crate) async fn read(
         }
     };
     let mem = match guest {
-        Some(sb) => sb
-            .fs()
-            .read_to_string("/proc/meminfo")
+        Some(sb) => tokio::time::timeout(GUEST_ANSWER, guest_meminfo(sb))
             .await
             .ok()
+            .flatten()
             .and_then(|t| meminfo(&t)),
         None => None,
     };

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use msb_protocol::frame::Frame;
 use msb_protocol::message::Message;
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
@@ -37,6 +36,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const DROP_GRACE: Duration = Duration::from_secs(2);
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 100;
+/// How long a request the VMM answers itself (drain, detach) may take.
+const RELAY_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of the VMM's log quoted when it fails to start.
 const LOG_TAIL_LINES: usize = 15;
 
@@ -163,7 +164,8 @@ pub enum SecurityProfile {
     #[default]
     Default,
     /// Every command runs with `no_new_privs` set (setuid binaries do not raise
-    /// privileges) and without `CAP_SYS_ADMIN` (no mounts, even as root); volumes are
+    /// privileges) and without `CAP_SYS_ADMIN`, with user namespaces off (no mounts,
+    /// even as root, even in a namespace of its own); volumes are
     /// mounted nosuid,nodev.
     Restricted,
 }
@@ -621,14 +623,16 @@ impl SandboxBuilder {
                 if handle::vmm_alive(&paths) {
                     handle::stop_vmm(&paths, row.vmm, timeout).await?;
                 }
-                let Some(_held) = handle::lock_exclusive(&paths)? else {
+                let (Some(_starting), Some(_held)) =
+                    (handle::start_lock(&paths)?, handle::lock_exclusive(&paths)?)
+                else {
                     return Err(MicrosandboxError::StillRunning(config.name));
                 };
-                handle::remove_all(&db, &config.name, &paths)?;
+                handle::remove_all(&db, &row, &paths)?;
             }
         }
         // The row is the claim on the name: whoever inserts it owns the new sandbox.
-        db.claim(&NewRow {
+        let claim_id = db.claim(&NewRow {
             name: &config.name,
             config_json: &config_json,
             labels: &config.labels,
@@ -638,14 +642,26 @@ impl SandboxBuilder {
         // From here on a failure removes everything this call made. The claim travels with
         // the blocking preparation: if this future is dropped mid-way, the directory goes
         // only once nothing writes into it any more.
-        let claim = Claim(Some((config.name.clone(), paths.dir.clone())));
-        // A directory without a row is what a process killed while removing left.
-        match std::fs::remove_dir_all(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        let mut claim = Claim {
+            name: config.name.clone(),
+            id: claim_id.clone(),
+            dir: None,
+            armed: true,
+        };
+        // A directory without a row is what a process killed while removing left; one
+        // whose lock is held is not ours to touch.
+        if paths.dir.exists() {
+            let Some(_held) = handle::lock_exclusive(&paths)? else {
+                return Err(MicrosandboxError::StillRunning(config.name));
+            };
+            match std::fs::remove_dir_all(&paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         std::fs::create_dir(&paths.dir)?;
+        claim.dir = Some(paths.dir.clone());
         let home = msb_home();
         let rw = paths.rw();
         let config_path = paths.config();
@@ -656,12 +672,23 @@ impl SandboxBuilder {
         })
         .await
         .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))?;
-        let sandbox = spawn(paths, prepared?, detached).await?;
-        if let Err(e) = db.set_running(sandbox.name(), sandbox.inner.pid, detached) {
+        // Booted on a lifeline whatever the mode: a creator killed before the sandbox is
+        // recorded takes its VMM with it. Detached sandboxes cut the lifeline after.
+        let sandbox = spawn(paths, prepared?, claim_id.clone()).await?;
+        if let Err(e) = db.set_running(
+            sandbox.name(),
+            &claim_id,
+            &[RowStatus::Creating],
+            sandbox.inner.pid,
+            detached,
+        ) {
             let _ = sandbox.kill().await;
             return Err(e);
         }
         claim.disarm();
+        if detached {
+            sandbox.cut_lifeline().await?;
+        }
         Ok(sandbox)
     }
 }
@@ -692,35 +719,37 @@ pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Removes a half-created sandbox (its directory, then its `creating` row) unless disarmed.
-struct Claim(Option<(String, PathBuf)>);
+/// Removes a half-created sandbox (the directory this create made, then its own
+/// `creating` row) unless disarmed. Its VMM, if it got one, ends with its lifeline.
+struct Claim {
+    name: String,
+    id: String,
+    dir: Option<PathBuf>,
+    armed: bool,
+}
 
 impl Claim {
     fn disarm(mut self) {
-        self.0 = None;
+        self.armed = false;
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some((name, dir)) = self.0.take() {
-            let db = handle::open_db().ok();
-            // A boot cut short (the create future dropped): its VMM goes too.
-            if let Some(row) = db.as_ref().and_then(|db| db.get(&name).ok().flatten()) {
-                if row.status == RowStatus::Creating {
-                    handle::kill_creating_vmm(&row);
-                }
-            }
+        if !self.armed {
+            return;
+        }
+        if let Some(dir) = self.dir.take() {
             let _ = std::fs::remove_dir_all(dir);
-            if let Some(db) = db {
-                let _ = db.delete_creating(&name);
-            }
+        }
+        if let Ok(db) = handle::open_db() {
+            let _ = db.delete_creating(&self.name, &self.id);
         }
     }
 }
 
 /// Starts the VMM of a prepared sandbox and waits for its agent.
-async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> MicrosandboxResult<Sandbox> {
+async fn spawn(paths: Paths, prepared: Persisted, claim: String) -> MicrosandboxResult<Sandbox> {
     let config = &prepared.config;
     let vmm = find_vmm()?;
     check_kernel()?;
@@ -825,20 +854,15 @@ async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> Microsandbo
         cmd.arg("--initrd").arg(i);
     }
     let vmm_log = std::fs::File::create(paths.vmm_log())?;
-    // Its own process group: a terminal's Ctrl-C to this process does not reach it (an
-    // attached VMM still ends with this process, through its lifeline).
+    // Its own process group: a terminal's Ctrl-C to this process does not reach it.
     cmd.process_group(0);
-    let lifeline = if detached {
-        cmd.stdin(Stdio::null());
-        None
-    } else {
-        // The VMM watches the read end: when this process is gone, so is the VM.
-        let (lifeline_r, lifeline_w) = std::io::pipe()?;
-        cmd.arg("--exit-with-stdin").stdin(Stdio::from(lifeline_r));
-        Some(lifeline_w)
-    };
-    // Never killed on drop: an attached VMM ends itself when its lifeline closes, which
-    // also happens when this process dies; a detached one is meant to outlive us.
+    // The VMM watches the read end: when this process is gone, so is the VM, until a
+    // detach ([`Sandbox::cut_lifeline`]) tells it otherwise.
+    let (lifeline_r, lifeline_w) = std::io::pipe()?;
+    cmd.arg("--exit-with-stdin").stdin(Stdio::from(lifeline_r));
+    let lifeline = Some(lifeline_w);
+    // Never killed on drop: the VMM ends itself when its lifeline closes, which also
+    // happens when this process dies; a detached one is meant to outlive us.
     cmd.stdout(Stdio::null())
         .stderr(Stdio::from(vmm_log))
         .kill_on_drop(false);
@@ -847,13 +871,10 @@ async fn spawn(paths: Paths, prepared: Persisted, detached: bool) -> Microsandbo
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .and_then(ProcessId::of);
-    // A first boot: a reader that finds the creator dead can end this VMM.
-    if let Some(pid) = pid {
-        handle::open_db()?.set_creating_vmm(&config.name, pid)?;
-    }
     let defaults = prepared.exec_defaults();
-    let detached = Arc::new(AtomicBool::new(detached));
+    let detached = Arc::new(AtomicBool::new(false));
     let inner = Arc::new(Inner {
+        claim,
         name: config.name.clone(),
         paths,
         shell: config
@@ -883,6 +904,8 @@ struct Inner {
     shell: String,
     defaults: ExecDefaults,
     config: SandboxConfig,
+    /// The claim of the sandbox's row (see `state.rs`).
+    claim: String,
     /// The image's ENTRYPOINT followed by its CMD.
     image_command: Vec<String>,
     /// The VMM's process, when known.
@@ -1070,16 +1093,25 @@ impl Sandbox {
     }
 
     async fn start_mode(name: &str, detached: bool) -> MicrosandboxResult<Sandbox> {
+        validate_name(name)?;
+        let paths = Paths::for_name(name)?;
+        // One start at a time (a starter killed mid-way lets go of it), and none while a
+        // VMM runs: nothing of a running sandbox's files is touched.
+        let Some(_starting) = handle::start_lock(&paths)? else {
+            return Err(MicrosandboxError::StillRunning(name.to_string()));
+        };
         let row =
             handle::get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
-        if !row.status.is_terminal() {
+        if !row.status.is_terminal() || handle::vmm_alive(&paths) {
             return Err(MicrosandboxError::StillRunning(name.to_string()));
         }
-        let paths = Paths::for_name(name)?;
         let prepared = match config::load(&paths.config()) {
             Ok(p) => p,
             Err(MicrosandboxError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(MicrosandboxError::NotFound(name.to_string()))
+                return Err(MicrosandboxError::State(format!(
+                    "the sandbox {name:?} has lost its configuration ({})",
+                    paths.config().display()
+                )))
             }
             Err(e) => return Err(e),
         };
@@ -1091,11 +1123,19 @@ impl Sandbox {
                 )));
             }
         }
-        let sandbox = spawn(paths, prepared, detached).await?;
+        // On a lifeline, like a create: a starter killed mid-boot takes its VMM with it.
+        let sandbox = spawn(paths, prepared, row.claim.clone()).await?;
         let db = handle::open_db()?;
-        if let Err(e) = db.set_running(name, sandbox.inner.pid, detached) {
+        let from = [
+            RowStatus::Is(SandboxStatus::Stopped),
+            RowStatus::Is(SandboxStatus::Crashed),
+        ];
+        if let Err(e) = db.set_running(name, &row.claim, &from, sandbox.inner.pid, detached) {
             let _ = sandbox.kill().await;
             return Err(e);
+        }
+        if detached {
+            sandbox.cut_lifeline().await?;
         }
         Ok(sandbox)
     }
@@ -1122,6 +1162,7 @@ impl Sandbox {
                 defaults,
                 image_command: image_command(&prepared),
                 config: prepared.config,
+                claim: row.claim.clone(),
                 pid: row.vmm,
                 detached: Arc::new(AtomicBool::new(true)),
                 vmm: None,
@@ -1147,10 +1188,12 @@ impl Sandbox {
             return Err(MicrosandboxError::StillRunning(name.to_string()));
         }
         // Held while deleting: nobody starts it meanwhile.
-        let Some(_held) = handle::lock_exclusive(&paths)? else {
+        let (Some(_starting), Some(_held)) =
+            (handle::start_lock(&paths)?, handle::lock_exclusive(&paths)?)
+        else {
             return Err(MicrosandboxError::StillRunning(name.to_string()));
         };
-        handle::remove_all(&db, name, &paths)
+        handle::remove_all(&db, &row, &paths)
     }
 
     /// A `Sandbox` over an existing control socket, owning no VMM (`stop` and `kill` have
@@ -1165,6 +1208,7 @@ impl Sandbox {
             inner: Arc::new(Inner {
                 config: SandboxConfig::bare(name.clone()),
                 image_command: Vec::new(),
+                claim: String::new(),
                 name,
                 paths: Paths { dir, control },
                 shell: DEFAULT_SHELL.into(),
@@ -1389,14 +1433,12 @@ impl Sandbox {
             Some(vmm) => {
                 if vmm.exited().is_none() {
                     if !grace.is_zero() {
-                        if let Ok((_r, mut w)) = conn::open(self.control()).await {
-                            let _ =
-                                conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
-                        }
+                        handle::ask_power_off(self.control(), grace).await;
                     }
                     if grace.is_zero() || tokio::time::timeout(grace, vmm.wait()).await.is_err() {
-                        handle::write_exit(paths, "killed");
                         let _ = vmm.kill.try_send(());
+                        vmm.wait().await;
+                        handle::record_kill(paths, "killed");
                     }
                 }
                 vmm.wait().await
@@ -1419,19 +1461,11 @@ impl Sandbox {
 
     /// Starts a drain: running commands go on, new ones are refused
     /// ([`MicrosandboxError::AgentUnavailable`]), and the sandbox stops once the last one
-    /// ends. Returns at once; [`Sandbox::wait`] waits for the stop.
+    /// ends. Returns at once; [`Sandbox::wait`] waits for the stop. The VMM answers it
+    /// itself, whatever the guest does.
     pub async fn drain(&self) -> MicrosandboxResult<()> {
-        let (mut r, mut w) = conn::open(self.control()).await?;
-        conn::write_frame(&mut w, &Frame::new(1, Message::Drain)).await?;
-        match conn::read_frame(&mut r).await? {
-            Some(Frame {
-                message: Message::Draining { .. },
-                ..
-            }) => {}
-            Some(Frame {
-                message: Message::Error { kind, message },
-                ..
-            }) => return Err(MicrosandboxError::from_agent(kind, message)),
+        match conn::relay_request(self.control(), Message::Drain, RELAY_REQUEST_TIMEOUT).await? {
+            Message::Draining { .. } => {}
             other => {
                 return Err(MicrosandboxError::Agent(format!(
                     "unexpected answer to a drain: {other:?}"
@@ -1441,6 +1475,7 @@ impl Sandbox {
         let db = handle::open_db()?;
         db.transition(
             &self.inner.name,
+            &self.inner.claim,
             &[RowStatus::Is(SandboxStatus::Running)],
             SandboxStatus::Draining,
         )?;
@@ -1468,23 +1503,27 @@ impl Sandbox {
         if self.inner.detached.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let (mut r, mut w) = conn::open(self.control()).await?;
-        conn::write_frame(&mut w, &Frame::new(1, Message::Detach)).await?;
-        match conn::read_frame(&mut r).await? {
-            Some(Frame {
-                message: Message::Detached,
-                ..
-            }) => {}
-            other => {
-                return Err(MicrosandboxError::Agent(format!(
-                    "unexpected answer to a detach: {other:?}"
-                )))
-            }
-        }
-        self.inner.detached.store(true, Ordering::SeqCst);
+        self.cut_lifeline().await?;
         let db = handle::open_db()?;
-        db.set_running(&self.inner.name, self.inner.pid, true)?;
+        if !db.set_detached(&self.inner.name, &self.inner.claim, self.inner.pid)? {
+            return Err(MicrosandboxError::NotRunning(self.inner.name.clone()));
+        }
         Ok(())
+    }
+
+    /// Tells the VMM to outlive its lifeline (relay-local `Detach`); from then on this
+    /// handle does not own the lifecycle.
+    async fn cut_lifeline(&self) -> MicrosandboxResult<()> {
+        match conn::relay_request(self.control(), Message::Detach, RELAY_REQUEST_TIMEOUT).await {
+            Ok(Message::Detached) => {
+                self.inner.detached.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Ok(other) => Err(MicrosandboxError::Agent(format!(
+                "unexpected answer to a detach: {other:?}"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// True when the sandbox stops with this handle (created or started attached, and not

@@ -36,7 +36,8 @@ const MIGRATIONS: &[&str] = &[
         owner_pid INTEGER,
         owner_start INTEGER,
         detached INTEGER NOT NULL DEFAULT 0,
-        ephemeral INTEGER NOT NULL DEFAULT 0
+        ephemeral INTEGER NOT NULL DEFAULT 0,
+        claim TEXT NOT NULL
     );
     CREATE TABLE labels (
         name TEXT NOT NULL REFERENCES sandboxes(name) ON DELETE CASCADE,
@@ -114,7 +115,7 @@ impl RowStatus {
             "stopped" => RowStatus::Is(SandboxStatus::Stopped),
             "crashed" => RowStatus::Is(SandboxStatus::Crashed),
             other => {
-                return Err(MicrosandboxError::InvalidConfig(format!(
+                return Err(MicrosandboxError::State(format!(
                     "the state database holds an unknown status {other:?}"
                 )))
             }
@@ -183,6 +184,9 @@ pub(crate) struct Row {
     pub detached: bool,
     /// Everything goes when it stops.
     pub ephemeral: bool,
+    /// The claim that made this row: every change after the create names it, so a change
+    /// meant for an earlier sandbox of the same name never touches a later one.
+    pub claim: String,
 }
 
 /// What a new row says.
@@ -198,6 +202,27 @@ pub(crate) struct NewRow<'a> {
     pub detached: bool,
     /// Ephemeral.
     pub ephemeral: bool,
+}
+
+/// The statuses as an SQL list. They are this module's constants, not input: safe to
+/// spell out.
+fn status_list(from: &[RowStatus]) -> String {
+    from.iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A fresh claim id: the time and a per-process random value (std's hasher keys).
+fn new_claim_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{nanos:x}-{:016x}", h.finish())
 }
 
 fn now_ms() -> i64 {
@@ -226,9 +251,22 @@ impl StateDb {
             .map_err(|e| db_error("cannot open the state database", e))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(|e| db_error("cannot set the busy timeout", e))?;
-        // WAL: readers never wait for the writer, and a crash mid-write rolls back.
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .map_err(|e| db_error("cannot enable WAL", e))?;
+        // WAL: readers never wait for the writer, and a crash mid-write rolls back. The
+        // mode is kept in the file; switching a new file to it needs a moment alone with
+        // it, for which SQLite does not wait (no busy handler): retry within the timeout.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(db_error("cannot enable WAL", e)),
+            }
+        }
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")
             .map_err(|e| db_error("cannot configure the state database", e))?;
         let mut db = StateDb {
@@ -284,19 +322,21 @@ impl StateDb {
         }
     }
 
-    /// Claims `name` for a new sandbox (status `creating`, owned by this process).
-    /// Another row with the name is [`MicrosandboxError::AlreadyExists`].
-    pub(crate) fn claim(&mut self, new: &NewRow<'_>) -> MicrosandboxResult<()> {
+    /// Claims `name` for a new sandbox (status `creating`, owned by this process) and
+    /// returns the claim's id. Another row with the name is
+    /// [`MicrosandboxError::AlreadyExists`].
+    pub(crate) fn claim(&mut self, new: &NewRow<'_>) -> MicrosandboxResult<String> {
         let owner = ProcessId::current();
         let now = now_ms();
+        let claim = new_claim_id();
         let tx = self
             .conn
             .transaction()
             .map_err(|e| db_error("cannot start a transaction", e))?;
         let inserted = tx.execute(
             "INSERT INTO sandboxes (name, status, config_json, created_at, updated_at,
-                owner_pid, owner_start, detached, ephemeral)
-             VALUES (?1, 'creating', ?2, ?3, ?3, ?4, ?5, ?6, ?7)",
+                owner_pid, owner_start, detached, ephemeral, claim)
+             VALUES (?1, 'creating', ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 new.name,
                 new.config_json,
@@ -304,7 +344,8 @@ impl StateDb {
                 owner.map(|o| o.pid),
                 owner.map(|o| o.start as i64),
                 new.detached,
-                new.ephemeral
+                new.ephemeral,
+                claim
             ],
         );
         match inserted {
@@ -324,23 +365,34 @@ impl StateDb {
             .map_err(|e| db_error("cannot record a label", e))?;
         }
         tx.commit()
-            .map_err(|e| db_error("cannot record the sandbox", e))
+            .map_err(|e| db_error("cannot record the sandbox", e))?;
+        Ok(claim)
     }
 
-    /// Records that the sandbox runs under `vmm` (detached or not), replacing its config.
+    /// Records that the sandbox of `claim` runs under `vmm` (detached or not), if its row
+    /// is still in one of `from`; [`MicrosandboxError::State`] otherwise (removed or
+    /// replaced meanwhile: the caller must not leave its VM running).
     pub(crate) fn set_running(
         &self,
         name: &str,
+        claim: &str,
+        from: &[RowStatus],
         vmm: Option<ProcessId>,
         detached: bool,
     ) -> MicrosandboxResult<()> {
-        self.conn
+        let sql = format!(
+            "UPDATE sandboxes SET status = 'running', vmm_pid = ?3, vmm_start = ?4,
+                owner_pid = NULL, owner_start = NULL, detached = ?5, updated_at = ?6
+             WHERE name = ?1 AND claim = ?2 AND status IN ({})",
+            status_list(from)
+        );
+        let n = self
+            .conn
             .execute(
-                "UPDATE sandboxes SET status = 'running', vmm_pid = ?2, vmm_start = ?3,
-                    owner_pid = NULL, owner_start = NULL, detached = ?4, updated_at = ?5
-                 WHERE name = ?1",
+                &sql,
                 params![
                     name,
+                    claim,
                     vmm.map(|v| v.pid),
                     vmm.map(|v| v.start as i64),
                     detached,
@@ -348,46 +400,54 @@ impl StateDb {
                 ],
             )
             .map_err(|e| db_error("cannot record the status", e))?;
+        if n != 1 {
+            return Err(MicrosandboxError::State(format!(
+                "the sandbox {name:?} was removed or replaced while it started"
+            )));
+        }
         Ok(())
     }
 
-    /// Records the VMM of a create in progress (so a reader can end it if the creator
-    /// dies before the sandbox runs); no-op for a row that is not `creating`.
-    pub(crate) fn set_creating_vmm(&self, name: &str, vmm: ProcessId) -> MicrosandboxResult<()> {
-        self.conn
+    /// Marks the running sandbox of `claim` under `vmm` detached; false if it is not that
+    /// one any more.
+    pub(crate) fn set_detached(
+        &self,
+        name: &str,
+        claim: &str,
+        vmm: Option<ProcessId>,
+    ) -> MicrosandboxResult<bool> {
+        let n = self
+            .conn
             .execute(
-                "UPDATE sandboxes SET vmm_pid = ?2, vmm_start = ?3, updated_at = ?4
-                 WHERE name = ?1 AND status = 'creating'",
-                params![name, vmm.pid, vmm.start as i64, now_ms()],
+                "UPDATE sandboxes SET detached = 1, updated_at = ?4
+                 WHERE name = ?1 AND claim = ?2 AND vmm_pid IS ?3
+                    AND status IN ('running', 'draining')",
+                params![name, claim, vmm.map(|v| v.pid), now_ms()],
             )
-            .map_err(|e| db_error("cannot record the VMM", e))?;
-        Ok(())
+            .map_err(|e| db_error("cannot record the status", e))?;
+        Ok(n == 1)
     }
 
-    /// Moves the row from one of `from` to `to` (and forgets the VMM when `to` is
-    /// terminal); false when the row was not in one of `from` (another process got there
-    /// first, or it is gone).
+    /// Moves the row of `claim` from one of `from` to `to` (and forgets the VMM when `to`
+    /// is terminal); false when it was not in one of `from` (another process got there
+    /// first, or it is gone or replaced).
     pub(crate) fn transition(
         &self,
         name: &str,
+        claim: &str,
         from: &[RowStatus],
         to: SandboxStatus,
     ) -> MicrosandboxResult<bool> {
-        // The statuses are this module's constants, not input: safe to spell out in SQL.
-        let from = from
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
         let sql = format!(
-            "UPDATE sandboxes SET status = ?2, updated_at = ?3,
-                vmm_pid = CASE WHEN ?2 IN ('stopped', 'crashed') THEN NULL ELSE vmm_pid END,
-                vmm_start = CASE WHEN ?2 IN ('stopped', 'crashed') THEN NULL ELSE vmm_start END
-             WHERE name = ?1 AND status IN ({from})"
+            "UPDATE sandboxes SET status = ?3, updated_at = ?4,
+                vmm_pid = CASE WHEN ?3 IN ('stopped', 'crashed') THEN NULL ELSE vmm_pid END,
+                vmm_start = CASE WHEN ?3 IN ('stopped', 'crashed') THEN NULL ELSE vmm_start END
+             WHERE name = ?1 AND claim = ?2 AND status IN ({})",
+            status_list(from)
         );
         let n = self
             .conn
-            .execute(&sql, params![name, to.as_str(), now_ms()])
+            .execute(&sql, params![name, claim, to.as_str(), now_ms()])
             .map_err(|e| db_error("cannot record the status", e))?;
         Ok(n == 1)
     }
@@ -398,7 +458,7 @@ impl StateDb {
             .conn
             .query_row(
                 "SELECT name, status, config_json, created_at, updated_at, vmm_pid, vmm_start,
-                    owner_pid, owner_start, detached, ephemeral
+                    owner_pid, owner_start, detached, ephemeral, claim
                  FROM sandboxes WHERE name = ?1",
                 params![name],
                 Self::read_row,
@@ -417,7 +477,7 @@ impl StateDb {
             .conn
             .prepare(
                 "SELECT name, status, config_json, created_at, updated_at, vmm_pid, vmm_start,
-                    owner_pid, owner_start, detached, ephemeral
+                    owner_pid, owner_start, detached, ephemeral, claim
                  FROM sandboxes ORDER BY name",
             )
             .map_err(|e| db_error("cannot list sandboxes", e))?;
@@ -429,24 +489,29 @@ impl StateDb {
         rows.into_iter().map(|r| self.finish_row(r?)).collect()
     }
 
-    /// Deletes the row if it is still `creating` (a create that failed removes its claim,
-    /// never a sandbox someone else made of the name meanwhile).
-    pub(crate) fn delete_creating(&self, name: &str) -> MicrosandboxResult<()> {
-        self.conn
+    /// Deletes the row of `claim` if it is still `creating` (a create that failed removes
+    /// its own claim, never a sandbox made of the name since).
+    pub(crate) fn delete_creating(&self, name: &str, claim: &str) -> MicrosandboxResult<bool> {
+        let n = self
+            .conn
             .execute(
-                "DELETE FROM sandboxes WHERE name = ?1 AND status = 'creating'",
-                params![name],
+                "DELETE FROM sandboxes WHERE name = ?1 AND claim = ?2 AND status = 'creating'",
+                params![name, claim],
             )
             .map_err(|e| db_error("cannot delete the sandbox", e))?;
-        Ok(())
+        Ok(n == 1)
     }
 
-    /// Deletes the row (and its labels).
-    pub(crate) fn delete(&self, name: &str) -> MicrosandboxResult<()> {
-        self.conn
-            .execute("DELETE FROM sandboxes WHERE name = ?1", params![name])
+    /// Deletes the row of `claim` (and its labels); false if it is gone or replaced.
+    pub(crate) fn delete(&self, name: &str, claim: &str) -> MicrosandboxResult<bool> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM sandboxes WHERE name = ?1 AND claim = ?2",
+                params![name, claim],
+            )
             .map_err(|e| db_error("cannot delete the sandbox", e))?;
-        Ok(())
+        Ok(n == 1)
     }
 
     #[allow(clippy::type_complexity)]
@@ -470,6 +535,7 @@ impl StateDb {
             owner: proc_id(r.get(7)?, r.get(8)?),
             detached: r.get(9)?,
             ephemeral: r.get(10)?,
+            claim: r.get(11)?,
         };
         Ok(RowStatus::parse(&status).map(|status| Row { status, ..row }))
     }
@@ -509,7 +575,7 @@ mod tests {
         let labels: BTreeMap<String, String> = [("team".to_string(), "a".to_string())]
             .into_iter()
             .collect();
-        db.claim(&new_row("x", &labels)).expect("claim");
+        let claim = db.claim(&new_row("x", &labels)).expect("claim");
         let again = db.claim(&new_row("x", &labels));
         assert!(
             matches!(again, Err(MicrosandboxError::AlreadyExists(_))),
@@ -519,28 +585,41 @@ mod tests {
         assert_eq!(row.status, RowStatus::Creating);
         assert_eq!(row.owner, ProcessId::current());
         assert_eq!(row.labels, labels);
+        assert_eq!(row.claim, claim);
 
         let me = ProcessId::current();
-        db.set_running("x", me, true).expect("running");
+        let creating = [RowStatus::Creating];
+        let e = db.set_running("x", "another-claim", &creating, me, true);
+        assert!(matches!(e, Err(MicrosandboxError::State(_))), "{e:?}");
+        db.set_running("x", &claim, &creating, me, true)
+            .expect("running");
         let row = db.get("x").expect("get").expect("a row");
         assert_eq!(row.status, RowStatus::Is(SandboxStatus::Running));
         assert_eq!((row.vmm, row.owner, row.detached), (me, None, true));
+        let e = db.set_running("x", &claim, &creating, me, true);
+        assert!(e.is_err(), "no longer creating");
 
-        // Only the first of two racing transitions wins.
+        // Only the first of two racing transitions wins; another claim's never does.
         let from = [RowStatus::Is(SandboxStatus::Running)];
+        assert!(!db
+            .transition("x", "stale", &from, SandboxStatus::Stopped)
+            .expect("cas"));
         assert!(db
-            .transition("x", &from, SandboxStatus::Crashed)
+            .transition("x", &claim, &from, SandboxStatus::Crashed)
             .expect("cas"));
         assert!(!db
-            .transition("x", &from, SandboxStatus::Stopped)
+            .transition("x", &claim, &from, SandboxStatus::Stopped)
             .expect("cas"));
         let row = db.get("x").expect("get").expect("a row");
         assert_eq!(row.status, RowStatus::Is(SandboxStatus::Crashed));
         assert_eq!(row.vmm, None, "a terminal status forgets the VMM");
 
-        db.delete("x").expect("delete");
+        assert!(!db.delete("x", "stale").expect("delete"));
+        assert!(db.delete("x", &claim).expect("delete"));
         assert!(db.get("x").expect("get").is_none());
         assert!(db.list().expect("list").is_empty());
+        let second = db.claim(&new_row("x", &labels)).expect("claim again");
+        assert_ne!(second, claim, "every claim has its own id");
     }
 
     #[test]

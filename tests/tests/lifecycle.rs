@@ -821,6 +821,21 @@ async fn idle_timeout_via_cli(_home: &Path) {
         "NoNewPrivs:\t1\nrefused\n",
         "restricted profile"
     );
+    let out = sb
+        .exec_with("sh", |o| {
+            o.args([
+                "-c",
+                "id -u; grep NoNewPrivs /proc/self/status; cat /proc/sys/user/max_user_namespaces",
+            ])
+            .user("65534")
+        })
+        .await
+        .expect("a non-root command under the restricted profile");
+    assert_eq!(
+        out.stdout().expect("utf-8"),
+        "65534\nNoNewPrivs:\t1\n0\n",
+        "restricted, as another user; no user namespaces"
+    );
     drop(sb);
     let created = Instant::now();
     assert_eq!(

@@ -95,13 +95,12 @@ impl Policy {
             }
             return Action::Wait;
         }
+        let max = self.limits.max_duration;
+        let past_max = max.filter(|m| now.saturating_duration_since(self.started) >= *m);
+        let max_reason = |m: Duration| format!("max duration of {}s reached", m.as_secs());
         if self.drain.is_none() {
-            let reason = if let Some(max) = self
-                .limits
-                .max_duration
-                .filter(|m| now.saturating_duration_since(self.started) >= *m)
-            {
-                Some(format!("max duration of {}s reached", max.as_secs()))
+            let reason = if let Some(m) = past_max {
+                Some(max_reason(m))
             } else if let Some(idle) = self.limits.idle_timeout.filter(|i| {
                 agent_ready
                     && activity.sessions == 0
@@ -119,12 +118,18 @@ impl Policy {
             }
             return Action::Wait;
         }
-        let Some((reason, since)) = self.drain.clone() else {
+        let Some((reason, _)) = self.drain.clone() else {
             return Action::Wait;
         };
-        let forced = reason.starts_with("max duration")
-            && now.saturating_duration_since(since) >= MAX_DURATION_GRACE;
-        if activity.sessions == 0 || forced {
+        // Whatever the drain waits for, the maximum duration (plus the grace its commands
+        // get) still ends the sandbox: no drain extends it.
+        if let Some(m) =
+            max.filter(|m| now.saturating_duration_since(self.started) >= *m + MAX_DURATION_GRACE)
+        {
+            self.power_off = Some(now);
+            return Action::PowerOff(max_reason(m));
+        }
+        if activity.sessions == 0 {
             self.power_off = Some(now);
             return Action::PowerOff(reason);
         }
@@ -320,6 +325,30 @@ mod tests {
         assert_eq!(
             p.tick(t0 + s(20) + MAX_DURATION_GRACE, busy, true, false),
             Action::PowerOff("max duration of 20s reached".into())
+        );
+    }
+
+    #[test]
+    fn a_drain_does_not_extend_the_max_duration() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let limits = Limits {
+            idle_timeout: None,
+            max_duration: Some(s(60)),
+        };
+        let mut p = Policy::new(limits, t0);
+        let busy = Activity {
+            sessions: 1,
+            last: t0,
+        };
+        assert_eq!(
+            p.tick(t0 + s(10), busy, true, true),
+            Action::Drain("drain requested".into())
+        );
+        assert_eq!(p.tick(t0 + s(65), busy, true, true), Action::Wait);
+        assert_eq!(
+            p.tick(t0 + s(60) + MAX_DURATION_GRACE, busy, true, true),
+            Action::PowerOff("max duration of 60s reached".into())
         );
     }
 

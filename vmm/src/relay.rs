@@ -195,7 +195,8 @@ struct Shared {
 pub struct Activity {
     /// Commands started and not yet ended.
     pub sessions: usize,
-    /// The last request from any client, or the last command's end.
+    /// The last exec activity: a command started, input to one, a command's end (and the
+    /// agent's first answer). Hello, Ping and filesystem requests do not count.
     pub last: Instant,
 }
 
@@ -419,7 +420,71 @@ pub(crate) fn try_connect(sock: &Path, deadline: Instant) -> Result<UnixStream, 
 /// Relay-wide session ids for one client's sessions (keyed by the client's frame ids).
 type Sessions = Arc<Mutex<HashMap<u32, u32>>>;
 
+/// The relay's own answer to a client frame, if the relay answers it itself: `Detach` and
+/// `Drain` (which never reach the guest, so they work whatever the guest does), and an
+/// `ExecStart` while draining (refused).
+fn local_reply(frame: &Frame, shared: &Shared) -> Option<Frame> {
+    let log = |text: &[u8]| {
+        if let Some(log) = &shared.log {
+            log.append(LogSource::System, None, text);
+        }
+    };
+    match frame.message {
+        Message::Detach => {
+            if !shared.detached.swap(true, Ordering::SeqCst) {
+                log(b"detached from its starter");
+            }
+            Some(Frame::new(frame.id, Message::Detached).end())
+        }
+        Message::Drain => {
+            if !shared.draining.swap(true, Ordering::SeqCst) {
+                log(b"draining (asked by a client)");
+            }
+            let running = shared
+                .activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sessions;
+            Some(
+                Frame::new(
+                    frame.id,
+                    Message::Draining {
+                        sessions: u32::try_from(running).unwrap_or(u32::MAX),
+                    },
+                )
+                .end(),
+            )
+        }
+        Message::ExecStart(_) if shared.draining.load(Ordering::SeqCst) => Some(
+            Frame::new(
+                frame.id,
+                Message::Error {
+                    kind: ErrorKind::Unavailable,
+                    message: "the sandbox is draining: it takes no new commands".into(),
+                },
+            )
+            .end(),
+        ),
+        _ => None,
+    }
+}
+
 fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
+    // Requests the relay answers itself are served before (and without) the guest.
+    let first = loop {
+        match read_frame_raw(&mut &client) {
+            Ok(Some((frame, raw))) => match local_reply(&frame, shared) {
+                Some(reply) => {
+                    if write_frame(&mut &client, &reply).is_err() {
+                        return;
+                    }
+                }
+                None => break (frame, raw),
+            },
+            Ok(None) | Err(ProtocolError::Io(_)) => return,
+            Err(e) => return refuse(&client, ErrorKind::InvalidRequest, e.to_string()),
+        }
+    };
     let agent = match connect_agent(shared) {
         Ok(a) => a,
         Err(why) => return refuse(&client, ErrorKind::Unavailable, why),
@@ -454,7 +519,13 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
             "cannot set up the relay".into(),
         );
     };
-    client_to_agent(&client, &agent, &client_w, &sessions, shared);
+    tap_request(&first.0, &sessions, shared);
+    if (&agent).write_all(&first.1).is_ok() {
+        client_to_agent(&client, &agent, &client_w, &sessions, shared);
+    } else {
+        let _ = agent.shutdown(Shutdown::Both);
+        let _ = client.shutdown(Shutdown::Both);
+    }
     if done.recv_timeout(shared.cfg.agent_grace).is_err() {
         // Wakes the other thread, blocked reading the agent or writing to the client.
         let _ = agent.shutdown(Shutdown::Both);
@@ -476,63 +547,12 @@ fn client_to_agent(
     loop {
         match read_frame_raw(&mut client) {
             Ok(Some((frame, raw))) => {
-                match frame.message {
-                    Message::Detach => {
-                        shared.detached.store(true, Ordering::SeqCst);
-                        if let Some(log) = &shared.log {
-                            log.append(LogSource::System, None, b"detached from its starter");
-                        }
-                        let reply = Frame::new(frame.id, Message::Detached).end();
-                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
-                        if write_frame(&mut *w, &reply).is_err() {
-                            break;
-                        }
-                        continue;
+                if let Some(reply) = local_reply(&frame, shared) {
+                    let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
+                    if write_frame(&mut *w, &reply).is_err() {
+                        break;
                     }
-                    Message::Drain => {
-                        if !shared.draining.swap(true, Ordering::SeqCst) {
-                            if let Some(log) = &shared.log {
-                                log.append(
-                                    LogSource::System,
-                                    None,
-                                    b"draining (asked by a client)",
-                                );
-                            }
-                        }
-                        let running = shared
-                            .activity
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .sessions;
-                        let reply = Frame::new(
-                            frame.id,
-                            Message::Draining {
-                                sessions: u32::try_from(running).unwrap_or(u32::MAX),
-                            },
-                        )
-                        .end();
-                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
-                        if write_frame(&mut *w, &reply).is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                    Message::ExecStart(_) if shared.draining.load(Ordering::SeqCst) => {
-                        let refusal = Frame::new(
-                            frame.id,
-                            Message::Error {
-                                kind: ErrorKind::Unavailable,
-                                message: "the sandbox is draining: it takes no new commands".into(),
-                            },
-                        )
-                        .end();
-                        let mut w = client_w.lock().unwrap_or_else(|p| p.into_inner());
-                        if write_frame(&mut *w, &refusal).is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                    _ => {}
+                    continue;
                 }
                 tap_request(&frame, sessions, shared);
                 if agent.write_all(&raw).is_err() {
@@ -598,7 +618,15 @@ fn send_error(client_w: &Mutex<UnixStream>, kind: ErrorKind, message: String) {
 
 fn tap_request(frame: &Frame, sessions: &Sessions, shared: &Shared) {
     let Message::ExecStart(req) = &frame.message else {
-        shared.touch(0);
+        // Input to a running command is activity; Hello, Ping and filesystem requests
+        // (what a metrics poll sends) are not.
+        let of_a_session = sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&frame.id);
+        if of_a_session {
+            shared.touch(0);
+        }
         return;
     };
     let global = shared.next_session.fetch_add(1, Ordering::Relaxed);

@@ -393,3 +393,26 @@ fn activity_counts_running_commands_and_a_drain_refuses_new_ones() {
     }
     assert_eq!(relay.activity().sessions, 0);
 }
+
+#[test]
+fn drain_and_detach_are_answered_without_the_guest() {
+    // No agent behind the vsock socket: a guest that is dead or never answers.
+    let s = setup(false, Duration::from_secs(600));
+    let relay = s.relay.as_ref().expect("relay");
+    let mut c = UnixStream::connect(&s.control).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write_frame(&mut c, &Frame::new(1, Message::Detach)).expect("w");
+    let f = read_frame(&mut c).expect("frame").expect("answer");
+    assert_eq!(f.message, Message::Detached);
+    write_frame(&mut c, &Frame::new(2, Message::Drain)).expect("w");
+    let f = read_frame(&mut c).expect("frame").expect("answer");
+    assert_eq!(f.message, Message::Draining { sessions: 0 });
+    assert!(relay.is_detached() && relay.is_draining());
+    // Neither is activity, nor does a metrics-like poll (Hello) count.
+    let before = relay.activity().last;
+    let d = client(&s.control);
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = d.shutdown(std::net::Shutdown::Both);
+    assert_eq!(relay.activity().last, before);
+}

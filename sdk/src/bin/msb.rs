@@ -1217,7 +1217,14 @@ async fn cmd_run(a: RunArgs) -> CliResult<u8> {
     if !a.create.entrypoint.is_empty() && entrypoint_words(&a.create.entrypoint).is_empty() {
         return Err(CliError::Usage("--entrypoint is empty".into()));
     }
-    let sb = a.create.builder(&a.name).create().await?;
+    // Without --keep the sandbox is ephemeral: a run killed before its cleanup still
+    // leaves nothing behind (its VMM ends with msb, and the next reader removes it).
+    let sb = a
+        .create
+        .builder(&a.name)
+        .ephemeral(a.create.ephemeral || !a.keep)
+        .create()
+        .await?;
     let result = run_in(&sb, &a, tty_in).await;
 
     let mut cleanup = Vec::new();
