@@ -155,12 +155,6 @@ fn main() {
     // Serve exec requests over vsock until a client asks for the VM to shut down.
     let restricted =
         bootcmd::find_param(&cmdline, bootcmd::SECURITY_KEY) == Some(bootcmd::SECURITY_RESTRICTED);
-    if restricted {
-        // A new user namespace would give a command CAP_SYS_ADMIN over mounts of its own.
-        if let Err(e) = std::fs::write("/proc/sys/user/max_user_namespaces", "0") {
-            log(&format!("cannot turn user namespaces off: {e}"));
-        }
-    }
     let env: &'static server::Env = Box::leak(Box::new(server::Env {
         path: PATH,
         tunables,

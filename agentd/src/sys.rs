@@ -147,12 +147,61 @@ pub fn become_subreaper() -> std::io::Result<()> {
 }
 
 /// `CAP_SYS_ADMIN` (linux/capability.h): mount, among much else.
-const CAP_SYS_ADMIN: libc::c_ulong = 21;
+const CAP_SYS_ADMIN_BIT: libc::c_ulong = 21;
+
+const fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+const LD_ABS_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+const RET: u16 = 0x06; // BPF_RET | BPF_K
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+const ALLOW: u32 = 0x7fff_0000; // SECCOMP_RET_ALLOW
+const EPERM: u32 = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO | EPERM
+const ENOSYS: u32 = 0x0005_0000 | libc::ENOSYS as u32;
+const NR_CLONE: u32 = 56;
+const NR_UNSHARE: u32 = 272;
+const NR_CLONE3: u32 = 435;
+
+/// The restricted profile's seccomp filter (`struct seccomp_data`: nr at 0, arch at 4,
+/// args from 16): no new user namespace (`unshare` or `clone` with `CLONE_NEWUSER`;
+/// `clone3`, whose flags a filter cannot read, is `ENOSYS`, so libc falls back to
+/// `clone`), and no system calls through another ABI (i386, x32) that would slip past.
+static NO_USER_NS: [libc::sock_filter; 15] = [
+    stmt(LD_ABS_W, 4),
+    jump(JEQ, AUDIT_ARCH_X86_64, 1, 0),
+    stmt(RET, EPERM),
+    stmt(LD_ABS_W, 0),
+    jump(JGE, X32_SYSCALL_BIT, 0, 1),
+    stmt(RET, EPERM),
+    jump(JEQ, NR_CLONE3, 0, 1),
+    stmt(RET, ENOSYS),
+    jump(JEQ, NR_UNSHARE, 2, 0),
+    jump(JEQ, NR_CLONE, 1, 0),
+    stmt(RET, ALLOW),
+    stmt(LD_ABS_W, 16),
+    jump(JSET, libc::CLONE_NEWUSER as u32, 0, 1),
+    stmt(RET, EPERM),
+    stmt(RET, ALLOW),
+];
 
 /// Makes the child apply `limits`, when `controlling_tty` start a new session whose
 /// controlling terminal is its stdin (the PTY slave), and when `restricted` set
-/// `no_new_privs` and drop `CAP_SYS_ADMIN` from its bounding set (root then execs without
-/// it), just before it executes.
+/// `no_new_privs`, drop `CAP_SYS_ADMIN` from its bounding set (root then execs without
+/// it) and install [`NO_USER_NS`], just before it executes.
 pub fn child_setup(
     cmd: &mut std::process::Command,
     limits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
@@ -161,16 +210,28 @@ pub fn child_setup(
 ) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (setrlimit, setsid, ioctl, prctl) on values it owns.
+    // async-signal-safe system calls (setrlimit, setsid, ioctl, prctl) on values it owns;
+    // `prog` points at a static program the kernel copies.
     unsafe {
         cmd.pre_exec(move || {
+            // Built here, in the child: no allocation, and no raw pointer crosses threads.
+            let prog = libc::sock_fprog {
+                len: NO_USER_NS.len() as u16,
+                // The kernel only reads (copies) the program.
+                filter: NO_USER_NS.as_ptr().cast_mut(),
+            };
             // std has switched to the command's user by now: only root may (and needs
             // to) drop from the bounding set; no_new_privs stops setuid and file
             // capabilities for everyone.
             if restricted
                 && ((libc::geteuid() == 0
-                    && libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0) != 0)
-                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+                    && libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN_BIT, 0, 0, 0) != 0)
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                        &prog as *const libc::sock_fprog as libc::c_ulong,
+                    ) != 0)
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -204,4 +265,44 @@ pub fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> std::io::Resu
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(restricted: bool, program: &str, args: &[&str]) -> std::process::ExitStatus {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        child_setup(&mut cmd, Vec::new(), false, restricted);
+        cmd.status().expect("runs")
+    }
+
+    #[test]
+    fn the_restricted_profile_refuses_user_namespaces_and_keeps_the_rest() {
+        if !std::path::Path::new("/usr/bin/unshare").exists() {
+            eprintln!("no unshare(1) on this host: skipped");
+            return;
+        }
+        // What the profile takes away...
+        assert!(
+            !run(true, "unshare", &["-U", "true"]).success(),
+            "a user namespace"
+        );
+        assert!(!run(true, "unshare", &["-Ur", "true"]).success());
+        // ...and what it leaves: ordinary processes, threads (clone without the flag,
+        // clone3 falling back), pipes.
+        assert!(run(true, "sh", &["-c", "true | cat; echo x > /dev/null"]).success());
+        assert!(run(
+            true,
+            "sh",
+            &["-c", "grep -q '^NoNewPrivs:.*1' /proc/self/status"]
+        )
+        .success());
+        // Without it, the same user namespace is allowed (where the host allows them).
+        let unrestricted = run(false, "unshare", &["-U", "true"]);
+        eprintln!("unshare -U without the profile: {unrestricted:?}");
+    }
 }

@@ -17,8 +17,8 @@ pub const ROOT_TAG: &str = "msbroot";
 pub const MOUNT_KEY: &str = "msb.mnt";
 /// Kernel command-line key of the security profile of user commands: with
 /// [`SECURITY_RESTRICTED`], every command runs with `no_new_privs` set and without
-/// `CAP_SYS_ADMIN` in its bounding set, and user namespaces are off (so it cannot mount,
-/// even as root). Volumes are mounted `nosuid,nodev` whatever the profile.
+/// `CAP_SYS_ADMIN` in its bounding set, under a seccomp filter that refuses new user
+/// namespaces (so it cannot mount, even as root). Volumes are mounted `nosuid,nodev` whatever the profile.
 pub const SECURITY_KEY: &str = "msb.security";
 /// The value of [`SECURITY_KEY`] for the restricted profile.
 pub const SECURITY_RESTRICTED: &str = "restricted";

@@ -164,8 +164,8 @@ pub enum SecurityProfile {
     #[default]
     Default,
     /// Every command runs with `no_new_privs` set (setuid binaries do not raise
-    /// privileges) and without `CAP_SYS_ADMIN`, with user namespaces off (no mounts,
-    /// even as root, even in a namespace of its own); volumes are
+    /// privileges), without `CAP_SYS_ADMIN` and unable to make user namespaces (no
+    /// mounts, even as root, even in a namespace of its own); volumes are
     /// mounted nosuid,nodev.
     Restricted,
 }

@@ -48,9 +48,9 @@ fn child_creates_a_detached_sandbox() {
             .label("role", "main")
             .env("FROM_CHILD", "yes")
             .volume("/scratch", |v| v.tmpfs().size(96));
-        if mode == "attached-hang" {
-            // Boots attached and never returns: the parent kills this process mid-create.
-            let _held = b.create().await;
+        if mode == "hang" {
+            // The parent SIGKILLs this process while the detached create boots.
+            let _made = b.create_detached().await;
             std::thread::sleep(Duration::from_secs(3600));
             return;
         }
@@ -135,12 +135,15 @@ async fn run_all(home: &Path) -> R {
         t,
     );
     let out = sb
-        .shell("grep NoNewPrivs /proc/self/status; mount -t tmpfs none /mnt && echo mounted")
+        .shell(
+            "grep NoNewPrivs /proc/self/status; mount -t tmpfs none /mnt && echo mounted; \
+             unshare -U true 2>/dev/null && echo userns || echo no-userns",
+        )
         .await
         .expect("exec");
     assert_eq!(
         out.stdout().expect("utf-8"),
-        "NoNewPrivs:\t0\nmounted\n",
+        "NoNewPrivs:\t0\nmounted\nuserns\n",
         "default profile"
     );
 
@@ -825,7 +828,7 @@ async fn idle_timeout_via_cli(_home: &Path) {
         .exec_with("sh", |o| {
             o.args([
                 "-c",
-                "id -u; grep NoNewPrivs /proc/self/status; cat /proc/sys/user/max_user_namespaces",
+                "id -u; grep NoNewPrivs /proc/self/status; unshare -U true 2>/dev/null && echo userns || echo no-userns",
             ])
             .user("65534")
         })
@@ -833,7 +836,7 @@ async fn idle_timeout_via_cli(_home: &Path) {
         .expect("a non-root command under the restricted profile");
     assert_eq!(
         out.stdout().expect("utf-8"),
-        "65534\nNoNewPrivs:\t1\n0\n",
+        "65534\nNoNewPrivs:\t1\nno-userns\n",
         "restricted, as another user; no user namespaces"
     );
     drop(sb);
@@ -882,11 +885,12 @@ async fn idle_timeout_via_cli(_home: &Path) {
     );
 }
 
-/// The creating process is killed with SIGKILL while the sandbox boots: the row and the
-/// directory go, and no VMM stays.
+/// The process creating a detached sandbox is killed with SIGKILL while it boots: its VMM
+/// ends with it (it boots on a lifeline until its row says running), and the row and the
+/// directory go.
 async fn killed_mid_create(home: &Path) {
     let t = Instant::now();
-    let mut child = spawn_child("lc-doomed", "attached-hang");
+    let mut child = spawn_child("lc-doomed", "hang");
     // Let it claim the name and start the VMM.
     let deadline = Instant::now() + Duration::from_secs(120);
     while !sandbox_dir(home, "lc-doomed").join("lock").exists() {
@@ -896,7 +900,7 @@ async fn killed_mid_create(home: &Path) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     child.kill().expect("SIGKILL the creator");
     let _ = child.wait();
-    // Its attached VMM sees its lifeline close and ends; the next reader cleans up.
+    // Its VMM sees its lifeline close and ends; the next reader cleans up.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let listed = Sandbox::list().await.expect("list");
