@@ -496,9 +496,15 @@ async fn logs(sb: &Sandbox) {
             .any(|e| e.text().contains("exec [\"/bin/sh\"")),
         "{system:?}"
     );
+    // stdout and stderr are separate pipes: their relative order is not fixed, so tail is
+    // checked on a command of its own.
+    sb.exec("echo", ["tail-mark"]).await.expect("exec");
     let last = sb.logs(&LogOptions::default().tail(1)).expect("tail");
     assert_eq!(last.len(), 1);
-    assert_eq!(last[0].text(), "err-line\n");
+    assert_eq!(last[0].text(), "tail-mark\n");
+    let two = sb.logs(&LogOptions::default().tail(2)).expect("tail");
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[1].text(), "tail-mark\n");
     let mark = chrono::Utc::now();
     sb.shell("echo after-mark").await.expect("exec");
     let since = sb.logs(&LogOptions::default().since(mark)).expect("since");
