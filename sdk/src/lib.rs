@@ -17,8 +17,13 @@
 //! Each sandbox is one `msb-vmm` process with a control socket; every command gets its own
 //! connection, relayed by the VMM to the guest agent over virtio-vsock, so a slow reader
 //! of one command never holds up another, and dropping an [`ExecHandle`] ends its command.
-//! This first cut covers creating attached sandboxes and the exec family; images, the
-//! filesystem API and the persisted lifecycle come later.
+//!
+//! Sandboxes are recorded in a state database under [`msb_home`] shared by every process
+//! (and the `msb` CLI): [`Sandbox::get`] and [`Sandbox::list`] find them whoever created
+//! them, a detached sandbox ([`SandboxBuilder::create_detached`]) outlives its creator, and
+//! its VMM enforces the idle timeout and maximum duration itself. A VMM that vanishes
+//! without being stopped shows as [`SandboxStatus::Crashed`]. Images come from local
+//! archives and directories; pulling from registries is a later step.
 
 mod attach;
 mod config;
