@@ -13,3 +13,4 @@ pub mod execlog;
 pub mod frame;
 pub mod message;
 pub mod sysdev;
+pub mod vmmfiles;

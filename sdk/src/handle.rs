@@ -16,7 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use msb_protocol::frame::Frame;
 use msb_protocol::message::Message;
-use serde::Deserialize;
+use msb_protocol::vmmfiles::ExitRecord;
 
 use crate::config::SandboxConfig;
 use crate::conn;
@@ -87,14 +87,6 @@ fn try_lock(path: &Path) -> MicrosandboxResult<Option<std::fs::File>> {
     }
 }
 
-/// How the VMM said it ended (`msb-vmm --exit-record`).
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct ExitRecord {
-    pub clean: bool,
-    pub reason: String,
-    pub exit_code: u8,
-}
-
 pub(crate) fn read_exit(paths: &Paths) -> Option<ExitRecord> {
     let bytes = std::fs::read(paths.exit_record()).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -106,11 +98,18 @@ pub(crate) fn record_kill(paths: &Paths, reason: &str) {
     if paths.exit_record().exists() {
         return;
     }
-    let at_ms = chrono::Utc::now().timestamp_millis();
-    let rec =
-        serde_json::json!({"clean": true, "reason": reason, "exit_code": 137, "at_ms": at_ms});
+    let rec = ExitRecord {
+        clean: true,
+        reason: reason.to_string(),
+        // What a shell reports for a process killed with SIGKILL.
+        exit_code: 137,
+        at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+    };
+    let Ok(text) = serde_json::to_vec(&rec) else {
+        return;
+    };
     let tmp = paths.dir.join("vmm-exit.json.sdk-tmp");
-    if std::fs::write(&tmp, format!("{rec}\n")).is_ok() {
+    if std::fs::write(&tmp, text).is_ok() {
         let _ = std::fs::rename(&tmp, paths.exit_record());
     }
 }

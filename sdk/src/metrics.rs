@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use msb_protocol::vmmfiles::MetricsSnapshot;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MicrosandboxError, MicrosandboxResult};
@@ -42,24 +43,7 @@ pub struct SandboxMetrics {
     pub uptime: Duration,
 }
 
-/// What `msb-vmm` writes (its `MetricsSnapshot`).
-#[derive(Debug, Deserialize)]
-struct Snapshot {
-    timestamp_ms: i64,
-    started_at_ms: i64,
-    cpu_percent: f64,
-    vcpu_time_ns: u64,
-    guest_rss_bytes: u64,
-    memory_limit_bytes: u64,
-    disk_read_bytes: u64,
-    disk_write_bytes: u64,
-    net_rx_bytes: u64,
-    net_tx_bytes: u64,
-    #[serde(default)]
-    pub draining: bool,
-}
-
-fn load(paths: &Paths) -> Option<Snapshot> {
+fn load(paths: &Paths) -> Option<MetricsSnapshot> {
     let bytes = std::fs::read(paths.metrics()).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
@@ -141,9 +125,10 @@ pub(crate) async fn read(
             .and_then(|t| meminfo(&t)),
         None => None,
     };
-    let ts = |ms: i64| {
-        Utc.timestamp_millis_opt(ms)
-            .single()
+    let ts = |ms: u64| {
+        i64::try_from(ms)
+            .ok()
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
             .unwrap_or_else(Utc::now)
     };
     Ok(SandboxMetrics {
@@ -160,9 +145,7 @@ pub(crate) async fn read(
         net_rx_bytes: snap.net_rx_bytes,
         net_tx_bytes: snap.net_tx_bytes,
         timestamp: ts(snap.timestamp_ms),
-        uptime: Duration::from_millis(
-            u64::try_from(snap.timestamp_ms.saturating_sub(snap.started_at_ms)).unwrap_or(0),
-        ),
+        uptime: Duration::from_millis(snap.timestamp_ms.saturating_sub(snap.started_at_ms)),
     })
 }
 

@@ -858,9 +858,8 @@ async fn spawn(paths: Paths, prepared: Persisted, claim: String) -> Microsandbox
     cmd.process_group(0);
     // The VMM watches the read end: when this process is gone, so is the VM, until a
     // detach ([`Sandbox::cut_lifeline`]) tells it otherwise.
-    let (lifeline_r, lifeline_w) = std::io::pipe()?;
+    let (lifeline_r, lifeline) = std::io::pipe()?;
     cmd.arg("--exit-with-stdin").stdin(Stdio::from(lifeline_r));
-    let lifeline = Some(lifeline_w);
     // Never killed on drop: the VMM ends itself when its lifeline closes, which also
     // happens when this process dies; a detached one is meant to outlive us.
     cmd.stdout(Stdio::null())
@@ -924,14 +923,15 @@ struct VmmProcess {
     pid: Option<u32>,
     status: watch::Receiver<Option<std::process::ExitStatus>>,
     kill: mpsc::Sender<()>,
-    /// The write end of an attached VMM's stdin: when it closes, the VMM ends itself.
+    /// The write end of the VMM's stdin: when it closes, the VMM ends itself (unless it was
+    /// detached); taken on release.
     lifeline: std::sync::Mutex<Option<std::io::PipeWriter>>,
 }
 
 impl VmmProcess {
     fn watch(
         mut child: Child,
-        lifeline: Option<std::io::PipeWriter>,
+        lifeline: std::io::PipeWriter,
         detached: Arc<AtomicBool>,
     ) -> VmmProcess {
         let pid = child.id();
@@ -965,7 +965,7 @@ impl VmmProcess {
             pid,
             status,
             kill,
-            lifeline: std::sync::Mutex::new(lifeline),
+            lifeline: std::sync::Mutex::new(Some(lifeline)),
         }
     }
 
