@@ -146,6 +146,9 @@ pub struct SandboxConfig {
     /// The init PID 1 is handed to after the agent's setup, if any.
     #[serde(default)]
     pub init: Option<crate::Init>,
+    /// When the image was to be pulled from its registry.
+    #[serde(default)]
+    pub pull_policy: crate::PullPolicy,
 }
 
 impl SandboxConfig {
@@ -173,6 +176,7 @@ impl SandboxConfig {
             ephemeral: false,
             security_profile: crate::SecurityProfile::Default,
             init: None,
+            pull_policy: crate::PullPolicy::IfMissing,
         }
     }
 }
@@ -228,7 +232,7 @@ pub(crate) fn load(path: &Path) -> MicrosandboxResult<Persisted> {
     })
 }
 
-fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
+pub(crate) fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
     match e {
         ImageError::DigestMismatch {
             what,
@@ -260,6 +264,7 @@ fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
 fn resolve_image(
     home: &Path,
     source: &RootfsSource,
+    pulled: Option<image::ResolvedImage>,
 ) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig)> {
     // Layers keep images' setuid files and owners: private to this user.
     crate::sandbox::private_dir(&home.join("layers"))?;
@@ -297,21 +302,24 @@ fn resolve_image(
             let img = image::load_archive(f, &store).map_err(|e| image_error(&shown, e))?;
             Ok((img.layers, img.config))
         }
-        RootfsSource::Oci(reference) => Err(MicrosandboxError::ImageNotFound(format!(
-            "{reference}: not a local directory or image archive, and pulling from a \
-             registry is not implemented yet"
-        ))),
+        RootfsSource::Oci(reference) => match pulled {
+            Some(img) => Ok((img.layers, img.config)),
+            None => Err(MicrosandboxError::ImageNotFound(format!(
+                "{reference}: not pulled"
+            ))),
+        },
     }
 }
 
-/// Resolves the image and writes the patches and scripts into `rw/upper` (creating it):
+/// Resolves the image (a registry image was pulled before: `pulled`) and writes the patches and scripts into `rw/upper` (creating it):
 /// everything a first boot needs. Blocking; run it off the async runtime.
 pub(crate) fn prepare(
     home: &Path,
     config: &SandboxConfig,
     rw: &Path,
+    pulled: Option<image::ResolvedImage>,
 ) -> MicrosandboxResult<Persisted> {
-    let (layers, image) = resolve_image(home, &config.image)?;
+    let (layers, image) = resolve_image(home, &config.image, pulled)?;
     if layers.len() > MAX_LAYERS {
         return Err(MicrosandboxError::InvalidImage {
             image: format!("{:?}", config.image),

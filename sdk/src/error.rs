@@ -49,6 +49,43 @@ pub enum MicrosandboxError {
     /// local image store.
     #[error("image not found: {0}")]
     ImageNotFound(String),
+    /// An image reference does not parse.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference {
+        /// The reference given.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pull policy is `never` and the image is not in the local store.
+    #[error("image {0} is not in the local image store (and the pull policy is never)")]
+    ImageNotCached(String),
+    /// The registry refused the credentials given, or wants some and none were given.
+    #[error(
+        "the registry {registry} refused access to {reference} (missing or wrong credentials)"
+    )]
+    RegistryUnauthorized {
+        /// The registry host.
+        registry: String,
+        /// The image.
+        reference: String,
+    },
+    /// The registry could not be reached, or the connection broke.
+    #[error("cannot reach the registry {registry}: {reason}")]
+    RegistryUnreachable {
+        /// The registry host.
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The registry answered with an error not covered above.
+    #[error("the registry failed for {reference}: {reason}")]
+    Registry {
+        /// The image.
+        reference: String,
+        /// What it said.
+        reason: String,
+    },
     /// The image is malformed or could not be unpacked.
     #[error("invalid image {image}: {reason}")]
     InvalidImage {

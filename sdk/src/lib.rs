@@ -22,8 +22,10 @@
 //! (and the `msb` CLI): [`Sandbox::get`] and [`Sandbox::list`] find them whoever created
 //! them, a detached sandbox ([`SandboxBuilder::create_detached`]) outlives its creator, and
 //! its VMM enforces the idle timeout and maximum duration itself. A VMM that vanishes
-//! without being stopped shows as [`SandboxStatus::Crashed`]. Images come from local
-//! archives and directories; pulling from registries is a later step.
+//! without being stopped shows as [`SandboxStatus::Crashed`]. Images come from OCI
+//! registries (pulled into a local image store under a [`PullPolicy`], with progress from
+//! [`SandboxBuilder::create_with_progress`]; see [`Image`]), or from local archives and
+//! directories.
 
 mod attach;
 mod config;
@@ -33,6 +35,7 @@ mod exec;
 mod fs;
 mod handle;
 pub mod image;
+mod images;
 mod logs;
 mod metrics;
 mod rootfs;
@@ -47,6 +50,10 @@ pub use exec::{
 };
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
+pub use images::{
+    Image, ImageDetails, ImageInfo, ImageLayer, PruneReport, PullEvent, PullOptions, PullPolicy,
+    PullSession, RegistryAuth,
+};
 pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, SandboxMetrics};
 pub use rootfs::{Patch, PatchBuilder};

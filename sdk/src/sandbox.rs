@@ -18,6 +18,8 @@ use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
 use crate::fs::SandboxFs;
 use crate::handle::{self, SandboxFilter, SandboxHandle};
+use crate::image::blobs::BlobStore;
+use crate::images::{Events, PullSession};
 use crate::logs::{LogEntry, LogOptions, LogStream, LogStreamOptions};
 use crate::metrics::SandboxMetrics;
 use crate::rootfs::PatchBuilder;
@@ -321,9 +323,32 @@ pub struct SandboxBuilder {
     entrypoint: Option<Vec<String>>,
     security_profile: SecurityProfile,
     init: Option<Init>,
+    pull: crate::PullOptions,
 }
 
 impl SandboxBuilder {
+    /// When the image is pulled from its registry (default [`PullPolicy::IfMissing`]).
+    ///
+    /// [`PullPolicy::IfMissing`]: crate::PullPolicy::IfMissing
+    pub fn pull_policy(mut self, policy: crate::PullPolicy) -> Self {
+        self.pull = self.pull.policy(policy);
+        self
+    }
+
+    /// Credentials for the image's registry (else those of `~/.docker/config.json`).
+    /// They are used for this pull only and never stored.
+    pub fn registry_auth(mut self, auth: crate::RegistryAuth) -> Self {
+        self.pull = self.pull.auth(auth);
+        self
+    }
+
+    /// Lets the registry `host` (`host:port` as in the reference) be reached over plain
+    /// HTTP.
+    pub fn insecure_registry(mut self, host: impl Into<String>) -> Self {
+        self.pull = self.pull.insecure_registry(host);
+        self
+    }
+
     /// A label (for [`Sandbox::list_with`]); a later value for a key replaces an earlier
     /// one. Keys starting `sandbox.`, `microsandbox.` or `service.` are reserved.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -451,9 +476,10 @@ impl SandboxBuilder {
 
     /// The root filesystem: an image archive (`docker save` or OCI archive), an OCI image
     /// layout directory, or a plain directory (used read-only as the one image layer).
-    /// Without it the sandbox boots the default image (busybox). A registry reference
-    /// (`"python:3.12"`) is [`MicrosandboxError::ImageNotFound`] for now: pulling from a
-    /// registry is not built yet.
+    /// Without it the sandbox boots the default image (busybox). Anything that is not an
+    /// existing path is an image reference (`"python:3.12"`, with Docker's defaults): it
+    /// comes from the local image store, pulled from its registry first as the
+    /// [`pull_policy`](SandboxBuilder::pull_policy) says (see [`crate::Image`]).
     pub fn image(mut self, image: impl config::IntoImage) -> Self {
         self.image = image.into_image();
         self
@@ -513,17 +539,32 @@ impl SandboxBuilder {
     /// stops when the returned [`Sandbox`] is dropped or this process exits; its state
     /// (configuration, writable layer, logs) stays until [`Sandbox::remove`].
     pub async fn create(self) -> MicrosandboxResult<Sandbox> {
-        self.create_mode(false).await
+        self.create_mode(false, Events::default()).await
+    }
+
+    /// [`SandboxBuilder::create`] in the background, with the image pull's progress: read
+    /// the events, then take the sandbox from [`PullSession::result`]. An image already in
+    /// the store yields only `Resolving`, `Resolved` and `Complete`.
+    pub fn create_with_progress(self) -> PullSession<Sandbox> {
+        PullSession::spawn(move |events| self.create_mode(false, events))
+    }
+
+    /// [`SandboxBuilder::create_detached`] with the image pull's progress.
+    pub fn create_detached_with_progress(self) -> PullSession<Sandbox> {
+        PullSession::spawn(move |events| self.create_mode(true, events))
     }
 
     /// Boots the sandbox detached: it runs on after this process exits, until it is
     /// stopped ([`Sandbox::get`] finds it again) or one of its limits ends it.
     pub async fn create_detached(self) -> MicrosandboxResult<Sandbox> {
-        self.create_mode(true).await
+        self.create_mode(true, Events::default()).await
     }
 
-    async fn create_mode(self, detached: bool) -> MicrosandboxResult<Sandbox> {
+    async fn create_mode(self, detached: bool, events: Events) -> MicrosandboxResult<Sandbox> {
         validate_name(&self.name)?;
+        if let RootfsSource::Oci(reference) = &self.image {
+            crate::images::parse_reference(reference)?;
+        }
         if self.cpus == 0 {
             return Err(MicrosandboxError::InvalidConfig(
                 "cpus must be at least 1".into(),
@@ -604,7 +645,9 @@ impl SandboxBuilder {
             ephemeral: self.ephemeral,
             security_profile: self.security_profile,
             init: self.init,
+            pull_policy: self.pull.pull_policy(),
         };
+        let pull = self.pull;
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))
         })?;
@@ -663,11 +706,25 @@ impl SandboxBuilder {
         std::fs::create_dir(&paths.dir)?;
         claim.dir = Some(paths.dir.clone());
         let home = msb_home();
+        let pulled = match &config.image {
+            RootfsSource::Oci(reference) => Some(
+                crate::images::ensure(&home, reference, &pull, &events)
+                    .await?
+                    .1,
+            ),
+            _ => None,
+        };
         let rw = paths.rw();
         let config_path = paths.config();
         let (claim, prepared) = tokio::task::spawn_blocking(move || {
-            let prepared = config::prepare(&home, &config, &rw)
-                .and_then(|p| config::save(&config_path, &p).map(|()| p));
+            // Prune waits until config.json records the layers this sandbox uses.
+            let prepared = BlobStore::new(&home)
+                .lock_store(false)
+                .map_err(|e| config::image_error("the image store", e))
+                .and_then(|_store| {
+                    config::prepare(&home, &config, &rw, pulled)
+                        .and_then(|p| config::save(&config_path, &p).map(|()| p))
+                });
             (claim, prepared)
         })
         .await
@@ -1059,6 +1116,7 @@ impl Sandbox {
             entrypoint: None,
             security_profile: SecurityProfile::Default,
             init: None,
+            pull: crate::PullOptions::default(),
         }
     }
 

@@ -45,7 +45,33 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL,
         PRIMARY KEY (name, key)
     );",
+    // 2: images pulled or loaded into the image store, by full reference.
+    "CREATE TABLE images (
+        reference TEXT PRIMARY KEY NOT NULL,
+        manifest_digest TEXT NOT NULL,
+        index_digest TEXT,
+        size INTEGER NOT NULL,
+        layer_count INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
 ];
+
+/// One image in the image store (see [`crate::images`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ImageRow {
+    /// The full reference (`docker.io/library/python:3.12`).
+    pub reference: String,
+    /// The digest of its platform manifest.
+    pub manifest_digest: String,
+    /// The digest of the index the reference named, if it named one.
+    pub index_digest: Option<String>,
+    /// Bytes of its blobs in the store (config and compressed layers).
+    pub size: u64,
+    /// How many layers it has.
+    pub layer_count: usize,
+    /// When it was pulled or loaded (ms since the epoch).
+    pub created_at_ms: i64,
+}
 
 /// Where a sandbox is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -487,6 +513,79 @@ impl StateDb {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| db_error("cannot list sandboxes", e))?;
         rows.into_iter().map(|r| self.finish_row(r?)).collect()
+    }
+
+    /// Records an image (replacing what the reference named before).
+    pub(crate) fn put_image(&self, image: &ImageRow) -> MicrosandboxResult<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO images
+                    (reference, manifest_digest, index_digest, size, layer_count, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    image.reference,
+                    image.manifest_digest,
+                    image.index_digest,
+                    image.size as i64,
+                    image.layer_count as i64,
+                    image.created_at_ms
+                ],
+            )
+            .map_err(|e| db_error("cannot record the image", e))?;
+        Ok(())
+    }
+
+    /// The image a reference names, if it is in the store.
+    pub(crate) fn get_image(&self, reference: &str) -> MicrosandboxResult<Option<ImageRow>> {
+        self.conn
+            .query_row(
+                "SELECT reference, manifest_digest, index_digest, size, layer_count, created_at
+                 FROM images WHERE reference = ?1",
+                params![reference],
+                Self::read_image,
+            )
+            .optional()
+            .map_err(|e| db_error("cannot read the image", e))
+    }
+
+    /// Every image, by reference.
+    pub(crate) fn list_images(&self) -> MicrosandboxResult<Vec<ImageRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT reference, manifest_digest, index_digest, size, layer_count, created_at
+                 FROM images ORDER BY reference",
+            )
+            .map_err(|e| db_error("cannot list images", e))?;
+        let rows = stmt
+            .query_map([], Self::read_image)
+            .map_err(|e| db_error("cannot list images", e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| db_error("cannot list images", e));
+        rows
+    }
+
+    /// Forgets an image reference; false if it was not there.
+    pub(crate) fn delete_image(&self, reference: &str) -> MicrosandboxResult<bool> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM images WHERE reference = ?1",
+                params![reference],
+            )
+            .map_err(|e| db_error("cannot delete the image", e))?;
+        Ok(n == 1)
+    }
+
+    fn read_image(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+        Ok(ImageRow {
+            reference: r.get(0)?,
+            manifest_digest: r.get(1)?,
+            index_digest: r.get(2)?,
+            size: r.get::<_, i64>(3)?.max(0) as u64,
+            layer_count: r.get::<_, i64>(4)?.max(0) as usize,
+            created_at_ms: r.get(5)?,
+        })
     }
 
     /// Deletes the row of `claim` if it is still `creating` (a create that failed removes

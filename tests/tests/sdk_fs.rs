@@ -132,12 +132,17 @@ async fn run_all(home: &Path) {
     let layers_after_refusal = std::fs::read_dir(home.join("layers/sha256"))
         .map(|d| d.count())
         .unwrap_or(0);
+    // Never reaches a registry: the policy is never and the store is empty.
     let e = Sandbox::builder("fs-refused")
         .image("python:3.12")
+        .pull_policy(microsandbox::PullPolicy::Never)
         .create()
         .await
-        .expect_err("no registry pulls yet");
-    assert!(matches!(e, MicrosandboxError::ImageNotFound(_)), "{e:?}");
+        .expect_err("not in the image store");
+    assert!(
+        matches!(&e, MicrosandboxError::ImageNotCached(r) if r == "docker.io/library/python:3.12"),
+        "{e:?}"
+    );
     let e = Sandbox::builder("fs-refused")
         .image(work.path().join("missing.tar"))
         .create()

@@ -16,7 +16,13 @@
 //! msb metrics [NAME] [--json] [--watch DUR]
 //! msb inspect NAME                 the sandbox's state and configuration, as JSON
 //! msb cp SRC DST                   copy a file; one side is NAME:/guest/path
+//! msb pull [--policy P] [--insecure-registry HOST]... REF
+//!                                  fetch an image into the store, with progress bars
+//! msb image ls [--json] | inspect REF | rm REF... | prune
 //! ```
+//!
+//! Registry credentials come from `MSB_REGISTRY_USERNAME` and `MSB_REGISTRY_PASSWORD` when
+//! both are set, else from `~/.docker/config.json`.
 //!
 //! Durations are a number of seconds (`30`) or units: `500ms`, `30s`, `10m`, `2h`, `1d`,
 //! combined as in `1h30m`. Sizes in MiB take `512`, `512M`, `2G`. Errors print
@@ -34,9 +40,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use microsandbox::{
-    all_sandbox_metrics, validate_name, ExecEvent, ExecOptions, ExecSink, Init, LogEntry, LogLevel,
-    LogOptions, LogSource, LogStreamOptions, MicrosandboxError, Sandbox, SandboxBuilder,
-    SandboxFilter, SandboxHandle, SandboxMetrics, SandboxStatus, SecurityProfile,
+    all_sandbox_metrics, validate_name, ExecEvent, ExecOptions, ExecSink, Image, Init, LogEntry,
+    LogLevel, LogOptions, LogSource, LogStreamOptions, MicrosandboxError, PullEvent, PullOptions,
+    PullPolicy, RegistryAuth, Sandbox, SandboxBuilder, SandboxFilter, SandboxHandle,
+    SandboxMetrics, SandboxStatus, SecurityProfile,
 };
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
@@ -113,6 +120,76 @@ enum Command {
     /// host path that would read as a sandbox one). A destination that is a directory (or
     /// ends with '/') receives the file under its own name.
     Cp(CpArgs),
+    /// Fetch an image from its registry into the local image store
+    Pull(PullArgs),
+    /// Manage the local image store
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// List the images in the store
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an image's manifest, config and layers as JSON
+    Inspect {
+        /// Image reference
+        reference: String,
+    },
+    /// Forget image references (their layers go with the next prune)
+    #[command(alias = "remove")]
+    Rm {
+        /// Image references
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Remove blobs and layers no image or sandbox uses, and stale partial downloads
+    Prune,
+}
+
+/// How an image is fetched (`pull`, and `run`/`create` with a registry image).
+#[derive(Debug, Args)]
+struct RegistryOpts {
+    /// Let this registry (host:port as in the reference) be reached over plain HTTP
+    /// (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure: Vec<String>,
+}
+
+impl RegistryOpts {
+    fn options(&self, policy: PullPolicy) -> PullOptions {
+        let mut o = PullOptions::new().policy(policy);
+        for h in &self.insecure {
+            o = o.insecure_registry(h.clone());
+        }
+        if let (Ok(user), Ok(password)) = (
+            std::env::var("MSB_REGISTRY_USERNAME"),
+            std::env::var("MSB_REGISTRY_PASSWORD"),
+        ) {
+            o = o.auth(RegistryAuth::basic(user, password));
+        }
+        o
+    }
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    /// When to contact the registry
+    #[arg(long, value_name = "POLICY", default_value = "always", value_parser = parse_policy)]
+    policy: PullPolicy,
+    #[command(flatten)]
+    registry: RegistryOpts,
+    /// Image reference, e.g. python:3.12 or 127.0.0.1:5000/team/app:1
+    reference: String,
+}
+
+fn parse_policy(s: &str) -> Result<PullPolicy, String> {
+    s.parse().map_err(|e: MicrosandboxError| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -124,10 +201,16 @@ struct NameArg {
 /// Options of a new sandbox (`run` and `create`).
 #[derive(Debug, Args)]
 struct CreateOpts {
-    /// Root filesystem: an image archive (docker save or OCI archive), an OCI image layout
-    /// directory or a plain directory [default: the built-in busybox image]
+    /// Root filesystem: an image reference (pulled as --pull says), an image archive
+    /// (docker save or OCI archive), an OCI image layout directory or a plain directory
+    /// [default: the built-in busybox image]
     #[arg(long, value_name = "IMAGE")]
     image: Option<String>,
+    /// When to pull a registry image: always, if-missing or never
+    #[arg(long = "pull", value_name = "POLICY", default_value = "if-missing", value_parser = parse_policy)]
+    pull: PullPolicy,
+    #[command(flatten)]
+    registry: RegistryOpts,
     /// vCPUs [default: 1]
     #[arg(long, value_name = "N")]
     cpus: Option<u8>,
@@ -1122,6 +1205,14 @@ impl CreateOpts {
         if let Some(image) = &self.image {
             b = b.image(image.clone());
         }
+        let pull = self.registry.options(self.pull);
+        b = b.pull_policy(self.pull);
+        for h in &self.registry.insecure {
+            b = b.insecure_registry(h.clone());
+        }
+        if let Some((user, password)) = pull.explicit_basic() {
+            b = b.registry_auth(RegistryAuth::basic(user, password));
+        }
         if let Some(n) = self.cpus {
             b = b.cpus(n);
         }
@@ -1223,8 +1314,8 @@ async fn cmd_run(a: RunArgs) -> CliResult<u8> {
         .create
         .builder(&a.name)
         .ephemeral(a.create.ephemeral || !a.keep)
-        .create()
-        .await?;
+        .create_with_progress();
+    let sb = show_progress(sb).await?;
     let result = run_in(&sb, &a, tty_in).await;
 
     let mut cleanup = Vec::new();
@@ -1276,7 +1367,7 @@ async fn cmd_create(a: CreateArgs) -> CliResult<u8> {
     if !a.create.entrypoint.is_empty() && entrypoint_words(&a.create.entrypoint).is_empty() {
         return Err(CliError::Usage("--entrypoint is empty".into()));
     }
-    let sb = a.create.builder(&a.name).create_detached().await?;
+    let sb = show_progress(a.create.builder(&a.name).create_detached_with_progress()).await?;
     out(format!("{}\n", sb.name()).as_bytes())?;
     Ok(0)
 }
@@ -1630,6 +1721,263 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
         Command::Metrics(a) => cmd_metrics(a).await,
         Command::Inspect(a) => cmd_inspect(a).await,
         Command::Cp(a) => cmd_cp(a).await,
+        Command::Pull(a) => cmd_pull(a).await,
+        Command::Image(c) => cmd_image(c).await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Images
+// ---------------------------------------------------------------------------------------
+
+async fn cmd_pull(a: PullArgs) -> CliResult<u8> {
+    let opts = a.registry.options(a.policy);
+    let info = show_progress(Image::pull_with_progress(&a.reference, opts)).await?;
+    out(format!("{} {}\n", info.reference, info.digest).as_bytes())?;
+    Ok(0)
+}
+
+async fn cmd_image(c: ImageCommand) -> CliResult<u8> {
+    match c {
+        ImageCommand::Ls { json } => {
+            let images = Image::list().await?;
+            if json {
+                let v =
+                    serde_json::to_value(&images).map_err(|e| CliError::Failed(e.to_string()))?;
+                out(
+                    format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+                        .as_bytes(),
+                )?;
+                return Ok(0);
+            }
+            let now = Utc::now();
+            let rows: Vec<Vec<String>> = images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.reference.clone(),
+                        short_digest(&i.digest),
+                        i.layer_count.to_string(),
+                        human_bytes(i.size),
+                        i.created_at
+                            .map(|t| relative_time(t, now))
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            out(table(&["REFERENCE", "DIGEST", "LAYERS", "SIZE", "PULLED"], &rows).as_bytes())?;
+        }
+        ImageCommand::Inspect { reference } => {
+            let d = Image::inspect(&reference).await?;
+            let v = serde_json::to_value(&d).map_err(|e| CliError::Failed(e.to_string()))?;
+            out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()).as_bytes())?;
+        }
+        ImageCommand::Rm { references } => {
+            let mut failed = false;
+            for r in &references {
+                match Image::remove(r).await {
+                    Ok(()) => out(format!("{r}\n").as_bytes())?,
+                    Err(e) => {
+                        say(&format!("msb: error: {}", error_chain(&e)));
+                        failed = true;
+                    }
+                }
+            }
+            return Ok(u8::from(failed));
+        }
+        ImageCommand::Prune => {
+            let r = Image::prune().await?;
+            out(format!(
+                "removed {} blobs, {} layers, {} partial downloads; freed {}\n",
+                r.blobs_removed,
+                r.layers_removed,
+                r.downloads_removed,
+                human_bytes(r.bytes_freed)
+            )
+            .as_bytes())?;
+        }
+    }
+    Ok(0)
+}
+
+/// `sha256:0123456789ab` (the first 12 hex digits).
+fn short_digest(d: &str) -> String {
+    d.char_indices()
+        .nth(19)
+        .map_or(d.to_string(), |(i, _)| d[..i].to_string())
+}
+
+/// Shows a pull's progress on stderr (bars on a terminal, a line per step otherwise) and
+/// returns its result.
+async fn show_progress<T: Send + 'static>(
+    mut session: microsandbox::PullSession<T>,
+) -> CliResult<T> {
+    let mut bars = Bars::new(std::io::stderr().is_terminal());
+    while let Some(event) = session.next_event().await {
+        bars.event(&event);
+    }
+    bars.finish();
+    Ok(session.result().await?)
+}
+
+/// The state of a pull, drawn as one line per layer.
+struct Bars {
+    tty: bool,
+    layers: BTreeMap<usize, (String, u64, u64, &'static str)>,
+    drawn: usize,
+    last_draw: std::time::Instant,
+    pulling: bool,
+}
+
+impl Bars {
+    fn new(tty: bool) -> Self {
+        Bars {
+            tty,
+            layers: BTreeMap::new(),
+            drawn: 0,
+            last_draw: std::time::Instant::now(),
+            pulling: false,
+        }
+    }
+
+    fn event(&mut self, e: &PullEvent) {
+        let line = match e {
+            PullEvent::Resolved {
+                reference,
+                manifest_digest,
+                layer_count,
+                total_download_bytes,
+            } => {
+                self.pulling = *total_download_bytes > 0;
+                if !self.pulling {
+                    return;
+                }
+                Some(format!(
+                    "{reference}: {} ({layer_count} layers, {} to download)",
+                    short_digest(manifest_digest),
+                    human_bytes(*total_download_bytes)
+                ))
+            }
+            PullEvent::LayerDownloadProgress {
+                layer_index,
+                digest,
+                downloaded_bytes,
+                total_bytes,
+            } => {
+                self.set(
+                    *layer_index,
+                    digest,
+                    *downloaded_bytes,
+                    *total_bytes,
+                    "downloading",
+                );
+                None
+            }
+            PullEvent::LayerDownloadComplete {
+                layer_index,
+                digest,
+                downloaded_bytes,
+            } => {
+                self.set(
+                    *layer_index,
+                    digest,
+                    *downloaded_bytes,
+                    *downloaded_bytes,
+                    "downloaded",
+                );
+                (!self.tty).then(|| {
+                    format!(
+                        "layer {layer_index} {}: downloaded {}",
+                        short_digest(digest),
+                        human_bytes(*downloaded_bytes)
+                    )
+                })
+            }
+            PullEvent::LayerDownloadVerifying { layer_index, .. } => {
+                self.state(*layer_index, "verifying");
+                None
+            }
+            PullEvent::LayerMaterializeStarted { layer_index, .. } => {
+                self.state(*layer_index, "unpacking");
+                None
+            }
+            PullEvent::LayerMaterializeComplete {
+                layer_index,
+                diff_id,
+            } => {
+                self.state(*layer_index, "done");
+                (!self.tty)
+                    .then(|| format!("layer {layer_index}: unpacked {}", short_digest(diff_id)))
+            }
+            PullEvent::Complete {
+                reference,
+                layer_count,
+            } => {
+                if !self.pulling && self.layers.is_empty() {
+                    return;
+                }
+                Some(format!("{reference}: complete ({layer_count} layers)"))
+            }
+            _ => None,
+        };
+        if let Some(line) = line {
+            self.clear();
+            say(&line);
+        }
+        self.draw(false);
+    }
+
+    fn set(&mut self, index: usize, digest: &str, done: u64, total: u64, state: &'static str) {
+        self.layers
+            .insert(index, (short_digest(digest), done, total, state));
+    }
+
+    fn state(&mut self, index: usize, state: &'static str) {
+        if let Some(l) = self.layers.get_mut(&index) {
+            l.3 = state;
+        }
+    }
+
+    /// Erases the bars drawn last (terminal only).
+    fn clear(&mut self) {
+        if self.tty && self.drawn > 0 {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\x1b[{}A\x1b[J", self.drawn);
+            self.drawn = 0;
+        }
+    }
+
+    fn draw(&mut self, force: bool) {
+        if !self.tty || self.layers.is_empty() {
+            return;
+        }
+        if !force && self.drawn > 0 && self.last_draw.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.clear();
+        let mut err = std::io::stderr().lock();
+        for (index, (digest, done, total, state)) in &self.layers {
+            let width = 30usize;
+            let filled = if *total == 0 {
+                width
+            } else {
+                ((*done as f64 / *total as f64) * width as f64) as usize
+            };
+            let bar: String =
+                "#".repeat(filled.min(width)) + &"-".repeat(width - filled.min(width));
+            let _ = writeln!(
+                err,
+                "layer {index} {digest} [{bar}] {}/{} {state}",
+                human_bytes(*done),
+                human_bytes(*total)
+            );
+        }
+        self.drawn = self.layers.len();
+        self.last_draw = std::time::Instant::now();
+    }
+
+    fn finish(&mut self) {
+        self.draw(true);
     }
 }
 

@@ -19,7 +19,7 @@ use super::layer::{read_up_to, LayerStore, TempPath};
 use super::{sha256_hex, sha256_of, ImageError};
 
 /// The largest JSON document (index, manifest, config) read into memory.
-const MAX_JSON_SIZE: u64 = 32 << 20;
+pub(crate) const MAX_JSON_SIZE: u64 = 32 << 20;
 /// How deep image indexes may nest.
 const MAX_INDEX_DEPTH: usize = 4;
 /// How many symlinks are followed to find one archive member.
@@ -65,7 +65,7 @@ pub(crate) struct ImageConfig {
 }
 
 impl ImageConfig {
-    fn from_oci(config: &ImageConfiguration) -> Self {
+    pub(crate) fn from_oci(config: &ImageConfiguration) -> Self {
         let Some(config) = config.config() else {
             return ImageConfig::default();
         };
@@ -438,6 +438,15 @@ struct Probe {
     manifests: Option<serde::de::IgnoredAny>,
 }
 
+/// True if a fetched manifest document is an image index (by its fields or media type).
+pub(super) fn is_index_doc(bytes: &[u8]) -> Result<bool, ImageError> {
+    let probe: Probe = parse(bytes, "manifest")?;
+    Ok(probe.manifests.is_some()
+        || probe
+            .media_type
+            .is_some_and(|t| INDEX_MEDIA_TYPES.contains(&t.as_str())))
+}
+
 fn is_index(bytes: &[u8], desc: &Descriptor) -> Result<bool, ImageError> {
     let probe: Probe = parse(bytes, "manifest")?;
     let declared = desc.media_type().to_string();
@@ -450,7 +459,10 @@ fn is_index(bytes: &[u8], desc: &Descriptor) -> Result<bool, ImageError> {
 
 /// The manifest in an index for this host: the first for linux on this architecture, or
 /// the only one when none names a platform (several names for one manifest count once).
-fn choose_manifest<'a>(index: &'a ImageIndex, what: &str) -> Result<&'a Descriptor, ImageError> {
+pub(super) fn choose_manifest<'a>(
+    index: &'a ImageIndex,
+    what: &str,
+) -> Result<&'a Descriptor, ImageError> {
     let arch = host_arch();
     let manifests = index.manifests();
     if let Some(found) = manifests.iter().find(|desc| {

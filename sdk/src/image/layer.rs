@@ -142,6 +142,39 @@ impl LayerStore {
         }
     }
 
+    /// The diff_ids of every unpacked layer.
+    pub(crate) fn list(&self) -> Result<Vec<String>, ImageError> {
+        let dir = self.root.join("sha256");
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ImageError::io("list", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(ImageError::io("list", &dir))?;
+            let diff_id = format!("sha256:{}", entry.file_name().to_string_lossy());
+            if sha256_hex(&diff_id).is_ok() {
+                out.push(diff_id);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes an unpacked layer (nothing may use it); true if it was there.
+    pub(crate) fn remove(&self, diff_id: &str) -> Result<bool, ImageError> {
+        let dir = self.dir(diff_id)?;
+        if self.get(diff_id)?.is_none() {
+            return Ok(false);
+        }
+        // Renamed aside first: a half-removed layer is never visible under its name.
+        let aside = self.temp_name(".rm");
+        fs::rename(&dir, &aside).map_err(ImageError::io("remove layer", &dir))?;
+        remove_all(&aside).map_err(ImageError::io("remove layer", &aside))?;
+        Ok(true)
+    }
+
     /// Creates a fresh temporary file under the store (for a decompressed archive), removed
     /// when the returned guard drops.
     pub(crate) fn temp_file(&self) -> Result<(File, TempPath), ImageError> {

@@ -21,16 +21,16 @@
 //! [`fixture`] writes small test images for this module's tests and the end-to-end tests.
 
 mod archive;
+pub(crate) mod blobs;
 #[doc(hidden)]
 pub mod fixture;
 mod layer;
+pub(crate) mod pull;
 
 use std::path::PathBuf;
 
-pub(crate) use archive::{load_archive, load_layout, ImageConfig};
-// Callers so far only use its fields, but `archive` is private: this makes it nameable.
-#[allow(unused_imports)]
 pub(crate) use archive::ResolvedImage;
+pub(crate) use archive::{load_archive, load_layout, ImageConfig, MAX_JSON_SIZE};
 pub(crate) use layer::LayerStore;
 
 /// Everything that can go wrong loading an image or unpacking a layer.
@@ -94,7 +94,10 @@ impl ImageError {
     }
 
     /// A closure turning an `io::Error` into an [`ImageError::Io`], for `map_err`.
-    fn io(what: &str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ImageError {
+    pub(crate) fn io(
+        what: &str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> ImageError {
         let what = what.to_string();
         let path = path.to_path_buf();
         move |source| ImageError::Io { what, path, source }
