@@ -5,6 +5,8 @@
 //! `pvm-compat` flavour); the host kind is printed so test logs say where they ran. On a
 //! PVM host a boot takes tens of seconds, so timeouts are long and each test boots once.
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

@@ -27,6 +27,11 @@ use serde_json::json;
 use super::archive::host_arch;
 use super::sha256_of;
 
+/// `sha256:<hex>` of some bytes, as image digests are written.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    sha256_of(bytes)
+}
+
 /// The mtime of every entry the fixture writes, so images are reproducible.
 pub const FIXTURE_MTIME: u64 = 1_700_000_000;
 
@@ -154,6 +159,18 @@ pub struct ImageFixture {
     user: Option<String>,
     tags: Vec<String>,
     compression: FixtureCompression,
+    architecture: Option<String>,
+}
+
+/// Every blob of a fixture image, as a registry serves them.
+#[derive(Debug, Clone)]
+pub struct FixtureBlobs {
+    /// The manifest's digest and bytes.
+    pub manifest: (String, Vec<u8>),
+    /// The config's digest and bytes.
+    pub config: (String, Vec<u8>),
+    /// Each layer's digest, blob and media type, bottom first.
+    pub layers: Vec<(String, Vec<u8>, String)>,
 }
 
 /// One layer as written: blob, digests, media type.
@@ -240,6 +257,26 @@ impl ImageFixture {
             FixtureCompression::None
         };
         self
+    }
+
+    /// The config's architecture (default: this host's, as images name it).
+    pub fn architecture(mut self, arch: &str) -> Self {
+        self.architecture = Some(arch.to_string());
+        self
+    }
+
+    /// The image's blobs (for pushing it to a registry).
+    pub fn blobs(&self) -> io::Result<FixtureBlobs> {
+        let built = self.build()?;
+        Ok(FixtureBlobs {
+            manifest: (built.manifest_digest, built.manifest),
+            config: (built.config_digest, built.config),
+            layers: built
+                .layers
+                .into_iter()
+                .map(|l| (l.digest, l.blob, l.media_type.to_string()))
+                .collect(),
+        })
     }
 
     /// The uncompressed tar of each layer, bottom first.
@@ -407,7 +444,7 @@ impl ImageFixture {
             runtime["User"] = json!(user);
         }
         let config = to_json(&json!({
-            "architecture": host_arch(),
+            "architecture": self.architecture.as_deref().unwrap_or(host_arch()),
             "os": "linux",
             "config": runtime,
             "rootfs": {
