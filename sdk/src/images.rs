@@ -156,12 +156,9 @@ impl PullOptions {
 
     /// The user and password given with [`PullOptions::auth`], if any.
     pub fn explicit_basic(&self) -> Option<(String, String)> {
-        match &self.auth {
-            Some(RegistryAuth::Basic { username, password }) => {
-                Some((username.clone(), password.clone()))
-            }
-            None => None,
-        }
+        self.auth
+            .as_ref()
+            .map(|RegistryAuth::Basic { username, password }| (username.clone(), password.clone()))
     }
 
     /// True if `host` may be reached over HTTP: named here or in `MSB_INSECURE_REGISTRIES`.
@@ -176,12 +173,8 @@ impl PullOptions {
 
     /// The user and password for `registry`: those given, else the docker config's.
     pub(crate) fn credentials(&self, registry: &str) -> Option<(String, String)> {
-        match &self.auth {
-            Some(RegistryAuth::Basic { username, password }) => {
-                Some((username.clone(), password.clone()))
-            }
-            None => docker_credentials(registry),
-        }
+        self.explicit_basic()
+            .or_else(|| docker_credentials(registry))
     }
 }
 
@@ -614,6 +607,29 @@ impl Image {
         .await
     }
 
+    /// Loads the image of an archive (an OCI archive, e.g. from [`Image::save`], or a
+    /// `docker save` tarball; plain, gzip or zstd) into the store under `tag`, else under
+    /// the names the archive gives it. Every blob is checked against its digest.
+    pub async fn load(path: &Path, tag: Option<&str>) -> MicrosandboxResult<Vec<ImageInfo>> {
+        let path = path.to_path_buf();
+        let tag = tag
+            .map(|t| parse_reference(t).map(|r| r.whole()))
+            .transpose()?;
+        blocking(move || load(&crate::msb_home(), &path, tag)).await
+    }
+
+    /// Writes images of the store to `path` as one OCI archive (with docker's
+    /// `manifest.json` too, so `docker load` reads it), each named by its reference. The
+    /// file appears only once complete.
+    pub async fn save(references: &[&str], path: &Path) -> MicrosandboxResult<()> {
+        let keys = references
+            .iter()
+            .map(|r| parse_reference(r).map(|r| r.whole()))
+            .collect::<MicrosandboxResult<Vec<_>>>()?;
+        let path = path.to_path_buf();
+        blocking(move || save(&crate::msb_home(), &keys, &path)).await
+    }
+
     /// Removes blobs no image uses, unpacked layers no image and no sandbox uses, and
     /// partial downloads no pull is working on.
     pub async fn prune() -> MicrosandboxResult<PruneReport> {
@@ -854,6 +870,161 @@ impl std::io::Read for ProgressReader<'_> {
             });
         }
         Ok(n)
+    }
+}
+
+/// [`Image::load`].
+fn load(home: &Path, path: &Path, tag: Option<String>) -> MicrosandboxResult<Vec<ImageInfo>> {
+    let shown = path.display().to_string();
+    if !path.is_file() {
+        return Err(MicrosandboxError::ImageNotFound(format!(
+            "{shown}: no such file"
+        )));
+    }
+    let err = |e| crate::config::image_error(&shown, e);
+    let blobs = BlobStore::new(home);
+    let _lock = blobs.lock_store(false).map_err(err)?;
+    crate::sandbox::private_dir(&home.join("layers"))?;
+    let imported = image::import_archive(path, &LayerStore::new(home), &blobs).map_err(err)?;
+    let names = match tag {
+        Some(tag) => vec![tag],
+        None => imported
+            .tags
+            .iter()
+            .map(|t| parse_reference(t).map(|r| r.whole()))
+            .collect::<MicrosandboxResult<Vec<_>>>()?,
+    };
+    if names.is_empty() {
+        return Err(MicrosandboxError::InvalidImage {
+            image: shown,
+            reason: "the archive does not name its image: give it a tag".to_string(),
+        });
+    }
+    let (manifest, config) = read_stored(&blobs, &shown, &imported.manifest_digest)?;
+    materialize(
+        home,
+        &shown,
+        &imported.manifest_digest,
+        &manifest,
+        &config,
+        &Events::default(),
+    )?;
+    let db = StateDb::open(home)?;
+    let size = manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
+    let mut out = Vec::new();
+    for reference in names {
+        let row = ImageRow {
+            reference,
+            manifest_digest: imported.manifest_digest.clone(),
+            index_digest: None,
+            size,
+            layer_count: manifest.layers().len(),
+            created_at_ms: Utc::now().timestamp_millis(),
+        };
+        db.put_image(&row)?;
+        out.push(ImageInfo::from_row(&row));
+    }
+    Ok(out)
+}
+
+/// [`Image::save`].
+fn save(home: &Path, keys: &[String], path: &Path) -> MicrosandboxResult<()> {
+    use std::io::Write as _;
+    let blobs = BlobStore::new(home);
+    let err = |e| crate::config::image_error("the image store", e);
+    let _lock = blobs.lock_store(false).map_err(err)?;
+    let db = StateDb::open(home)?;
+    let mut index = Vec::new();
+    let mut docker = Vec::new();
+    let mut wanted = BTreeSet::new();
+    let blob_name = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    for key in keys {
+        let row = db
+            .get_image(key)?
+            .ok_or_else(|| MicrosandboxError::ImageNotCached(key.clone()))?;
+        let (manifest, _) = read_stored(&blobs, key, &row.manifest_digest)?;
+        let manifest_size = blobs.size(&row.manifest_digest).map_err(err)?.unwrap_or(0);
+        let tag = key.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+        index.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": row.manifest_digest,
+            "size": manifest_size,
+            "annotations": {
+                "io.containerd.image.name": key,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }));
+        let config = manifest.config().digest().to_string();
+        let layers: Vec<String> = manifest
+            .layers()
+            .iter()
+            .map(|l| l.digest().to_string())
+            .collect();
+        docker.push(serde_json::json!({
+            "Config": blob_name(&config),
+            "RepoTags": [key],
+            "Layers": layers.iter().map(|l| blob_name(l)).collect::<Vec<_>>(),
+        }));
+        wanted.insert(row.manifest_digest.clone());
+        wanted.insert(config);
+        wanted.extend(layers);
+    }
+    let json = |v: &serde_json::Value| serde_json::to_vec(v).unwrap_or_default();
+    let tmp = path.with_extension("tmp-msb-save");
+    let result = (|| -> std::io::Result<()> {
+        let mut tar = tar::Builder::new(std::fs::File::create(&tmp)?);
+        let add = |tar: &mut tar::Builder<std::fs::File>,
+                   name: &str,
+                   size: u64,
+                   data: &mut dyn std::io::Read| {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(size);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, name, data)
+        };
+        let layout = json(&serde_json::json!({"imageLayoutVersion": "1.0.0"}));
+        add(
+            &mut tar,
+            "oci-layout",
+            layout.len() as u64,
+            &mut layout.as_slice(),
+        )?;
+        let index = json(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": index,
+        }));
+        add(
+            &mut tar,
+            "index.json",
+            index.len() as u64,
+            &mut index.as_slice(),
+        )?;
+        let docker = json(&serde_json::Value::Array(docker));
+        add(
+            &mut tar,
+            "manifest.json",
+            docker.len() as u64,
+            &mut docker.as_slice(),
+        )?;
+        for digest in &wanted {
+            let file_path = blobs.path(digest).map_err(std::io::Error::other)?;
+            let mut file = std::fs::File::open(&file_path)?;
+            let size = file.metadata()?.len();
+            add(&mut tar, &blob_name(digest), size, &mut file)?;
+        }
+        let mut file = tar.into_inner()?;
+        file.flush()?;
+        file.sync_all()
+    })();
+    match result.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(MicrosandboxError::Io(e))
+        }
     }
 }
 

@@ -584,6 +584,10 @@ async fn cli_images(reg: &Registry, home: &Path) {
     let v: serde_json::Value = serde_json::from_str(&stdout).expect("inspect JSON");
     assert_eq!(v["info"]["digest"], digest.as_str());
     assert_eq!(v["layers"].as_array().map(Vec::len), Some(1));
+    let saved = home.join("saved.tar");
+    let saved_s = saved.to_string_lossy().into_owned();
+    let (ok, _, stderr) = msb(&["image", "save", "-o", &saved_s, &reference]);
+    assert!(ok, "{stderr}");
     let (ok, _, stderr) = msb(&["image", "rm", &reference]);
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = msb(&["image", "rm", &reference]);
@@ -616,6 +620,41 @@ async fn cli_images(reg: &Registry, home: &Path) {
     check(
         SUITE,
         "msb pull progress; msb image ls, inspect, rm, prune",
+        t,
+    );
+
+    // The saved archive loads back: same digest, blobs and layer again.
+    let t = Instant::now();
+    let (ok, stdout, stderr) = msb(&["image", "load", &saved_s]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), format!("{reference} {digest}"));
+    assert!(stored(home, &layer));
+    let (ok, _, stderr) = msb(&["pull", "--policy", "never", &reference]);
+    assert!(ok, "{stderr}");
+    // A docker save tarball, named on load.
+    let docker_tar = home.join("docker.tar");
+    let legacy = image(12, &[100_000]).tag("legacy/app:2");
+    legacy
+        .write_docker_archive(&docker_tar)
+        .expect("docker archive");
+    let loaded = Image::load(&docker_tar, None).await.expect("docker load");
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].reference, "docker.io/legacy/app:2");
+    let d = Image::inspect("legacy/app:2").await.expect("inspect");
+    assert_eq!(d.layers[0].diff_id, legacy.diff_ids().expect("diff ids")[0]);
+    let path = d.layers[0].path.as_ref().expect("unpacked");
+    assert_eq!(
+        std::fs::read(path.join("data/0")).expect("file"),
+        noise(120, 100_000)
+    );
+    let renamed = Image::load(&docker_tar, Some("127.0.0.1:1/renamed:3"))
+        .await
+        .expect("tagged load");
+    assert_eq!(renamed[0].reference, "127.0.0.1:1/renamed:3");
+    assert_eq!(renamed[0].digest, loaded[0].digest);
+    check(
+        SUITE,
+        "msb image save and load; a docker save tarball loads",
         t,
     );
 }

@@ -18,7 +18,8 @@
 //! msb cp SRC DST                   copy a file; one side is NAME:/guest/path
 //! msb pull [--policy P] [--insecure-registry HOST]... REF
 //!                                  fetch an image into the store, with progress bars
-//! msb image ls [--json] | inspect REF | rm REF... | prune
+//! msb image ls [--json] | inspect REF | rm REF... | prune | load [--tag REF] FILE
+//!           | save -o FILE REF...
 //! ```
 //!
 //! Registry credentials come from `MSB_REGISTRY_USERNAME` and `MSB_REGISTRY_PASSWORD` when
@@ -150,6 +151,23 @@ enum ImageCommand {
     },
     /// Remove blobs and layers no image or sandbox uses, and stale partial downloads
     Prune,
+    /// Load an image archive (OCI archive or docker save tarball) into the store
+    Load {
+        /// Name it this instead of the names the archive gives
+        #[arg(long, value_name = "REF")]
+        tag: Option<String>,
+        /// The archive
+        file: PathBuf,
+    },
+    /// Write images of the store to an OCI archive (docker load reads it too)
+    Save {
+        /// The archive to write
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Image references
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
 }
 
 /// How an image is fetched (`pull`, and `run`/`create` with a registry image).
@@ -1784,6 +1802,15 @@ async fn cmd_image(c: ImageCommand) -> CliResult<u8> {
                 }
             }
             return Ok(u8::from(failed));
+        }
+        ImageCommand::Load { tag, file } => {
+            for i in Image::load(&file, tag.as_deref()).await? {
+                out(format!("{} {}\n", i.reference, i.digest).as_bytes())?;
+            }
+        }
+        ImageCommand::Save { output, references } => {
+            let refs: Vec<&str> = references.iter().map(String::as_str).collect();
+            Image::save(&refs, &output).await?;
         }
         ImageCommand::Prune => {
             let r = Image::prune().await?;

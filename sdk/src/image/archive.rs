@@ -114,12 +114,152 @@ pub(crate) fn load_layout(dir: &Path, store: &LayerStore) -> Result<ResolvedImag
 /// or gzip- or zstd-compressed) into the store. A compressed tarball is first decompressed
 /// into a temporary file under the store's root.
 pub(crate) fn load_archive(path: &Path, store: &LayerStore) -> Result<ResolvedImage, ImageError> {
+    let (source, _temp) = open_archive(path, store)?;
+    if source.size("index.json")?.is_some() {
+        // Newer docker writes both; the index has the manifest digest and the platforms.
+        load_oci(&source, store)
+    } else if source.size("manifest.json")?.is_some() {
+        load_docker(&source, store)
+    } else {
+        Err(no_index(path))
+    }
+}
+
+fn no_index(path: &Path) -> ImageError {
+    ImageError::invalid(format!(
+        "{} has neither an index.json nor a manifest.json",
+        path.display()
+    ))
+}
+
+/// An image copied from an archive into the blob store.
+#[derive(Debug)]
+pub(crate) struct Imported {
+    /// The digest of its manifest in the store (written for a `docker save` tarball
+    /// without one).
+    pub manifest_digest: String,
+    /// The names the archive gives it.
+    pub tags: Vec<String>,
+}
+
+/// Copies the image of an archive (manifest, config and layer blobs, each checked against
+/// its digest) into the blob store. A `docker save` tarball without an OCI index gets an
+/// OCI manifest written for it.
+pub(crate) fn import_archive(
+    path: &Path,
+    store: &LayerStore,
+    blobs: &super::blobs::BlobStore,
+) -> Result<Imported, ImageError> {
+    let (source, _temp) = open_archive(path, store)?;
+    if source.size("index.json")?.is_some() {
+        let index: ImageIndex = parse(&read_small(&source, "index.json")?, "index.json")?;
+        let top = choose_manifest(&index, "index.json")?;
+        let tags = index_tags(&index, top);
+        let mut desc = top.clone();
+        let mut bytes = read_blob(&source, &desc, "manifest")?;
+        let mut depth = 0;
+        while is_index(&bytes, &desc)? {
+            depth += 1;
+            if depth > MAX_INDEX_DEPTH {
+                return Err(ImageError::invalid("image indexes nest too deeply"));
+            }
+            let nested: ImageIndex = parse(&bytes, "image index")?;
+            desc = choose_manifest(&nested, &format!("image index {}", desc.digest()))?.clone();
+            bytes = read_blob(&source, &desc, "manifest")?;
+        }
+        let manifest: ImageManifest = parse(&bytes, "manifest")?;
+        let config = read_blob(&source, manifest.config(), "config")?;
+        let mut names = Vec::new();
+        for layer in manifest.layers() {
+            names.push((
+                check_blob(&source, layer, "layer")?,
+                layer.digest().to_string(),
+            ));
+        }
+        for (name, digest) in names {
+            blobs.put_reader(source.open(&name)?, &digest, &source.describe(&name))?;
+        }
+        blobs.put(&config, manifest.config().digest().as_ref(), "config")?;
+        let digest = desc.digest().to_string();
+        blobs.put(&bytes, &digest, "manifest")?;
+        return Ok(Imported {
+            manifest_digest: digest,
+            tags,
+        });
+    }
+    if source.size("manifest.json")?.is_none() {
+        return Err(no_index(path));
+    }
+    // Unpacking checks every diff_id; then the layers are stored as they are.
+    let resolved = load_docker(&source, store)?;
+    let images: Vec<DockerManifest> =
+        parse(&read_small(&source, "manifest.json")?, "manifest.json")?;
+    let image = images
+        .into_iter()
+        .find(|i| {
+            member_name(i.config.as_bytes(), &source.path)
+                .ok()
+                .and_then(|n| read_small(&source, &n).ok())
+                .is_some_and(|b| sha256_of(&b) == resolved.digest)
+        })
+        .ok_or_else(|| ImageError::invalid("manifest.json changed while read"))?;
+    let config = read_small(
+        &source,
+        &member_name(image.config.as_bytes(), &source.path)?,
+    )?;
+    let mut layers = Vec::new();
+    for layer in &image.layers {
+        let name = member_name(layer.as_bytes(), &source.path)?;
+        let digest = match named_digest(&name).filter(|_| name.starts_with("blobs/")) {
+            Some(d) => d,
+            None => hash_member(&source, &name)?,
+        };
+        let size = blobs.put_reader(source.open(&name)?, &digest, &source.describe(&name))?;
+        let mut magic = [0u8; 4];
+        let n = read_up_to(&mut source.open(&name)?, &mut magic)
+            .map_err(ImageError::read(&source.describe(&name)))?;
+        let media_type = match magic[..n] {
+            [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
+            [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
+            _ => "application/vnd.oci.image.layer.v1.tar",
+        };
+        layers.push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+    }
+    blobs.put(&config, &resolved.digest, "config")?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": resolved.digest,
+            "size": config.len(),
+        },
+        "layers": layers,
+    }))
+    .map_err(|source| ImageError::Json {
+        what: "manifest".to_string(),
+        source,
+    })?;
+    let digest = sha256_of(&manifest);
+    blobs.put(&manifest, &digest, "manifest")?;
+    Ok(Imported {
+        manifest_digest: digest,
+        tags: resolved.tags,
+    })
+}
+
+/// Opens an image tarball for reading in place: a compressed one is first decompressed
+/// into a temporary file under the store (deleted with the returned guard).
+fn open_archive(
+    path: &Path,
+    store: &LayerStore,
+) -> Result<(ArchiveSource, Option<TempPath>), ImageError> {
     let mut file = File::open(path).map_err(ImageError::io("open image archive", path))?;
     let mut magic = [0u8; 4];
     let n = read_up_to(&mut file, &mut magic).map_err(ImageError::io("read", path))?;
     file.seek(SeekFrom::Start(0))
         .map_err(ImageError::io("read", path))?;
-    let (file, _temp) = match magic[..n] {
+    let (file, temp) = match magic[..n] {
         [0x1f, 0x8b, ..] => decompress(flate2::read::MultiGzDecoder::new(file), path, store)?,
         [0x28, 0xb5, 0x2f, 0xfd] => decompress(
             zstd::stream::read::Decoder::new(file).map_err(ImageError::io("read", path))?,
@@ -128,18 +268,7 @@ pub(crate) fn load_archive(path: &Path, store: &LayerStore) -> Result<ResolvedIm
         )?,
         _ => (file, None),
     };
-    let source = ArchiveSource::scan(file, path)?;
-    if source.size("index.json")?.is_some() {
-        // Newer docker writes both; the index has the manifest digest and the platforms.
-        load_oci(&source, store)
-    } else if source.size("manifest.json")?.is_some() {
-        load_docker(&source, store)
-    } else {
-        Err(ImageError::invalid(format!(
-            "{} has neither an index.json nor a manifest.json",
-            path.display()
-        )))
-    }
+    Ok((ArchiveSource::scan(file, path)?, temp))
 }
 
 /// Decompresses an archive into a temporary file under the store, deleted with the guard.

@@ -30,7 +30,7 @@ pub(crate) mod pull;
 use std::path::PathBuf;
 
 pub(crate) use archive::ResolvedImage;
-pub(crate) use archive::{load_archive, load_layout, ImageConfig, MAX_JSON_SIZE};
+pub(crate) use archive::{import_archive, load_archive, load_layout, ImageConfig, MAX_JSON_SIZE};
 pub(crate) use layer::LayerStore;
 
 /// Everything that can go wrong loading an image or unpacking a layer.
