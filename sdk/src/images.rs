@@ -120,6 +120,7 @@ impl fmt::Debug for RegistryAuth {
 pub struct PullOptions {
     policy: PullPolicy,
     auth: Option<RegistryAuth>,
+    scoped: Vec<(String, RegistryAuth)>,
     insecure: Vec<String>,
 }
 
@@ -139,6 +140,14 @@ impl PullOptions {
     /// Credentials for the image's registry (instead of the docker config's).
     pub fn auth(mut self, auth: RegistryAuth) -> Self {
         self.auth = Some(auth);
+        self
+    }
+
+    /// Credentials for one registry host only (`host:port` as in references): used when
+    /// the image comes from there, never sent elsewhere. They come before
+    /// [`PullOptions::auth`].
+    pub fn auth_for(mut self, host: impl Into<String>, auth: RegistryAuth) -> Self {
+        self.scoped.push((host.into(), auth));
         self
     }
 
@@ -173,7 +182,11 @@ impl PullOptions {
 
     /// The user and password for `registry`: those given, else the docker config's.
     pub(crate) fn credentials(&self, registry: &str) -> Option<(String, String)> {
-        self.explicit_basic()
+        let scoped = self.scoped.iter().find(|(host, _)| host == registry).map(
+            |(_, RegistryAuth::Basic { username, password })| (username.clone(), password.clone()),
+        );
+        scoped
+            .or_else(|| self.explicit_basic())
             .or_else(|| docker_credentials(registry))
     }
 }
@@ -516,7 +529,7 @@ impl Image {
     /// its registry unless the policy and the store say otherwise) and unpacks its layers.
     pub async fn pull(reference: &str, opts: &PullOptions) -> MicrosandboxResult<ImageInfo> {
         let home = crate::msb_home();
-        let (row, _) = ensure(&home, reference, opts, &Events::default()).await?;
+        let (row, _, _) = ensure(&home, reference, opts, &Events::default()).await?;
         Ok(ImageInfo::from_row(&row))
     }
 
@@ -525,7 +538,7 @@ impl Image {
         let reference = reference.to_string();
         PullSession::spawn(move |events| async move {
             let home = crate::msb_home();
-            let (row, _) = ensure(&home, &reference, &opts, &events).await?;
+            let (row, _, _) = ensure(&home, &reference, &opts, &events).await?;
             Ok(ImageInfo::from_row(&row))
         })
     }
@@ -705,23 +718,34 @@ fn complete(blobs: &BlobStore, shown: &str, row: &ImageRow) -> bool {
 
 /// Makes the image `reference` ready to use, following the options' policy: pulled (or
 /// found in the store) and unpacked. Returns its store record and its layers.
+/// The image store's shared lock (see [`BlobStore::lock_store`]): held while an image is
+/// made ready, and by a create until its `config.json` records the layers it uses. It is
+/// released when the last clone drops.
+pub(crate) type StoreLock = std::sync::Arc<std::fs::File>;
+
+/// Takes the store's shared lock, waiting off the runtime while a prune runs.
+pub(crate) async fn lock_store_shared(home: &Path) -> MicrosandboxResult<StoreLock> {
+    let store = BlobStore::new(home);
+    blocking(move || {
+        store
+            .lock_store(false)
+            .map(std::sync::Arc::new)
+            .map_err(|e| crate::config::image_error("the image store", e))
+    })
+    .await
+}
+
 pub(crate) async fn ensure(
     home: &Path,
     reference: &str,
     opts: &PullOptions,
     events: &Events,
-) -> MicrosandboxResult<(ImageRow, ResolvedImage)> {
+) -> MicrosandboxResult<(ImageRow, ResolvedImage, StoreLock)> {
     let parsed = parse_reference(reference)?;
     let key = parsed.whole();
     let blobs = BlobStore::new(home);
     // Shared with other pulls and creates, exclusive with prune.
-    let store = blobs.clone();
-    let _store_lock = blocking(move || {
-        store
-            .lock_store(false)
-            .map_err(|e| crate::config::image_error("the image store", e))
-    })
-    .await?;
+    let store_lock = lock_store_shared(home).await?;
     let cached = {
         let (home, key, blobs) = (home.to_path_buf(), key.clone(), blobs.clone());
         blocking(move || {
@@ -747,13 +771,7 @@ pub(crate) async fn ensure(
         }
         (PullPolicy::Always, _) | (PullPolicy::IfMissing, None) => {
             let fetched = image::pull::fetch(&blobs, &parsed, opts, events).await?;
-            let size = fetched.manifest.config().size()
-                + fetched
-                    .manifest
-                    .layers()
-                    .iter()
-                    .map(|l| l.size())
-                    .sum::<u64>();
+            let size = blob_bytes(&key, &fetched.manifest)?;
             let row = ImageRow {
                 reference: key.clone(),
                 manifest_digest: fetched.manifest_digest,
@@ -766,7 +784,10 @@ pub(crate) async fn ensure(
         }
     };
     let (home_owned, events_owned) = (home.to_path_buf(), events.clone());
+    // The lock goes along: a cancelled pull's unpacking still finishes under it.
+    let held = store_lock.clone();
     let (row, resolved) = blocking(move || {
+        let _held = held;
         let resolved = materialize(
             &home_owned,
             &row.reference,
@@ -784,7 +805,19 @@ pub(crate) async fn ensure(
         reference: key,
         layer_count: resolved.layers.len(),
     });
-    Ok((row, resolved))
+    Ok((row, resolved, store_lock))
+}
+
+/// Bytes of an image's config and layer blobs (refusing sizes that overflow).
+fn blob_bytes(shown: &str, manifest: &ImageManifest) -> MicrosandboxResult<u64> {
+    manifest
+        .layers()
+        .iter()
+        .try_fold(manifest.config().size(), |sum, l| sum.checked_add(l.size()))
+        .ok_or_else(|| MicrosandboxError::InvalidImage {
+            image: shown.to_string(),
+            reason: "the blob sizes add up to more than 2^64 bytes".to_string(),
+        })
 }
 
 /// Unpacks the layers of a stored image that the layer store lacks, with progress events.
@@ -886,43 +919,56 @@ fn load(home: &Path, path: &Path, tag: Option<String>) -> MicrosandboxResult<Vec
     let _lock = blobs.lock_store(false).map_err(err)?;
     crate::sandbox::private_dir(&home.join("layers"))?;
     let imported = image::import_archive(path, &LayerStore::new(home), &blobs).map_err(err)?;
-    let names = match tag {
-        Some(tag) => vec![tag],
-        None => imported
-            .tags
-            .iter()
-            .map(|t| parse_reference(t).map(|r| r.whole()))
-            .collect::<MicrosandboxResult<Vec<_>>>()?,
-    };
-    if names.is_empty() {
-        return Err(MicrosandboxError::InvalidImage {
-            image: shown,
-            reason: "the archive does not name its image: give it a tag".to_string(),
-        });
+    if tag.is_some() && imported.len() > 1 {
+        return Err(MicrosandboxError::InvalidConfig(format!(
+            "{shown} holds {} images: a tag can name only one",
+            imported.len()
+        )));
     }
-    let (manifest, config) = read_stored(&blobs, &shown, &imported.manifest_digest)?;
-    materialize(
-        home,
-        &shown,
-        &imported.manifest_digest,
-        &manifest,
-        &config,
-        &Events::default(),
-    )?;
-    let db = StateDb::open(home)?;
-    let size = manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
-    let mut out = Vec::new();
-    for reference in names {
-        let row = ImageRow {
-            reference,
-            manifest_digest: imported.manifest_digest.clone(),
-            index_digest: None,
-            size,
-            layer_count: manifest.layers().len(),
-            created_at_ms: Utc::now().timestamp_millis(),
+    // Every image must have a name before any is recorded.
+    let mut named = Vec::new();
+    for image in imported {
+        let names = match &tag {
+            Some(tag) => vec![tag.clone()],
+            None => image
+                .tags
+                .iter()
+                .map(|t| parse_reference(t).map(|r| r.whole()))
+                .collect::<MicrosandboxResult<Vec<_>>>()?,
         };
-        db.put_image(&row)?;
-        out.push(ImageInfo::from_row(&row));
+        if names.is_empty() {
+            return Err(MicrosandboxError::InvalidImage {
+                image: shown,
+                reason: "the archive does not name its image: give it a tag".to_string(),
+            });
+        }
+        named.push((image, names));
+    }
+    let db = StateDb::open(home)?;
+    let mut out = Vec::new();
+    for (image, names) in named {
+        let (manifest, config) = read_stored(&blobs, &shown, &image.manifest_digest)?;
+        materialize(
+            home,
+            &shown,
+            &image.manifest_digest,
+            &manifest,
+            &config,
+            &Events::default(),
+        )?;
+        let size = blob_bytes(&shown, &manifest)?;
+        for reference in names {
+            let row = ImageRow {
+                reference,
+                manifest_digest: image.manifest_digest.clone(),
+                index_digest: None,
+                size,
+                layer_count: manifest.layers().len(),
+                created_at_ms: Utc::now().timestamp_millis(),
+            };
+            db.put_image(&row)?;
+            out.push(ImageInfo::from_row(&row));
+        }
     }
     Ok(out)
 }
@@ -944,15 +990,20 @@ fn save(home: &Path, keys: &[String], path: &Path) -> MicrosandboxResult<()> {
             .ok_or_else(|| MicrosandboxError::ImageNotCached(key.clone()))?;
         let (manifest, _) = read_stored(&blobs, key, &row.manifest_digest)?;
         let manifest_size = blobs.size(&row.manifest_digest).map_err(err)?.unwrap_or(0);
-        let tag = key.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+        let (_, config_doc) = read_stored(&blobs, key, &row.manifest_digest)?;
+        let mut annotations = serde_json::json!({ "io.containerd.image.name": key });
+        if let Some(tag) = parse_reference(key)?.tag() {
+            annotations["org.opencontainers.image.ref.name"] = tag.into();
+        }
         index.push(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": row.manifest_digest,
             "size": manifest_size,
-            "annotations": {
-                "io.containerd.image.name": key,
-                "org.opencontainers.image.ref.name": tag,
+            "platform": {
+                "os": config_doc.os().to_string(),
+                "architecture": config_doc.architecture().to_string(),
             },
+            "annotations": annotations,
         }));
         let config = manifest.config().digest().to_string();
         let layers: Vec<String> = manifest
@@ -970,7 +1021,11 @@ fn save(home: &Path, keys: &[String], path: &Path) -> MicrosandboxResult<()> {
         wanted.extend(layers);
     }
     let json = |v: &serde_json::Value| serde_json::to_vec(v).unwrap_or_default();
-    let tmp = path.with_extension("tmp-msb-save");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.msb-save-{}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut tar = tar::Builder::new(std::fs::File::create(&tmp)?);
         let add = |tar: &mut tar::Builder<std::fs::File>,
@@ -1056,11 +1111,22 @@ fn prune(home: &Path) -> MicrosandboxResult<PruneReport> {
         let Ok(paths) = crate::sandbox::Paths::in_home(home, &row.name) else {
             continue;
         };
-        if let Ok(persisted) = crate::config::load(&paths.config()) {
-            for dir in persisted.layers {
-                if let Some(name) = dir.file_name() {
-                    keep_layers.insert(format!("sha256:{}", name.to_string_lossy()));
-                }
+        let persisted = match crate::config::load(&paths.config()) {
+            Ok(p) => p,
+            // Not written yet: its create holds the store lock until it is, so none is
+            // being made; a row left without one has no layers to keep.
+            Err(MicrosandboxError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // A config this prune cannot read might name any layer: remove none.
+            Err(e) => {
+                return Err(MicrosandboxError::State(format!(
+                    "not pruning: cannot read the layers of sandbox {:?}: {e}",
+                    row.name
+                )))
+            }
+        };
+        for dir in persisted.layers {
+            if let Some(name) = dir.file_name() {
+                keep_layers.insert(format!("sha256:{}", name.to_string_lossy()));
             }
         }
     }

@@ -18,7 +18,6 @@ use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
 use crate::fs::SandboxFs;
 use crate::handle::{self, SandboxFilter, SandboxHandle};
-use crate::image::blobs::BlobStore;
 use crate::images::{Events, PullSession};
 use crate::logs::{LogEntry, LogOptions, LogStream, LogStreamOptions};
 use crate::metrics::SandboxMetrics;
@@ -339,6 +338,13 @@ impl SandboxBuilder {
     /// They are used for this pull only and never stored.
     pub fn registry_auth(mut self, auth: crate::RegistryAuth) -> Self {
         self.pull = self.pull.auth(auth);
+        self
+    }
+
+    /// All the pull settings at once (replacing policy, credentials and insecure hosts
+    /// set before).
+    pub fn pull_options(mut self, options: crate::PullOptions) -> Self {
+        self.pull = options;
         self
     }
 
@@ -706,25 +712,22 @@ impl SandboxBuilder {
         std::fs::create_dir(&paths.dir)?;
         claim.dir = Some(paths.dir.clone());
         let home = msb_home();
-        let pulled = match &config.image {
-            RootfsSource::Oci(reference) => Some(
-                crate::images::ensure(&home, reference, &pull, &events)
-                    .await?
-                    .1,
-            ),
-            _ => None,
+        // Prune waits until config.json records the layers this sandbox uses: the store
+        // lock is held from the pull (or the archive's unpacking) until it is saved.
+        let (store_lock, pulled) = match &config.image {
+            RootfsSource::Oci(reference) => {
+                let (_, image, lock) =
+                    crate::images::ensure(&home, reference, &pull, &events).await?;
+                (lock, Some(image))
+            }
+            _ => (crate::images::lock_store_shared(&home).await?, None),
         };
         let rw = paths.rw();
         let config_path = paths.config();
         let (claim, prepared) = tokio::task::spawn_blocking(move || {
-            // Prune waits until config.json records the layers this sandbox uses.
-            let prepared = BlobStore::new(&home)
-                .lock_store(false)
-                .map_err(|e| config::image_error("the image store", e))
-                .and_then(|_store| {
-                    config::prepare(&home, &config, &rw, pulled)
-                        .and_then(|p| config::save(&config_path, &p).map(|()| p))
-                });
+            let _held = store_lock;
+            let prepared = config::prepare(&home, &config, &rw, pulled)
+                .and_then(|p| config::save(&config_path, &p).map(|()| p));
             (claim, prepared)
         })
         .await

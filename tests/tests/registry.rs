@@ -449,6 +449,28 @@ async fn registry_auth(home: &Path) {
     .await
     .expect("right password");
     assert_eq!(info.digest, img.manifest_digest().expect("digest"));
+    // The CLI's credentials go to MSB_REGISTRY_HOST only.
+    let cli_pull = |host: &str| {
+        Command::new(msb_cli())
+            .args(["pull", "--insecure-registry", &reg.addr, &reference])
+            .env("MSB_REGISTRY_USERNAME", "tester")
+            .env("MSB_REGISTRY_PASSWORD", "s3cret-pass")
+            .env("MSB_REGISTRY_HOST", host)
+            .output()
+            .expect("msb pull")
+    };
+    let elsewhere = cli_pull("127.0.0.1:1");
+    let said = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        !elsewhere.status.success() && said.contains("refused access"),
+        "{said}"
+    );
+    let here = cli_pull(&reg.addr);
+    assert!(
+        here.status.success(),
+        "{}",
+        String::from_utf8_lossy(&here.stderr)
+    );
     check(SUITE, "auth: missing and wrong refused, given accepted", t);
 
     // Credentials from the docker config (DOCKER_CONFIG points into the test's home).
@@ -588,6 +610,25 @@ async fn cli_images(reg: &Registry, home: &Path) {
     let saved_s = saved.to_string_lossy().into_owned();
     let (ok, _, stderr) = msb(&["image", "save", "-o", &saved_s, &reference]);
     assert!(ok, "{stderr}");
+    // On a terminal: a bar per layer, redrawn in place.
+    let tty_img = image(13, &[700_000]);
+    reg.push("test/tty", "1", &tty_img);
+    let tty_ref = format!("{}/test/tty:1", reg.addr);
+    let cmd = format!(
+        "{} pull --insecure-registry {} {tty_ref}",
+        msb_cli().display(),
+        reg.addr
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("layer 0 sha256:") && shown.contains("[######") && shown.contains("\x1b["),
+        "terminal progress: {shown:?}"
+    );
     let (ok, _, stderr) = msb(&["image", "rm", &reference]);
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = msb(&["image", "rm", &reference]);
@@ -652,6 +693,29 @@ async fn cli_images(reg: &Registry, home: &Path) {
         .expect("tagged load");
     assert_eq!(renamed[0].reference, "127.0.0.1:1/renamed:3");
     assert_eq!(renamed[0].digest, loaded[0].digest);
+    // Several images in one archive come back under their own names.
+    let app = format!("{}/test/app:1", reg.addr);
+    let zstd = format!("{}/test/zstd:1", reg.addr);
+    let before: Vec<_> = [&app, &zstd]
+        .iter()
+        .map(|r| msb(&["image", "inspect", r]).1)
+        .collect();
+    let multi = home.join("multi.tar").to_string_lossy().into_owned();
+    let (ok, _, stderr) = msb(&["image", "save", "-o", &multi, &app, &zstd]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = msb(&["image", "rm", &app, &zstd]);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, stderr) = msb(&["image", "load", &multi]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    for (r, was) in [&app, &zstd].iter().zip(&before) {
+        let now: serde_json::Value =
+            serde_json::from_str(&msb(&["image", "inspect", r]).1).expect("json");
+        let was: serde_json::Value = serde_json::from_str(was).expect("json");
+        assert_eq!(now["info"]["digest"], was["info"]["digest"], "{r}");
+    }
+    let (ok, _, stderr) = msb(&["image", "load", "--tag", "x/y:1", &multi]);
+    assert!(!ok && stderr.contains("holds 2 images"), "{stderr}");
     check(
         SUITE,
         "msb image save and load; a docker save tarball loads",
@@ -700,4 +764,39 @@ async fn sandbox_from_pulled_image(reg: &Registry) {
         .await
         .expect("remove");
     check(SUITE, "a sandbox from the pulled image runs its command", t);
+
+    // msb run pulls what it lacks (with progress lines) and runs a command of the image.
+    let t = Instant::now();
+    let img = ImageFixture::new()
+        .layer(busybox_layer())
+        .layer(vec![
+            FixtureEntry::dir("etc"),
+            FixtureEntry::file("etc/run-marker", "from msb run\n"),
+        ])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .zstd(true);
+    reg.push("test/busybox-run", "1", &img);
+    let reference = format!("{}/test/busybox-run:1", reg.addr);
+    let (ok, stdout, stderr) = msb(&[
+        "run",
+        "--image",
+        &reference,
+        "--insecure-registry",
+        &reg.addr,
+        "cli-from-registry",
+        "--",
+        "cat",
+        "/etc/run-marker",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "from msb run\n");
+    assert!(
+        stderr.contains("to download") && stderr.contains("complete"),
+        "{stderr}"
+    );
+    check(
+        SUITE,
+        "msb run pulls with progress and runs the image's file",
+        t,
+    );
 }

@@ -22,8 +22,8 @@
 //!           | save -o FILE REF...
 //! ```
 //!
-//! Registry credentials come from `MSB_REGISTRY_USERNAME` and `MSB_REGISTRY_PASSWORD` when
-//! both are set, else from `~/.docker/config.json`.
+//! Registry credentials come from `MSB_REGISTRY_USERNAME` and `MSB_REGISTRY_PASSWORD` for
+//! the registry `MSB_REGISTRY_HOST`, else from `~/.docker/config.json`.
 //!
 //! Durations are a number of seconds (`30`) or units: `500ms`, `30s`, `10m`, `2h`, `1d`,
 //! combined as in `1h30m`. Sizes in MiB take `512`, `512M`, `2G`. Errors print
@@ -185,11 +185,8 @@ impl RegistryOpts {
         for h in &self.insecure {
             o = o.insecure_registry(h.clone());
         }
-        if let (Ok(user), Ok(password)) = (
-            std::env::var("MSB_REGISTRY_USERNAME"),
-            std::env::var("MSB_REGISTRY_PASSWORD"),
-        ) {
-            o = o.auth(RegistryAuth::basic(user, password));
+        if let Some((host, auth)) = env_credentials() {
+            o = o.auth_for(host, auth);
         }
         o
     }
@@ -204,6 +201,20 @@ struct PullArgs {
     registry: RegistryOpts,
     /// Image reference, e.g. python:3.12 or 127.0.0.1:5000/team/app:1
     reference: String,
+}
+
+/// `MSB_REGISTRY_USERNAME` and `MSB_REGISTRY_PASSWORD`, for the registry
+/// `MSB_REGISTRY_HOST` only (credentials are never sent to another registry).
+fn env_credentials() -> Option<(String, RegistryAuth)> {
+    let user = std::env::var("MSB_REGISTRY_USERNAME").ok()?;
+    let password = std::env::var("MSB_REGISTRY_PASSWORD").ok()?;
+    match std::env::var("MSB_REGISTRY_HOST") {
+        Ok(host) if !host.is_empty() => Some((host, RegistryAuth::basic(user, password))),
+        _ => {
+            say("msb: warning: MSB_REGISTRY_USERNAME is ignored without MSB_REGISTRY_HOST");
+            None
+        }
+    }
 }
 
 fn parse_policy(s: &str) -> Result<PullPolicy, String> {
@@ -1223,14 +1234,7 @@ impl CreateOpts {
         if let Some(image) = &self.image {
             b = b.image(image.clone());
         }
-        let pull = self.registry.options(self.pull);
-        b = b.pull_policy(self.pull);
-        for h in &self.registry.insecure {
-            b = b.insecure_registry(h.clone());
-        }
-        if let Some((user, password)) = pull.explicit_basic() {
-            b = b.registry_auth(RegistryAuth::basic(user, password));
-        }
+        b = b.pull_options(self.registry.options(self.pull));
         if let Some(n) = self.cpus {
             b = b.cpus(n);
         }

@@ -149,43 +149,22 @@ pub(crate) fn import_archive(
     path: &Path,
     store: &LayerStore,
     blobs: &super::blobs::BlobStore,
-) -> Result<Imported, ImageError> {
+) -> Result<Vec<Imported>, ImageError> {
     let (source, _temp) = open_archive(path, store)?;
     if source.size("index.json")?.is_some() {
         let index: ImageIndex = parse(&read_small(&source, "index.json")?, "index.json")?;
-        let top = choose_manifest(&index, "index.json")?;
-        let tags = index_tags(&index, top);
-        let mut desc = top.clone();
-        let mut bytes = read_blob(&source, &desc, "manifest")?;
-        let mut depth = 0;
-        while is_index(&bytes, &desc)? {
-            depth += 1;
-            if depth > MAX_INDEX_DEPTH {
-                return Err(ImageError::invalid("image indexes nest too deeply"));
+        let mut out: Vec<Imported> = Vec::new();
+        for (desc, tags) in named_images(&index)? {
+            let imported = import_oci(&source, &desc, blobs)?;
+            match out
+                .iter_mut()
+                .find(|i| i.manifest_digest == imported.manifest_digest)
+            {
+                Some(same) => same.tags.extend(tags),
+                None => out.push(Imported { tags, ..imported }),
             }
-            let nested: ImageIndex = parse(&bytes, "image index")?;
-            desc = choose_manifest(&nested, &format!("image index {}", desc.digest()))?.clone();
-            bytes = read_blob(&source, &desc, "manifest")?;
         }
-        let manifest: ImageManifest = parse(&bytes, "manifest")?;
-        let config = read_blob(&source, manifest.config(), "config")?;
-        let mut names = Vec::new();
-        for layer in manifest.layers() {
-            names.push((
-                check_blob(&source, layer, "layer")?,
-                layer.digest().to_string(),
-            ));
-        }
-        for (name, digest) in names {
-            blobs.put_reader(source.open(&name)?, &digest, &source.describe(&name))?;
-        }
-        blobs.put(&config, manifest.config().digest().as_ref(), "config")?;
-        let digest = desc.digest().to_string();
-        blobs.put(&bytes, &digest, "manifest")?;
-        return Ok(Imported {
-            manifest_digest: digest,
-            tags,
-        });
+        return Ok(out);
     }
     if source.size("manifest.json")?.is_none() {
         return Err(no_index(path));
@@ -242,9 +221,95 @@ pub(crate) fn import_archive(
     })?;
     let digest = sha256_of(&manifest);
     blobs.put(&manifest, &digest, "manifest")?;
-    Ok(Imported {
+    Ok(vec![Imported {
         manifest_digest: digest,
         tags: resolved.tags,
+    }])
+}
+
+/// The images an index names, each with its names: for every name the entry for this host
+/// (or the only one); an index without names means the one image for this host.
+fn named_images(index: &ImageIndex) -> Result<Vec<(Descriptor, Vec<String>)>, ImageError> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<&Descriptor>> = Default::default();
+    for desc in index.manifests() {
+        let Some(annotations) = desc.annotations() else {
+            continue;
+        };
+        if let Some(name) = annotations
+            .get(CONTAINERD_NAME)
+            .or_else(|| annotations.get(REF_NAME))
+        {
+            by_name.entry(name.clone()).or_default().push(desc);
+        }
+    }
+    if by_name.is_empty() {
+        return Ok(vec![(
+            choose_manifest(index, "index.json")?.clone(),
+            Vec::new(),
+        )]);
+    }
+    let arch = host_arch();
+    let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
+    for (name, descs) in by_name {
+        let host = descs.iter().find(|d| {
+            d.platform().as_ref().is_some_and(|p| {
+                p.os().to_string() == "linux" && p.architecture().to_string() == arch
+            })
+        });
+        let chosen = match host {
+            Some(d) => *d,
+            None if descs.iter().all(|d| d.digest() == descs[0].digest()) => descs[0],
+            None => {
+                return Err(ImageError::invalid(format!(
+                    "index.json names several images {name:?} and none for linux/{arch}"
+                )))
+            }
+        };
+        match out.iter_mut().find(|(d, _)| d.digest() == chosen.digest()) {
+            Some((_, names)) => names.push(name),
+            None => out.push((chosen.clone(), vec![name])),
+        }
+    }
+    Ok(out)
+}
+
+/// Copies one image of an OCI layout (through nested indexes to this host's manifest)
+/// into the blob store.
+fn import_oci(
+    source: &ArchiveSource,
+    top: &Descriptor,
+    blobs: &super::blobs::BlobStore,
+) -> Result<Imported, ImageError> {
+    let mut desc = top.clone();
+    let mut bytes = read_blob(source, &desc, "manifest")?;
+    let mut depth = 0;
+    while is_index(&bytes, &desc)? {
+        depth += 1;
+        if depth > MAX_INDEX_DEPTH {
+            return Err(ImageError::invalid("image indexes nest too deeply"));
+        }
+        let nested: ImageIndex = parse(&bytes, "image index")?;
+        desc = choose_manifest(&nested, &format!("image index {}", desc.digest()))?.clone();
+        bytes = read_blob(source, &desc, "manifest")?;
+    }
+    let manifest: ImageManifest = parse(&bytes, "manifest")?;
+    let config = read_blob(source, manifest.config(), "config")?;
+    let mut names = Vec::new();
+    for layer in manifest.layers() {
+        names.push((
+            check_blob(source, layer, "layer")?,
+            layer.digest().to_string(),
+        ));
+    }
+    for (name, digest) in names {
+        blobs.put_reader(source.open(&name)?, &digest, &source.describe(&name))?;
+    }
+    blobs.put(&config, manifest.config().digest().as_ref(), "config")?;
+    let digest = desc.digest().to_string();
+    blobs.put(&bytes, &digest, "manifest")?;
+    Ok(Imported {
+        manifest_digest: digest,
+        tags: Vec::new(),
     })
 }
 

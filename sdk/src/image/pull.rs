@@ -9,7 +9,7 @@
 //! that does not hash to its digest is deleted and reported as
 //! [`MicrosandboxError::DigestMismatch`].
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -38,6 +38,8 @@ const CONCURRENT_LAYERS: usize = 3;
 const PROGRESS_STEP: u64 = 256 << 10;
 /// How often a pull waiting for another's download of the same blob looks again.
 const LOCK_POLL: Duration = Duration::from_millis(100);
+/// How long one manifest or index may take to arrive.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(300);
 
 /// What a pull stored: the image's manifest, its config, and where they came from.
 #[derive(Debug)]
@@ -81,12 +83,48 @@ pub(crate) async fn fetch(
         None => oci_client::secrets::RegistryAuth::Anonymous,
     };
     let fail = |e| registry_error(&shown, &registry, e);
+    let scheme = if opts.allows_http(&registry) {
+        "http"
+    } else {
+        "https"
+    };
+    let docs = Documents {
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| MicrosandboxError::RegistryUnreachable {
+                registry: registry.clone(),
+                reason: e.to_string(),
+            })?,
+        base: format!(
+            "{scheme}://{}/v2/{}",
+            reference.resolve_registry(),
+            reference.repository()
+        ),
+        // A Bearer token when the registry hands them out; else basic auth, if given.
+        token: client
+            .auth(reference, &auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(fail)?,
+        basic: opts.credentials(&registry),
+        shown: &shown,
+        registry: &registry,
+    };
 
-    let (mut bytes, mut digest) = client
-        .pull_manifest_raw(reference, &auth, ACCEPTED_MANIFESTS)
-        .await
-        .map_err(fail)?;
-    check_digest(&bytes, reference.digest().unwrap_or(&digest), "manifest")?;
+    let top = reference
+        .digest()
+        .or(reference.tag())
+        .unwrap_or("latest")
+        .to_string();
+    let (mut bytes, header_digest) = docs.manifest(&top).await?;
+    let mut digest = sha256_of(&bytes);
+    if let Some(expected) = reference.digest().or(header_digest
+        .as_deref()
+        .filter(|d| d.starts_with("sha256:")))
+    {
+        check_digest(&bytes, expected, "manifest")?;
+    }
     let mut index_digest = None;
     if is_index_doc(&bytes).map_err(|e| invalid(&shown, e))? {
         let index: ImageIndex = json(&bytes, &shown, "image index")?;
@@ -98,12 +136,7 @@ pub(crate) async fn fetch(
             .put(&bytes, &digest, "image index")
             .map_err(|e| invalid(&shown, e))?;
         index_digest = Some(digest);
-        let child = reference.clone_with_digest(chosen.clone());
-        bytes = client
-            .pull_manifest_raw(&child, &auth, ACCEPTED_MANIFESTS)
-            .await
-            .map_err(fail)?
-            .0;
+        bytes = docs.manifest(&chosen).await?.0;
         check_digest(&bytes, &chosen, "manifest")?;
         digest = chosen;
     }
@@ -125,11 +158,27 @@ pub(crate) async fn fetch(
             .read_small(&config_digest, MAX_JSON_SIZE)
             .map_err(|e| invalid(&shown, e))?,
         None => {
-            let mut out = Vec::new();
-            client
-                .pull_blob(reference, config_digest.as_str(), &mut out)
+            let mut stream = client
+                .pull_blob_stream(reference, config_digest.as_str())
                 .await
                 .map_err(fail)?;
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| MicrosandboxError::RegistryUnreachable {
+                    registry: registry.clone(),
+                    reason: format!("the download of the config broke off: {e}"),
+                })?;
+                if (out.len() + chunk.len()) as u64 > config_desc.size() {
+                    return Err(MicrosandboxError::InvalidImage {
+                        image: shown,
+                        reason: format!(
+                            "the registry sent more than the {} bytes of the config",
+                            config_desc.size()
+                        ),
+                    });
+                }
+                out.extend_from_slice(&chunk);
+            }
             check_digest(&out, &config_digest, "config")?;
             blobs
                 .put(&out, &config_digest, "config")
@@ -160,11 +209,18 @@ pub(crate) async fn fetch(
             missing.push((index, digest, layer.size()));
         }
     }
+    let total_download_bytes = missing
+        .iter()
+        .try_fold(0u64, |sum, (_, _, size)| sum.checked_add(*size))
+        .ok_or_else(|| MicrosandboxError::InvalidImage {
+            image: shown.clone(),
+            reason: "the layer sizes add up to more than 2^64 bytes".to_string(),
+        })?;
     events.send(PullEvent::Resolved {
         reference: shown.clone(),
         manifest_digest: digest.clone(),
         layer_count: manifest.layers().len(),
-        total_download_bytes: missing.iter().map(|(_, _, size)| size).sum(),
+        total_download_bytes,
     });
     let job = Job {
         client: &client,
@@ -189,6 +245,98 @@ pub(crate) async fn fetch(
         manifest,
         config,
     })
+}
+
+/// Fetches manifests and indexes ourselves, to cap their size (oci-client reads a response
+/// whole, whatever its length) and bound their time.
+struct Documents<'a> {
+    http: reqwest::Client,
+    /// `<scheme>://<registry>/v2/<repository>`.
+    base: String,
+    token: Option<String>,
+    basic: Option<(String, String)>,
+    shown: &'a str,
+    registry: &'a str,
+}
+
+impl Documents<'_> {
+    /// The manifest or index named by a tag or digest: its bytes (at most
+    /// `MAX_JSON_SIZE`) and the digest the registry gives for it.
+    async fn manifest(&self, name: &str) -> MicrosandboxResult<(Vec<u8>, Option<String>)> {
+        match tokio::time::timeout(MANIFEST_DEADLINE, self.fetch(name)).await {
+            Ok(result) => result,
+            Err(_) => Err(MicrosandboxError::RegistryUnreachable {
+                registry: self.registry.to_string(),
+                reason: format!(
+                    "the manifest {name} did not arrive within {}s",
+                    MANIFEST_DEADLINE.as_secs()
+                ),
+            }),
+        }
+    }
+
+    async fn fetch(&self, name: &str) -> MicrosandboxResult<(Vec<u8>, Option<String>)> {
+        let unreachable = |e: reqwest::Error| {
+            let mut reason = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                reason.push_str(": ");
+                reason.push_str(&c.to_string());
+                cur = c.source();
+            }
+            MicrosandboxError::RegistryUnreachable {
+                registry: self.registry.to_string(),
+                reason,
+            }
+        };
+        let mut request = self
+            .http
+            .get(format!("{}/manifests/{name}", self.base))
+            .header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        } else if let Some((user, password)) = &self.basic {
+            request = request.basic_auth(user, Some(password));
+        }
+        let mut response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let header_digest = response
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if (body.len() + chunk.len()) as u64 > MAX_JSON_SIZE {
+                if !status.is_success() {
+                    break;
+                }
+                return Err(MicrosandboxError::InvalidImage {
+                    image: self.shown.to_string(),
+                    reason: format!("the manifest {name} is larger than {MAX_JSON_SIZE} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        match status.as_u16() {
+            200 => Ok((body, header_digest)),
+            401 | 403 => Err(MicrosandboxError::RegistryUnauthorized {
+                registry: self.registry.to_string(),
+                reference: self.shown.to_string(),
+            }),
+            404 => Err(MicrosandboxError::ImageNotFound(format!(
+                "{}: not in {}",
+                self.shown, self.registry
+            ))),
+            code => Err(MicrosandboxError::Registry {
+                reference: self.shown.to_string(),
+                reason: format!(
+                    "the manifest request answered {code}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(512)])
+                ),
+            }),
+        }
+    }
 }
 
 /// What each layer download of one pull shares.
@@ -258,26 +406,29 @@ impl Job<'_> {
             .is_some())
     }
 
-    /// One download attempt, appending to the partial file from where it ends.
+    /// One download attempt, appending to the partial file from where it ends. File work
+    /// runs on the blocking pool (tokio's file type), never on the runtime's workers.
     async fn download(&self, index: usize, digest: &str, size: u64) -> Result<(), Retry> {
+        use tokio::io::{AsyncSeekExt as _, AsyncWriteExt as _};
         let partial = self
             .blobs
             .partial(digest)
             .map_err(|e| Retry::Fail(invalid(self.shown, e)))?;
         let io_err = |e: std::io::Error| Retry::Fail(MicrosandboxError::Io(e));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&partial)
-            .map_err(io_err)?;
-        let mut have = file.metadata().map_err(io_err)?.len();
-        if have > size {
-            file.set_len(0).map_err(io_err)?;
-            have = 0;
-        }
-        let (mut file, mut hasher) = tokio::task::spawn_blocking(move || {
+        let path = partial.clone();
+        // Opens the partial file and hashes the prefix a killed pull left.
+        let (file, mut hasher, mut have) = tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)?;
+            let mut have = file.metadata()?.len();
+            if have > size {
+                file.set_len(0)?;
+                have = 0;
+            }
             let mut hasher = sha2::Sha256::new();
             let mut buf = vec![0u8; 256 << 10];
             file.seek(SeekFrom::Start(0))?;
@@ -290,11 +441,12 @@ impl Job<'_> {
                 hasher.update(&buf[..n]);
             }
             file.seek(SeekFrom::Start(have))?;
-            Ok::<_, std::io::Error>((file, hasher))
+            Ok::<_, std::io::Error>((file, hasher, have))
         })
         .await
         .map_err(|e| io_err(std::io::Error::other(e)))?
         .map_err(io_err)?;
+        let mut file = tokio::fs::File::from_std(file);
         let resumed_from = have;
         if have > 0 {
             self.events.send(PullEvent::LayerDownloadProgress {
@@ -304,18 +456,32 @@ impl Job<'_> {
                 total_bytes: size,
             });
         }
+        // A failure to store bytes (a full disk, say) drops them: nothing to resume.
+        let discard = |e: std::io::Error| {
+            let _ = std::fs::remove_file(&partial);
+            Retry::Fail(MicrosandboxError::Io(e))
+        };
         if have < size {
             let response = self
                 .client
                 .pull_blob_stream_partial(self.reference, digest, have, None)
                 .await
-                .map_err(|e| Retry::Fail(registry_error(self.shown, self.registry, e)))?;
+                .map_err(|e| {
+                    Retry::Fail(match registry_error(self.shown, self.registry, e) {
+                        // The manifest was found: it is the blob that is missing.
+                        MicrosandboxError::ImageNotFound(_) => MicrosandboxError::Registry {
+                            reference: self.shown.to_string(),
+                            reason: format!("the registry has no layer blob {digest}"),
+                        },
+                        other => other,
+                    })
+                })?;
             let mut stream = match response {
                 BlobResponse::Partial(stream) => stream,
                 BlobResponse::Full(stream) => {
                     // The registry sent the whole blob: start the file again.
-                    file.set_len(0).map_err(io_err)?;
-                    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+                    file.set_len(0).await.map_err(discard)?;
+                    file.seek(SeekFrom::Start(0)).await.map_err(discard)?;
                     hasher = sha2::Sha256::new();
                     have = 0;
                     stream
@@ -328,10 +494,11 @@ impl Job<'_> {
                     // The whole blob arrived and the client's own check failed: ours says why.
                     Err(_) if have == size => break,
                     Err(e) => {
+                        let _ = file.flush().await;
                         return Err(Retry::Fail(MicrosandboxError::RegistryUnreachable {
                             registry: self.registry.to_string(),
                             reason: format!("the download of layer {digest} broke off: {e}"),
-                        }))
+                        }));
                     }
                 };
                 if have + chunk.len() as u64 > size {
@@ -346,7 +513,7 @@ impl Job<'_> {
                     }));
                 }
                 hasher.update(&chunk);
-                file.write_all(&chunk).map_err(io_err)?;
+                file.write_all(&chunk).await.map_err(discard)?;
                 have += chunk.len() as u64;
                 if have - reported >= PROGRESS_STEP || have == size {
                     reported = have;
@@ -358,6 +525,7 @@ impl Job<'_> {
                     });
                 }
             }
+            file.flush().await.map_err(discard)?;
             if have < size {
                 return Err(Retry::Fail(MicrosandboxError::RegistryUnreachable {
                     registry: self.registry.to_string(),
@@ -366,6 +534,13 @@ impl Job<'_> {
                     ),
                 }));
             }
+        }
+        let actual = digest_string(hasher);
+        if actual != digest && resumed_from > 0 {
+            // The kept prefix was not this blob's: start again from nothing.
+            drop(file);
+            let _ = std::fs::remove_file(&partial);
+            return Err(Retry::Restart);
         }
         self.events.send(PullEvent::LayerDownloadComplete {
             layer_index: index,
@@ -376,24 +551,30 @@ impl Job<'_> {
             layer_index: index,
             digest: digest.to_string(),
         });
-        let actual = digest_string(hasher);
         if actual != digest {
             drop(file);
             let _ = std::fs::remove_file(&partial);
-            if resumed_from > 0 {
-                return Err(Retry::Restart);
-            }
             return Err(Retry::Fail(MicrosandboxError::DigestMismatch {
                 what: format!("layer {index} of {}", self.shown),
                 expected: digest.to_string(),
                 actual,
             }));
         }
-        file.sync_all().map_err(io_err)?;
+        file.sync_all().await.map_err(io_err)?;
         drop(file);
-        self.blobs
-            .publish_download(&partial, digest)
-            .map_err(|e| Retry::Fail(invalid(self.shown, e)))
+        let (blobs, digest, shown) = (
+            self.blobs.clone(),
+            digest.to_string(),
+            self.shown.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            blobs
+                .publish_download(&partial, &digest)
+                .map_err(|e| invalid(&shown, e))
+        })
+        .await
+        .map_err(|e| io_err(std::io::Error::other(e)))?
+        .map_err(Retry::Fail)
     }
 }
 
