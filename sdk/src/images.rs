@@ -251,7 +251,8 @@ fn credentials_in(config: &[u8], registry: &str) -> Option<(String, String)> {
 /// `LayerDownloadProgress`..., `LayerDownloadComplete`, `LayerDownloadVerifying`; then for
 /// each layer to unpack `LayerMaterializeStarted`, `LayerMaterializeProgress`...,
 /// `LayerMaterializeComplete`; finally `Complete`. Layers already in the store have no
-/// events of their own.
+/// events of their own; one that another pull finished meanwhile gets only
+/// `LayerDownloadComplete`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event_type", rename_all = "snake_case")]
 #[non_exhaustive]
