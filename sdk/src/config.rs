@@ -243,19 +243,10 @@ pub(crate) fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
             expected,
             actual,
         },
-        other => {
-            let mut reason = other.to_string();
-            let mut cur = std::error::Error::source(&other);
-            while let Some(c) = cur {
-                reason.push_str(": ");
-                reason.push_str(&c.to_string());
-                cur = c.source();
-            }
-            MicrosandboxError::InvalidImage {
-                image: image.to_string(),
-                reason,
-            }
-        }
+        other => MicrosandboxError::InvalidImage {
+            image: image.to_string(),
+            reason: crate::error::with_causes(&other),
+        },
     }
 }
 

@@ -273,13 +273,12 @@ fn named_images(index: &ImageIndex) -> Result<Vec<(Descriptor, Vec<String>)>, Im
     Ok(out)
 }
 
-/// Copies one image of an OCI layout (through nested indexes to this host's manifest)
-/// into the blob store.
-fn import_oci(
-    source: &ArchiveSource,
+/// Follows an index entry through nested indexes to this host's manifest: its descriptor
+/// and bytes (checked against the digest).
+fn resolve_manifest(
+    source: &dyn Source,
     top: &Descriptor,
-    blobs: &super::blobs::BlobStore,
-) -> Result<Imported, ImageError> {
+) -> Result<(Descriptor, Vec<u8>), ImageError> {
     let mut desc = top.clone();
     let mut bytes = read_blob(source, &desc, "manifest")?;
     let mut depth = 0;
@@ -292,6 +291,17 @@ fn import_oci(
         desc = choose_manifest(&nested, &format!("image index {}", desc.digest()))?.clone();
         bytes = read_blob(source, &desc, "manifest")?;
     }
+    Ok((desc, bytes))
+}
+
+/// Copies one image of an OCI layout (through nested indexes to this host's manifest)
+/// into the blob store.
+fn import_oci(
+    source: &ArchiveSource,
+    top: &Descriptor,
+    blobs: &super::blobs::BlobStore,
+) -> Result<Imported, ImageError> {
+    let (desc, bytes) = resolve_manifest(source, top)?;
     let manifest: ImageManifest = parse(&bytes, "manifest")?;
     let config = read_blob(source, manifest.config(), "config")?;
     let mut names = Vec::new();
@@ -716,18 +726,7 @@ fn load_oci(source: &dyn Source, store: &LayerStore) -> Result<ResolvedImage, Im
     let index: ImageIndex = parse(&read_small(source, "index.json")?, "index.json")?;
     let top = choose_manifest(&index, "index.json")?;
     let tags = index_tags(&index, top);
-    let mut desc = top.clone();
-    let mut bytes = read_blob(source, &desc, "manifest")?;
-    let mut depth = 0;
-    while is_index(&bytes, &desc)? {
-        depth += 1;
-        if depth > MAX_INDEX_DEPTH {
-            return Err(ImageError::invalid("image indexes nest too deeply"));
-        }
-        let nested: ImageIndex = parse(&bytes, "image index")?;
-        desc = choose_manifest(&nested, &format!("image index {}", desc.digest()))?.clone();
-        bytes = read_blob(source, &desc, "manifest")?;
-    }
+    let (desc, bytes) = resolve_manifest(source, top)?;
     let manifest: ImageManifest = parse(&bytes, "manifest")?;
     let config_bytes = read_blob(source, manifest.config(), "config")?;
     let config: ImageConfiguration = parse(&config_bytes, "image config")?;

@@ -201,13 +201,7 @@ impl BlobStore {
         let dir = self.root.join("downloads");
         fs::create_dir_all(&dir).map_err(ImageError::io("create directory", &dir))?;
         let path = dir.join(format!("{}.lock", sha256_hex(digest)?));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(ImageError::io("open lock", &path))?;
+        let file = open_lock(&path)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(file)),
             Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
@@ -221,13 +215,7 @@ impl BlobStore {
     pub(crate) fn lock_store(&self, exclusive: bool) -> Result<File, ImageError> {
         fs::create_dir_all(&self.root).map_err(ImageError::io("create directory", &self.root))?;
         let path = self.root.join("store.lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(ImageError::io("open lock", &path))?;
+        let file = open_lock(&path)?;
         let op = if exclusive {
             rustix::fs::FlockOperation::LockExclusive
         } else {
@@ -259,6 +247,17 @@ impl BlobStore {
             }
         }
     }
+}
+
+/// Opens (creating) a lock file, private to this user.
+fn open_lock(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(ImageError::io("open lock", path))
 }
 
 /// A temporary file, removed on drop unless kept.

@@ -276,18 +276,9 @@ impl Documents<'_> {
     }
 
     async fn fetch(&self, name: &str) -> MicrosandboxResult<(Vec<u8>, Option<String>)> {
-        let unreachable = |e: reqwest::Error| {
-            let mut reason = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                reason.push_str(": ");
-                reason.push_str(&c.to_string());
-                cur = c.source();
-            }
-            MicrosandboxError::RegistryUnreachable {
-                registry: self.registry.to_string(),
-                reason,
-            }
+        let unreachable = |e: reqwest::Error| MicrosandboxError::RegistryUnreachable {
+            registry: self.registry.to_string(),
+            reason: crate::error::with_causes(&e),
         };
         let mut request = self
             .http
@@ -659,19 +650,10 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> M
             expected,
             actual,
         },
-        OciDistributionError::RequestError(e) => {
-            let mut reason = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(c) = cur {
-                reason.push_str(": ");
-                reason.push_str(&c.to_string());
-                cur = c.source();
-            }
-            MicrosandboxError::RegistryUnreachable {
-                registry: registry.to_string(),
-                reason,
-            }
-        }
+        OciDistributionError::RequestError(e) => MicrosandboxError::RegistryUnreachable {
+            registry: registry.to_string(),
+            reason: crate::error::with_causes(&e),
+        },
         other => MicrosandboxError::Registry {
             reference: reference.to_string(),
             reason: other.to_string(),
