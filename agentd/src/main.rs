@@ -9,6 +9,7 @@
 
 mod fs;
 mod init;
+mod memory;
 mod reaper;
 mod rootfs;
 mod server;
@@ -21,15 +22,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use msb_protocol::bootcmd;
-use msb_protocol::sysdev::ExitStatus;
+use msb_protocol::sysdev::{BootPhase, ExitStatus};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 
 /// Exit status when the guest cannot set itself up (root filesystem, volumes).
 pub(crate) const BOOT_FAILURE: u8 = 125;
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.msb/scripts";
-/// glibc tunables that keep user space off AVX and AVX-512 (see [`avoid_extended_state`]).
-const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
 
 pub(crate) fn log(msg: &str) {
     // PID 1's stderr is /dev/console, which the VMM writes to its serial log.
@@ -41,13 +40,14 @@ pub(crate) fn log(msg: &str) {
 /// hardware, with the host's XCR0), glibc still sees AVX and AVX-512 and uses them in
 /// memcpy and friends, and their upper register halves leak between processes: memory
 /// copies go wrong and processes crash. So on such a kernel every process of ours runs
-/// with glibc told not to use those extensions: the agent re-executes itself with the
-/// tunables, and passes them to what it runs.
+/// with glibc told not to use those extensions: our VMM starts the agent with the tunables
+/// in its environment (from the kernel command line; under another VMM the agent
+/// re-executes itself with them), and the agent passes them to what it runs.
 fn avoid_extended_state(cmdline: &str) -> Option<&'static str> {
     cmdline
         .split_ascii_whitespace()
         .any(|w| w == "noxsave")
-        .then_some(NO_AVX_TUNABLES)
+        .then_some(bootcmd::NO_AVX_TUNABLES)
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
@@ -98,17 +98,15 @@ fn main() {
         std::process::exit(2);
     }
     sys::keep_freed_memory();
-    // The re-executed agent (below) finds the filesystems mounted already.
-    if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(NO_AVX_TUNABLES) {
-        mount_kernel_filesystems();
-    }
+    // Mounted already (EBUSY) when this is a re-executed agent (below).
+    mount_kernel_filesystems();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let tunables = avoid_extended_state(&cmdline);
     if let Some(t) = tunables {
-        if std::env::var("GLIBC_TUNABLES").as_deref() != Ok(t) {
+        if std::env::var(bootcmd::TUNABLES_ENV).as_deref() != Ok(t) {
             // Only returns on failure; then carry on as we are.
             let e = Command::new("/proc/self/exe")
-                .env("GLIBC_TUNABLES", t)
+                .env(bootcmd::TUNABLES_ENV, t)
                 .exec();
             log(&format!("cannot re-execute with glibc tunables: {e}"));
         }
@@ -119,6 +117,9 @@ fn main() {
             .map_err(|e| log(&format!("system device unavailable: {e}")))
             .ok()
     });
+    if let Some(d) = sysdev {
+        d.phase(BootPhase::InitStarted);
+    }
     if let Err(e) = rootfs::switch_root(&cmdline) {
         log(&format!("cannot switch to the root filesystem: {e}"));
         shutdown(ExitStatus::Code(BOOT_FAILURE));
@@ -127,6 +128,9 @@ fn main() {
     if let Err(e) = rootfs::mount_volumes(&cmdline) {
         log(&format!("cannot mount a volume: {e}"));
         shutdown(ExitStatus::Code(BOOT_FAILURE));
+    }
+    if let Some(d) = sysdev {
+        d.phase(BootPhase::RootMounted);
     }
     let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
     if let Err(e) = nix::unistd::sethostname(hostname) {
@@ -148,11 +152,8 @@ fn main() {
         }
     }
 
-    if let Some(d) = sysdev {
-        d.boot_ready();
-    }
-
-    // Serve exec requests over vsock until a client asks for the VM to shut down.
+    // Serve exec requests over vsock until a client asks for the VM to shut down; ready is
+    // reported once the socket listens (the VMM connects only then).
     let restricted =
         bootcmd::find_param(&cmdline, bootcmd::SECURITY_KEY) == Some(bootcmd::SECURITY_RESTRICTED);
     let env: &'static server::Env = Box::leak(Box::new(server::Env {
@@ -160,7 +161,13 @@ fn main() {
         tunables,
         restricted,
     }));
-    let status = match server::serve(env) {
+    let ready = || {
+        if let Some(d) = sysdev {
+            d.boot_ready();
+        }
+        memory::start(&cmdline);
+    };
+    let status = match server::serve(env, ready) {
         Ok(()) => ExitStatus::Code(0),
         Err(e) => {
             log(&format!("cannot serve on vsock: {e}"));

@@ -127,8 +127,8 @@ pub struct Env {
     pub restricted: bool,
 }
 
-/// Listens on vsock and serves connections forever.
-pub fn serve(env: &'static Env) -> std::io::Result<()> {
+/// Listens on vsock, calls `ready`, and serves connections forever.
+pub fn serve(env: &'static Env, ready: impl FnOnce()) -> std::io::Result<()> {
     let fd = socket(
         AddressFamily::Vsock,
         SockType::Stream,
@@ -141,6 +141,7 @@ pub fn serve(env: &'static Env) -> std::io::Result<()> {
     )?;
     listen(&fd, Backlog::new(64)?)?;
     reaper::start();
+    ready();
     loop {
         match crate::sys::accept(&fd) {
             Ok(conn) => {

@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use msb_protocol::sysdev::{
-    ExitStatus, MAGIC, REG_BOOT_READY, REG_EXIT_STATUS, REG_MAGIC, SYSDEV_BASE, SYSDEV_SIZE,
+    BootPhase, ExitStatus, MAGIC, REG_BOOT_READY, REG_EXIT_STATUS, REG_MAGIC, REG_PHASE,
+    SYSDEV_BASE, SYSDEV_SIZE,
 };
 
 /// The mapped system device page.
@@ -65,6 +66,12 @@ impl SystemDevice {
     pub fn boot_ready(&self) {
         // SAFETY: one-byte register inside the mapped page; volatile so it is not elided.
         unsafe { std::ptr::write_volatile(self.base.add(REG_BOOT_READY as usize), 123u8) }
+    }
+
+    /// Tells the VMM the agent reached `phase` of its start.
+    pub fn phase(&self, phase: BootPhase) {
+        // SAFETY: one-byte register inside the mapped page; volatile so it is not elided.
+        unsafe { std::ptr::write_volatile(self.base.add(REG_PHASE as usize), phase.encode()) }
     }
 
     /// Reports the command's status; the VMM ends the VM.

@@ -5,11 +5,12 @@
 //! and an exit value the agent would never write is reported as such, not trusted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use msb_protocol::sysdev::{
-    ExitStatus, MAGIC, REG_BOOT_READY, REG_EXIT_STATUS, REG_FIRST_INSN, REG_MAGIC,
+    BootPhase, ExitStatus, MAGIC, REG_BOOT_READY, REG_EXIT_STATUS, REG_FIRST_INSN, REG_MAGIC,
+    REG_PHASE,
 };
 
 use crate::BusDevice;
@@ -19,6 +20,8 @@ use crate::BusDevice;
 pub enum SystemEvent {
     /// The VMM's boot stub ran: the guest's first instruction.
     FirstInstruction,
+    /// The agent reached a step of its start.
+    Phase(BootPhase),
     /// The agent is ready.
     BootReady,
     /// The guest is done with this status.
@@ -36,12 +39,58 @@ pub trait SystemEventSink: Send {
 /// Times recorded by the device, relative to the VMM's start.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BootTimes {
-    /// When the boot stub ran.
+    /// When the boot stub ran (it jumps to the kernel's entry right after).
     pub first_instruction: Option<Duration>,
+    /// When the kernel ran the agent.
+    pub init_started: Option<Duration>,
+    /// When the agent had the root filesystem and the volumes mounted.
+    pub root_mounted: Option<Duration>,
     /// When the agent reported ready.
     pub boot_ready: Option<Duration>,
     /// When the guest wrote its exit status.
     pub exit: Option<Duration>,
+}
+
+/// Opens when the agent reports ready: who talks to the agent waits here instead of
+/// knocking on the guest while it boots (every refused attempt is a packet the guest
+/// kernel handles, which costs boot time where guest kernel code is emulated).
+#[derive(Debug, Clone, Default)]
+pub struct ReadyGate(Arc<(Mutex<bool>, Condvar)>);
+
+impl ReadyGate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens the gate and wakes every waiter (idempotent).
+    pub fn open(&self) {
+        let (m, cv) = &*self.0;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// True once opened.
+    pub fn is_open(&self) -> bool {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the gate opens or `deadline` passes; true when it is open.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let (m, cv) = &*self.0;
+        let mut open = m.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            open = cv
+                .wait_timeout(open, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
 }
 
 /// The system device.
@@ -50,6 +99,7 @@ pub struct SystemDevice {
     times: Arc<Mutex<BootTimes>>,
     sink: Box<dyn SystemEventSink>,
     dropped: AtomicU64,
+    ready: Option<ReadyGate>,
 }
 
 impl std::fmt::Debug for SystemDevice {
@@ -69,7 +119,14 @@ impl SystemDevice {
             times: Arc::default(),
             sink,
             dropped: AtomicU64::new(0),
+            ready: None,
         }
+    }
+
+    /// Opens `gate` when the agent reports ready.
+    pub fn with_ready_gate(mut self, gate: ReadyGate) -> Self {
+        self.ready = Some(gate);
+        self
     }
 
     /// A handle to the recorded times.
@@ -88,6 +145,8 @@ impl SystemDevice {
             let mut t = self.times.lock().unwrap_or_else(|p| p.into_inner());
             let slot = match event {
                 SystemEvent::FirstInstruction => &mut t.first_instruction,
+                SystemEvent::Phase(BootPhase::InitStarted) => &mut t.init_started,
+                SystemEvent::Phase(BootPhase::RootMounted) => &mut t.root_mounted,
                 SystemEvent::BootReady => &mut t.boot_ready,
                 SystemEvent::Exit(_) | SystemEvent::BadExit(_) => &mut t.exit,
             };
@@ -97,6 +156,9 @@ impl SystemDevice {
                 return;
             }
             *slot = Some(now);
+        }
+        if let (SystemEvent::BootReady, Some(gate)) = (event, &self.ready) {
+            gate.open();
         }
         self.sink.event(event, now);
     }
@@ -115,6 +177,12 @@ impl BusDevice for SystemDevice {
         match (offset, data) {
             (REG_BOOT_READY, [_]) => self.record(SystemEvent::BootReady),
             (REG_FIRST_INSN, [_]) => self.record(SystemEvent::FirstInstruction),
+            (REG_PHASE, &[raw]) => match BootPhase::decode(raw) {
+                Some(p) => self.record(SystemEvent::Phase(p)),
+                None => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
             (REG_EXIT_STATUS, &[a, b, c, d]) => {
                 let raw = u32::from_le_bytes([a, b, c, d]);
                 self.record(match ExitStatus::decode(raw) {
@@ -153,6 +221,8 @@ mod tests {
     fn boot_sequence_records_times_in_order() {
         let (mut dev, rx) = device();
         dev.write(REG_FIRST_INSN, &[1]);
+        dev.write(REG_PHASE, &[BootPhase::InitStarted.encode()]);
+        dev.write(REG_PHASE, &[BootPhase::RootMounted.encode()]);
         dev.write(REG_BOOT_READY, &[123]);
         dev.write(REG_EXIT_STATUS, &ExitStatus::Code(3).encode().to_le_bytes());
         let events: Vec<_> = rx.try_iter().collect();
@@ -160,12 +230,34 @@ mod tests {
             events,
             vec![
                 SystemEvent::FirstInstruction,
+                SystemEvent::Phase(BootPhase::InitStarted),
+                SystemEvent::Phase(BootPhase::RootMounted),
                 SystemEvent::BootReady,
                 SystemEvent::Exit(ExitStatus::Code(3))
             ]
         );
         let t = *dev.times().lock().expect("not poisoned");
-        assert!(t.first_instruction <= t.boot_ready && t.boot_ready <= t.exit);
+        assert!(t.first_instruction <= t.init_started && t.init_started <= t.root_mounted);
+        assert!(t.root_mounted <= t.boot_ready && t.boot_ready <= t.exit);
+    }
+
+    #[test]
+    fn the_ready_gate_opens_on_boot_ready_only() {
+        let gate = ReadyGate::new();
+        let (tx, _rx) = mpsc::channel();
+        let mut dev = SystemDevice::new(Instant::now(), Box::new(Chan(Mutex::new(tx))))
+            .with_ready_gate(gate.clone());
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.wait_until(Instant::now() + Duration::from_secs(30)))
+        };
+        dev.write(REG_FIRST_INSN, &[1]);
+        dev.write(REG_PHASE, &[BootPhase::RootMounted.encode()]);
+        assert!(!gate.is_open());
+        assert!(!gate.wait_until(Instant::now() + Duration::from_millis(10)));
+        dev.write(REG_BOOT_READY, &[1]);
+        assert!(gate.is_open());
+        assert!(waiter.join().expect("waiter"));
     }
 
     #[test]
@@ -182,9 +274,11 @@ mod tests {
         dev.write(REG_EXIT_STATUS, &[1, 2]); // wrong width
         dev.write(0x800, &[1]); // unknown offset
         dev.read(REG_BOOT_READY, &mut [0u8; 8]);
+        dev.write(REG_PHASE, &[0]); // no such phase
+        dev.write(REG_PHASE, &[1, 0]); // wrong width
         dev.write(REG_BOOT_READY, &[1]);
         dev.write(REG_BOOT_READY, &[1]); // repeat
-        assert_eq!(dev.dropped(), 4);
+        assert_eq!(dev.dropped(), 6);
         assert_eq!(rx.try_iter().count(), 1);
     }
 

@@ -30,7 +30,8 @@ pub use progress::Progress;
 
 /// Bump when the build procedure changes in a way the inputs do not show.
 const KERNEL_RECIPE: &str = "kernel-recipe-1";
-const INITRAMFS_RECIPE: &str = "initramfs-recipe-2";
+const INITRAMFS_RECIPE: &str = "initramfs-recipe-3";
+const AGENT_DIR_RECIPE: &str = "agent-dir-recipe-1";
 const ROOTFS_RECIPE: &str = "rootfs-recipe-1";
 const SOURCE_PACKAGE: &str = "linux-source-6.12";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
@@ -402,6 +403,10 @@ pub fn ensure_kernel(
     flavour: Flavour,
     progress: &mut Progress,
 ) -> Result<PathBuf, GuestBuildError> {
+    // The common case first, without looking at the build packages.
+    if let Some(cached) = cached_kernel(flavour)? {
+        return Ok(cached);
+    }
     packages::ensure(BUILD_PACKAGES, progress)?;
     let version = packages::installed_version(SOURCE_PACKAGE).ok_or_else(|| {
         GuestBuildError::MissingPackages {
@@ -520,12 +525,55 @@ fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
+/// Newest modification time of the files under `dirs` (recursively), if any.
+fn newest_mtime(dirs: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack: Vec<PathBuf> = dirs.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(rd) = fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
+    }
+    newest
+}
+
+/// The built agent at `binary` is newer than every source it is built from (the agent
+/// and protocol crates and the workspace manifests), so cargo has nothing to do. Asking
+/// cargo itself costs ~250 ms at every `msb-vmm` start.
+fn agentd_is_fresh(binary: &Path) -> bool {
+    let Ok(built) = fs::metadata(binary).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let ws = workspace_dir();
+    let inputs = [
+        ws.join("agentd"),
+        ws.join("protocol"),
+        ws.join("Cargo.toml"),
+        ws.join("Cargo.lock"),
+    ];
+    newest_mtime(&inputs).is_some_and(|newest| newest <= built)
+}
+
 /// Builds `agentd` as a static binary (or takes `$MSB_AGENTD`) and returns its path.
 pub fn build_agentd(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
     if let Some(p) = std::env::var_os("MSB_AGENTD") {
         return Ok(PathBuf::from(p));
     }
     let target_dir = cache_dir()?.join("agentd-target");
+    let binary = target_dir
+        .join(AGENTD_TARGET)
+        .join("release")
+        .join("msb-agentd");
+    if agentd_is_fresh(&binary) {
+        return Ok(binary);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     progress.phase("building agentd (static)");
     let log = cache_dir()?.join("agentd-build.log");
@@ -555,10 +603,7 @@ pub fn build_agentd(progress: &mut Progress) -> Result<PathBuf, GuestBuildError>
         &log,
         progress,
     )?;
-    Ok(target_dir
-        .join(AGENTD_TARGET)
-        .join("release")
-        .join("msb-agentd"))
+    Ok(binary)
 }
 
 fn busybox_applets() -> Result<Vec<String>, GuestBuildError> {
@@ -577,7 +622,7 @@ fn busybox_applets() -> Result<Vec<String>, GuestBuildError> {
 /// it switches to the root filesystem (which the VMM shares over virtio-fs).
 pub fn initramfs_entries(agentd: Vec<u8>) -> Vec<cpio::Entry> {
     use cpio::{Entry, Kind};
-    let mut entries: Vec<Entry> = ["dev", "proc", "sys", "mnt"]
+    let mut entries: Vec<Entry> = ["dev", "proc", "sys", "mnt", "mnt/msb-fs", "mnt/msb-root"]
         .into_iter()
         .map(|d| Entry {
             path: d.into(),
@@ -680,6 +725,52 @@ fn remove_stale(dir: &Path, prefix: &str, keep: &Path) {
     }
 }
 
+/// Returns the cached agent directory, assembling it first if needed: what the initramfs
+/// holds (`agentd` as `/init` and the mount points it needs before it switches to the
+/// sandbox's root), as a directory the VMM shares read-only over virtio-fs as the guest
+/// kernel's root (`root=msbinit rootfstype=virtiofs`). The guest reads the agent's pages
+/// on demand, copied by the host, where an initramfs is unpacked by the guest kernel at
+/// every boot (seconds where that code is emulated).
+pub fn ensure_agent_dir(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    let agentd_path = build_agentd(progress)?;
+    let agentd = fs::read(&agentd_path).map_err(io_err("cannot read", &agentd_path))?;
+    if !is_static_elf(&agentd) {
+        return Err(GuestBuildError::NotStatic(agentd_path));
+    }
+    let mut h = Sha256::new();
+    h.update(AGENT_DIR_RECIPE.as_bytes());
+    h.update(&agentd);
+    let hash = hex::encode(&h.finalize()[..8]);
+    let dir = cache_dir()?.join("agent");
+    let path = dir.join(format!("agent-{hash}"));
+    if path.is_dir() {
+        return Ok(path);
+    }
+    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+    progress.phase("assembling the agent directory");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{seq}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+    if let Err(e) = write_tree(&tmp, &initramfs_entries(agentd)) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, &path) {
+        Ok(()) => {}
+        // Another process finished the same directory first: use it.
+        Err(_) if path.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(io_err("cannot move the agent directory to", &path)(e)),
+    }
+    // Older directories may be the root of running sandboxes; they are small, so they
+    // stay (the cache can be emptied when no sandbox runs).
+    progress.done(&format!("agent directory ready: {}", path.display()));
+    Ok(path)
+}
+
 /// Returns the cached initramfs (just `agentd`), assembling it first if needed.
 pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
     let agentd_path = build_agentd(progress)?;
@@ -715,6 +806,25 @@ pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildEr
 /// Returns the cached default root filesystem (a directory the VMM shares read-only as the
 /// image layer of a sandbox without an image), assembling it first if needed.
 pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
+    // The tree's name hashes busybox's bytes and applets; a link named after busybox's
+    // file identity (and the recipe) finds it without reading them again.
+    let dir = cache_dir()?.join("rootfs");
+    let quick = fs::metadata(BUSYBOX).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        let mut h = Sha256::new();
+        h.update(ROOTFS_RECIPE.as_bytes());
+        h.update(format!("{}:{}:{}:{}", m.dev(), m.ino(), m.len(), m.mtime_nsec()).as_bytes());
+        h.update(m.mtime().to_le_bytes());
+        dir.join(format!("by-file-{}", hex::encode(&h.finalize()[..8])))
+    });
+    if let Some(link) = &quick {
+        if let Ok(target) = fs::read_link(link) {
+            let path = dir.join(target);
+            if path.is_dir() {
+                return Ok(path);
+            }
+        }
+    }
     packages::ensure(&["busybox-static"], progress)?;
     let busybox = fs::read(BUSYBOX).map_err(io_err("cannot read", Path::new(BUSYBOX)))?;
     if !is_static_elf(&busybox) {
@@ -726,9 +836,20 @@ pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError
     h.update(&busybox);
     h.update(applets.join("\n").as_bytes());
     let hash = hex::encode(&h.finalize()[..8]);
-    let dir = cache_dir()?.join("rootfs");
-    let path = dir.join(format!("default-{hash}"));
+    let name = format!("default-{hash}");
+    let path = dir.join(&name);
+    let remember = |quick: &Option<PathBuf>| {
+        if let Some(link) = quick {
+            // Atomic: a temporary link renamed over the old one.
+            let tmp = dir.join(format!(".link-{}", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            if std::os::unix::fs::symlink(&name, &tmp).is_ok() && fs::rename(&tmp, link).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+    };
     if path.is_dir() {
+        remember(&quick);
         return Ok(path);
     }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
@@ -754,6 +875,7 @@ pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError
         }
         Err(e) => return Err(io_err("cannot move the root filesystem to", &path)(e)),
     }
+    remember(&quick);
     // Older trees may still be in use by running sandboxes; they are small, so keep them.
     progress.done(&format!("root filesystem ready: {}", path.display()));
     Ok(path)

@@ -7,12 +7,24 @@
 //! (top) and the writable layer at `/rw/upper` with overlayfs' work directory at
 //! `/rw/work`; each `msb.mnt=` word is one [`GuestMount`].
 
+/// glibc tunables that keep guest user space off AVX and AVX-512 where the guest kernel
+/// runs with `noxsave` (see "User-space AVX on PVM hosts" in `docs/design.md`). The VMM
+/// puts `GLIBC_TUNABLES=<this>` on such a kernel command line (a word without a dot in
+/// its name, so the kernel hands it to init's environment) and the agent passes it to
+/// every command.
+pub const NO_AVX_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
+/// The environment variable glibc reads its tunables from.
+pub const TUNABLES_ENV: &str = "GLIBC_TUNABLES";
+
 /// Kernel command-line key carrying the hostname.
 pub const HOSTNAME_KEY: &str = "msb.hostname";
 /// Kernel command-line key carrying the number of read-only root layers.
 pub const ROOT_KEY: &str = "msb.root";
 /// The virtio-fs tag of the root filesystem device.
 pub const ROOT_TAG: &str = "msbroot";
+/// The virtio-fs tag of the agent's directory (the guest kernel's own root when the VMM
+/// boots without an initramfs: `root=msbinit rootfstype=virtiofs init=/init`).
+pub const INIT_TAG: &str = "msbinit";
 /// Kernel command-line key of one volume mount (repeated).
 pub const MOUNT_KEY: &str = "msb.mnt";
 /// Kernel command-line key of the security profile of user commands: with
@@ -100,6 +112,53 @@ pub fn find_param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_ascii_whitespace()
         .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Kernel command-line key listing the RAM the guest adds after boot (memory the e820 map
+/// left out, so the kernel does not initialise it while it boots): comma-separated runs
+/// `START+COUNT`, a hex guest-physical address and a number of [`HOTMEM_BLOCK`] blocks.
+pub const HOTMEM_KEY: &str = "msb.hotmem";
+/// Size of one block of [`HOTMEM_KEY`] (Linux's x86_64 memory block, the unit of its
+/// memory hotplug).
+pub const HOTMEM_BLOCK: u64 = 128 << 20;
+/// Most blocks one command line may announce (1 TiB).
+pub const HOTMEM_MAX_BLOCKS: u64 = 8192;
+
+/// The [`HOTMEM_KEY`] value for blocks at `starts` (ascending, block aligned), or `None`
+/// for no blocks.
+pub fn encode_hotmem(starts: &[u64]) -> Option<String> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &s in starts {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * HOTMEM_BLOCK == s => *n += 1,
+            _ => runs.push((s, 1)),
+        }
+    }
+    (!runs.is_empty()).then(|| {
+        runs.iter()
+            .map(|(s, n)| format!("{s:#x}+{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
+
+/// The block start addresses a [`HOTMEM_KEY`] value lists; `None` when it is malformed
+/// (not block aligned, overflowing, or more than [`HOTMEM_MAX_BLOCKS`] blocks).
+pub fn decode_hotmem(value: &str) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    for run in value.split(',') {
+        let (start, count) = run.split_once('+')?;
+        let start = u64::from_str_radix(start.strip_prefix("0x")?, 16).ok()?;
+        let count: u64 = count.parse().ok()?;
+        if start % HOTMEM_BLOCK != 0 || out.len() as u64 + count > HOTMEM_MAX_BLOCKS {
+            return None;
+        }
+        for i in 0..count {
+            out.push(start.checked_add(i.checked_mul(HOTMEM_BLOCK)?)?);
+        }
+        start.checked_add(count.checked_mul(HOTMEM_BLOCK)?)?;
+    }
+    Some(out)
 }
 
 /// Every value of `key=value` in a kernel command line, in order.
@@ -237,6 +296,32 @@ pub fn decode_component(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hotmem_runs_round_trip() {
+        const B: u64 = HOTMEM_BLOCK;
+        let blocks = vec![B, 2 * B, 3 * B, 40 * B, 41 * B];
+        let v = encode_hotmem(&blocks).expect("blocks");
+        assert_eq!(v, "0x8000000+3,0x140000000+2");
+        assert_eq!(decode_hotmem(&v), Some(blocks));
+        assert_eq!(encode_hotmem(&[]), None);
+    }
+
+    #[test]
+    fn hostile_hotmem_values_are_refused() {
+        for v in [
+            "",
+            "0x8000000",
+            "8000000+1",
+            "0x8000001+1",
+            "0x8000000+x",
+            "0x8000000+9000",
+            "0xfffffffff8000000+2",
+            "0x8000000+1,",
+        ] {
+            assert_eq!(decode_hotmem(v), None, "{v}");
+        }
+    }
+
     use super::*;
 
     #[test]

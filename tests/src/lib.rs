@@ -34,13 +34,16 @@ pub fn host_kind() -> &'static str {
     }
 }
 
-/// Kernel and initramfs every test boots.
+/// The guest artifacts: the kernel every test boots, with the agent directory as its root
+/// (`msb-vmm`'s default), and the initramfs other VMMs boot the same agent from.
 #[derive(Debug)]
 pub struct Artifacts {
     /// The kernel for this host.
     pub kernel: PathBuf,
-    /// The default initramfs.
+    /// The default initramfs (for QEMU: the peer in the boot benchmark, the TCG boot test).
     pub initrd: PathBuf,
+    /// The agent directory `msb-vmm` shares as the guest kernel's root.
+    pub agent_dir: PathBuf,
     /// The VMM binary.
     pub msb_vmm: PathBuf,
 }
@@ -109,9 +112,12 @@ pub fn artifacts() -> &'static Artifacts {
         };
         let initrd = msb_guest_kernel::ensure_initramfs(&mut Progress::new("initramfs"))
             .expect("initramfs builds");
+        let agent_dir = msb_guest_kernel::ensure_agent_dir(&mut Progress::new("agent"))
+            .expect("agent directory builds");
         Artifacts {
             kernel,
             initrd,
+            agent_dir,
             msb_vmm: msb_vmm_binary(),
         }
     })
@@ -195,7 +201,6 @@ pub fn sdk_env(home: &Path) {
     std::env::set_var("MSB_HOME", home);
     std::env::set_var("MSB_VMM", &a.msb_vmm);
     std::env::set_var("MSB_KERNEL", &a.kernel);
-    std::env::set_var("MSB_INITRD", &a.initrd);
 }
 
 /// Runs `msb-vmm` with the test artifacts, `opts` and the guest command `cmd`.
@@ -212,8 +217,6 @@ pub fn run_vm_with_stdin(opts: &[&str], cmd: &[&str], input: Option<&[u8]>) -> O
     let mut child = Command::new(&a.msb_vmm)
         .arg("--kernel")
         .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
         .args(["--timeout", &timeout])
         .args(opts)
         .arg("--")
@@ -285,8 +288,6 @@ pub fn serve_vm(sock: &Path, serial: &Path, memory_mib: u32) -> ServedVm {
     let child = Command::new(&a.msb_vmm)
         .arg("--kernel")
         .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
         .args([
             "--memory",
             &memory_mib.to_string(),

@@ -11,6 +11,7 @@ use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
 use msb_protocol::bootcmd::{self, GuestMount};
 
 use crate::arch::x86_64::cpuid::CpuProfile;
+use crate::arch::x86_64::layout::split_ram;
 use crate::host::HostKind;
 use crate::vm::{BootSource, VmConfig, VmmError};
 
@@ -35,6 +36,9 @@ pub struct Launch {
     pub initrd: Option<PathBuf>,
     /// Guest memory, MiB.
     pub memory_mib: u64,
+    /// RAM the guest's kernel gets at boot, MiB; the rest is held back in 128 MiB blocks
+    /// the agent adds when the guest needs them (see [`BootMemory`]).
+    pub boot_memory: BootMemory,
     /// vCPUs.
     pub cpus: u8,
     /// KVM device node.
@@ -108,6 +112,7 @@ impl Default for Launch {
             kernel: None,
             initrd: None,
             memory_mib: DEFAULT_MEMORY_MIB,
+            boot_memory: BootMemory::ForHost,
             cpus: 1,
             kvm_path: PathBuf::from("/dev/kvm"),
             serial_log: None,
@@ -138,6 +143,37 @@ impl Launch {
                 PathBuf::from(p)
             })
         })
+    }
+}
+
+/// How much of the guest's RAM its kernel sets up while it boots.
+///
+/// Setting up RAM costs the guest kernel work per page (its `struct page`s and the page
+/// allocator's lists): on hardware KVM ~10 ms for 512 MiB, on a PVM host, where guest
+/// kernel code is emulated, ~2 s per 128 MiB. So on PVM hosts the kernel boots with
+/// [`PVM_BOOT_MEMORY_MIB`] and the agent adds the rest (whole 128 MiB blocks, through
+/// memory hotplug) when free memory runs low; pieces shorter than a block boot with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMemory {
+    /// All of it on hardware KVM, [`PVM_BOOT_MEMORY_MIB`] on PVM hosts.
+    ForHost,
+    /// All of it.
+    All,
+    /// At most this many MiB (rounded up to a 128 MiB block).
+    Mib(u64),
+}
+
+/// Boot memory on PVM hosts, MiB (one memory block).
+pub const PVM_BOOT_MEMORY_MIB: u64 = 128;
+
+impl BootMemory {
+    /// The guest-physical address above which whole blocks are held back, if any.
+    pub fn limit(self, profile: CpuProfile) -> Option<u64> {
+        match (self, profile) {
+            (BootMemory::All, _) | (BootMemory::ForHost, CpuProfile::Host) => None,
+            (BootMemory::ForHost, CpuProfile::PvmCompat) => Some(PVM_BOOT_MEMORY_MIB << 20),
+            (BootMemory::Mib(m), _) => Some(m.max(1) << 20),
+        }
     }
 }
 
@@ -308,6 +344,14 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
     }
     let mut words: Vec<String> = BASE_CMDLINE.split(' ').map(str::to_string).collect();
     words.extend(profile.kernel_args().split_whitespace().map(str::to_string));
+    if profile == CpuProfile::PvmCompat {
+        // Init's environment from the start: the agent need not re-execute itself.
+        words.push(format!(
+            "{}={}",
+            bootcmd::TUNABLES_ENV,
+            bootcmd::NO_AVX_TUNABLES
+        ));
+    }
     for a in &launch.append {
         if a.is_empty() || a.contains(char::is_whitespace) || a.starts_with("msb.") {
             return Err(LaunchError::Append(a.clone()));
@@ -315,6 +359,10 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
         words.push(a.clone());
     }
     words.push(format!("{}={}", bootcmd::HOSTNAME_KEY, launch.hostname));
+    let (_, held) = split_ram(launch.memory_mib << 20, launch.boot_memory.limit(profile));
+    if let Some(v) = bootcmd::encode_hotmem(&held) {
+        words.push(format!("{}={v}", bootcmd::HOTMEM_KEY));
+    }
     if launch.restricted {
         words.push(format!(
             "{}={}",
@@ -351,6 +399,8 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             uds_path: launch.vsock_path().ok_or(LaunchError::NoVsock)?,
         }),
         fs: Vec::new(),
+        ready_gate: None,
+        boot_ram_limit: launch.boot_memory.limit(profile),
     };
     let rw = launch.rw.as_deref().ok_or(LaunchError::NoRw)?;
     // Cheap checks first: bad input fails before any build.
@@ -370,9 +420,16 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             &mut Progress::new("guest-kernel"),
         )?,
     };
-    let initrd = match &launch.initrd {
-        Some(i) => i.clone(),
-        None => msb_guest_kernel::ensure_initramfs(&mut Progress::new("initramfs"))?,
+    // Without an initramfs the agent's directory is the kernel's root, read on demand over
+    // virtio-fs (an initramfs is unpacked by guest kernel code at every boot).
+    let (initrd, agent_dir) = match &launch.initrd {
+        Some(i) => (Some(i.clone()), None),
+        None => (
+            None,
+            Some(msb_guest_kernel::ensure_agent_dir(&mut Progress::new(
+                "agent",
+            ))?),
+        ),
     };
     let layers = if launch.layers.is_empty() {
         vec![msb_guest_kernel::ensure_rootfs(&mut Progress::new(
@@ -381,7 +438,21 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
     } else {
         launch.layers.clone()
     };
-    let (fs, words) = shares(launch, layers, rw)?;
+    let (mut fs, mut words) = shares(launch, layers, rw)?;
+    if let Some(dir) = agent_dir {
+        fs.push(Share {
+            tag: bootcmd::INIT_TAG.into(),
+            source: ShareSource::Dir {
+                path: dir,
+                readonly: true,
+            },
+        });
+        words.extend([
+            format!("root={}", bootcmd::INIT_TAG),
+            "rootfstype=virtiofs".into(),
+            "init=/init".into(),
+        ]);
+    }
     cfg.fs = fs;
     for w in words {
         cmdline.push(' ');
@@ -394,7 +465,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
     } = &mut cfg.boot
     {
         *k = kernel;
-        *i = Some(initrd);
+        *i = initrd;
         *c = cmdline;
     }
     Ok(cfg)

@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use msb_devices::system::ReadyGate;
 pub use msb_protocol::execlog::LogSource;
 use msb_protocol::frame::{read_frame_raw, write_frame, Frame, ProtocolError};
 use msb_protocol::message::{ErrorKind, Message, AGENT_PORT};
@@ -54,6 +55,9 @@ pub struct RelayConfig {
     /// client's sessions at once) before the relay closes its side anyway: a guest that
     /// never closes cannot hold a relay slot.
     pub agent_grace: Duration,
+    /// Opens when the agent is ready: clients wait for it instead of knocking on a booting
+    /// guest (without one, connections are retried every 100 ms).
+    pub ready: Option<ReadyGate>,
 }
 
 impl RelayConfig {
@@ -67,6 +71,7 @@ impl RelayConfig {
             max_clients: DEFAULT_MAX_CLIENTS,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             agent_grace: Duration::from_secs(30),
+            ready: None,
         }
     }
 }
@@ -374,6 +379,17 @@ fn refuse(mut client: &UnixStream, kind: ErrorKind, message: String) {
 fn connect_agent(shared: &Shared) -> Result<UnixStream, String> {
     let deadline = Instant::now() + shared.cfg.agent_wait;
     let mut last = String::from("no attempt");
+    if let Some(gate) = &shared.cfg.ready {
+        // In slices, so a stopping relay is noticed.
+        while !gate.wait_until(deadline.min(Instant::now() + CONNECT_RETRY * 5)) {
+            if Instant::now() >= deadline || shared.stop.load(Ordering::SeqCst) {
+                return Err(format!(
+                    "the guest agent was not ready within {}s",
+                    shared.cfg.agent_wait.as_secs()
+                ));
+            }
+        }
+    }
     while Instant::now() < deadline && !shared.stop.load(Ordering::SeqCst) {
         match try_connect(&shared.cfg.vsock_socket, deadline) {
             Ok(s) => return Ok(s),

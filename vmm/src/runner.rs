@@ -16,6 +16,7 @@ use msb_protocol::frame::{read_frame, write_frame, Frame};
 use msb_protocol::message::{ErrorKind, ExecStart, Message, StdinMode, PROTOCOL_VERSION};
 
 use crate::relay::try_connect;
+use msb_devices::system::ReadyGate;
 
 const SESSION: u32 = 1;
 const RETRY: Duration = Duration::from_millis(50);
@@ -69,12 +70,22 @@ impl CommandEnd {
 }
 
 /// Starts the runner for `argv` against the vsock socket `vsock`; the receiver gets the
-/// command's end (then the agent is asked to shut the VM down).
-pub fn spawn(vsock: PathBuf, argv: Vec<String>) -> std::io::Result<Receiver<CommandEnd>> {
+/// command's end (then the agent is asked to shut the VM down). With `ready`, the runner
+/// waits for the agent's ready report before it connects.
+pub fn spawn(
+    vsock: PathBuf,
+    argv: Vec<String>,
+    ready: Option<ReadyGate>,
+) -> std::io::Result<Receiver<CommandEnd>> {
     let (tx, rx) = channel();
     std::thread::Builder::new()
         .name("runner".into())
         .spawn(move || {
+            if let Some(gate) = ready {
+                // No deadline here either: the VMM's own timeout ends a guest that never
+                // gets ready.
+                while !gate.wait_until(Instant::now() + Duration::from_secs(3600)) {}
+            }
             let (end, writer) = run(&vsock, argv);
             let _ = tx.send(end);
             shut_down(&vsock, writer);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use msb_devices::legacy::{ResetHandler, Serial, I8042};
-use msb_devices::system::{BootTimes, SystemDevice, SystemEvent, SystemEventSink};
+use msb_devices::system::{BootTimes, ReadyGate, SystemDevice, SystemEvent, SystemEventSink};
 use msb_devices::virtio::fs::{mmio_transport as fs_transport, FsError, FsMetrics, Share};
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::boot::{self, BootError, KernelBoot};
 use crate::arch::x86_64::cpuid::{self, CpuProfile};
-use crate::arch::x86_64::layout::GDT_ADDR;
+use crate::arch::x86_64::layout::{self, GDT_ADDR};
 use crate::arch::x86_64::regs;
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::console::{ConsoleLog, ConsoleWriter};
@@ -106,6 +106,12 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices, one per tag (the root first, then volumes).
     pub fs: Vec<Share>,
+    /// Opened when the agent reports ready (for those who wait to talk to it).
+    pub ready_gate: Option<ReadyGate>,
+    /// RAM above this guest-physical address is held back from the boot e820 map in whole
+    /// 128 MiB blocks, which the agent adds later ([`layout::split_ram`]); `None`: all RAM
+    /// at boot.
+    pub boot_ram_limit: Option<u64>,
 }
 
 /// Invalid configuration values.
@@ -403,6 +409,7 @@ impl Vm {
                         MMIO_SIZE >> 10
                     ));
                 }
+                let (ram, _) = layout::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
                 boot::load(
                     &mem,
                     &KernelBoot {
@@ -410,6 +417,7 @@ impl Vm {
                         initrd: initrd.as_deref(),
                         cmdline: &cmdline,
                         vcpus: cfg.vcpus,
+                        ram: &ram,
                     },
                 )?
             }
@@ -439,7 +447,10 @@ impl Vm {
         let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(ResetSink(
             events_tx.clone(),
         )))));
-        let sysdev = SystemDevice::new(start, Box::new(SystemSink(events_tx.clone())));
+        let mut sysdev = SystemDevice::new(start, Box::new(SystemSink(events_tx.clone())));
+        if let Some(gate) = &cfg.ready_gate {
+            sysdev = sysdev.with_ready_gate(gate.clone());
+        }
         let times = sysdev.times();
         let sysdev: SharedDevice = Arc::new(Mutex::new(sysdev));
 
@@ -547,7 +558,9 @@ impl Vm {
             match event {
                 Ok(VmEvent::System(SystemEvent::Exit(status))) => break VmEnd::Exited(status),
                 Ok(VmEvent::System(SystemEvent::BadExit(v))) => break VmEnd::BadExitValue(v),
-                Ok(VmEvent::System(SystemEvent::FirstInstruction | SystemEvent::BootReady)) => {}
+                Ok(VmEvent::System(
+                    SystemEvent::FirstInstruction | SystemEvent::Phase(_) | SystemEvent::BootReady,
+                )) => {}
                 // After a panic line the kernel's own reset is how the panic ends.
                 Ok(VmEvent::Reset(_)) if panic_deadline.is_some() => break VmEnd::KernelPanic,
                 Ok(VmEvent::Reset(src)) => break VmEnd::Reset(src),

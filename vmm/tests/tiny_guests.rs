@@ -36,6 +36,8 @@ fn config(boot: BootSource) -> VmConfig {
         console_echo: false,
         vsock: None,
         fs: Vec::new(),
+        ready_gate: None,
+        boot_ram_limit: None,
     }
 }
 

@@ -24,21 +24,26 @@ const READY: &[u8] = b"ready\n";
 struct Args {
     runs: usize,
     memory_mib: u64,
+    /// `msb-vmm --boot-memory` (MiB or `all`); default: the VMM's choice for this host.
+    boot_memory: String,
 }
 
 fn parse() -> Args {
     let mut a = Args {
         runs: 3,
-        memory_mib: 128,
+        memory_mib: 512,
+        boot_memory: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let v = it.next().and_then(|v| v.parse().ok());
+        let raw = it.next();
+        let v = raw.as_deref().and_then(|v| v.parse().ok());
         match (k.as_str(), v) {
             ("--runs", Some(n)) if n > 0 => a.runs = n as usize,
             ("--memory", Some(m)) if m > 0 => a.memory_mib = m,
+            ("--boot-memory", _) if raw.is_some() => a.boot_memory = raw.unwrap_or_default(),
             _ => {
-                eprintln!("usage: boot [--runs N] [--memory MiB]");
+                eprintln!("usage: boot [--runs N] [--memory MiB] [--boot-memory MiB|all]");
                 std::process::exit(2);
             }
         }
@@ -66,6 +71,8 @@ fn wait_for_output(stdout: &mut impl Read, start: Instant) -> Option<Duration> {
 #[derive(Default)]
 struct Ours {
     first_insn: Vec<f64>,
+    init_started: Vec<f64>,
+    root_mounted: Vec<f64>,
     boot_ready: Vec<f64>,
     output: Vec<f64>,
     guest_exit: Vec<f64>,
@@ -80,9 +87,12 @@ fn run_ours(args: &Args, out: &mut Ours) {
     let mut child = Command::new(&a.msb_vmm)
         .arg("--kernel")
         .arg(&a.kernel)
-        .arg("--initrd")
-        .arg(&a.initrd)
         .args(["--memory", &args.memory_mib.to_string(), "--timeout", "600"])
+        .args(if args.boot_memory.is_empty() {
+            vec![]
+        } else {
+            vec!["--boot-memory", &args.boot_memory]
+        })
         .arg("--report")
         .arg(&report)
         .args(["--", "echo", "ready"])
@@ -108,6 +118,8 @@ fn run_ours(args: &Args, out: &mut Ours) {
         }
     };
     push(&mut out.first_insn, "first_instruction_ms");
+    push(&mut out.init_started, "init_started_ms");
+    push(&mut out.root_mounted, "root_mounted_ms");
     push(&mut out.boot_ready, "boot_ready_ms");
     push(&mut out.guest_exit, "guest_exit_ms");
     push(&mut out.rss_kib, "vmm_rss_kib");
@@ -190,10 +202,15 @@ fn main() {
     let args = parse();
     let _ = artifacts();
     println!(
-        "boot benchmark: host kind {}; {} runs; {} MiB; 1 vCPU",
+        "boot benchmark: host kind {}; {} runs; {} MiB (boot memory: {}); 1 vCPU",
         host_kind(),
         args.runs,
-        args.memory_mib
+        args.memory_mib,
+        if args.boot_memory.is_empty() {
+            "the VMM's default for this host"
+        } else {
+            &args.boot_memory
+        }
     );
     let mut ours = Ours::default();
     for i in 0..args.runs {
@@ -201,7 +218,12 @@ fn main() {
         run_ours(&args, &mut ours);
     }
     println!("msb-vmm (times from process start, ms):");
-    println!("{}", row("first guest instruction", &ours.first_insn, "ms"));
+    println!(
+        "{}",
+        row("first instruction (kernel start)", &ours.first_insn, "ms")
+    );
+    println!("{}", row("init started (agent)", &ours.init_started, "ms"));
+    println!("{}", row("root mounted", &ours.root_mounted, "ms"));
     println!(
         "{}",
         row("agent ready (boot timer)", &ours.boot_ready, "ms")

@@ -7,7 +7,9 @@
 //! msb-guest rootfs
 //! ```
 
-use msb_guest_kernel::{ensure_initramfs, ensure_kernel, ensure_rootfs, Flavour, Progress};
+use msb_guest_kernel::{
+    ensure_agent_dir, ensure_initramfs, ensure_kernel, ensure_rootfs, Flavour, Progress,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,10 +25,11 @@ fn main() {
             }
         }
         Some("initramfs") => ensure_initramfs(&mut Progress::new("initramfs")),
+        Some("agent") => ensure_agent_dir(&mut Progress::new("agent")),
         Some("rootfs") => ensure_rootfs(&mut Progress::new("rootfs")),
         _ => {
             eprintln!(
-                "usage: msb-guest kernel [microvm|pvm-compat] | msb-guest initramfs | msb-guest rootfs"
+                "usage: msb-guest kernel [microvm|pvm-compat] | msb-guest initramfs | msb-guest agent | msb-guest rootfs"
             );
             std::process::exit(2);
         }

@@ -51,19 +51,21 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use msb_devices::system::ReadyGate;
 use msb_devices::virtio::fs::FsMetrics;
 use msb_protocol::bootcmd::InitSpec;
 use msb_vmm::host::HostKind;
-use msb_vmm::launch::{self, Launch, MountSpec};
+use msb_vmm::launch::{self, BootMemory, Launch, MountSpec};
 use msb_vmm::lifecycle::{self, Action, ExitRecord, Limits, MetricsSnapshot, Policy};
 use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::runner::{self, CommandEnd};
-use msb_vmm::vm::{Vm, VmEnd, VmOutcome, VmStopper};
+use msb_vmm::vm::{Vm, VmConfig, VmEnd, VmOutcome, VmStopper};
 
 const VMM_FAILURE: u8 = 125;
 const TAIL_IN_ERROR: usize = 20;
 
-const USAGE: &str = "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] \
+const USAGE: &str =
+    "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--boot-memory MiB|all] [--cpus N] \
 [--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
 [--append WORD]... [--report FILE] [--vsock-socket PATH] \
 [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
@@ -111,6 +113,12 @@ fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
             "--kernel" => launch.kernel = Some(value("a path")?.into()),
             "--initrd" => launch.initrd = Some(value("a path")?.into()),
             "--memory" => launch.memory_mib = number(value("MiB")?, "a number of MiB")?,
+            "--boot-memory" => {
+                launch.boot_memory = match value("MiB or all")? {
+                    v if v == "all" => BootMemory::All,
+                    v => BootMemory::Mib(number(v, "a number of MiB or all")?),
+                }
+            }
             "--cpus" => {
                 let n = number(value("a count")?, "a vCPU count")?;
                 launch.cpus = u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))?;
@@ -272,6 +280,8 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
         "host_kind": host.describe(),
         "vcpu_start_ms": ms(Some(o.vcpu_start)),
         "first_instruction_ms": ms(o.times.first_instruction),
+        "init_started_ms": ms(o.times.init_started),
+        "root_mounted_ms": ms(o.times.root_mounted),
         "boot_ready_ms": ms(o.times.boot_ready),
         "guest_exit_ms": ms(o.times.exit),
         "vmm_total_ms": ms(Some(total)),
@@ -615,9 +625,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
+    let cfg = VmConfig {
+        ready_gate: Some(ReadyGate::new()),
+        ..cfg
+    };
     let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {
         (Some(control), Some(vsock)) => {
-            let rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
+            let mut rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
+            rc.ready = cfg.ready_gate.clone();
             match Relay::start(rc) {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) => return fail(&error_chain(&e), &[]),
@@ -654,10 +669,12 @@ fn main() -> ExitCode {
         })
     });
     let command = match (&args.command, args.launch.vsock_path()) {
-        (Some(argv), Some(vsock)) => match runner::spawn(vsock, argv.clone()) {
-            Ok(rx) => Some(rx),
-            Err(e) => return fail(&format!("cannot start the command runner: {e}"), &[]),
-        },
+        (Some(argv), Some(vsock)) => {
+            match runner::spawn(vsock, argv.clone(), cfg.ready_gate.clone()) {
+                Ok(rx) => Some(rx),
+                Err(e) => return fail(&format!("cannot start the command runner: {e}"), &[]),
+            }
+        }
         _ => None,
     };
     let outcome = match vm.run(args.launch.timeout) {

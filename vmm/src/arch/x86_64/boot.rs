@@ -16,7 +16,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use msb_protocol::sysdev::{REG_FIRST_INSN, SYSDEV_BASE};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::*;
 use super::{mptable, regs};
@@ -110,6 +110,10 @@ pub struct KernelBoot<'a> {
     pub cmdline: &'a str,
     /// Number of vCPUs (for the MP table).
     pub vcpus: u8,
+    /// The RAM the e820 map shows, as (start, length) ranges
+    /// ([`crate::arch::x86_64::layout::split_ram`]); the rest of guest memory is added by
+    /// the guest later.
+    pub ram: &'a [(u64, u64)],
 }
 
 fn write<T: vm_memory::ByteValued>(
@@ -132,16 +136,16 @@ fn write_bytes(
         .map_err(|source| BootError::GuestWrite { what, source })
 }
 
-/// The e820 map for `mem`: low RAM, the EBDA/BIOS hole, then RAM up to the MMIO gap and
-/// above 4 GiB.
-fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
+/// The e820 map for the boot RAM `ram`: low RAM, the EBDA/BIOS hole, then the rest of the
+/// ranges (up to the MMIO gap and above 4 GiB).
+fn e820_map(ram: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
     ];
-    for region in mem.iter() {
-        let start = region.start_addr().raw_value().max(HIMEM_START);
-        let end = region.start_addr().raw_value() + region.len();
+    for (start, len) in ram {
+        let end = start + len;
+        let start = (*start).max(HIMEM_START);
         if end > start {
             map.push((start, end - start, E820_RAM));
         }
@@ -164,15 +168,16 @@ pub fn boot_stub(entry: u32) -> Vec<u8> {
 
 /// Highest address an initrd may end at, and the lowest it may start at.
 fn place_initrd(
-    mem: &GuestMemoryMmap,
+    ram: &[(u64, u64)],
     size: u64,
     kernel_end: u64,
     max_end: u64,
 ) -> Result<u64, BootError> {
-    let low_end = mem
+    // The end of the boot RAM range the kernel is in.
+    let low_end = ram
         .iter()
-        .map(|r| r.start_addr().raw_value() + r.len())
-        .filter(|end| *end <= MMIO_GAP_START)
+        .filter(|(start, len)| *start <= kernel_end && start + len <= MMIO_GAP_START)
+        .map(|(start, len)| start + len)
         .max()
         .unwrap_or(0)
         .min(max_end);
@@ -230,7 +235,7 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
                 .setup_header
                 .map(|h| u64::from(h.initrd_addr_max) + 1)
                 .unwrap_or(MMIO_GAP_START);
-            let addr = place_initrd(mem, data.len() as u64, loaded.kernel_end, max_end)?;
+            let addr = place_initrd(boot.ram, data.len() as u64, loaded.kernel_end, max_end)?;
             write_bytes(mem, &data, addr, "initrd")?;
             Some((addr, data.len() as u64))
         }
@@ -248,7 +253,7 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
         EBDA_START,
         "MP table",
     )?;
-    let e820 = e820_map(mem);
+    let e820 = e820_map(boot.ram);
 
     let (entry, ebx, esi) = match start_kind {
         Some(entry) => {
@@ -335,22 +340,46 @@ mod tests {
 
     #[test]
     fn e820_has_hole_and_high_ram() {
-        let m = e820_map(&mem(64 << 20));
+        let m = e820_map(&ram_regions(64 << 20));
         assert_eq!(m[0], (0, EBDA_START, E820_RAM));
         assert_eq!(m[1].2, E820_RESERVED);
         assert_eq!(m[2], (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
     }
 
     #[test]
-    fn initrd_goes_on_top_and_must_fit() {
-        let m = mem(64 << 20);
-        let addr = place_initrd(&m, 10_000, 20 << 20, MMIO_GAP_START).expect("fits");
+    fn e820_shows_only_boot_ram() {
+        let (boot, held) = split_ram(600 << 20, Some(128 << 20));
+        let m = e820_map(&boot);
+        let ram: Vec<_> = m.iter().filter(|e| e.2 == E820_RAM).copied().collect();
+        assert_eq!(
+            ram,
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (HIMEM_START, (128 << 20) - HIMEM_START, E820_RAM),
+                (512 << 20, 88 << 20, E820_RAM)
+            ]
+        );
+        for b in held {
+            assert!(ram
+                .iter()
+                .all(|(s, l, _)| b + HOTPLUG_BLOCK <= *s || b >= s + l));
+        }
+    }
+
+    #[test]
+    fn initrd_goes_on_top_of_boot_ram_and_must_fit() {
+        let ram = ram_regions(64 << 20);
+        let addr = place_initrd(&ram, 10_000, 20 << 20, MMIO_GAP_START).expect("fits");
         assert_eq!(addr % PAGE, 0);
         assert!(addr + 10_000 <= 64 << 20);
         assert!(matches!(
-            place_initrd(&m, 60 << 20, 20 << 20, MMIO_GAP_START),
+            place_initrd(&ram, 60 << 20, 20 << 20, MMIO_GAP_START),
             Err(BootError::InitrdTooLarge { .. })
         ));
+        // Never in RAM the guest adds later.
+        let (boot, _) = split_ram(512 << 20, Some(128 << 20));
+        let addr = place_initrd(&boot, 10_000, 20 << 20, MMIO_GAP_START).expect("fits");
+        assert!(addr + 10_000 <= 128 << 20);
     }
 
     #[test]
@@ -363,6 +392,7 @@ mod tests {
             initrd: None,
             cmdline: "console=ttyS0",
             vcpus: 1,
+            ram: &ram_regions(64 << 20),
         };
         assert!(matches!(
             load(&mem(64 << 20), &boot),
@@ -381,6 +411,7 @@ mod tests {
             initrd: None,
             cmdline: &long,
             vcpus: 1,
+            ram: &ram_regions(64 << 20),
         };
         assert!(matches!(
             load(&mem(64 << 20), &boot),

@@ -46,7 +46,7 @@ impl CpuProfile {
         match self {
             CpuProfile::Host => "",
             CpuProfile::PvmCompat => {
-                "noxsave noreplace-smp clearcpuid=cx16,popcnt,smap,rdtscp,fsgsbase,pku,rdpid,erms,fsrm,pcid,invpcid,clflushopt,clwb"
+                "noxsave noreplace-smp percpu_alloc=page rodata=off clearcpuid=cx16,popcnt,smap,rdtscp,fsgsbase,pku,rdpid,erms,fsrm,pcid,invpcid,clflushopt,clwb"
             }
         }
     }

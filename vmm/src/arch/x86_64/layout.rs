@@ -51,9 +51,92 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Size and alignment of a block of RAM the guest adds after boot: x86_64 Linux's memory
+/// block (one 128 MiB sparsemem section), the unit its memory hotplug adds.
+pub const HOTPLUG_BLOCK: u64 = 128 << 20;
+
+/// The RAM of a `size`-byte guest split into what its e820 map shows at boot and the
+/// blocks it adds later (start addresses, each [`HOTPLUG_BLOCK`] long and aligned). With
+/// `boot_limit`, every whole aligned block above that address is held back; the rest (the
+/// RAM below it and pieces shorter than a block, which cannot be added later) is boot RAM.
+/// Without one, all RAM is boot RAM.
+pub fn split_ram(size: u64, boot_limit: Option<u64>) -> (Vec<(u64, u64)>, Vec<u64>) {
+    let (mut boot, mut held) = (Vec::new(), Vec::new());
+    for (start, len) in ram_regions(size) {
+        let end = start + len;
+        let Some(limit) = boot_limit else {
+            boot.push((start, len));
+            continue;
+        };
+        let first = start.max(limit).next_multiple_of(HOTPLUG_BLOCK);
+        let mut b = first;
+        while b.checked_add(HOTPLUG_BLOCK).is_some_and(|e| e <= end) {
+            held.push(b);
+            b += HOTPLUG_BLOCK;
+        }
+        if b == first {
+            boot.push((start, len));
+            continue;
+        }
+        if first > start {
+            boot.push((start, first - start));
+        }
+        if end > b {
+            boot.push((b, end - b));
+        }
+    }
+    (boot, held)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn without_a_limit_all_ram_boots() {
+        assert_eq!(split_ram(512 * MIB, None), (vec![(0, 512 * MIB)], vec![]));
+    }
+
+    #[test]
+    fn whole_blocks_above_the_limit_are_held_back() {
+        assert_eq!(
+            split_ram(512 * MIB, Some(128 * MIB)),
+            (vec![(0, 128 * MIB)], vec![128 * MIB, 256 * MIB, 384 * MIB])
+        );
+        // A tail shorter than a block cannot be added later: it boots.
+        assert_eq!(
+            split_ram(600 * MIB, Some(128 * MIB)),
+            (
+                vec![(0, 128 * MIB), (512 * MIB, 88 * MIB)],
+                vec![128 * MIB, 256 * MIB, 384 * MIB]
+            )
+        );
+        // Nothing whole above the limit: everything boots.
+        assert_eq!(
+            split_ram(192 * MIB, Some(128 * MIB)),
+            (vec![(0, 192 * MIB)], vec![])
+        );
+        // A limit that is not block aligned holds back from the next block on.
+        assert_eq!(
+            split_ram(512 * MIB, Some(100 * MIB)),
+            (vec![(0, 128 * MIB)], vec![128 * MIB, 256 * MIB, 384 * MIB])
+        );
+    }
+
+    #[test]
+    fn blocks_on_both_sides_of_the_gap_are_held_back() {
+        let (boot, held) = split_ram(4 << 30, Some(128 * MIB));
+        assert_eq!(boot, vec![(0, 128 * MIB)]);
+        let below = (MMIO_GAP_START - 128 * MIB) / HOTPLUG_BLOCK;
+        let above = ((4 << 30) - MMIO_GAP_START) / HOTPLUG_BLOCK;
+        assert_eq!(held.len() as u64, below + above);
+        assert!(held.iter().all(|b| b % HOTPLUG_BLOCK == 0));
+        assert!(held
+            .iter()
+            .all(|b| *b + HOTPLUG_BLOCK <= MMIO_GAP_START || *b >= MMIO_GAP_END));
+    }
 
     #[test]
     fn regions_split_around_the_gap() {
