@@ -10,6 +10,7 @@
 mod fs;
 mod init;
 mod memory;
+mod pool;
 mod reaper;
 mod rootfs;
 mod server;

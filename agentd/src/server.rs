@@ -93,12 +93,10 @@ type Sessions = Arc<Mutex<ConnState>>;
 /// Stdin chunks queued per session before the connection's reader waits.
 const STDIN_QUEUE: usize = 16;
 
-/// Starts a named thread; failing to start one is an error, not a panic in PID 1.
+/// Runs `f` on a thread of the agent's pool (a new one named `name` when none is idle);
+/// failing to start one is an error, not a panic in PID 1.
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(|_| ())
+    crate::pool::run(name, f)
 }
 
 /// Where the sandbox's scripts live; always on a command's `PATH`.

@@ -36,6 +36,35 @@ pub struct MetricsSnapshot {
     pub sessions: u64,
     /// True once the sandbox drains (new commands are refused).
     pub draining: bool,
+    /// How far the guest's start has got (rewritten as soon as it moves on).
+    pub boot_stage: BootStage,
+}
+
+/// How far a guest's start has got, from the system device's boot marks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootStage {
+    /// The kernel boots (the agent has not started yet).
+    #[default]
+    Kernel,
+    /// The agent runs and mounts the root filesystem.
+    Agent,
+    /// The root filesystem and the volumes are mounted; the agent gets ready to serve.
+    RootMounted,
+    /// The agent serves.
+    Ready,
+}
+
+impl BootStage {
+    /// What the guest is doing at this stage, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BootStage::Kernel => "booting: kernel",
+            BootStage::Agent => "booting: agent (mounting the root)",
+            BootStage::RootMounted => "booting: agent (starting)",
+            BootStage::Ready => "ready",
+        }
+    }
 }
 
 /// How a VMM ended, written by `msb-vmm --exit-record FILE` as it exits.

@@ -55,7 +55,7 @@ pub use images::{
     PullSession, RegistryAuth,
 };
 pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
-pub use metrics::{all_sandbox_metrics, SandboxMetrics};
+pub use metrics::{all_sandbox_metrics, boot_stage, BootStage, SandboxMetrics};
 pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::{
     msb_home, validate_name, Init, LogLevel, Mebibytes, Sandbox, SandboxBuilder, SecurityProfile,

@@ -48,6 +48,17 @@ fn load(paths: &Paths) -> Option<MetricsSnapshot> {
     serde_json::from_slice(&bytes).ok()
 }
 
+pub use msb_protocol::vmmfiles::BootStage;
+
+/// How far the start of sandbox `name` has got, as its VMM last wrote it (the VMM rewrites
+/// its snapshot at each stage); `None` before its VMM wrote one (the root is still being
+/// prepared, or the sandbox does not run). For progress displays: `msb run`, `create` and
+/// `start` show it on a terminal while they wait.
+pub fn boot_stage(name: &str) -> Option<BootStage> {
+    let paths = Paths::for_name(name).ok()?;
+    load(&paths).map(|s| s.boot_stage)
+}
+
 /// True when the VMM's last snapshot says the sandbox drains.
 pub(crate) fn draining(paths: &Paths) -> bool {
     load(paths).is_some_and(|s| s.draining)

@@ -102,11 +102,12 @@ fn the_guest_driver_brings_up_our_virtio_devices() {
         &["sh", "-c", "for d in /sys/bus/virtio/devices/*; do echo $(cat $d/device) $(cat $d/status); done | sort; test -c /dev/vsock && echo has-dev-vsock; grep -c virtiofs /proc/mounts || true"],
     );
     assert_eq!(out.status.code(), Some(0));
-    // vsock (19) and the root's virtio-fs (26), each ACKNOWLEDGE | DRIVER | DRIVER_OK |
-    // FEATURES_OK; the root share is mounted (once: the overlay's source).
+    // vsock (19), the root's virtio-fs and the agent directory's (26), each ACKNOWLEDGE |
+    // DRIVER | DRIVER_OK | FEATURES_OK; neither share shows among the command's mounts
+    // (the root share is the overlay's source, the agent directory the abandoned root).
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "0x0013 0x0000000f\n0x001a 0x0000000f\nhas-dev-vsock\n0\n"
+        "0x0013 0x0000000f\n0x001a 0x0000000f\n0x001a 0x0000000f\nhas-dev-vsock\n0\n"
     );
 }
 

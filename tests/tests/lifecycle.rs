@@ -945,6 +945,30 @@ async fn msb_run(home: &Path) {
     ]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(stdout_of(&out), "run-out\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("booting"),
+        "no stage line when stderr is not a terminal: {stderr:?}"
+    );
+    // On a terminal (script(1) gives msb one) the start shows its stage and the elapsed
+    // time on one line replaced in place, cleared before the command's output.
+    let out = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} run --memory 256 lc-run-tty -- echo tty-run-out",
+            msb_e2e::msb_cli().display()
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown:?}");
+    assert!(shown.contains("booting: kernel ("), "{shown:?}");
+    assert!(shown.contains("booting: agent"), "{shown:?}");
+    let cleared = shown.rfind("\r\x1b[2K").expect("the line is cleared");
+    let output = shown.find("tty-run-out").expect("the command's output");
+    assert!(cleared < output, "cleared before the output: {shown:?}");
     let e = Sandbox::get("lc-run")
         .await
         .expect_err("removed after the run");

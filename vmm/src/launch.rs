@@ -344,6 +344,14 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
     }
     let mut words: Vec<String> = BASE_CMDLINE.split(' ').map(str::to_string).collect();
     words.extend(profile.kernel_args().split_whitespace().map(str::to_string));
+    if launch.initrd.is_none() {
+        // The agent directory is the kernel's root (its share is added by `resolve`).
+        words.extend([
+            format!("root={}", bootcmd::INIT_TAG),
+            "rootfstype=virtiofs".into(),
+            "init=/init".into(),
+        ]);
+    }
     if profile == CpuProfile::PvmCompat {
         // Init's environment from the start: the agent need not re-execute itself.
         words.push(format!(
@@ -438,7 +446,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
     } else {
         launch.layers.clone()
     };
-    let (mut fs, mut words) = shares(launch, layers, rw)?;
+    let (mut fs, words) = shares(launch, layers, rw)?;
     if let Some(dir) = agent_dir {
         fs.push(Share {
             tag: bootcmd::INIT_TAG.into(),
@@ -447,11 +455,6 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
                 readonly: true,
             },
         });
-        words.extend([
-            format!("root={}", bootcmd::INIT_TAG),
-            "rootfstype=virtiofs".into(),
-            "init=/init".into(),
-        ]);
     }
     cfg.fs = fs;
     for w in words {
@@ -480,6 +483,44 @@ mod tests {
             command: vec![OsString::from("true")],
             ..Launch::default()
         }
+    }
+
+    #[test]
+    fn without_an_initramfs_the_agent_directory_is_the_root_and_appends_come_later() {
+        let mut l = launch();
+        l.append = vec!["init=/mine".into()];
+        let line = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert!(line.contains("root=msbinit rootfstype=virtiofs init=/init"));
+        // The kernel takes the last init=: the caller's own word wins.
+        assert!(line.find("init=/init") < line.find("init=/mine"), "{line}");
+        l.initrd = Some("/some/initrd".into());
+        let line = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert!(
+            !line.contains("root=msbinit") && !line.contains("init=/init"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn ram_above_the_boot_limit_is_announced_in_blocks() {
+        let mut l = launch();
+        l.memory_mib = 512;
+        let pvm = kernel_cmdline(&l, CpuProfile::PvmCompat).expect("valid");
+        assert_eq!(
+            bootcmd::find_param(&pvm, bootcmd::HOTMEM_KEY),
+            Some("0x8000000+3")
+        );
+        let hw = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert_eq!(bootcmd::find_param(&hw, bootcmd::HOTMEM_KEY), None);
+        l.boot_memory = BootMemory::All;
+        let all = kernel_cmdline(&l, CpuProfile::PvmCompat).expect("valid");
+        assert_eq!(bootcmd::find_param(&all, bootcmd::HOTMEM_KEY), None);
+        l.boot_memory = BootMemory::Mib(256);
+        let some = kernel_cmdline(&l, CpuProfile::Host).expect("valid");
+        assert_eq!(
+            bootcmd::find_param(&some, bootcmd::HOTMEM_KEY),
+            Some("0x10000000+2")
+        );
     }
 
     #[test]

@@ -514,6 +514,11 @@ impl Vm {
         VmStopper(self.events_tx.clone())
     }
 
+    /// The times the system device records (live while the VM runs).
+    pub fn boot_times(&self) -> Arc<Mutex<BootTimes>> {
+        self.times.clone()
+    }
+
     /// Counters of each virtio-fs device, by tag (live while the VM runs).
     pub fn fs_metrics(&self) -> Vec<(String, Arc<FsMetrics>)> {
         self.fs_metrics.clone()

@@ -69,6 +69,9 @@ async fn main() {
     println!("{}", row("first command (`true`)", &[first], "ms"));
     println!("{}", row("`true`: call -> Started", &to_started, "ms"));
     println!("{}", row("`true`: Started -> Exited", &to_exited, "ms"));
-    println!("{}", row(&format!("shell line `{SHELL_LINE}`"), &shell, "ms"));
+    println!(
+        "{}",
+        row(&format!("shell line `{SHELL_LINE}`"), &shell, "ms")
+    );
     sb.stop().await.expect("stop");
 }

@@ -1337,7 +1337,7 @@ async fn cmd_run(a: RunArgs) -> CliResult<u8> {
         .builder(&a.name)
         .ephemeral(a.create.ephemeral || !a.keep)
         .create_with_progress();
-    let sb = show_progress(sb).await?;
+    let sb = show_progress(sb, Some(&a.name)).await?;
     let result = run_in(&sb, &a, tty_in).await;
 
     let mut cleanup = Vec::new();
@@ -1389,13 +1389,19 @@ async fn cmd_create(a: CreateArgs) -> CliResult<u8> {
     if !a.create.entrypoint.is_empty() && entrypoint_words(&a.create.entrypoint).is_empty() {
         return Err(CliError::Usage("--entrypoint is empty".into()));
     }
-    let sb = show_progress(a.create.builder(&a.name).create_detached_with_progress()).await?;
+    let sb = show_progress(
+        a.create.builder(&a.name).create_detached_with_progress(),
+        Some(&a.name),
+    )
+    .await?;
     out(format!("{}\n", sb.name()).as_bytes())?;
     Ok(0)
 }
 
 async fn cmd_start(a: NameArg) -> CliResult<u8> {
-    let sb = Sandbox::start_detached(&a.name).await?;
+    let tty = std::io::stderr().is_terminal();
+    let start = std::time::Instant::now();
+    let sb = with_stage_line(Sandbox::start_detached(&a.name), &a.name, start, tty).await?;
     out(format!("{}\n", sb.name()).as_bytes())?;
     Ok(0)
 }
@@ -1754,7 +1760,7 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
 
 async fn cmd_pull(a: PullArgs) -> CliResult<u8> {
     let opts = a.registry.options(a.policy);
-    let info = show_progress(Image::pull_with_progress(&a.reference, opts)).await?;
+    let info = show_progress(Image::pull_with_progress(&a.reference, opts), None).await?;
     out(format!("{} {}\n", info.reference, info.digest).as_bytes())?;
     Ok(0)
 }
@@ -1842,13 +1848,54 @@ fn short_digest(d: &str) -> String {
 /// returns its result.
 async fn show_progress<T: Send + 'static>(
     mut session: microsandbox::PullSession<T>,
+    sandbox: Option<&str>,
 ) -> CliResult<T> {
-    let mut bars = Bars::new(std::io::stderr().is_terminal());
+    let start = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut bars = Bars::new(tty);
     while let Some(event) = session.next_event().await {
         bars.event(&event);
     }
     bars.finish();
-    Ok(session.result().await?)
+    Ok(match sandbox {
+        Some(name) => with_stage_line(session.result(), name, start, tty).await?,
+        None => session.result().await?,
+    })
+}
+
+/// Awaits `work` (a sandbox's create or start); on a terminal meanwhile shows, on one line
+/// of stderr replaced in place, what the start is doing and for how long (cleared before
+/// anything else is printed). Nothing extra when stderr is not a terminal.
+async fn with_stage_line<T>(
+    work: impl std::future::Future<Output = T>,
+    name: &str,
+    start: std::time::Instant,
+    tty: bool,
+) -> T {
+    if !tty {
+        return work.await;
+    }
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut shown = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let what = microsandbox::boot_stage(name)
+                    .map_or("preparing the root filesystem", microsandbox::BootStage::describe);
+                let line = format!("\r\x1b[2K{what} ({:.1}s)", start.elapsed().as_secs_f64());
+                let mut e = std::io::stderr().lock();
+                let _ = e.write_all(line.as_bytes()).and_then(|()| e.flush());
+                shown = true;
+            }
+        }
+    };
+    if shown {
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(b"\r\x1b[2K").and_then(|()| e.flush());
+    }
+    result
 }
 
 /// The state of a pull, drawn as one line per layer.

@@ -48,12 +48,13 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use msb_devices::system::ReadyGate;
+use msb_devices::system::{BootTimes, ReadyGate};
 use msb_devices::virtio::fs::FsMetrics;
 use msb_protocol::bootcmd::InitSpec;
+use msb_protocol::vmmfiles::BootStage;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, BootMemory, Launch, MountSpec};
 use msb_vmm::lifecycle::{self, Action, ExitRecord, Limits, MetricsSnapshot, Policy};
@@ -462,6 +463,7 @@ struct MonitorSetup {
     mem: vm_memory::GuestMemoryMmap,
     fs: Vec<(String, Arc<FsMetrics>)>,
     memory_limit: u64,
+    times: Arc<Mutex<BootTimes>>,
 }
 
 /// A thread that enforces the limits and writes the metrics file while the VM runs.
@@ -503,6 +505,7 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
     let mut last_cpu = (Instant::now(), lifecycle::vcpu_time_ns());
     let mut next_metrics = Instant::now();
     let mut powering_off = None;
+    let mut stage = BootStage::Kernel;
     while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(MONITOR_TICK) {
         let now = Instant::now();
         let activity = m.relay.activity();
@@ -524,7 +527,22 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                 m.stopper.stop(why);
             }
         }
-        if let Some(path) = m.metrics.as_ref().filter(|_| now >= next_metrics) {
+        let now_stage = {
+            let t = m.times.lock().unwrap_or_else(|p| p.into_inner());
+            match (t.init_started, t.root_mounted, t.boot_ready) {
+                (_, _, Some(_)) => BootStage::Ready,
+                (_, Some(_), None) => BootStage::RootMounted,
+                (Some(_), None, None) => BootStage::Agent,
+                (None, None, None) => BootStage::Kernel,
+            }
+        };
+        // A new stage is written at once (the CLI shows it while it waits).
+        let moved_on = std::mem::replace(&mut stage, now_stage) != now_stage;
+        if let Some(path) = m
+            .metrics
+            .as_ref()
+            .filter(|_| now >= next_metrics || moved_on)
+        {
             next_metrics = now + METRICS_EVERY;
             let cpu = lifecycle::vcpu_time_ns();
             let wall = now.saturating_duration_since(last_cpu.0).as_nanos() as f64;
@@ -550,6 +568,7 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                 net_tx_bytes: 0,
                 sessions: activity.sessions as u64,
                 draining: m.relay.is_draining(),
+                boot_stage: stage,
             };
             if let Err(e) = lifecycle::write_json_atomic(path, &snap) {
                 eprintln!("msb-vmm: cannot write metrics {}: {e}", path.display());
@@ -666,6 +685,7 @@ fn main() -> ExitCode {
             mem: vm.guest_memory(),
             fs: vm.fs_metrics(),
             memory_limit: args.launch.memory_mib << 20,
+            times: vm.boot_times(),
         })
     });
     let command = match (&args.command, args.launch.vsock_path()) {
