@@ -244,4 +244,6 @@ fn a_saved_guest_goes_on_in_a_new_vm() {
         before + 1,
         "the restored guest continues where it stopped"
     );
+    let in_memory: u16 = b.mem.read_obj(GuestAddress(COUNTER)).expect("counter");
+    assert_eq!(in_memory, after, "the restored memory holds the count");
 }
