@@ -98,6 +98,9 @@ fn main() {
         eprintln!("msb-agentd runs as PID 1 inside a microsandbox VM");
         std::process::exit(2);
     }
+    // One console line, so any VMM (and QEMU in the boot benchmark and the TCG boot test)
+    // can see the agent start; keep it in step with `msb_e2e::AGENT_START_LINE`.
+    log(&format!("starting ({})", env!("CARGO_PKG_VERSION")));
     sys::keep_freed_memory();
     // Mounted already (EBUSY) when this is a re-executed agent (below).
     mount_kernel_filesystems();

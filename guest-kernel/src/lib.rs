@@ -708,6 +708,37 @@ fn write_tree(dir: &Path, entries: &[cpio::Entry]) -> Result<(), GuestBuildError
     Ok(())
 }
 
+/// Writes `entries` into a temporary directory of this call's own under `dir` (two builds
+/// at once, in threads or processes, never share or remove each other's tree) and renames
+/// it to `path`: the tree is complete or absent. When another build finished `path`
+/// first, that one is used. `what` names a failed move.
+fn publish_tree(
+    dir: &Path,
+    path: &Path,
+    entries: &[cpio::Entry],
+    what: &'static str,
+) -> Result<(), GuestBuildError> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{nanos:x}-{seq}", std::process::id()));
+    fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+    if let Err(e) = write_tree(&tmp, entries) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, path) {
+        Ok(()) => Ok(()),
+        Err(_) if path.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => Err(io_err(what, path)(e)),
+    }
+}
+
 /// Removes every entry of `dir` named `prefix*` other than `keep`.
 fn remove_stale(dir: &Path, prefix: &str, keep: &Path) {
     if let Ok(rd) = fs::read_dir(dir) {
@@ -725,6 +756,22 @@ fn remove_stale(dir: &Path, prefix: &str, keep: &Path) {
     }
 }
 
+/// The static agent's bytes (built if needed) and a short hash of them under `recipe`.
+fn agentd_with_hash(
+    recipe: &str,
+    progress: &mut Progress,
+) -> Result<(Vec<u8>, String), GuestBuildError> {
+    let path = build_agentd(progress)?;
+    let agentd = fs::read(&path).map_err(io_err("cannot read", &path))?;
+    if !is_static_elf(&agentd) {
+        return Err(GuestBuildError::NotStatic(path));
+    }
+    let mut h = Sha256::new();
+    h.update(recipe.as_bytes());
+    h.update(&agentd);
+    Ok((agentd, hex::encode(&h.finalize()[..8])))
+}
+
 /// Returns the cached agent directory, assembling it first if needed: what the initramfs
 /// holds (`agentd` as `/init` and the mount points it needs before it switches to the
 /// sandbox's root), as a directory the VMM shares read-only over virtio-fs as the guest
@@ -732,15 +779,7 @@ fn remove_stale(dir: &Path, prefix: &str, keep: &Path) {
 /// on demand, copied by the host, where an initramfs is unpacked by the guest kernel at
 /// every boot (seconds where that code is emulated).
 pub fn ensure_agent_dir(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
-    let agentd_path = build_agentd(progress)?;
-    let agentd = fs::read(&agentd_path).map_err(io_err("cannot read", &agentd_path))?;
-    if !is_static_elf(&agentd) {
-        return Err(GuestBuildError::NotStatic(agentd_path));
-    }
-    let mut h = Sha256::new();
-    h.update(AGENT_DIR_RECIPE.as_bytes());
-    h.update(&agentd);
-    let hash = hex::encode(&h.finalize()[..8]);
+    let (agentd, hash) = agentd_with_hash(AGENT_DIR_RECIPE, progress)?;
     let dir = cache_dir()?.join("agent");
     let path = dir.join(format!("agent-{hash}"));
     if path.is_dir() {
@@ -748,23 +787,12 @@ pub fn ensure_agent_dir(progress: &mut Progress) -> Result<PathBuf, GuestBuildEr
     }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
     progress.phase("assembling the agent directory");
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{seq}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
-    if let Err(e) = write_tree(&tmp, &initramfs_entries(agentd)) {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    match fs::rename(&tmp, &path) {
-        Ok(()) => {}
-        // Another process finished the same directory first: use it.
-        Err(_) if path.is_dir() => {
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        Err(e) => return Err(io_err("cannot move the agent directory to", &path)(e)),
-    }
+    publish_tree(
+        &dir,
+        &path,
+        &initramfs_entries(agentd),
+        "cannot move the agent directory to",
+    )?;
     // Older directories may be the root of running sandboxes; they are small, so they
     // stay (the cache can be emptied when no sandbox runs).
     progress.done(&format!("agent directory ready: {}", path.display()));
@@ -773,15 +801,7 @@ pub fn ensure_agent_dir(progress: &mut Progress) -> Result<PathBuf, GuestBuildEr
 
 /// Returns the cached initramfs (just `agentd`), assembling it first if needed.
 pub fn ensure_initramfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError> {
-    let agentd_path = build_agentd(progress)?;
-    let agentd = fs::read(&agentd_path).map_err(io_err("cannot read", &agentd_path))?;
-    if !is_static_elf(&agentd) {
-        return Err(GuestBuildError::NotStatic(agentd_path));
-    }
-    let mut h = Sha256::new();
-    h.update(INITRAMFS_RECIPE.as_bytes());
-    h.update(&agentd);
-    let hash = hex::encode(&h.finalize()[..8]);
+    let (agentd, hash) = agentd_with_hash(INITRAMFS_RECIPE, progress)?;
     let dir = cache_dir()?.join("initramfs");
     let path = dir.join(format!("initramfs-{hash}.cpio"));
     if path.exists() {
@@ -854,27 +874,12 @@ pub fn ensure_rootfs(progress: &mut Progress) -> Result<PathBuf, GuestBuildError
     }
     fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
     progress.phase("assembling the default root filesystem");
-    // A name of this call's own: two builds at once (two threads, two processes) never
-    // share or remove each other's tree.
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{nanos:x}-{seq}", std::process::id()));
-    fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
-    if let Err(e) = write_tree(&tmp, &rootfs_entries(busybox, &applets)) {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    match fs::rename(&tmp, &path) {
-        Ok(()) => {}
-        // Another process finished the same tree first: use it.
-        Err(_) if path.is_dir() => {
-            let _ = fs::remove_dir_all(&tmp);
-        }
-        Err(e) => return Err(io_err("cannot move the root filesystem to", &path)(e)),
-    }
+    publish_tree(
+        &dir,
+        &path,
+        &rootfs_entries(busybox, &applets),
+        "cannot move the root filesystem to",
+    )?;
     remember(&quick);
     // Older trees may still be in use by running sandboxes; they are small, so keep them.
     progress.done(&format!("root filesystem ready: {}", path.display()));

@@ -10,6 +10,7 @@ pub mod registry;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use msb_guest_kernel::{Flavour, Progress};
 
@@ -462,4 +463,95 @@ pub mod agent {
     pub fn exec(cmd: &str, args: &[&str]) -> ExecStart {
         ExecStart::command(cmd, args)
     }
+}
+
+/// The line the agent prints on the console as it starts (its first act as PID 1).
+pub const AGENT_START_LINE: &str = "msb-agentd: starting";
+
+/// QEMU's x86_64 system emulator (Debian's `qemu-system-x86`, which `scripts/setup`
+/// installs).
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// What [`qemu_to_agent_start`] saw.
+#[derive(Debug)]
+pub struct QemuBoot {
+    /// From QEMU's start to the agent's start line on the serial console.
+    pub to_agent: Duration,
+    /// QEMU's `/proc/<pid>/smaps` at that moment (for its memory outside the guest's).
+    pub smaps: String,
+}
+
+/// Boots `kernel` with `initrd` and `cmdline` in QEMU's `microvm` machine (`accel`: `kvm`
+/// or `tcg`; one vCPU, `memory_mib`), the console on QEMU's stdout, and waits for the
+/// agent's start line; QEMU is killed afterwards either way. An error names what went
+/// wrong with the console seen so far.
+pub fn qemu_to_agent_start(
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    accel: &str,
+    memory_mib: u64,
+    limit: Duration,
+) -> Result<QemuBoot, String> {
+    use std::io::BufRead;
+    let cpu = match (accel, host_is_pvm()) {
+        ("tcg", _) => "max",
+        // QEMU cannot set MSR_IA32_ARCH_CAPABILITIES on a PVM host.
+        (_, true) => "host,-arch-capabilities",
+        (_, false) => "host",
+    };
+    let start = Instant::now();
+    let mut child = Command::new(QEMU)
+        .args(["-M", "microvm,x-option-roms=off,rtc=off", "-accel", accel])
+        .args(["-cpu", cpu, "-smp", "1", "-m", &memory_mib.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-no-reboot", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", cmdline])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {QEMU}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut console = Vec::new();
+    let result = loop {
+        let left = limit.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(AGENT_START_LINE) => {
+                let to_agent = start.elapsed();
+                let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id()))
+                    .unwrap_or_default();
+                break Ok(QemuBoot { to_agent, smaps });
+            }
+            Ok(line) => console.push(line),
+            Err(_) => {
+                let tail = console[console.len().saturating_sub(20)..].join("\n");
+                break Err(format!(
+                    "no {AGENT_START_LINE:?} line within {}s; console:\n{tail}",
+                    limit.as_secs()
+                ));
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
