@@ -121,3 +121,53 @@ fn stdin_reaches_the_command() {
         "stdin came back through cat byte for byte"
     );
 }
+
+/// RAM above the boot memory is added by the agent once the guest needs it: a 384 MiB guest
+/// booted with 128 MiB shows ~128 MiB, and after 80 MiB of a file fill its page cache
+/// (less than half free) a 128 MiB block comes online.
+#[test]
+fn memory_above_the_boot_ram_is_added_when_needed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/touch_file.c");
+    let status = std::process::Command::new("gcc")
+        .args(["-O2", "-static", "-o"])
+        .arg(dir.path().join("touch_file"))
+        .arg(&src)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "building touch_file");
+    let data: Vec<u8> = (0..80u32 << 20).map(|i| (i >> 12) as u8 | 1).collect();
+    std::fs::write(dir.path().join("data"), &data).expect("data file");
+    let host = dir.path().display().to_string();
+    let script = "total() { sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo; }; \
+                  echo before $(total); /x/touch_file /x/data >/dev/null; \
+                  for i in $(seq 40); do [ $(total) -gt 200000 ] && break; sleep 0.5; done; \
+                  echo after $(total)";
+    let out = run_vm(
+        &[
+            "--memory",
+            "384",
+            "--boot-memory",
+            "128",
+            "--ro-volume",
+            "/x",
+            &host,
+        ],
+        &["sh", "-c", script],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib = |word: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(word))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {word:?} in {text:?}"))
+    };
+    let (before, after) = (kib("before "), kib("after "));
+    eprintln!("MemTotal before the page cache filled: {before} kB, after: {after} kB");
+    assert!(before <= 128 * 1024, "booted with 128 MiB: {text}");
+    assert!(
+        after >= before + 120 * 1024 && after <= 384 * 1024,
+        "a 128 MiB block was added: {text}"
+    );
+}
