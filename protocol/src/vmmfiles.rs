@@ -62,7 +62,7 @@ impl BootStage {
             BootStage::Kernel => "booting: kernel",
             BootStage::Agent => "booting: agent (mounting the root)",
             BootStage::RootMounted => "booting: agent (starting)",
-            BootStage::Ready => "ready",
+            BootStage::Ready => "ready: connecting",
         }
     }
 }

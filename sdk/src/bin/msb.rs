@@ -1853,19 +1853,65 @@ async fn show_progress<T: Send + 'static>(
     let start = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut bars = Bars::new(tty);
-    while let Some(event) = session.next_event().await {
-        bars.event(&event);
+    let mut line = StageLine::default();
+    // The events go on until the create is done (boot included): the stage line is drawn
+    // between them, under the bars, once no layer is being pulled.
+    let stage_of = sandbox.filter(|_| tty);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut pulled = false;
+    loop {
+        tokio::select! {
+            event = session.next_event() => {
+                let Some(event) = event else { break };
+                // The bars move the cursor by whole lines: the stage line goes first.
+                line.clear();
+                pulled |= matches!(event, PullEvent::Complete { .. });
+                bars.event(&event);
+            }
+            _ = tick.tick(), if stage_of.is_some() && (pulled || bars.layers.is_empty()) => {
+                line.draw(stage_of.unwrap_or_default(), start);
+            }
+        }
     }
+    line.clear();
     bars.finish();
-    Ok(match sandbox {
+    Ok(match stage_of {
         Some(name) => with_stage_line(session.result(), name, start, tty).await?,
         None => session.result().await?,
     })
 }
 
-/// Awaits `work` (a sandbox's create or start); on a terminal meanwhile shows, on one line
-/// of stderr replaced in place, what the start is doing and for how long (cleared before
-/// anything else is printed). Nothing extra when stderr is not a terminal.
+/// One line of stderr, replaced in place, saying what a sandbox's start is doing and for
+/// how long (terminal only).
+#[derive(Default)]
+struct StageLine {
+    shown: bool,
+}
+
+impl StageLine {
+    fn draw(&mut self, name: &str, start: std::time::Instant) {
+        let what = microsandbox::boot_stage(name).map_or(
+            "preparing the root filesystem",
+            microsandbox::BootStage::describe,
+        );
+        let text = format!("\r\x1b[2K{what} ({:.1}s)", start.elapsed().as_secs_f64());
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(text.as_bytes()).and_then(|()| e.flush());
+        self.shown = true;
+    }
+
+    /// Erases the line, leaving the cursor at its start.
+    fn clear(&mut self) {
+        if std::mem::take(&mut self.shown) {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(b"\r\x1b[2K").and_then(|()| e.flush());
+        }
+    }
+}
+
+/// Awaits `work` (a sandbox's create or start); on a terminal meanwhile shows the stage
+/// line (cleared before anything else is printed). Nothing extra when stderr is not a
+/// terminal.
 async fn with_stage_line<T>(
     work: impl std::future::Future<Output = T>,
     name: &str,
@@ -1877,24 +1923,14 @@ async fn with_stage_line<T>(
     }
     tokio::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut shown = false;
+    let mut line = StageLine::default();
     let result = loop {
         tokio::select! {
             r = &mut work => break r,
-            _ = tick.tick() => {
-                let what = microsandbox::boot_stage(name)
-                    .map_or("preparing the root filesystem", microsandbox::BootStage::describe);
-                let line = format!("\r\x1b[2K{what} ({:.1}s)", start.elapsed().as_secs_f64());
-                let mut e = std::io::stderr().lock();
-                let _ = e.write_all(line.as_bytes()).and_then(|()| e.flush());
-                shown = true;
-            }
+            _ = tick.tick() => line.draw(name, start),
         }
     };
-    if shown {
-        let mut e = std::io::stderr().lock();
-        let _ = e.write_all(b"\r\x1b[2K").and_then(|()| e.flush());
-    }
+    line.clear();
     result
 }
 
