@@ -65,6 +65,9 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
 
+    /// The pool is process-wide: its tests take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
     fn thread_id_of_a_job() -> std::thread::ThreadId {
         let (tx, rx) = channel();
         run("test", move || {
@@ -76,14 +79,19 @@ mod tests {
 
     #[test]
     fn a_finished_thread_runs_the_next_job() {
+        let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let first = thread_id_of_a_job();
-        // The worker parks itself right after its job; give it the moment it needs.
-        std::thread::sleep(Duration::from_millis(50));
+        // The worker parks itself right after its job: wait until it has.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while idle().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(thread_id_of_a_job(), first);
     }
 
     #[test]
     fn busy_threads_do_not_hold_up_new_jobs() {
+        let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let (release, wait) = channel::<()>();
         let wait = Mutex::new(wait);
         let (started, seen) = channel();
