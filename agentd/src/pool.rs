@@ -77,21 +77,28 @@ mod tests {
         rx.recv().expect("the job ran")
     }
 
+    /// Waits until at least `n` threads are idle.
+    fn wait_idle(n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while idle().len() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_finished_thread_runs_the_next_job() {
         let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        // Threads parked by other tests leave (their channel closes).
+        idle().clear();
         let first = thread_id_of_a_job();
-        // The worker parks itself right after its job: wait until it has.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while idle().is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_idle(1);
         assert_eq!(thread_id_of_a_job(), first);
     }
 
     #[test]
     fn busy_threads_do_not_hold_up_new_jobs() {
         let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        idle().clear();
         let (release, wait) = channel::<()>();
         let wait = Mutex::new(wait);
         let (started, seen) = channel();
@@ -109,5 +116,7 @@ mod tests {
         .expect("runs");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(7));
         let _ = release.send(());
+        // Both threads park again before the next test looks at the pool.
+        wait_idle(2);
     }
 }
