@@ -25,7 +25,7 @@ pub fn should_add(free: u64, total: u64) -> bool {
 }
 
 /// (free, total) bytes of RAM, from `sysinfo(2)` (cheap: no text to format, unlike
-/// `/proc/meminfo`). Free counts buffers too.
+/// `/proc/meminfo`). Free is `MemFree`: the page cache counts as used.
 fn free_and_total() -> Option<(u64, u64)> {
     let info = nix::sys::sysinfo::sysinfo().ok()?;
     let total = info.ram_total();

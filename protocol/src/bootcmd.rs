@@ -150,7 +150,8 @@ pub fn decode_hotmem(value: &str) -> Option<Vec<u64>> {
         let (start, count) = run.split_once('+')?;
         let start = u64::from_str_radix(start.strip_prefix("0x")?, 16).ok()?;
         let count: u64 = count.parse().ok()?;
-        if start % HOTMEM_BLOCK != 0 || out.len() as u64 + count > HOTMEM_MAX_BLOCKS {
+        let total = (out.len() as u64).checked_add(count)?;
+        if start % HOTMEM_BLOCK != 0 || total > HOTMEM_MAX_BLOCKS {
             return None;
         }
         for i in 0..count {
@@ -317,6 +318,7 @@ mod tests {
             "0x8000000+9000",
             "0xfffffffff8000000+2",
             "0x8000000+1,",
+            "0x8000000+1,0x10000000+18446744073709551615",
         ] {
             assert_eq!(decode_hotmem(v), None, "{v}");
         }

@@ -172,7 +172,7 @@ impl BootMemory {
         match (self, profile) {
             (BootMemory::All, _) | (BootMemory::ForHost, CpuProfile::Host) => None,
             (BootMemory::ForHost, CpuProfile::PvmCompat) => Some(PVM_BOOT_MEMORY_MIB << 20),
-            (BootMemory::Mib(m), _) => Some(m.max(1) << 20),
+            (BootMemory::Mib(m), _) => Some(m.max(1).saturating_mul(1 << 20)),
         }
     }
 }

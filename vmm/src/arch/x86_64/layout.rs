@@ -52,8 +52,9 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
 }
 
 /// Size and alignment of a block of RAM the guest adds after boot: x86_64 Linux's memory
-/// block (one 128 MiB sparsemem section), the unit its memory hotplug adds.
-pub const HOTPLUG_BLOCK: u64 = 128 << 20;
+/// block (one 128 MiB sparsemem section), the unit its memory hotplug adds; the agent reads
+/// the same constant from the protocol crate.
+pub use msb_protocol::bootcmd::HOTMEM_BLOCK as HOTPLUG_BLOCK;
 
 /// The RAM of a `size`-byte guest split into what its e820 map shows at boot and the
 /// blocks it adds later (start addresses, each [`HOTPLUG_BLOCK`] long and aligned). With
