@@ -15,6 +15,8 @@ mod reaper;
 mod rootfs;
 mod server;
 #[allow(unsafe_code)]
+mod spawn;
+#[allow(unsafe_code)]
 mod sys;
 
 use std::io::Write;

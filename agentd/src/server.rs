@@ -459,6 +459,159 @@ fn spawn_reader(
     })
 }
 
+/// A started command: its pid, where its stdin goes, its outputs, and its PTY master.
+struct Child {
+    pid: i32,
+    stdin: Option<Box<dyn Write + Send>>,
+    outputs: Vec<Output>,
+    pty: Option<File>,
+}
+
+/// The command's whole environment: the agent's base, then the request's variables (a
+/// later value replaces an earlier one; `PATH` keeps the scripts directory).
+fn command_env(base: &Env, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut envs: Vec<(String, String)> = vec![
+        ("PATH".into(), base.path.into()),
+        ("HOME".into(), "/root".into()),
+        ("TERM".into(), "linux".into()),
+    ];
+    if let Some(t) = base.tunables {
+        envs.push(("GLIBC_TUNABLES".into(), t.into()));
+    }
+    for (k, v) in extra {
+        let v = if k == "PATH" {
+            with_scripts(v)
+        } else {
+            v.clone()
+        };
+        match envs.iter_mut().find(|(name, _)| name == k) {
+            Some(slot) => slot.1 = v,
+            None => envs.push((k.clone(), v)),
+        }
+    }
+    envs
+}
+
+/// Spawns through std's `Command`, which forks: for what needs work in the child before
+/// exec (a terminal, another user, rlimits, the restricted profile).
+fn spawn_with_setup(
+    req: &ExecStart,
+    envs: &[(String, String)],
+    cwd: &str,
+    user: Option<(u32, u32)>,
+    limits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+    restricted: bool,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(&req.cmd);
+    cmd.args(&req.args)
+        .env_clear()
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd);
+    // A terminal: the child gets the PTY slave as stdin, stdout and stderr, in a session
+    // of its own with the slave as controlling terminal; we keep the master.
+    let pty = match req.tty {
+        Some(t) => {
+            let size = nix::pty::Winsize {
+                ws_row: t.rows,
+                ws_col: t.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let p = nix::pty::openpty(Some(&size), None).map_err(|e| {
+                std::io::Error::other(format!("cannot open a pty: {}", std::io::Error::from(e)))
+            })?;
+            let (a, b) = (p.slave.try_clone()?, p.slave.try_clone()?);
+            cmd.stdin(Stdio::from(p.slave))
+                .stdout(Stdio::from(a))
+                .stderr(Stdio::from(b));
+            Some(File::from(p.master))
+        }
+        None => {
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            cmd.stdin(match req.stdin {
+                StdinMode::Null => Stdio::null(),
+                StdinMode::Bytes(_) | StdinMode::Stream => Stdio::piped(),
+            });
+            None
+        }
+    };
+    if !limits.is_empty() || pty.is_some() || restricted {
+        crate::sys::child_setup(&mut cmd, limits, pty.is_some(), restricted);
+    }
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid);
+    }
+    let spawned = cmd.spawn();
+    // Our copies of the PTY slave must close, or the master never sees the end.
+    drop(cmd);
+    let mut child = spawned?;
+    let mut outputs: Vec<Output> = Vec::new();
+    // A PTY master reads EIO once the last slave closes: its end of stream.
+    let stdin: Option<Box<dyn Write + Send>> = match &pty {
+        Some(master) => {
+            outputs.push((Box::new(master.try_clone()?), Message::PtyOutput));
+            Some(Box::new(master.try_clone()?))
+        }
+        None => child
+            .stdin
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Write + Send>),
+    };
+    if let Some(p) = child.stdout.take() {
+        outputs.push((Box::new(p), Message::Stdout));
+    }
+    if let Some(p) = child.stderr.take() {
+        outputs.push((Box::new(p), Message::Stderr));
+    }
+    Ok(Child {
+        pid: child.id() as i32,
+        stdin,
+        outputs,
+        pty,
+    })
+}
+
+/// The error a failed spawn is reported as.
+fn spawn_error(req: &ExecStart, e: crate::spawn::SpawnError) -> (ErrorKind, String) {
+    use crate::spawn::SpawnError;
+    let e = match e {
+        SpawnError::NotFound => {
+            return (
+                ErrorKind::NotFound,
+                format!("{}: command not found", req.cmd),
+            )
+        }
+        SpawnError::Nul(e) => return (ErrorKind::InvalidRequest, format!("{}: {e}", req.cmd)),
+        SpawnError::Io(e) => e,
+    };
+    match e.kind() {
+        std::io::ErrorKind::NotFound
+            if req
+                .cwd
+                .as_deref()
+                .is_some_and(|d| !std::path::Path::new(d).is_dir()) =>
+        {
+            (
+                ErrorKind::InvalidRequest,
+                format!(
+                    "working directory {:?} does not exist",
+                    req.cwd.as_deref().unwrap_or_default()
+                ),
+            )
+        }
+        std::io::ErrorKind::NotFound => (ErrorKind::NotFound, format!("{}: {e}", req.cmd)),
+        std::io::ErrorKind::PermissionDenied => {
+            (ErrorKind::PermissionDenied, format!("{}: {e}", req.cmd))
+        }
+        std::io::ErrorKind::InvalidInput => {
+            (ErrorKind::InvalidRequest, format!("{}: {e}", req.cmd))
+        }
+        _ => (ErrorKind::Internal, format!("{}: {e}", req.cmd)),
+    }
+}
+
 fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, env: &Env) {
     let mut limits = Vec::with_capacity(req.rlimits.len());
     for r in &req.rlimits {
@@ -477,122 +630,52 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
             }
         }
     }
-    let mut cmd = Command::new(&req.cmd);
-    cmd.args(&req.args)
-        .env_clear()
-        .env("PATH", env.path)
-        .env("HOME", "/root")
-        .env("TERM", "linux")
-        .current_dir(req.cwd.as_deref().unwrap_or("/"));
-    // A terminal: the child gets the PTY slave as stdin, stdout and stderr, in a session
-    // of its own with the slave as controlling terminal; we keep the master.
-    let pty = match req.tty {
-        Some(t) => {
-            let size = nix::pty::Winsize {
-                ws_row: t.rows,
-                ws_col: t.cols,
-                ws_xpixel: 0,
-                ws_ypixel: 0,
-            };
-            let opened = nix::pty::openpty(Some(&size), None)
-                .map_err(std::io::Error::from)
-                .and_then(|p| {
-                    let (a, b) = (p.slave.try_clone()?, p.slave.try_clone()?);
-                    cmd.stdin(Stdio::from(p.slave))
-                        .stdout(Stdio::from(a))
-                        .stderr(Stdio::from(b));
-                    Ok(File::from(p.master))
-                });
-            match opened {
-                Ok(master) => Some(master),
-                Err(e) => {
-                    return error(
-                        writer,
-                        id,
-                        ErrorKind::Internal,
-                        format!("cannot open a pty: {e}"),
-                    )
-                }
-            }
-        }
-        None => {
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .process_group(0);
-            None
-        }
+    let user = match req.user.as_ref().map(resolve_user).transpose() {
+        Ok(u) => u,
+        Err(e) => return error(writer, id, ErrorKind::InvalidRequest, e),
     };
-    if !limits.is_empty() || pty.is_some() || env.restricted {
-        crate::sys::child_setup(&mut cmd, limits, pty.is_some(), env.restricted);
-    }
-    if let Some(t) = env.tunables {
-        cmd.env("GLIBC_TUNABLES", t);
-    }
-    for (k, v) in &req.env {
-        if k == "PATH" {
-            cmd.env(k, with_scripts(v));
-        } else {
-            cmd.env(k, v);
-        }
-    }
-    if let Some(u) = &req.user {
-        match resolve_user(u) {
-            Ok((uid, gid)) => {
-                cmd.uid(uid).gid(gid);
-            }
-            Err(e) => return error(writer, id, ErrorKind::InvalidRequest, e),
-        }
-    }
-    if pty.is_none() {
-        cmd.stdin(match req.stdin {
-            StdinMode::Null => Stdio::null(),
-            StdinMode::Bytes(_) | StdinMode::Stream => Stdio::piped(),
-        });
-    }
+    let envs = command_env(env, &req.env);
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    let plain = limits.is_empty() && req.tty.is_none() && !env.restricted && user.is_none();
+    let stdin_pipe = !matches!(req.stdin, StdinMode::Null);
     let spawning = reaper::spawn_lock();
-    let spawned = cmd.spawn();
-    // Our copies of the PTY slave must close, or the master never sees the end.
-    drop(cmd);
-    let mut child = match spawned {
+    let started = if plain {
+        let cmd = crate::spawn::Plain {
+            program: &req.cmd,
+            args: &req.args,
+            env: &envs,
+            cwd,
+            stdin_pipe,
+        };
+        crate::spawn::spawn(&cmd).map(|c| Child {
+            pid: c.pid,
+            stdin: c.stdin.map(|p| Box::new(p) as Box<dyn Write + Send>),
+            outputs: vec![
+                (Box::new(c.stdout), Message::Stdout),
+                (Box::new(c.stderr), Message::Stderr),
+            ],
+            pty: None,
+        })
+    } else {
+        spawn_with_setup(&req, &envs, cwd, user, limits, env.restricted)
+            .map_err(crate::spawn::SpawnError::Io)
+    };
+    let child = match started {
         Ok(c) => c,
         Err(e) => {
-            let kind = match e.kind() {
-                std::io::ErrorKind::NotFound
-                    if req
-                        .cwd
-                        .as_deref()
-                        .is_some_and(|d| !std::path::Path::new(d).is_dir()) =>
-                {
-                    return error(
-                        writer,
-                        id,
-                        ErrorKind::InvalidRequest,
-                        format!(
-                            "working directory {:?} does not exist",
-                            req.cwd.unwrap_or_default()
-                        ),
-                    );
-                }
-                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
-                std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
-                _ => ErrorKind::Internal,
-            };
-            return error(writer, id, kind, format!("{}: {e}", req.cmd));
+            drop(spawning);
+            let (kind, message) = spawn_error(&req, e);
+            return error(writer, id, kind, message);
         }
     };
-    let pid = child.id() as i32;
+    let Child {
+        pid,
+        stdin: stdin_pipe,
+        outputs,
+        pty,
+    } = child;
     let ended = reaper::register(pid);
     drop(spawning);
-    let stdin_pipe: Option<Box<dyn Write + Send>> = match &pty {
-        Some(master) => master
-            .try_clone()
-            .ok()
-            .map(|m| Box::new(m) as Box<dyn Write + Send>),
-        None => child
-            .stdin
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Write + Send>),
-    };
     let fail = |e: std::io::Error| {
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
         error(
@@ -647,20 +730,6 @@ fn start_session(id: u32, req: ExecStart, writer: &Writer, sessions: &Sessions, 
     let epoch = Instant::now();
     let ended_flag = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
-    let outputs: Vec<Output> = {
-        let mut v: Vec<Output> = Vec::new();
-        // A PTY master reads EIO once the last slave closes: its end of stream.
-        if let Some(master) = pty {
-            v.push((Box::new(master), Message::PtyOutput));
-        }
-        if let Some(p) = child.stdout.take() {
-            v.push((Box::new(p), Message::Stdout));
-        }
-        if let Some(p) = child.stderr.take() {
-            v.push((Box::new(p), Message::Stderr));
-        }
-        v
-    };
     for (pipe, wrap) in outputs {
         let state = Arc::new(ReaderState::default());
         let r = spawn_reader(

@@ -5,11 +5,15 @@
 //!
 //! `cargo run --release -p msb-benches --bin exec -- [--runs N] [--mib M] [--memory MiB]`
 
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use microsandbox::Sandbox;
 use msb_benches::{arg, exec_rtt, exec_stream, ms, row, ExecFigures};
 use msb_e2e::{host_kind, sdk_env};
+use msb_protocol::frame::{read_frame, write_frame, Frame};
+use msb_protocol::message::{ExecStart, Message, PROTOCOL_VERSION};
 
 /// Four commands in one shell line (three of them programs the shell runs).
 const SHELL_LINE: &str = "ls / >/dev/null; cat /etc/passwd >/dev/null; echo ok | wc -c";
@@ -49,6 +53,10 @@ async fn main() {
         to_started.push(ms(t1 - t0));
         to_exited.push(ms(t1.elapsed()));
     }
+    let control = control_socket(home.path());
+    let raw = tokio::task::spawn_blocking(move || raw_breakdown(&control))
+        .await
+        .expect("raw protocol probe");
     let mut shell = Vec::new();
     for _ in 0..3 {
         let start = Instant::now();
@@ -73,5 +81,90 @@ async fn main() {
         "{}",
         row(&format!("shell line `{SHELL_LINE}`"), &shell, "ms")
     );
+    println!("{}", row("raw: connect + Hello/Ready", &raw.hello, "ms"));
+    println!(
+        "{}",
+        row("raw: Ping/Pong on an open connection", &raw.ping, "ms")
+    );
+    println!(
+        "{}",
+        row(
+            "raw: `true` on an open connection, -> Started",
+            &raw.started,
+            "ms"
+        )
+    );
+    println!(
+        "{}",
+        row(
+            "raw: `true` on an open connection, -> Exited",
+            &raw.exited,
+            "ms"
+        )
+    );
     sb.stop().await.expect("stop");
+}
+
+/// The sandbox's control socket: the only socket in the bench's `$MSB_HOME/run`.
+fn control_socket(home: &Path) -> PathBuf {
+    std::fs::read_dir(home.join("run"))
+        .expect("run dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("a control socket")
+}
+
+/// Where an exec's time goes below the SDK, in ms: a new connection with its Hello/Ready,
+/// a Ping round trip, and `true` run on a connection that is already open.
+struct Raw {
+    hello: Vec<f64>,
+    ping: Vec<f64>,
+    started: Vec<f64>,
+    exited: Vec<f64>,
+}
+
+fn raw_breakdown(control: &Path) -> Raw {
+    let mut raw = Raw {
+        hello: vec![],
+        ping: vec![],
+        started: vec![],
+        exited: vec![],
+    };
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+    };
+    let mut conn = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut s = UnixStream::connect(control).expect("connect");
+        write_frame(&mut s, &Frame::new(0, hello.clone())).expect("hello");
+        let ready = read_frame(&mut s).expect("read").expect("a frame");
+        assert!(matches!(ready.message, Message::Ready { .. }), "{ready:?}");
+        raw.hello.push(ms(t.elapsed()));
+        conn = Some(s);
+    }
+    let mut s = conn.expect("a connection");
+    for n in 0..5u64 {
+        let t = Instant::now();
+        write_frame(&mut s, &Frame::new(0, Message::Ping(n))).expect("ping");
+        let pong = read_frame(&mut s).expect("read").expect("a frame");
+        assert_eq!(pong.message, Message::Pong(n));
+        raw.ping.push(ms(t.elapsed()));
+    }
+    for id in 1..=5u32 {
+        let t = Instant::now();
+        let start = Message::ExecStart(ExecStart::command("true", &[]));
+        write_frame(&mut s, &Frame::new(id, start)).expect("exec");
+        loop {
+            let f = read_frame(&mut s).expect("read").expect("a frame");
+            match f.message {
+                Message::Started { .. } => raw.started.push(ms(t.elapsed())),
+                Message::Exited { .. } => break,
+                Message::Error { message, .. } => panic!("exec failed: {message}"),
+                _ => {}
+            }
+        }
+        raw.exited.push(ms(t.elapsed()));
+    }
+    raw
 }
