@@ -36,18 +36,28 @@ pub(crate) async fn write_frame(
 
 /// Connects to a control socket and completes the Hello/Ready exchange.
 pub(crate) async fn open(control: &Path) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
+    open_with(control, None).await
+}
+
+/// Connects to a control socket, sends `Hello` and `first` together (the agent takes
+/// frames in order, so the request needs no round trip of its own before it), and
+/// completes the Hello/Ready exchange; the answer to `first` is the next frame to read.
+pub(crate) async fn open_with(
+    control: &Path,
+    first: Option<&Frame>,
+) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
     let stream = UnixStream::connect(control).await?;
     let (mut r, mut w) = stream.into_split();
-    write_frame(
-        &mut w,
-        &Frame::new(
-            0,
-            Message::Hello {
-                version: PROTOCOL_VERSION,
-            },
-        ),
-    )
-    .await?;
+    let mut out = encode(&Frame::new(
+        0,
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    ))?;
+    if let Some(f) = first {
+        out.extend_from_slice(&encode(f)?);
+    }
+    w.write_all(&out).await?;
     match read_frame(&mut r).await? {
         Some(Frame {
             message: Message::Ready { version, .. },

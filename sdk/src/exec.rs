@@ -389,8 +389,8 @@ impl ExecHandle {
     /// Starts `req` on a fresh connection to `control`; returns once the guest started it.
     pub(crate) async fn start(control: &Path, req: ExecStart) -> MicrosandboxResult<Self> {
         let piped = req.stdin == StdinMode::Stream;
-        let (mut r, mut w) = conn::open(control).await?;
-        conn::write_frame(&mut w, &Frame::new(SESSION, Message::ExecStart(req))).await?;
+        let start = Frame::new(SESSION, Message::ExecStart(req));
+        let (mut r, w) = conn::open_with(control, Some(&start)).await?;
         let pid = match conn::read_frame(&mut r).await? {
             Some(Frame {
                 message: Message::Started { pid },

@@ -182,7 +182,8 @@ impl<'a> SandboxFs<'a> {
     }
 
     async fn open(&self, req: FsRequest) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
-        let (r, mut w) = match conn::open(self.sb.control_path()).await {
+        let request = Frame::new(SESSION, Message::Fs(req));
+        let (r, w) = match conn::open_with(self.sb.control_path(), Some(&request)).await {
             Ok(c) => c,
             Err(MicrosandboxError::Io(e))
                 if matches!(
@@ -194,7 +195,6 @@ impl<'a> SandboxFs<'a> {
             }
             Err(e) => return Err(e),
         };
-        conn::write_frame(&mut w, &Frame::new(SESSION, Message::Fs(req))).await?;
         Ok((r, w))
     }
 

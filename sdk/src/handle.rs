@@ -239,9 +239,9 @@ pub(crate) async fn stop_vmm(
 /// dead or hostile guest cannot hold a stop up.
 pub(crate) async fn ask_power_off(control: &Path, within: Duration) {
     let _ = tokio::time::timeout(within, async {
-        if let Ok((_r, mut w)) = conn::open(control).await {
-            let _ = conn::write_frame(&mut w, &Frame::new(0, Message::Shutdown)).await;
-        }
+        let shutdown = Frame::new(0, Message::Shutdown);
+        // Sent with the Hello; the relay passes it on before it sees this end close.
+        let _ = conn::open_with(control, Some(&shutdown)).await;
     })
     .await;
 }
