@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use msb_protocol::message::Message;
+use msb_protocol::vmmargs::{Security, VmmArgs};
 use sha2::{Digest, Sha256};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
@@ -830,53 +831,40 @@ async fn spawn(paths: Paths, prepared: Persisted, claim: String) -> Microsandbox
     for stale in [paths.exit_record(), paths.metrics()] {
         let _ = std::fs::remove_file(stale);
     }
-    let mut cmd = Command::new(&vmm);
-    cmd.arg("--control-socket")
-        .arg(&paths.control)
-        .arg("--exec-log")
-        .arg(paths.exec_log())
-        .args(["--memory", &config.memory_mib.to_string()])
-        .args(["--cpus", &config.cpus.to_string()])
-        .args(["--hostname", &hostname])
-        .arg("--rw")
-        .arg(paths.rw())
-        .arg("--lock")
-        .arg(paths.lock())
-        .arg("--exit-record")
-        .arg(paths.exit_record())
-        .arg("--metrics")
-        .arg(paths.metrics());
-    if !config.quiet_logs {
-        cmd.arg("--serial-log").arg(paths.dir.join("console.log"));
-    }
-    let level = match (config.quiet_logs, config.log_level) {
-        (true, _) => Some("off"),
-        (false, l) => l.map(LogLevel::as_str),
+    let mut args = VmmArgs {
+        control_socket: Some(paths.control.clone()),
+        exec_log: Some(paths.exec_log()),
+        memory: Some(u64::from(config.memory_mib)),
+        cpus: Some(config.cpus),
+        hostname: Some(hostname),
+        rw: Some(paths.rw()),
+        lock: Some(paths.lock()),
+        exit_record: Some(paths.exit_record()),
+        metrics: Some(paths.metrics()),
+        serial_log: (!config.quiet_logs).then(|| paths.dir.join("console.log")),
+        log_level: match (config.quiet_logs, config.log_level) {
+            (true, _) => Some("off".into()),
+            (false, l) => l.map(|l| l.as_str().to_string()),
+        },
+        security: match config.security_profile {
+            SecurityProfile::Restricted => Security::Restricted,
+            SecurityProfile::Default => Security::Default,
+        },
+        idle_timeout: config.idle_timeout_secs,
+        max_duration: config.max_duration_secs,
+        layers: prepared.layers.clone(),
+        kernel: std::env::var_os("MSB_KERNEL").map(PathBuf::from),
+        initrd: std::env::var_os("MSB_INITRD").map(PathBuf::from),
+        // The VMM watches its stdin (the read end of the lifeline below): when this
+        // process is gone, so is the VM, until a detach ([`Sandbox::cut_lifeline`]) tells
+        // it otherwise.
+        exit_with_stdin: true,
+        ..VmmArgs::default()
     };
-    if let Some(level) = level {
-        cmd.args(["--log-level", level]);
-    }
-    if config.security_profile == SecurityProfile::Restricted {
-        cmd.args(["--security", "restricted"]);
-    }
     if let Some(init) = &config.init {
-        cmd.arg("--init")
-            .arg(init.path.as_deref().unwrap_or("auto"));
-        for a in &init.args {
-            cmd.arg("--init-arg").arg(a);
-        }
-        for (k, v) in &init.env {
-            cmd.arg("--init-env").arg(format!("{k}={v}"));
-        }
-    }
-    if let Some(s) = config.idle_timeout_secs {
-        cmd.args(["--idle-timeout", &s.to_string()]);
-    }
-    if let Some(s) = config.max_duration_secs {
-        cmd.args(["--max-duration", &s.to_string()]);
-    }
-    for layer in &prepared.layers {
-        cmd.arg("--layer").arg(layer);
+        args.init = Some(init.path.clone().unwrap_or_else(|| "auto".into()));
+        args.init_arg = init.args.clone();
+        args.init_env = init.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     }
     let home = msb_home();
     for v in &config.volumes {
@@ -885,11 +873,7 @@ async fn spawn(paths: Paths, prepared: Persisted, claim: String) -> Microsandbox
                 guest,
                 host,
                 readonly,
-            } => {
-                cmd.arg(if *readonly { "--ro-volume" } else { "--volume" })
-                    .arg(guest)
-                    .arg(host);
-            }
+            } => args.volume(guest, host, *readonly),
             VolumeMount::Named {
                 guest,
                 name,
@@ -897,29 +881,18 @@ async fn spawn(paths: Paths, prepared: Persisted, claim: String) -> Microsandbox
             } => {
                 let dir = crate::volume::named_volume_dir(&home, name);
                 std::fs::create_dir_all(&dir)?;
-                cmd.arg(if *readonly { "--ro-volume" } else { "--volume" })
-                    .arg(guest)
-                    .arg(dir);
+                args.volume(guest, dir, *readonly);
             }
-            VolumeMount::Tmpfs { guest, size_mib } => {
-                let size = size_mib.map_or_else(|| "-".to_string(), |s| s.to_string());
-                cmd.arg("--tmpfs").arg(guest).arg(size);
-            }
+            VolumeMount::Tmpfs { guest, size_mib } => args.tmpfs(guest, *size_mib),
         }
     }
-    if let Some(k) = std::env::var_os("MSB_KERNEL") {
-        cmd.arg("--kernel").arg(k);
-    }
-    if let Some(i) = std::env::var_os("MSB_INITRD") {
-        cmd.arg("--initrd").arg(i);
-    }
+    let mut cmd = Command::new(&vmm);
+    cmd.args(args.to_args());
     let vmm_log = std::fs::File::create(paths.vmm_log())?;
     // Its own process group: a terminal's Ctrl-C to this process does not reach it.
     cmd.process_group(0);
-    // The VMM watches the read end: when this process is gone, so is the VM, until a
-    // detach ([`Sandbox::cut_lifeline`]) tells it otherwise.
     let (lifeline_r, lifeline) = std::io::pipe()?;
-    cmd.arg("--exit-with-stdin").stdin(Stdio::from(lifeline_r));
+    cmd.stdin(Stdio::from(lifeline_r));
     // Never killed on drop: the VMM ends itself when its lifeline closes, which also
     // happens when this process dies; a detached one is meant to outlive us.
     cmd.stdout(Stdio::null())

@@ -2,7 +2,7 @@
 //! defaults when missing), and write the kernel command line.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use msb_devices::virtio::fs::{Share, ShareSource};
@@ -472,6 +472,51 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         *c = cmdline;
     }
     Ok(cfg)
+}
+
+/// A private directory, removed on drop, for what the caller did not give: the vsock
+/// socket of a one-command VM (no client will look for it) and the writable layer of a VM
+/// whose writes need not outlive it.
+pub struct PrivateDir(Option<PathBuf>);
+
+impl PrivateDir {
+    /// Makes the directory if `launch` needs it and points `launch` into it.
+    pub fn fill_in(launch: &mut Launch) -> PrivateDir {
+        let needs_socket = !launch.command.is_empty() && launch.vsock_path().is_none();
+        if !needs_socket && launch.rw.is_some() {
+            return PrivateDir(None);
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() {
+            // `resolve` then reports that no socket path or writable layer is set.
+            return PrivateDir(None);
+        }
+        if needs_socket {
+            launch.vsock_socket = Some(dir.join("v.sock"));
+        }
+        if launch.rw.is_none() {
+            launch.rw = Some(dir.join("rw"));
+        }
+        PrivateDir(Some(dir))
+    }
+}
+
+impl PrivateDir {
+    /// The directory, when one was made.
+    pub fn path(&self) -> Option<&Path> {
+        self.0.as_deref()
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 #[cfg(test)]

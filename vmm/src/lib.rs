@@ -9,16 +9,22 @@
 //! - [`vcpu`]: vCPU threads with a run-state machine;
 //! - [`console`]: where serial output goes;
 //! - [`host`]: host kind (hardware KVM or PVM) and host facts;
-//! - [`launch`]: what `msb-vmm` does: pick kernel and initramfs, build the command line.
+//! - [`invocation`]: `msb-vmm`'s command line ([`msb_protocol::vmmargs::VmmArgs`], the
+//!   contract the SDK renders) checked and turned into a [`launch::Launch`];
+//! - [`launch`]: what `msb-vmm` does: pick kernel and agent, build the command line;
+//! - [`relay`], [`runner`], [`monitor`], [`lifecycle`]: the control socket's relay, the
+//!   one-command runner, the limits and metrics thread and their policy.
 
 pub mod arch;
 pub mod bus;
 pub mod console;
 pub mod host;
 pub mod hypervisor;
+pub mod invocation;
 pub mod launch;
 pub mod lifecycle;
 pub mod memory;
+pub mod monitor;
 pub mod relay;
 pub mod runner;
 pub mod vcpu;

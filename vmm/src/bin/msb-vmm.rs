@@ -1,274 +1,40 @@
 //! `msb-vmm`: boots the guest kernel with the agent, runs one command over vsock, prints its
-//! output and exits with its exit code (stdin is forwarded to it).
+//! output and exits with its exit code (stdin is forwarded to it); or, with
+//! `--control-socket`, serves the host-agent protocol to the SDK until the guest powers off.
+//! `msb-vmm --help` lists the options: they are the fields of
+//! [`msb_protocol::vmmargs::VmmArgs`], the contract the SDK renders, parsed here with clap.
 //!
-//! ```text
-//! msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--cpus N] [--kvm-path P]
-//!         [--serial-log FILE] [--console] [--timeout SECS] [--hostname H]
-//!         [--append WORD]... [--report FILE] [--vsock-socket PATH]
-//!         [--control-socket PATH [--exec-log FILE]] [--exit-with-stdin]
-//!         [--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]...
-//!         [--ro-volume GUEST HOST]... [--tmpfs GUEST MiB|-]... [--lock FILE]
-//!         [--idle-timeout SECS] [--max-duration SECS] [--metrics FILE]
-//!         [--exit-record FILE] [--log-level LEVEL] [--security default|restricted]
-//!         [--init auto|PATH [--init-arg ARG]... [--init-env K=V]...] -- CMD ARGS...
-//! ```
-//! `--security restricted` runs every guest command with `no_new_privs` and without
-//! `CAP_SYS_ADMIN`; `--init` hands PID 1 to an init of the image once the agent has set
-//! the guest up (the agent carries on as its child).
 //! With `--control-socket`, the VMM itself enforces the sandbox's limits, whether or not
-//! the process that started it is still there: `--idle-timeout` (no command running and no
-//! request for that long, counted from the agent's first answer) and `--max-duration`
-//! (from the start) drain the sandbox and ask the guest to power off; a client's `Drain`
-//! does the same once its commands end. `--metrics FILE` is rewritten every second with
-//! a JSON snapshot (vCPU time and CPU%, resident guest memory, filesystem bytes);
-//! `--exit-record FILE` is written at exit with how the VM ended (`clean` true for an
-//! orderly stop). `--log-level` is the VMM's own log filter on stderr (default `warn`).
-//! `--lock FILE` holds an exclusive `flock` on FILE for the VMM's life and refuses to start
-//! when another process holds it (the SDK passes its sandbox's lock).
-//! The root filesystem is an overlay of read-only layers (`--layer`, bottom first;
-//! `--rootfs DIR` is one layer; default: the default root filesystem) under a writable
-//! layer `--rw DIR` (a temporary directory, removed at exit, when not given), shared over
-//! virtio-fs. `--volume`/`--ro-volume` share a host directory at a guest path (read-only
-//! enforced by the device); `--tmpfs` mounts a tmpfs of that many MiB (`-`: the kernel's
-//! default size).
-//! With `--vsock-socket` and no command, the agent serves exec requests over vsock (host
-//! clients connect to the socket and send `CONNECT 1024`) until one asks it to shut down.
-//! `--control-socket` serves the same protocol to host clients through a relay that taps
-//! every session's output into `--exec-log` (JSON lines); the vsock socket then defaults to
-//! the control socket's path plus `.vsock`. `--exit-with-stdin` ends the VM when stdin
-//! reaches end of file: a parent that holds the other end of a pipe ties the VM to its own
-//! lifetime.
-//! Without `--kernel`/`--initrd` it uses the kernel flavour for this host and the default
-//! initramfs, building them first (with progress on stderr) if they are missing.
+//! the process that started it is still there (`--idle-timeout`, `--max-duration`, a
+//! client's `Drain`), and rewrites `--metrics` every second. `--exit-record FILE` is written
+//! at exit with how the VM ended (`clean` true for an orderly stop). The root filesystem
+//! is an overlay of read-only layers under a writable layer, shared over virtio-fs.
+//! Without `--kernel` it uses the kernel flavour for this host, building it first (with
+//! progress on stderr) if it is missing.
 //! Exit status: the command's (128 + N if killed by signal N); 125 when the VMM itself
-//! fails (bad input, the guest crashed, ...), with the reason on stderr.
+//! fails (bad input, the guest crashed, ...), with the reason on stderr; 2 for bad usage.
 
-use std::ffi::OsString;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use msb_devices::system::{BootTimes, ReadyGate};
+use clap::Parser as _;
+use msb_devices::system::ReadyGate;
 use msb_devices::virtio::fs::FsMetrics;
-use msb_protocol::bootcmd::InitSpec;
-use msb_protocol::vmmfiles::BootStage;
+use msb_protocol::vmmargs::VmmArgs;
 use msb_vmm::host::HostKind;
-use msb_vmm::launch::{self, BootMemory, Launch, MountSpec};
-use msb_vmm::lifecycle::{self, Action, ExitRecord, Limits, MetricsSnapshot, Policy};
+use msb_vmm::invocation::Invocation;
+use msb_vmm::launch::{self, PrivateDir};
+use msb_vmm::lifecycle::{self, ExitRecord};
+use msb_vmm::monitor::{Monitor, MonitorSetup};
 use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::runner::{self, CommandEnd};
-use msb_vmm::vm::{Vm, VmConfig, VmEnd, VmOutcome, VmStopper};
+use msb_vmm::vm::{Vm, VmConfig, VmEnd, VmOutcome};
 
 const VMM_FAILURE: u8 = 125;
 const TAIL_IN_ERROR: usize = 20;
-
-const USAGE: &str =
-    "usage: msb-vmm [--kernel K] [--initrd I] [--memory MiB] [--boot-memory MiB|all] [--cpus N] \
-[--kvm-path P] [--serial-log FILE] [--console] [--timeout SECS] [--hostname H] \
-[--append WORD]... [--report FILE] [--vsock-socket PATH] \
-[--control-socket PATH [--exec-log FILE]] [--exit-with-stdin] \
-[--layer DIR]... [--rootfs DIR] [--rw DIR] [--volume GUEST HOST]... [--ro-volume GUEST HOST]... \
-[--tmpfs GUEST MiB|-]... [--lock FILE] [--idle-timeout SECS] [--max-duration SECS] \
-[--metrics FILE] [--exit-record FILE] [--log-level LEVEL] [--security default|restricted] \
-[--init auto|PATH [--init-arg ARG]... [--init-env K=V]...] -- CMD ARGS...";
-
-struct Args {
-    launch: Launch,
-    /// The command as UTF-8 (the protocol's strings), when one is given.
-    command: Option<Vec<String>>,
-    report: Option<PathBuf>,
-    exit_with_stdin: bool,
-    /// A file this VMM holds an exclusive `flock` on for its whole life.
-    lock: Option<PathBuf>,
-    limits: Limits,
-    metrics: Option<PathBuf>,
-    exit_record: Option<PathBuf>,
-    log_level: Option<String>,
-}
-
-fn parse(mut it: impl Iterator<Item = OsString>) -> Result<Args, String> {
-    let mut launch = Launch::default();
-    let mut report = None;
-    let mut exit_with_stdin = false;
-    let mut lock = None;
-    let mut limits = Limits::default();
-    let mut metrics = None;
-    let mut exit_record = None;
-    let mut log_level = None;
-    while let Some(arg) = it.next() {
-        let name = arg.to_string_lossy().into_owned();
-        if name == "--" {
-            launch.command = it.collect();
-            break;
-        }
-        let mut value = |what: &str| it.next().ok_or_else(|| format!("{name} needs {what}"));
-        let number = |v: OsString, what: &str| -> Result<u64, String> {
-            v.to_string_lossy()
-                .parse::<u64>()
-                .map_err(|_| format!("{name} needs {what}, got {:?}", v))
-        };
-        match name.as_str() {
-            "--kernel" => launch.kernel = Some(value("a path")?.into()),
-            "--initrd" => launch.initrd = Some(value("a path")?.into()),
-            "--memory" => launch.memory_mib = number(value("MiB")?, "a number of MiB")?,
-            "--boot-memory" => {
-                launch.boot_memory = match value("MiB or all")? {
-                    v if v == "all" => BootMemory::All,
-                    v => BootMemory::Mib(number(v, "a number of MiB or all")?),
-                }
-            }
-            "--cpus" => {
-                let n = number(value("a count")?, "a vCPU count")?;
-                launch.cpus = u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))?;
-            }
-            "--kvm-path" => launch.kvm_path = value("a path")?.into(),
-            "--serial-log" => launch.serial_log = Some(value("a path")?.into()),
-            "--console" => launch.console = true,
-            "--timeout" => {
-                launch.timeout = Some(Duration::from_secs(number(value("seconds")?, "seconds")?))
-            }
-            "--hostname" => launch.hostname = value("a name")?.to_string_lossy().into_owned(),
-            "--append" => launch
-                .append
-                .push(value("a word")?.to_string_lossy().into_owned()),
-            "--report" => report = Some(value("a path")?.into()),
-            "--vsock-socket" => launch.vsock_socket = Some(value("a path")?.into()),
-            "--control-socket" => launch.control_socket = Some(value("a path")?.into()),
-            "--exec-log" => launch.exec_log = Some(value("a path")?.into()),
-            "--exit-with-stdin" => exit_with_stdin = true,
-            "--lock" => lock = Some(PathBuf::from(value("a path")?)),
-            "--idle-timeout" | "--max-duration" => {
-                let secs = number(value("seconds")?, "seconds above 0")?;
-                if secs == 0 {
-                    return Err(format!("{name} needs seconds above 0"));
-                }
-                let d = Some(Duration::from_secs(secs));
-                if name == "--idle-timeout" {
-                    limits.idle_timeout = d;
-                } else {
-                    limits.max_duration = d;
-                }
-            }
-            "--metrics" => metrics = Some(PathBuf::from(value("a path")?)),
-            "--exit-record" => exit_record = Some(PathBuf::from(value("a path")?)),
-            "--log-level" => log_level = Some(value("a level")?.to_string_lossy().into_owned()),
-            "--security" => match value("a profile")?.to_string_lossy().as_ref() {
-                "restricted" => launch.restricted = true,
-                "default" => launch.restricted = false,
-                other => {
-                    return Err(format!(
-                        "--security takes default or restricted, got {other:?}"
-                    ))
-                }
-            },
-            "--init" => {
-                let v = value("auto or a guest path")?
-                    .to_string_lossy()
-                    .into_owned();
-                let path = match v.as_str() {
-                    "auto" => None,
-                    p if p.starts_with('/') => Some(p.to_string()),
-                    p => {
-                        return Err(format!(
-                            "--init takes auto or an absolute guest path, got {p:?}"
-                        ))
-                    }
-                };
-                let spec = launch.init.get_or_insert_with(|| InitSpec {
-                    path: None,
-                    args: Vec::new(),
-                    env: Vec::new(),
-                });
-                spec.path = path;
-            }
-            "--init-arg" | "--init-env" => {
-                let v = value("a value")?.to_string_lossy().into_owned();
-                let spec = launch
-                    .init
-                    .as_mut()
-                    .ok_or_else(|| format!("{name} needs --init before it"))?;
-                if name == "--init-arg" {
-                    spec.args.push(v);
-                } else {
-                    let (k, val) = v
-                        .split_once('=')
-                        .filter(|(k, _)| !k.is_empty())
-                        .ok_or_else(|| format!("--init-env needs KEY=VALUE, got {v:?}"))?;
-                    spec.env.push((k.to_string(), val.to_string()));
-                }
-            }
-            "--layer" | "--rootfs" => launch.layers.push(value("a directory")?.into()),
-            "--rw" => launch.rw = Some(value("a directory")?.into()),
-            "--volume" | "--ro-volume" => {
-                let guest = value("a guest path and a host directory")?;
-                let host = value("a host directory after the guest path")?;
-                launch.mounts.push(MountSpec::Dir {
-                    guest: guest.to_string_lossy().into_owned(),
-                    host: host.into(),
-                    readonly: name == "--ro-volume",
-                });
-            }
-            "--tmpfs" => {
-                let guest = value("a guest path and a size")?;
-                let size = value("a size in MiB (or -) after the guest path")?;
-                let size_mib = match size.to_string_lossy().as_ref() {
-                    "-" => None,
-                    v => Some(v.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                        format!("--tmpfs needs a size in MiB above 0 or -, got {v:?}")
-                    })?),
-                };
-                launch.mounts.push(MountSpec::Tmpfs {
-                    guest: guest.to_string_lossy().into_owned(),
-                    size_mib,
-                });
-            }
-            "-h" | "--help" => return Err(String::new()),
-            _ => return Err(format!("unknown option {name}")),
-        }
-    }
-    if launch.command.is_empty() && launch.vsock_path().is_none() {
-        return Err(
-            "no command given (put it after --, or give --control-socket or --vsock-socket to serve)"
-                .into(),
-        );
-    }
-    if launch.control_socket.is_some() && !launch.command.is_empty() {
-        return Err("--control-socket serves exec requests: give no command".into());
-    }
-    if launch.exec_log.is_some() && launch.control_socket.is_none() {
-        return Err("--exec-log needs --control-socket (the relay writes it)".into());
-    }
-    if (limits != Limits::default() || metrics.is_some()) && launch.control_socket.is_none() {
-        return Err(
-            "--idle-timeout, --max-duration and --metrics need --control-socket (a served sandbox)"
-                .into(),
-        );
-    }
-    let command = if launch.command.is_empty() {
-        None
-    } else {
-        let argv: Result<Vec<String>, _> = launch
-            .command
-            .iter()
-            .map(|a| a.clone().into_string())
-            .collect();
-        Some(argv.map_err(|a| format!("the command's arguments must be UTF-8: {a:?}"))?)
-    };
-    Ok(Args {
-        launch,
-        command,
-        report,
-        exit_with_stdin,
-        lock,
-        limits,
-        metrics,
-        exit_record,
-        log_level,
-    })
-}
 
 fn ms(d: Option<Duration>) -> serde_json::Value {
     d.map_or(serde_json::Value::Null, |d| {
@@ -353,43 +119,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A private directory, removed on drop, for what the caller did not give: the vsock
-/// socket of a one-command VM (no client will look for it) and the writable layer of a VM
-/// whose writes need not outlive it.
-struct PrivateDir(Option<PathBuf>);
-
-impl PrivateDir {
-    fn fill_in(launch: &mut Launch) -> PrivateDir {
-        let needs_socket = !launch.command.is_empty() && launch.vsock_path().is_none();
-        if !needs_socket && launch.rw.is_some() {
-            return PrivateDir(None);
-        }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
-        if std::fs::create_dir(&dir).is_err() {
-            // `resolve` then reports that no socket path or writable layer is set.
-            return PrivateDir(None);
-        }
-        if needs_socket {
-            launch.vsock_socket = Some(dir.join("v.sock"));
-        }
-        if launch.rw.is_none() {
-            launch.rw = Some(dir.join("rw"));
-        }
-        PrivateDir(Some(dir))
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        if let Some(d) = &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone),
 /// removing `sockets` and the private directory; unless a client detached the VM first.
 fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>, relay: Option<Arc<Relay>>) {
@@ -454,133 +183,6 @@ fn lock_file(path: &PathBuf) -> Result<std::fs::File, String> {
     }
 }
 
-/// What the lifecycle monitor works with.
-struct MonitorSetup {
-    relay: Arc<Relay>,
-    stopper: VmStopper,
-    limits: Limits,
-    metrics: Option<PathBuf>,
-    mem: vm_memory::GuestMemoryMmap,
-    fs: Vec<(String, Arc<FsMetrics>)>,
-    memory_limit: u64,
-    times: Arc<Mutex<BootTimes>>,
-}
-
-/// A thread that enforces the limits and writes the metrics file while the VM runs.
-struct Monitor {
-    done: Sender<()>,
-    thread: std::thread::JoinHandle<Option<String>>,
-}
-
-const MONITOR_TICK: Duration = Duration::from_millis(250);
-const METRICS_EVERY: Duration = Duration::from_secs(1);
-const POWER_OFF_CONNECT: Duration = Duration::from_secs(5);
-
-impl Monitor {
-    fn spawn(setup: MonitorSetup) -> Monitor {
-        let (done, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("lifecycle".into())
-            .spawn(move || monitor(setup, rx));
-        match thread {
-            Ok(thread) => Monitor { done, thread },
-            Err(e) => {
-                // Without it the limits cannot be kept: not a sandbox to leave running.
-                fail(&format!("cannot start the lifecycle monitor: {e}"), &[]);
-                std::process::exit(i32::from(VMM_FAILURE));
-            }
-        }
-    }
-
-    /// Stops the thread; the reason the host stopped the VM, if it did.
-    fn finish(self) -> Option<String> {
-        let _ = self.done.send(());
-        self.thread.join().ok().flatten()
-    }
-}
-
-fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
-    let started_ms = lifecycle::epoch_ms();
-    let mut policy = Policy::new(m.limits, Instant::now());
-    let mut last_cpu = (Instant::now(), lifecycle::vcpu_time_ns());
-    let mut next_metrics = Instant::now();
-    let mut powering_off = None;
-    let mut stage = BootStage::Kernel;
-    while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(MONITOR_TICK) {
-        let now = Instant::now();
-        let activity = m.relay.activity();
-        match policy.tick(now, activity, m.relay.agent_ready(), m.relay.is_draining()) {
-            Action::Wait => {}
-            Action::Drain(why) => {
-                m.relay.drain();
-                m.relay.log_system(&format!("draining: {why}"));
-            }
-            Action::PowerOff(why) => {
-                m.relay.log_system(&format!("stopping: {why}"));
-                if let Err(e) = m.relay.shutdown_guest(POWER_OFF_CONNECT) {
-                    eprintln!("msb-vmm: cannot ask the guest to power off: {e}");
-                }
-                powering_off = Some(why);
-            }
-            Action::Stop(why) => {
-                m.relay.log_system(&format!("stopping the VM: {why}"));
-                m.stopper.stop(why);
-            }
-        }
-        let now_stage = {
-            let t = m.times.lock().unwrap_or_else(|p| p.into_inner());
-            match (t.init_started, t.root_mounted, t.boot_ready) {
-                (_, _, Some(_)) => BootStage::Ready,
-                (_, Some(_), None) => BootStage::RootMounted,
-                (Some(_), None, None) => BootStage::Agent,
-                (None, None, None) => BootStage::Kernel,
-            }
-        };
-        // A new stage is written at once (the CLI shows it while it waits).
-        let moved_on = std::mem::replace(&mut stage, now_stage) != now_stage;
-        if let Some(path) = m
-            .metrics
-            .as_ref()
-            .filter(|_| now >= next_metrics || moved_on)
-        {
-            next_metrics = now + METRICS_EVERY;
-            let cpu = lifecycle::vcpu_time_ns();
-            let wall = now.saturating_duration_since(last_cpu.0).as_nanos() as f64;
-            let cpu_percent = if wall > 0.0 {
-                cpu.saturating_sub(last_cpu.1) as f64 * 100.0 / wall
-            } else {
-                0.0
-            };
-            last_cpu = (now, cpu);
-            let (guest_kib, vmm_kib) = msb_vmm::memory::own_rss_split_kib(&m.mem).unwrap_or((0, 0));
-            let sum = |f: fn(&FsMetrics) -> u64| m.fs.iter().map(|(_, x)| f(x)).sum::<u64>();
-            let snap = MetricsSnapshot {
-                timestamp_ms: lifecycle::epoch_ms(),
-                started_at_ms: started_ms,
-                cpu_percent,
-                vcpu_time_ns: cpu,
-                guest_rss_bytes: guest_kib << 10,
-                vmm_rss_bytes: vmm_kib << 10,
-                memory_limit_bytes: m.memory_limit,
-                disk_read_bytes: sum(|x| FsMetrics::get(&x.read_bytes)),
-                disk_write_bytes: sum(|x| FsMetrics::get(&x.write_bytes)),
-                net_rx_bytes: 0,
-                net_tx_bytes: 0,
-                sessions: activity.sessions as u64,
-                draining: m.relay.is_draining(),
-                boot_stage: stage,
-            };
-            if let Err(e) = lifecycle::write_json_atomic(path, &snap) {
-                eprintln!("msb-vmm: cannot write metrics {}: {e}", path.display());
-            }
-        }
-    }
-    if let Some(p) = &m.metrics {
-        let _ = std::fs::remove_file(p);
-    }
-    powering_off.or_else(|| policy.drain_reason().map(str::to_string))
-}
-
 /// The virtio-fs devices keep a descriptor per guest-visible inode: allow as many as the
 /// hard limit does.
 fn raise_fd_limit() {
@@ -597,16 +199,43 @@ fn raise_fd_limit() {
     }
 }
 
+/// Prints what clap found wrong (or the help it was asked for) and the exit status.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::UnknownArgument => {
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => a.clone(),
+                _ => String::new(),
+            };
+            eprintln!("msb-vmm: error: unknown option {arg}");
+            eprintln!("(msb-vmm --help lists the options)");
+            ExitCode::from(2)
+        }
+        _ => {
+            let _ = e.print();
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
-    let mut args = match parse(std::env::args_os().skip(1)) {
+    // Bad usage exits 2; --help and --version exit 0.
+    let parsed = match VmmArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) => return usage_error(&e),
+    };
+    let mut args = match Invocation::from_args(parsed) {
         Ok(a) => a,
         Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("msb-vmm: error: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
+            eprintln!("msb-vmm: error: {msg}");
+            eprintln!("(msb-vmm --help lists the options)");
+            return ExitCode::from(2);
         }
     };
     let filter = match &args.log_level {
@@ -669,25 +298,33 @@ fn main() -> ExitCode {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
         watch_stdin(
             sockets.into_iter().flatten().collect(),
-            private.0.clone(),
+            private.path().map(PathBuf::from),
             relay.clone(),
         );
     }
     if let Some(r) = &relay {
         r.log_system("vm started");
     }
-    let monitor = relay.as_ref().map(|r| {
-        Monitor::spawn(MonitorSetup {
-            relay: r.clone(),
-            stopper: vm.stopper(),
-            limits: args.limits,
-            metrics: args.metrics.clone(),
-            mem: vm.guest_memory(),
-            fs: vm.fs_metrics(),
-            memory_limit: args.launch.memory_mib << 20,
-            times: vm.boot_times(),
-        })
-    });
+    let monitor = match &relay {
+        Some(r) => {
+            let setup = MonitorSetup {
+                relay: r.clone(),
+                stopper: vm.stopper(),
+                limits: args.limits,
+                metrics: args.metrics.clone(),
+                mem: vm.guest_memory(),
+                fs: vm.fs_metrics(),
+                memory_limit: args.launch.memory_mib << 20,
+                times: vm.boot_times(),
+            };
+            // Without it the limits cannot be kept: not a sandbox to leave running.
+            match Monitor::spawn(setup) {
+                Ok(m) => Some(m),
+                Err(e) => return fail(&format!("cannot start the lifecycle monitor: {e}"), &[]),
+            }
+        }
+        None => None,
+    };
     let command = match (&args.command, args.launch.vsock_path()) {
         (Some(argv), Some(vsock)) => {
             match runner::spawn(vsock, argv.clone(), cfg.ready_gate.clone()) {

@@ -1,0 +1,437 @@
+//! The SDK -> `msb-vmm` contract: every option of the VMM's command line as one plain
+//! struct. The SDK fills a [`VmmArgs`] in and renders it with [`VmmArgs::to_args`];
+//! `msb-vmm` reads its command line into the same struct with clap (feature `clap`, so
+//! that only the VMM compiles the parser). A new flag is one field here.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// How much of the guest's RAM its kernel gets at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMemoryArg {
+    /// All of it.
+    All,
+    /// This many MiB; the rest is added in blocks when the guest needs it.
+    Mib(u64),
+}
+
+impl FromStr for BootMemoryArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(BootMemoryArg::All),
+            n => n
+                .parse()
+                .map(BootMemoryArg::Mib)
+                .map_err(|_| format!("expected a number of MiB or all, got {n:?}")),
+        }
+    }
+}
+
+impl fmt::Display for BootMemoryArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootMemoryArg::All => f.write_str("all"),
+            BootMemoryArg::Mib(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The security profile of the guest's commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Security {
+    /// As the image and the user say.
+    #[default]
+    Default,
+    /// Every command with `no_new_privs` and without `CAP_SYS_ADMIN`.
+    Restricted,
+}
+
+impl Security {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Security::Default => "default",
+            Security::Restricted => "restricted",
+        }
+    }
+}
+
+impl FromStr for Security {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "default" => Ok(Security::Default),
+            "restricted" => Ok(Security::Restricted),
+            other => Err(format!(
+                "--security takes default or restricted, got {other:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--memory`'s value.
+#[cfg(feature = "clap")]
+fn memory_mib(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| format!("--memory needs a number of MiB, got {s:?}"))
+}
+
+/// `--cpus`'s value.
+#[cfg(feature = "clap")]
+fn cpu_count(s: &str) -> Result<u8, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("--cpus needs a vCPU count, got {s:?}"))?;
+    u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))
+}
+
+/// A number of seconds above 0 (`--idle-timeout`, `--max-duration`).
+#[cfg(feature = "clap")]
+fn limit_secs(flag: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clone {
+    move |s: &str| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{flag} needs seconds above 0, got {s:?}"))
+    }
+}
+
+/// Every option of `msb-vmm`. With no command and a `--control-socket` or
+/// `--vsock-socket`, the agent serves exec requests until one asks it to shut down.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Parser))]
+#[cfg_attr(
+    feature = "clap",
+    command(
+        name = "msb-vmm",
+        version,
+        about = "Boots the microsandbox guest (kernel and agent) and runs CMD in it, or serves \
+                 exec requests on a control socket.",
+        after_help = "Exit status: the command's (128 + N if killed by signal N); 125 when the \
+                      VMM itself fails, with the reason on stderr."
+    )
+)]
+pub struct VmmArgs {
+    /// Kernel image [default: the kernel flavour for this host, built if missing].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K"))]
+    pub kernel: Option<PathBuf>,
+    /// Boot with this initramfs instead of the agent directory shared over virtio-fs.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "I"))]
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in MiB [default: 512].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "MiB", value_parser = memory_mib))]
+    pub memory: Option<u64>,
+    /// RAM the guest kernel gets at boot, MiB or `all` [default: 128 MiB on PVM hosts,
+    /// all elsewhere]; the rest is added in 128 MiB blocks when the guest needs it.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "MiB|all"))]
+    pub boot_memory: Option<BootMemoryArg>,
+    /// vCPUs [default: 1].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N", value_parser = cpu_count))]
+    pub cpus: Option<u8>,
+    /// The KVM device [default: /dev/kvm].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "P"))]
+    pub kvm_path: Option<PathBuf>,
+    /// Write the guest's console to FILE.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub serial_log: Option<PathBuf>,
+    /// Echo the guest's console to stderr.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub console: bool,
+    /// Stop the VM after SECS seconds.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "SECS"))]
+    pub timeout: Option<u64>,
+    /// Guest hostname.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "H"))]
+    pub hostname: Option<String>,
+    /// An extra kernel command-line word (repeatable).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "WORD", allow_hyphen_values = true)
+    )]
+    pub append: Vec<String>,
+    /// Write boot timings, memory and device figures as JSON to FILE at exit.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub report: Option<PathBuf>,
+    /// Host socket of the guest's vsock device; host clients connect and send
+    /// `CONNECT 1024`.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub vsock_socket: Option<PathBuf>,
+    /// Serve the host-agent protocol here through a relay (the vsock socket defaults to
+    /// this path plus `.vsock`).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub control_socket: Option<PathBuf>,
+    /// The relay's tap of every session's output (JSON lines).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub exec_log: Option<PathBuf>,
+    /// End the VM when stdin reaches end of file (ties it to the parent holding the pipe).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub exit_with_stdin: bool,
+    /// A read-only image layer of the root filesystem, bottom first (repeatable;
+    /// `--rootfs` is the same) [default: the default root filesystem].
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "layer", visible_alias = "rootfs", value_name = "DIR")
+    )]
+    pub layers: Vec<PathBuf>,
+    /// The writable layer [default: a temporary directory removed at exit].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
+    pub rw: Option<PathBuf>,
+    /// Share a host directory at a guest path (repeatable; held as GUEST, HOST pairs).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "volume", num_args = 2, value_names = ["GUEST", "HOST"])
+    )]
+    pub volumes: Vec<OsString>,
+    /// Share a host directory read-only (enforced by the device; repeatable; pairs).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "ro-volume", num_args = 2, value_names = ["GUEST", "HOST"])
+    )]
+    pub ro_volumes: Vec<OsString>,
+    /// Mount a tmpfs of MiB (`-`: the kernel's default size) at a guest path (repeatable;
+    /// held as GUEST, SIZE pairs).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "tmpfs", num_args = 2, value_names = ["GUEST", "MiB|-"])
+    )]
+    pub tmpfs: Vec<String>,
+    /// Hold an exclusive `flock` on FILE for the VMM's life; refuse to start when another
+    /// process holds it.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub lock: Option<PathBuf>,
+    /// Drain and power off after SECS without a command or request (needs
+    /// --control-socket).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "SECS", value_parser = limit_secs("--idle-timeout"))
+    )]
+    pub idle_timeout: Option<u64>,
+    /// Drain and power off SECS after the start (needs --control-socket).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "SECS", value_parser = limit_secs("--max-duration"))
+    )]
+    pub max_duration: Option<u64>,
+    /// Rewrite FILE every second with a JSON metrics snapshot (needs --control-socket).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub metrics: Option<PathBuf>,
+    /// Write how the VM ended to FILE at exit.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
+    pub exit_record: Option<PathBuf>,
+    /// The VMM's own log filter on stderr [default: warn].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "LEVEL"))]
+    pub log_level: Option<String>,
+    /// The security profile of the guest's commands.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "default|restricted", default_value_t = Security::Default)
+    )]
+    pub security: Security,
+    /// Hand PID 1 to the image's init (`auto`) or to this guest path once the agent has
+    /// set the guest up.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "auto|PATH"))]
+    pub init: Option<String>,
+    /// An argument of the init (repeatable).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "ARG", allow_hyphen_values = true)
+    )]
+    pub init_arg: Vec<String>,
+    /// An environment variable of the init, K=V (repeatable).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "K=V"))]
+    pub init_env: Vec<String>,
+    /// The command to run in the guest (after the options, with or without `--`).
+    #[cfg_attr(feature = "clap", arg(value_name = "CMD", trailing_var_arg = true))]
+    pub command: Vec<OsString>,
+}
+
+impl VmmArgs {
+    /// Adds a shared host directory at `guest`.
+    pub fn volume(&mut self, guest: &str, host: impl Into<OsString>, readonly: bool) {
+        let list = if readonly {
+            &mut self.ro_volumes
+        } else {
+            &mut self.volumes
+        };
+        list.extend([OsString::from(guest), host.into()]);
+    }
+
+    /// Adds a tmpfs at `guest` of `size_mib` (`None`: the kernel's default).
+    pub fn tmpfs(&mut self, guest: &str, size_mib: Option<u32>) {
+        let size = size_mib.map_or_else(|| "-".to_string(), |s| s.to_string());
+        self.tmpfs.extend([guest.to_string(), size]);
+    }
+
+    /// The command line that `msb-vmm` parses back into these arguments (the command, if
+    /// any, after `--`).
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, values: &[OsString]| {
+            out.push(format!("--{name}").into());
+            out.extend(values.iter().cloned());
+        };
+        let one = |v: &dyn AsRef<std::ffi::OsStr>| [v.as_ref().to_os_string()];
+        let text = |v: &dyn ToString| [OsString::from(v.to_string())];
+        if let Some(v) = &self.kernel {
+            flag("kernel", &one(v));
+        }
+        if let Some(v) = &self.initrd {
+            flag("initrd", &one(v));
+        }
+        if let Some(v) = self.memory {
+            flag("memory", &text(&v));
+        }
+        if let Some(v) = self.boot_memory {
+            flag("boot-memory", &text(&v));
+        }
+        if let Some(v) = self.cpus {
+            flag("cpus", &text(&v));
+        }
+        if let Some(v) = &self.kvm_path {
+            flag("kvm-path", &one(v));
+        }
+        if let Some(v) = &self.serial_log {
+            flag("serial-log", &one(v));
+        }
+        if self.console {
+            flag("console", &[]);
+        }
+        if let Some(v) = self.timeout {
+            flag("timeout", &text(&v));
+        }
+        if let Some(v) = &self.hostname {
+            flag("hostname", &one(v));
+        }
+        for v in &self.append {
+            flag("append", &one(v));
+        }
+        if let Some(v) = &self.report {
+            flag("report", &one(v));
+        }
+        if let Some(v) = &self.vsock_socket {
+            flag("vsock-socket", &one(v));
+        }
+        if let Some(v) = &self.control_socket {
+            flag("control-socket", &one(v));
+        }
+        if let Some(v) = &self.exec_log {
+            flag("exec-log", &one(v));
+        }
+        if self.exit_with_stdin {
+            flag("exit-with-stdin", &[]);
+        }
+        for v in &self.layers {
+            flag("layer", &one(v));
+        }
+        if let Some(v) = &self.rw {
+            flag("rw", &one(v));
+        }
+        for v in self.volumes.chunks(2) {
+            flag("volume", v);
+        }
+        for v in self.ro_volumes.chunks(2) {
+            flag("ro-volume", v);
+        }
+        for v in self.tmpfs.chunks(2) {
+            let v: Vec<OsString> = v.iter().map(OsString::from).collect();
+            flag("tmpfs", &v);
+        }
+        if let Some(v) = &self.lock {
+            flag("lock", &one(v));
+        }
+        if let Some(v) = self.idle_timeout {
+            flag("idle-timeout", &text(&v));
+        }
+        if let Some(v) = self.max_duration {
+            flag("max-duration", &text(&v));
+        }
+        if let Some(v) = &self.metrics {
+            flag("metrics", &one(v));
+        }
+        if let Some(v) = &self.exit_record {
+            flag("exit-record", &one(v));
+        }
+        if let Some(v) = &self.log_level {
+            flag("log-level", &one(v));
+        }
+        if self.security != Security::Default {
+            flag("security", &one(&self.security.as_str()));
+        }
+        if let Some(v) = &self.init {
+            flag("init", &one(v));
+        }
+        for v in &self.init_arg {
+            flag("init-arg", &one(v));
+        }
+        for v in &self.init_env {
+            flag("init-env", &one(v));
+        }
+        if !self.command.is_empty() {
+            out.push("--".into());
+            out.extend(self.command.iter().cloned());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_what_they_write() {
+        for v in [BootMemoryArg::All, BootMemoryArg::Mib(256)] {
+            assert_eq!(v.to_string().parse::<BootMemoryArg>(), Ok(v));
+        }
+        assert!("lots".parse::<BootMemoryArg>().is_err());
+        for v in [Security::Default, Security::Restricted] {
+            assert_eq!(v.to_string().parse::<Security>(), Ok(v));
+        }
+        assert!("lax".parse::<Security>().is_err());
+    }
+
+    #[test]
+    fn renders_flags_in_pairs_and_the_command_after_a_separator() {
+        let mut a = VmmArgs {
+            memory: Some(256),
+            console: true,
+            command: vec!["/bin/echo".into(), "--hi".into()],
+            ..VmmArgs::default()
+        };
+        a.volume("/data", "/srv/data", true);
+        a.tmpfs("/scratch", None);
+        let words: Vec<String> = a
+            .to_args()
+            .into_iter()
+            .map(|w| w.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            words,
+            [
+                "--memory",
+                "256",
+                "--console",
+                "--ro-volume",
+                "/data",
+                "/srv/data",
+                "--tmpfs",
+                "/scratch",
+                "-",
+                "--",
+                "/bin/echo",
+                "--hi"
+            ]
+        );
+    }
+}
