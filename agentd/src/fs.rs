@@ -18,7 +18,7 @@ use std::time::UNIX_EPOCH;
 use msb_protocol::frame::Frame;
 use msb_protocol::message::{ErrorKind, FsEntry, FsKind, FsRequest, FsStat, Message, FS_CHUNK};
 
-use crate::server::{error, send, send_fs_data, Writer};
+use crate::reply::{error, send, send_fs_data, Writer};
 
 /// Mode of a file a write creates when the request names none.
 const DEFAULT_FILE_MODE: u32 = 0o644;

@@ -7,13 +7,16 @@
 //! (`reaper`), and filesystem requests (`fs`). A `Shutdown` request ends the VM through the system device.
 #![deny(unsafe_code)]
 
+mod exec;
 mod fs;
 mod init;
 mod memory;
 mod pool;
 mod reaper;
+mod reply;
 mod rootfs;
 mod server;
+mod sessions;
 #[allow(unsafe_code)]
 mod spawn;
 #[allow(unsafe_code)]
@@ -162,7 +165,7 @@ fn main() {
     // reported once the socket listens (the VMM connects only then).
     let restricted =
         bootcmd::find_param(&cmdline, bootcmd::SECURITY_KEY) == Some(bootcmd::SECURITY_RESTRICTED);
-    let env: &'static server::Env = Box::leak(Box::new(server::Env {
+    let env: &'static exec::Env = Box::leak(Box::new(exec::Env {
         path: PATH,
         tunables,
         restricted,
