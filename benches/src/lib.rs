@@ -1,6 +1,7 @@
 //! Benchmarks of the microsandbox VMM. Each is a binary that prints its figures (median,
 //! min, max over N runs), the host kind, and a peer's figures from the same run where a
 //! peer can run here. Timings live here, never in tests.
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

@@ -5,8 +5,12 @@
 //! [`InterruptTrigger`] the VMM hands it (an irqfd on KVM). Nothing here depends on the
 //! `vmm` crate, so a second hypervisor backend needs no change in this crate.
 //!
-//! This first cut holds the legacy devices the boot path needs ([`legacy::Serial`],
-//! [`legacy::I8042`]) and the VMM's [`system::SystemDevice`] (boot timer and exit status).
+//! - [`legacy`]: the serial port and the i8042 reset line the boot path needs;
+//! - [`system`]: the VMM's system device (boot timer, boot phases, exit status, the ready
+//!   gate);
+//! - [`virtio`]: the virtio-mmio transport and the vsock and fs devices;
+//! - `testing` (feature `testing`): mock guest memory and virtqueues for device tests.
+#![forbid(unsafe_code)]
 
 pub mod legacy;
 pub mod system;

@@ -14,6 +14,7 @@
 //! Results are cached outside the repository (see [`cache_dir`]) under a hash of
 //! everything that goes into them, so a second request is instant and a changed config,
 //! patch or agent builds anew. Builds print progress on stderr.
+#![forbid(unsafe_code)]
 
 pub mod cpio;
 mod packages;

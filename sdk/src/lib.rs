@@ -26,6 +26,7 @@
 //! registries (pulled into a local image store under a [`PullPolicy`], with progress from
 //! [`SandboxBuilder::create_with_progress`]; see [`Image`]), or from local archives and
 //! directories.
+#![forbid(unsafe_code)]
 
 mod attach;
 mod config;

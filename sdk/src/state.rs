@@ -8,7 +8,7 @@
 //! killed at any point leaves rows that are whole.
 //!
 //! A row's status is what was last written; the truth about a running sandbox is whether
-//! its VMM still holds the sandbox's lock (see `sandbox.rs`, which reconciles the two:
+//! its VMM still holds the sandbox's lock (see `handle.rs`, which reconciles the two:
 //! a VMM that vanished without saying it stopped is `crashed`).
 
 use std::collections::BTreeMap;

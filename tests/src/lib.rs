@@ -4,6 +4,7 @@
 //! The kernel flavour follows the host kind (`/sys/module/kvm_pvm` means PVM and the
 //! `pvm-compat` flavour); the host kind is printed so test logs say where they ran. On a
 //! PVM host a boot takes tens of seconds, so timeouts are long and each test boots once.
+#![forbid(unsafe_code)]
 
 pub mod registry;
 
@@ -13,26 +14,20 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use msb_guest_kernel::{Flavour, Progress};
+use msb_vmm::host::HostKind;
 
 /// Generous per-VM limit: a PVM boot takes ~20-40 s, hardware KVM well under a second.
 pub const VM_TIMEOUT_SECS: u64 = 300;
 
-/// True when the host's KVM is `kvm_pvm` (or `MSB_HOST_KIND=pvm`).
+/// True when the host's KVM is `kvm_pvm` (or `MSB_HOST_KIND=pvm`): the VMM's own
+/// detection.
 pub fn host_is_pvm() -> bool {
-    match std::env::var("MSB_HOST_KIND").as_deref() {
-        Ok("pvm") => true,
-        Ok("kvm") => false,
-        _ => Path::new("/sys/module/kvm_pvm").exists(),
-    }
+    HostKind::detect() == HostKind::Pvm
 }
 
 /// Human name of the host kind.
 pub fn host_kind() -> &'static str {
-    if host_is_pvm() {
-        "PVM (kvm_pvm, software)"
-    } else {
-        "hardware KVM"
-    }
+    HostKind::detect().describe()
 }
 
 /// The guest artifacts: the kernel every test boots, with the agent directory as its root
