@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 use msb_devices::system::{BootTimes, ReadyGate};
 use msb_devices::virtio::fs::FsMetrics;
 use msb_protocol::bootcmd::InitSpec;
+use msb_protocol::error_chain;
 use msb_protocol::vmmfiles::BootStage;
 use msb_vmm::host::HostKind;
 use msb_vmm::launch::{self, BootMemory, Launch, MountSpec};
@@ -340,17 +341,6 @@ fn fail(msg: &str, tail: &[String]) -> ExitCode {
         }
     }
     ExitCode::from(VMM_FAILURE)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A private directory, removed on drop, for what the caller did not give: the vsock
