@@ -245,7 +245,7 @@ pub(crate) fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
         },
         other => MicrosandboxError::InvalidImage {
             image: image.to_string(),
-            reason: crate::error::with_causes(&other),
+            reason: msb_protocol::error_chain(&other),
         },
     }
 }

@@ -8,18 +8,6 @@ use msb_protocol::message::ErrorKind;
 
 use crate::exec::ExecOutput;
 
-/// An error's message followed by its causes, `: `-separated.
-pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cur = c.source();
-    }
-    text
-}
-
 /// Result of SDK calls.
 pub type MicrosandboxResult<T> = Result<T, MicrosandboxError>;
 

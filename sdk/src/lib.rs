@@ -64,3 +64,7 @@ pub use sandbox::{
 };
 pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};
+
+/// An error and its causes on one line, `: `-separated (what the `msb` CLI prints).
+#[doc(hidden)]
+pub use msb_protocol::error_chain;

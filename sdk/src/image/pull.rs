@@ -278,7 +278,7 @@ impl Documents<'_> {
     async fn fetch(&self, name: &str) -> MicrosandboxResult<(Vec<u8>, Option<String>)> {
         let unreachable = |e: reqwest::Error| MicrosandboxError::RegistryUnreachable {
             registry: self.registry.to_string(),
-            reason: crate::error::with_causes(&e),
+            reason: msb_protocol::error_chain(&e),
         };
         let mut request = self
             .http
@@ -652,7 +652,7 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> M
         },
         OciDistributionError::RequestError(e) => MicrosandboxError::RegistryUnreachable {
             registry: registry.to_string(),
-            reason: crate::error::with_causes(&e),
+            reason: msb_protocol::error_chain(&e),
         },
         other => MicrosandboxError::Registry {
             reference: reference.to_string(),

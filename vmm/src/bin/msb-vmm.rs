@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 use msb_devices::system::ReadyGate;
 use msb_devices::virtio::fs::FsMetrics;
+use msb_protocol::error_chain;
 use msb_protocol::vmmargs::VmmArgs;
 use msb_vmm::host::HostKind;
 use msb_vmm::invocation::Invocation;
@@ -106,17 +107,6 @@ fn fail(msg: &str, tail: &[String]) -> ExitCode {
         }
     }
     ExitCode::from(VMM_FAILURE)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone),
