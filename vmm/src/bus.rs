@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use msb_devices::BusDevice;
 
+use crate::hypervisor::ExitHandler;
+
 /// A device as the bus holds it.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -116,6 +118,63 @@ impl Bus {
     /// Accesses no device claimed.
     pub fn unhandled(&self) -> u64 {
         self.unhandled.load(Ordering::Relaxed)
+    }
+}
+
+/// The address space a device answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// I/O ports (`in`/`out`): only x86 has them.
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+/// Where a device answers: `len` bytes from `base` in `space`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The address space.
+    pub space: Space,
+    /// First address (port or guest physical address).
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A VM's buses; they answer the I/O exits of all its vCPUs.
+#[derive(Debug, Default)]
+pub struct Buses {
+    /// Port I/O (empty where the architecture puts no device there).
+    pub pio: Bus,
+    /// MMIO.
+    pub mmio: Bus,
+}
+
+impl Buses {
+    /// Registers `device` at `at`.
+    pub fn insert(&mut self, at: Window, device: SharedDevice) -> Result<(), BusError> {
+        let bus = match at.space {
+            Space::Pio => &mut self.pio,
+            Space::Mmio => &mut self.mmio,
+        };
+        bus.insert(at.base, at.len, device)
+    }
+}
+
+impl ExitHandler for Buses {
+    #[cfg(target_arch = "x86_64")]
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.pio.read(u64::from(port), data);
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data);
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
     }
 }
 

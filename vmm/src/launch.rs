@@ -10,8 +10,8 @@ use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
 use msb_protocol::bootcmd::{self, GuestMount};
 
-use crate::arch::x86_64::cpuid::CpuProfile;
-use crate::arch::x86_64::layout::split_ram;
+use crate::arch::split_ram;
+use crate::arch::CpuProfile;
 use crate::host::HostKind;
 use crate::vm::{BootSource, VmConfig, VmmError};
 
@@ -415,7 +415,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
     crate::vm::validate_basic(&cfg)?;
     if let Some(k) = &launch.kernel {
         std::fs::File::open(k).map_err(|source| {
-            VmmError::Boot(crate::arch::x86_64::boot::BootError::KernelOpen {
+            VmmError::Boot(crate::arch::BootError::KernelOpen {
                 path: k.clone(),
                 source,
             })

@@ -4,7 +4,8 @@
 //! [`vm::Vm::run`]); the `msb-vmm` binary is a thin shell over it. Pieces:
 //! - [`hypervisor`]: the seam of traits (KVM now; HVF later) and its KVM implementation;
 //! - [`memory`]: guest memory as anonymous `MAP_NORESERVE` mappings;
-//! - [`arch`]: x86_64 layout, CPUID profile, GDT, MP table, PVH/bzImage loading;
+//! - [`arch`]: the architecture behind arch-neutral names (x86_64 now: layout, CPUID
+//!   profile, GDT, MP table, PVH/bzImage loading, vCPU start state);
 //! - [`bus`]: port-I/O and MMIO dispatch to `msb-devices`;
 //! - [`vcpu`]: vCPU threads with a run-state machine;
 //! - [`console`]: where serial output goes;

@@ -3,7 +3,7 @@
 
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::arch::x86_64::layout::ram_regions;
+use crate::arch::ram_regions;
 use crate::hypervisor::{HypervisorError, HypervisorVm};
 
 /// Failures creating or registering guest memory.

@@ -2,9 +2,13 @@
 //! live VM, in a fixed order, and the loop that waits for it to end.
 //!
 //! Order (see `docs/design.md`): validate the config; open the hypervisor; create the VM
-//! (irqchip, PIT); map guest memory; load the kernel, initrd and boot data (or a raw code
-//! blob for tests); create the devices and put them on the buses; create and configure the
-//! vCPUs; start the vCPU threads; wait for the first ending event; stop the vCPUs.
+//! (interrupt controllers, timer); map guest memory; load the kernel, initrd and boot data
+//! (or a raw code blob for tests); create the devices and put them on the buses; create and
+//! configure the vCPUs; start the vCPU threads; wait for the first ending event; stop the
+//! vCPUs.
+//!
+//! Nothing here is specific to an architecture or a hypervisor: the architecture is reached
+//! through the [`crate::arch`] facade and the hypervisor through [`hypervisor::open`].
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -18,49 +22,30 @@ use msb_devices::virtio::fs::{mmio_transport as fs_transport, FsError, FsMetrics
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::boot::{self, BootError, KernelBoot};
-use crate::arch::x86_64::cpuid::{self, CpuProfile};
-use crate::arch::x86_64::layout::{self, GDT_ADDR};
-use crate::arch::x86_64::regs;
-use crate::bus::{Bus, BusError, SharedDevice};
+use crate::arch::{self, BootError, CpuProfile, KernelBoot, VcpuSetup, VirtioMmioSlot};
+use crate::bus::{BusError, Buses, SharedDevice};
 use crate::console::{ConsoleLog, ConsoleWriter};
-use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{
-    CpuStart, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
-    VcpuSetup,
+    self, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
 };
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuHandle};
 
-/// COM1: the kernel console.
-const CONSOLE_PORT: u64 = 0x3f8;
-const CONSOLE_IRQ: u32 = 4;
-const UART_LEN: u64 = 8;
-/// i8042 data port; the command port is at offset 4 (0x64).
-const I8042_PORT: u64 = 0x60;
-const I8042_LEN: u64 = 5;
-/// First virtio-mmio window (right after the system device) and its interrupt.
-const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
-const VSOCK_IRQ: u32 = 5;
-/// virtio-fs devices follow the vsock window, one window and one interrupt each (IOAPIC
-/// pins 6 to 23; the MP table routes all 24).
-const FIRST_FS_IRQ: u32 = 6;
-const LAST_IRQ: u32 = 23;
+/// How a test guest's raw code starts (the architecture's modes).
+pub use crate::arch::CodeMode;
+
+/// The vsock device's virtio-mmio window and interrupt: the first window.
+const VSOCK_SLOT: VirtioMmioSlot = VirtioMmioSlot {
+    base: arch::VIRTIO_MMIO_BASE,
+    size: MMIO_SIZE,
+    irq: arch::VSOCK_IRQ,
+};
 /// Most virtio-fs devices (root and volumes) one VM can have.
-pub const MAX_FS_DEVICES: usize = (LAST_IRQ - FIRST_FS_IRQ + 1) as usize;
+pub const MAX_FS_DEVICES: usize = (arch::LAST_IRQ - arch::FIRST_FS_IRQ + 1) as usize;
 /// After a kernel panic line, how long to wait for the guest to reset on its own.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
-
-/// How a test guest's raw code starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CodeMode {
-    /// 16-bit real mode (the address must be below 64 KiB).
-    Real,
-    /// Flat 32-bit protected mode, paging off.
-    Protected32,
-}
 
 /// What the VM boots.
 #[derive(Debug, Clone)]
@@ -92,7 +77,7 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// The KVM device node.
+    /// The KVM device node (the KVM backend's setting, see [`hypervisor::open`]).
     pub kvm_path: PathBuf,
     /// What to boot.
     pub boot: BootSource,
@@ -109,7 +94,7 @@ pub struct VmConfig {
     /// Opened when the agent reports ready (for those who wait to talk to it).
     pub ready_gate: Option<ReadyGate>,
     /// RAM above this guest-physical address is held back from the boot e820 map in whole
-    /// 128 MiB blocks, which the agent adds later ([`layout::split_ram`]); `None`: all RAM
+    /// 128 MiB blocks, which the agent adds later ([`arch::split_ram`]); `None`: all RAM
     /// at boot.
     pub boot_ram_limit: Option<u64>,
 }
@@ -292,26 +277,6 @@ impl ResetHandler for ResetSink {
     }
 }
 
-struct Buses {
-    pio: Bus,
-    mmio: Bus,
-}
-
-impl ExitHandler for Buses {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        self.pio.read(u64::from(port), data);
-    }
-    fn pio_write(&self, port: u16, data: &[u8]) {
-        self.pio.write(u64::from(port), data);
-    }
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        self.mmio.read(addr, data);
-    }
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        self.mmio.write(addr, data);
-    }
-}
-
 /// A built VM, ready to run.
 pub struct Vm {
     start: Instant,
@@ -381,8 +346,8 @@ impl Vm {
     /// start).
     pub fn build(cfg: &VmConfig, start: Instant) -> Result<Vm, VmmError> {
         validate_basic(cfg)?;
-        let hv = KvmHypervisor::open(&cfg.kvm_path)?;
-        validate_vcpu_limit(cfg, &hv)?;
+        let hv = hypervisor::open(cfg)?;
+        validate_vcpu_limit(cfg, &*hv)?;
         let vm = hv.create_vm()?;
 
         let mem = memory::create(cfg.memory_mib << 20)?;
@@ -394,34 +359,28 @@ impl Vm {
                 initrd,
                 cmdline,
             } => {
-                // Virtio-mmio devices are announced on the command line (no ACPI, no PCI).
-                let mut cmdline = cmdline.clone();
+                // The guest is told about its virtio-mmio devices (no ACPI, no PCI); how is
+                // the architecture's business.
+                let mut virtio = Vec::with_capacity(cfg.fs.len() + 1);
                 if cfg.vsock.is_some() {
-                    cmdline.push_str(&format!(
-                        " virtio_mmio.device={}K@{VIRTIO_MMIO_BASE:#x}:{VSOCK_IRQ}",
-                        MMIO_SIZE >> 10
-                    ));
+                    virtio.push(VSOCK_SLOT);
                 }
-                for i in 0..cfg.fs.len() {
-                    let (base, irq) = fs_slot(i);
-                    cmdline.push_str(&format!(
-                        " virtio_mmio.device={}K@{base:#x}:{irq}",
-                        MMIO_SIZE >> 10
-                    ));
-                }
-                let (ram, _) = layout::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
-                boot::load(
+                virtio.extend((0..cfg.fs.len()).map(fs_slot));
+                let (ram, _) = arch::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
+                arch::load_kernel(
                     &mem,
                     &KernelBoot {
                         kernel,
                         initrd: initrd.as_deref(),
-                        cmdline: &cmdline,
+                        cmdline,
                         vcpus: cfg.vcpus,
                         ram: &ram,
                     },
+                    &virtio,
                 )?
             }
-            BootSource::Code { addr, code, mode } => load_code(&mem, *addr, code, *mode)?,
+            BootSource::Code { addr, code, mode } => arch::load_code(&mem, *addr, code, *mode)
+                .map_err(|e| ConfigError::CodePlacement { addr: e.addr })?,
         };
 
         let (tx, events) = channel();
@@ -438,15 +397,20 @@ impl Vm {
         let console = Arc::new(Mutex::new(ConsoleLog::new(log_file, cfg.console_echo)));
         let panic_sink = events_tx.clone();
         let console_uart: SharedDevice = Arc::new(Mutex::new(Serial::new(
-            vm.interrupt_line(CONSOLE_IRQ)?,
+            vm.interrupt_line(arch::CONSOLE_IRQ)?,
             ConsoleWriter::new(
                 console.clone(),
                 Box::new(move || panic_sink.send(VmEvent::KernelPanic)),
             ),
         )));
-        let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(ResetSink(
-            events_tx.clone(),
-        )))));
+        let mut buses = Buses::default();
+        buses.insert(arch::CONSOLE_UART, console_uart)?;
+        if let Some(ports) = arch::I8042_PORTS {
+            let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(Box::new(ResetSink(
+                events_tx.clone(),
+            )))));
+            buses.insert(ports, i8042)?;
+        }
         let mut sysdev = SystemDevice::new(start, Box::new(SystemSink(events_tx.clone())));
         if let Some(gate) = &cfg.ready_gate {
             sysdev = sysdev.with_ready_gate(gate.clone());
@@ -454,43 +418,32 @@ impl Vm {
         let times = sysdev.times();
         let sysdev: SharedDevice = Arc::new(Mutex::new(sysdev));
 
-        let mut pio = Bus::default();
-        pio.insert(CONSOLE_PORT, UART_LEN, console_uart)?;
-        pio.insert(I8042_PORT, I8042_LEN, i8042)?;
-        let mut mmio = Bus::default();
-        mmio.insert(SYSDEV_BASE, SYSDEV_SIZE, sysdev)?;
+        buses.mmio.insert(SYSDEV_BASE, SYSDEV_SIZE, sysdev)?;
         if let Some(vcfg) = &cfg.vsock {
             let transport: SharedDevice = Arc::new(Mutex::new(MmioTransport::new(
                 Vsock::new(vcfg.clone())?,
                 mem.clone(),
-                vm.interrupt_line(VSOCK_IRQ)?,
+                vm.interrupt_line(VSOCK_SLOT.irq)?,
             )));
-            mmio.insert(VIRTIO_MMIO_BASE, MMIO_SIZE, transport)?;
+            buses
+                .mmio
+                .insert(VSOCK_SLOT.base, VSOCK_SLOT.size, transport)?;
         }
         let mut fs_metrics = Vec::with_capacity(cfg.fs.len());
         for (i, share) in cfg.fs.iter().enumerate() {
-            let (base, irq) = fs_slot(i);
-            let line = vm.interrupt_line(irq)?;
+            let slot = fs_slot(i);
+            let line = vm.interrupt_line(slot.irq)?;
             let (transport, metrics) = fs_transport(share, mem.clone(), line)?;
             fs_metrics.push((share.tag.clone(), metrics));
-            mmio.insert(base, MMIO_SIZE, transport)?;
+            buses.mmio.insert(slot.base, slot.size, transport)?;
         }
-        let buses = Arc::new(Buses { pio, mmio });
+        let buses = Arc::new(buses);
 
         // vCPUs.
-        let supported = hv.supported_cpuid()?;
-        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-        for id in 0..cfg.vcpus {
-            let vcpu = vm.create_vcpu(id)?;
-            let setup = VcpuSetup {
-                id,
-                cpuid: cpuid::filter(&supported, cfg.cpu_profile, id, cfg.vcpus),
-                start: if id == 0 {
-                    bsp_start.clone()
-                } else {
-                    CpuStart::WaitForSipi
-                },
-            };
+        let setups = arch::vcpu_setups(&*hv, cfg.cpu_profile, cfg.vcpus, bsp_start)?;
+        let mut vcpus = Vec::with_capacity(setups.len());
+        for setup in setups {
+            let vcpu = vm.create_vcpu(setup.id)?;
             vcpu.configure(&setup)?;
             vcpus.push((vcpu, setup));
         }
@@ -625,42 +578,11 @@ impl Vm {
     }
 }
 
-/// MMIO base and interrupt line of the `i`-th virtio-fs device.
-fn fs_slot(i: usize) -> (u64, u32) {
-    (
-        VIRTIO_MMIO_BASE + (i as u64 + 1) * MMIO_SIZE,
-        FIRST_FS_IRQ + i as u32,
-    )
-}
-
-fn load_code(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    code: &[u8],
-    mode: CodeMode,
-) -> Result<CpuStart, VmmError> {
-    let end = addr.checked_add(code.len() as u64);
-    let fits_mode = match mode {
-        CodeMode::Real => end.is_some_and(|e| e <= 0x1_0000),
-        CodeMode::Protected32 => end.is_some_and(|e| e <= u64::from(u32::MAX)),
-    };
-    if !fits_mode || addr < 0x1000 {
-        return Err(ConfigError::CodePlacement { addr }.into());
+/// The virtio-mmio window and interrupt of the `i`-th virtio-fs device.
+fn fs_slot(i: usize) -> VirtioMmioSlot {
+    VirtioMmioSlot {
+        base: VSOCK_SLOT.base + (i as u64 + 1) * MMIO_SIZE,
+        size: MMIO_SIZE,
+        irq: arch::FIRST_FS_IRQ + i as u32,
     }
-    mem.write_slice(code, GuestAddress(addr))
-        .map_err(|_| ConfigError::CodePlacement { addr })?;
-    Ok(match mode {
-        CodeMode::Real => CpuStart::RealMode { ip: addr as u16 },
-        CodeMode::Protected32 => {
-            let gdt: Vec<u8> = regs::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
-            mem.write_slice(&gdt, GuestAddress(GDT_ADDR))
-                .map_err(|_| ConfigError::CodePlacement { addr: GDT_ADDR })?;
-            CpuStart::Protected32 {
-                entry: addr,
-                gdt: GDT_ADDR,
-                ebx: 0,
-                esi: 0,
-            }
-        }
-    })
 }

@@ -192,8 +192,9 @@ mod state_machine {
     use std::time::Duration;
 
     use msb_vmm::arch::x86_64::cpuid;
+    use msb_vmm::arch::{CpuStart, VcpuSetup};
     use msb_vmm::hypervisor::kvm::KvmHypervisor;
-    use msb_vmm::hypervisor::{CpuStart, ExitHandler, Hypervisor, VcpuSetup};
+    use msb_vmm::hypervisor::{ExitHandler, Hypervisor};
     use msb_vmm::vcpu::{self, VcpuCommand, VcpuState};
 
     /// Counts the guest's port writes.

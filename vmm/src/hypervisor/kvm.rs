@@ -1,4 +1,5 @@
-//! The KVM implementation of the hypervisor seam.
+//! The KVM implementation of the hypervisor seam (x86_64: in-kernel PIC, IOAPIC and PIT,
+//! CPUID, segment registers, port I/O).
 
 use std::ffi::CString;
 use std::io;
@@ -12,10 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use msb_devices::InterruptTrigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    CpuStart, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
-    VcpuSetup,
-};
+use super::{ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun};
+use crate::arch::x86_64::cpu::{CpuStart, VcpuSetup};
 use crate::arch::x86_64::cpuid::CpuidEntry;
 use crate::arch::x86_64::{layout, regs};
 

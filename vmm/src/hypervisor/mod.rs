@@ -1,16 +1,40 @@
 //! The hypervisor seam: what the VMM needs from a hypervisor, as traits.
 //!
-//! KVM implements it now ([`kvm`]); a macOS backend (HVF) would implement the same traits.
-//! Devices never see these traits: they get an [`msb_devices::InterruptTrigger`] from
-//! [`HypervisorVm::interrupt_line`] and are reached through the exit handler.
+//! KVM implements it now ([`kvm`]); a macOS backend (HVF) would implement the same traits in
+//! `hypervisor/hvf.rs` and be one `#[cfg]` arm of [`open`], the only place that names a
+//! backend. Devices never see these traits: they get an [`msb_devices::InterruptTrigger`]
+//! from [`HypervisorVm::interrupt_line`] and are reached through the exit handler.
+//!
+//! The traits assume no architecture. What a vCPU is configured with is the architecture's
+//! [`VcpuSetup`] (x86: CPUID leaves and a [`crate::arch::CpuStart`]: real mode, 32-bit
+//! protected mode or wait-for-SIPI). What only x86 has is behind
+//! `#[cfg(target_arch = "x86_64")]`: [`Hypervisor::supported_cpuid`] and the port-I/O
+//! methods of [`ExitHandler`], so on another architecture they do not exist at all rather
+//! than being methods no backend calls.
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 
 use std::sync::Arc;
 
 use msb_devices::InterruptTrigger;
 
+#[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::cpuid::CpuidEntry;
+use crate::arch::VcpuSetup;
+use crate::vm::VmConfig;
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+compile_error!("msb-vmm has a hypervisor backend for KVM on x86_64 Linux only");
+
+/// Opens the hypervisor this build runs on, with `cfg`'s settings for it. KVM, through the
+/// device node `cfg.kvm_path`, is the only backend built today; another one is a `#[cfg]`
+/// line here.
+pub fn open(cfg: &VmConfig) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    let hv = kvm::KvmHypervisor::open(&cfg.kvm_path)?;
+    Ok(Box::new(hv))
+}
 
 /// Failures of the hypervisor backend.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +95,7 @@ pub trait Hypervisor: Send + Sync {
     /// The most vCPUs one VM may have.
     fn max_vcpus(&self) -> usize;
     /// The CPUID leaves the hypervisor can offer a guest (before the VMM's filtering).
+    #[cfg(target_arch = "x86_64")]
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>, HypervisorError>;
 }
 
@@ -96,46 +121,13 @@ pub trait HypervisorVm: Send + Sync {
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn HypervisorVcpu>, HypervisorError>;
 }
 
-/// The CPU state a vCPU starts in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CpuStart {
-    /// 16-bit real mode with flat segments at 0, starting at `ip`.
-    RealMode {
-        /// First instruction.
-        ip: u16,
-    },
-    /// 32-bit protected mode, flat segments, paging off (the PVH and Linux 32-bit boot
-    /// protocols). `gdt` is the guest address of the GDT the VMM wrote.
-    Protected32 {
-        /// First instruction.
-        entry: u64,
-        /// Guest address of the VMM's GDT (see `arch::x86_64::regs`).
-        gdt: u64,
-        /// Value of `ebx` (PVH: the start-info address).
-        ebx: u64,
-        /// Value of `esi` (Linux 32-bit boot protocol: the zero page).
-        esi: u64,
-    },
-    /// An application processor: waits for INIT/SIPI from the boot CPU.
-    WaitForSipi,
-}
-
-/// Everything a vCPU is configured with before it first runs.
-#[derive(Debug, Clone)]
-pub struct VcpuSetup {
-    /// The vCPU's id (also its local APIC id).
-    pub id: u8,
-    /// CPUID leaves, already filtered for this vCPU.
-    pub cpuid: Vec<CpuidEntry>,
-    /// Where it starts.
-    pub start: CpuStart,
-}
-
 /// Answers the guest's I/O while a vCPU runs.
 pub trait ExitHandler: Sync {
-    /// The guest reads an I/O port.
+    /// The guest reads an I/O port (x86 only).
+    #[cfg(target_arch = "x86_64")]
     fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// The guest writes an I/O port.
+    /// The guest writes an I/O port (x86 only).
+    #[cfg(target_arch = "x86_64")]
     fn pio_write(&self, port: u16, data: &[u8]);
     /// The guest reads MMIO.
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
@@ -162,7 +154,7 @@ pub enum VcpuRun {
 
 /// One vCPU.
 pub trait HypervisorVcpu: Send {
-    /// Sets registers, CPUID and interrupt controller state.
+    /// Sets registers and interrupt controller state (x86: also CPUID).
     fn configure(&self, setup: &VcpuSetup) -> Result<(), HypervisorError>;
     /// Runs the guest until the next exit.
     fn run(&mut self, exits: &dyn ExitHandler) -> Result<VcpuRun, HypervisorError>;

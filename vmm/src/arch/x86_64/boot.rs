@@ -1,5 +1,5 @@
 //! Loading the guest: kernel (PVH ELF `vmlinux`, or a bzImage as the fallback), initrd,
-//! command line, boot information, GDT, MP table and the VMM's boot stub.
+//! command line, boot information, GDT, MP table and the VMM's boot stub; or raw test code.
 //!
 //! Both protocols enter the kernel in flat 32-bit protected mode with paging off, so the
 //! vCPU setup is shared; only the boot information differs (PVH `hvm_start_info` in `ebx`,
@@ -7,7 +7,7 @@
 //! writes the system device's first-instruction register and jumps to the kernel.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
@@ -18,9 +18,10 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use msb_protocol::sysdev::{REG_FIRST_INSN, SYSDEV_BASE};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::cpu::CpuStart;
 use super::layout::*;
 use super::{mptable, regs};
-use crate::hypervisor::CpuStart;
+use crate::arch::{CodePlacement, KernelBoot, VirtioMmioSlot};
 
 const PVH_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
@@ -97,23 +98,6 @@ pub enum BootError {
     /// The MP table could not be built.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
-}
-
-/// What to boot.
-#[derive(Debug, Clone)]
-pub struct KernelBoot<'a> {
-    /// Kernel image (ELF vmlinux with a PVH note, or bzImage).
-    pub kernel: &'a Path,
-    /// Initial ramdisk, if any.
-    pub initrd: Option<&'a Path>,
-    /// Kernel command line.
-    pub cmdline: &'a str,
-    /// Number of vCPUs (for the MP table).
-    pub vcpus: u8,
-    /// The RAM the e820 map shows, as (start, length) ranges
-    /// ([`crate::arch::x86_64::layout::split_ram`]); the rest of guest memory is added by
-    /// the guest later.
-    pub ram: &'a [(u64, u64)],
 }
 
 fn write<T: vm_memory::ByteValued>(
@@ -326,6 +310,81 @@ pub fn load(mem: &GuestMemoryMmap, boot: &KernelBoot<'_>) -> Result<CpuStart, Bo
     })
 }
 
+/// Loads the kernel as [`load`] does. x86 guests here have neither ACPI nor a device tree,
+/// so the virtio-mmio devices are announced on the kernel command line
+/// (`virtio_mmio.device=SIZE@BASE:IRQ`, one word each, in order).
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    boot: &KernelBoot<'_>,
+    virtio: &[VirtioMmioSlot],
+) -> Result<CpuStart, BootError> {
+    let cmdline = with_virtio_mmio(boot.cmdline, virtio);
+    load(
+        mem,
+        &KernelBoot {
+            cmdline: &cmdline,
+            ..boot.clone()
+        },
+    )
+}
+
+/// `cmdline` with a `virtio_mmio.device=` word for each of `virtio`, in order.
+fn with_virtio_mmio(cmdline: &str, virtio: &[VirtioMmioSlot]) -> String {
+    let mut cmdline = cmdline.to_string();
+    for d in virtio {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device={}K@{:#x}:{}",
+            d.size >> 10,
+            d.base,
+            d.irq
+        ));
+    }
+    cmdline
+}
+
+/// How a test guest's raw code starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeMode {
+    /// 16-bit real mode (the address must be below 64 KiB).
+    Real,
+    /// Flat 32-bit protected mode, paging off.
+    Protected32,
+}
+
+/// Writes raw test code at `addr` (and, for 32-bit code, the GDT) and returns how the boot
+/// vCPU starts.
+pub fn load_code(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    code: &[u8],
+    mode: CodeMode,
+) -> Result<CpuStart, CodePlacement> {
+    let end = addr.checked_add(code.len() as u64);
+    let fits_mode = match mode {
+        CodeMode::Real => end.is_some_and(|e| e <= 0x1_0000),
+        CodeMode::Protected32 => end.is_some_and(|e| e <= u64::from(u32::MAX)),
+    };
+    if !fits_mode || addr < 0x1000 {
+        return Err(CodePlacement { addr });
+    }
+    mem.write_slice(code, GuestAddress(addr))
+        .map_err(|_| CodePlacement { addr })?;
+    Ok(match mode {
+        CodeMode::Real => CpuStart::RealMode { ip: addr as u16 },
+        CodeMode::Protected32 => {
+            let gdt: Vec<u8> = regs::gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
+            mem.write_slice(&gdt, GuestAddress(GDT_ADDR))
+                .map_err(|_| CodePlacement { addr: GDT_ADDR })?;
+            CpuStart::Protected32 {
+                entry: addr,
+                gdt: GDT_ADDR,
+                ebx: 0,
+                esi: 0,
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +476,20 @@ mod tests {
             load(&mem(64 << 20), &boot),
             Err(BootError::CmdlineTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn virtio_mmio_devices_go_on_the_command_line_in_order() {
+        let slot = |base, irq| VirtioMmioSlot {
+            base,
+            size: 0x1000,
+            irq,
+        };
+        assert_eq!(
+            with_virtio_mmio("quiet", &[slot(0xd000_1000, 5), slot(0xd000_2000, 6)]),
+            "quiet virtio_mmio.device=4K@0xd0001000:5 virtio_mmio.device=4K@0xd0002000:6"
+        );
+        assert_eq!(with_virtio_mmio("quiet", &[]), "quiet");
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! Guest physical memory layout (x86_64). See `docs/design.md`, "Memory layout".
+//! Guest physical memory layout (x86_64) and where the devices answer. See
+//! `docs/design.md`, "Memory layout".
+
+use crate::bus::{Space, Window};
 
 /// GDT written by the VMM for 32-bit entry (5 entries: null, null, code 0x10, data 0x18,
 /// TSS 0x20; the selectors match the Linux 32-bit boot protocol).
@@ -31,6 +34,31 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC base.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// The kernel console: COM1, eight I/O ports at 0x3f8.
+pub const CONSOLE_UART: Window = Window {
+    space: Space::Pio,
+    base: 0x3f8,
+    len: 8,
+};
+/// The console's interrupt line (ISA IRQ 4).
+pub const CONSOLE_IRQ: u32 = 4;
+/// The i8042: data port 0x60, command port 0x64. Its reset command is how the guest
+/// reboots (`reboot=k`).
+pub const I8042_PORTS: Option<Window> = Some(Window {
+    space: Space::Pio,
+    base: 0x60,
+    len: 5,
+});
+/// First virtio-mmio window (right after the system device): the vsock device's.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_1000;
+/// The vsock device's interrupt line.
+pub const VSOCK_IRQ: u32 = 5;
+/// virtio-fs devices follow the vsock window, one window and one interrupt each (IOAPIC
+/// pins 6 to 23; the MP table routes all 24).
+pub const FIRST_FS_IRQ: u32 = 6;
+/// The last interrupt line a virtio-fs device may have.
+pub const LAST_IRQ: u32 = 23;
 
 // The fixed areas must not overlap; checked at compile time.
 const _: () = {
