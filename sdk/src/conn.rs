@@ -57,7 +57,17 @@ pub(crate) async fn open_with(
     if let Some(f) = first {
         out.extend_from_slice(&encode(f)?);
     }
-    w.write_all(&out).await?;
+    if let Err(e) = w.write_all(&out).await {
+        // A relay that refuses the connection (busy, draining) writes its reason and
+        // closes, maybe before our request went out: its reason is the better error.
+        return match read_frame(&mut r).await {
+            Ok(Some(Frame {
+                message: Message::Error { kind, message },
+                ..
+            })) => Err(MicrosandboxError::from_agent(kind, message)),
+            _ => Err(e.into()),
+        };
+    }
     match read_frame(&mut r).await? {
         Some(Frame {
             message: Message::Ready { version, .. },

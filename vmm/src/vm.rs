@@ -346,7 +346,9 @@ impl Vm {
     /// start).
     pub fn build(cfg: &VmConfig, start: Instant) -> Result<Vm, VmmError> {
         validate_basic(cfg)?;
-        let hv = hypervisor::open(cfg)?;
+        let hv = hypervisor::open(hypervisor::HypervisorSettings {
+            kvm_path: &cfg.kvm_path,
+        })?;
         validate_vcpu_limit(cfg, &*hv)?;
         let vm = hv.create_vm()?;
 

@@ -22,17 +22,23 @@ use msb_devices::InterruptTrigger;
 #[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::cpuid::CpuidEntry;
 use crate::arch::VcpuSetup;
-use crate::vm::VmConfig;
 
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 compile_error!("msb-vmm has a hypervisor backend for KVM on x86_64 Linux only");
 
-/// Opens the hypervisor this build runs on, with `cfg`'s settings for it. KVM, through the
-/// device node `cfg.kvm_path`, is the only backend built today; another one is a `#[cfg]`
-/// line here.
-pub fn open(cfg: &VmConfig) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+/// Where the hypervisor of this build is reached (the VM config's part for it).
+#[derive(Debug, Clone, Copy)]
+pub struct HypervisorSettings<'a> {
+    /// The KVM device node (KVM backend).
+    pub kvm_path: &'a std::path::Path,
+}
+
+/// Opens the hypervisor this build runs on. KVM, through its device node, is the only
+/// backend built today; another one is a `#[cfg]` line here (and its settings a field of
+/// [`HypervisorSettings`]).
+pub fn open(settings: HypervisorSettings<'_>) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    let hv = kvm::KvmHypervisor::open(&cfg.kvm_path)?;
+    let hv = kvm::KvmHypervisor::open(settings.kvm_path)?;
     Ok(Box::new(hv))
 }
 
