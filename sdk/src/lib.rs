@@ -36,7 +36,6 @@ mod exec;
 mod fs;
 mod handle;
 pub mod image;
-mod images;
 mod logs;
 mod metrics;
 mod rootfs;
@@ -51,7 +50,7 @@ pub use exec::{
 };
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
-pub use images::{
+pub use image::{
     Image, ImageDetails, ImageInfo, ImageLayer, PruneReport, PullEvent, PullOptions, PullPolicy,
     PullSession, RegistryAuth,
 };

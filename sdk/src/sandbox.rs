@@ -19,7 +19,7 @@ use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions, ExecOutput};
 use crate::fs::SandboxFs;
 use crate::handle::{self, SandboxFilter, SandboxHandle};
-use crate::images::{Events, PullSession};
+use crate::image::{Events, PullSession};
 use crate::logs::{LogEntry, LogOptions, LogStream, LogStreamOptions};
 use crate::metrics::SandboxMetrics;
 use crate::rootfs::PatchBuilder;
@@ -570,7 +570,7 @@ impl SandboxBuilder {
     async fn create_mode(self, detached: bool, events: Events) -> MicrosandboxResult<Sandbox> {
         validate_name(&self.name)?;
         if let RootfsSource::Oci(reference) = &self.image {
-            crate::images::parse_reference(reference)?;
+            crate::image::parse_reference(reference)?;
         }
         if self.cpus == 0 {
             return Err(MicrosandboxError::InvalidConfig(
@@ -718,10 +718,10 @@ impl SandboxBuilder {
         let (store_lock, pulled) = match &config.image {
             RootfsSource::Oci(reference) => {
                 let (_, image, lock) =
-                    crate::images::ensure(&home, reference, &pull, &events).await?;
+                    crate::image::ensure(&home, reference, &pull, &events).await?;
                 (lock, Some(image))
             }
-            _ => (crate::images::lock_store_shared(&home).await?, None),
+            _ => (crate::image::lock_store_shared(&home).await?, None),
         };
         let rw = paths.rw();
         let config_path = paths.config();

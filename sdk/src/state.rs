@@ -56,7 +56,7 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// One image in the image store (see [`crate::images`]).
+/// One image in the image store (see [`crate::image`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ImageRow {
     /// The full reference (`docker.io/library/python:3.12`).

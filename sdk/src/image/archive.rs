@@ -15,8 +15,9 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
+use super::digest::{check_digest, digest_string, sha256_hex, sha256_of};
 use super::layer::{read_up_to, LayerStore, TempPath};
-use super::{sha256_hex, sha256_of, ImageError};
+use super::ImageError;
 
 /// The largest JSON document (index, manifest, config) read into memory.
 pub(crate) const MAX_JSON_SIZE: u64 = 32 << 20;
@@ -610,21 +611,8 @@ fn check_blob(source: &dyn Source, desc: &Descriptor, what: &str) -> Result<Stri
 fn read_blob(source: &dyn Source, desc: &Descriptor, what: &str) -> Result<Vec<u8>, ImageError> {
     let name = check_blob(source, desc, what)?;
     let bytes = read_small(source, &name)?;
-    verify(&bytes, desc.digest().as_ref(), what)?;
+    check_digest(&bytes, desc.digest().as_ref(), what)?;
     Ok(bytes)
-}
-
-/// Checks that `bytes` hash to `expected`.
-fn verify(bytes: &[u8], expected: &str, what: &str) -> Result<(), ImageError> {
-    let actual = sha256_of(bytes);
-    if actual != expected {
-        return Err(ImageError::DigestMismatch {
-            what: what.to_string(),
-            expected: expected.to_string(),
-            actual,
-        });
-    }
-    Ok(())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ImageError> {
@@ -789,7 +777,7 @@ fn load_docker(source: &ArchiveSource, store: &LayerStore) -> Result<ResolvedIma
         let bytes = read_small(source, &config_name)?;
         let digest = sha256_of(&bytes);
         if let Some(expected) = named_digest(&config_name) {
-            verify(&bytes, &expected, "config")?;
+            check_digest(&bytes, &expected, "config")?;
         }
         let config: ImageConfiguration = parse(&bytes, "image config")?;
         candidates.push((image, config, digest));
@@ -870,7 +858,7 @@ fn hash_member(source: &ArchiveSource, name: &str) -> Result<String, ImageError>
     let mut hasher = HashWriter(sha2::Sha256::new());
     io::copy(&mut source.open(name)?, &mut hasher)
         .map_err(ImageError::read(&source.describe(name)))?;
-    Ok(super::digest_string(hasher.0))
+    Ok(digest_string(hasher.0))
 }
 
 #[cfg(test)]

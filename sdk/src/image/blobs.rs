@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::Digest as _;
 
-use super::{digest_string, sha256_hex, ImageError};
+use super::digest::{check_digest, digest_string, sha256_hex};
+use super::ImageError;
 
 /// Distinguishes this process's temporary files.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -67,14 +68,7 @@ impl BlobStore {
                 "the blob {digest} is larger than {max} bytes"
             )));
         }
-        let actual = super::sha256_of(&bytes);
-        if actual != digest {
-            return Err(ImageError::DigestMismatch {
-                what: format!("stored blob {}", path.display()),
-                expected: digest.to_string(),
-                actual,
-            });
-        }
+        check_digest(&bytes, digest, &format!("stored blob {}", path.display()))?;
         Ok(bytes)
     }
 
@@ -285,7 +279,7 @@ mod tests {
     fn put_verifies_and_publishes_whole() {
         let home = tempfile::tempdir().expect("tempdir");
         let store = BlobStore::new(home.path());
-        let digest = super::super::sha256_of(b"hello");
+        let digest = super::super::digest::sha256_of(b"hello");
         let err = store
             .put(b"hellO", &digest, "test blob")
             .expect_err("a wrong digest is refused");
@@ -314,7 +308,7 @@ mod tests {
     fn one_download_lock_per_blob() {
         let home = tempfile::tempdir().expect("tempdir");
         let store = BlobStore::new(home.path());
-        let digest = super::super::sha256_of(b"x");
+        let digest = super::super::digest::sha256_of(b"x");
         let held = store.try_lock_download(&digest).expect("lock");
         assert!(held.is_some());
         assert!(store.try_lock_download(&digest).expect("lock").is_none());

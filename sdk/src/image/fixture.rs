@@ -2,6 +2,8 @@
 //! archive or a `docker save` tarball, with correct digests, diff_ids, sizes and media
 //! types. Used by this module's tests and by the end-to-end tests, which build their own
 //! images instead of pulling any.
+//! Compiled only in the SDK's own tests and with its `testing` feature (which the
+//! end-to-end tests crate turns on).
 //!
 //! ```no_run
 //! use microsandbox::image::fixture::{FixtureEntry, ImageFixture};
@@ -25,7 +27,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::archive::host_arch;
-use super::sha256_of;
+use super::digest::sha256_of;
 
 /// `sha256:<hex>` of some bytes, as image digests are written.
 pub fn sha256_digest(bytes: &[u8]) -> String {

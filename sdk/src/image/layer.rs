@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, XattrFlags, CWD};
 use sha2::{Digest as _, Sha256};
 
-use super::{digest_string, sha256_hex, ImageError};
+use super::digest::{digest_string, sha256_hex};
+use super::ImageError;
 
 /// The xattr marking an opaque directory for overlayfs mounted with `userxattr`.
 pub(crate) const OPAQUE_XATTR: &str = "user.overlay.opaque";
@@ -816,8 +817,8 @@ mod tests {
     use std::sync::{Arc, Barrier};
 
     use super::*;
+    use crate::image::digest::sha256_of;
     use crate::image::fixture::{FixtureEntry, ImageFixture, FIXTURE_MTIME};
-    use crate::image::sha256_of;
     use crate::image::test_util::{assert_store_empty, raw_tar, temporaries, Raw};
 
     fn store() -> (tempfile::TempDir, LayerStore) {

@@ -1,5 +1,20 @@
-//! Container images on the host: loading an image from a local file and unpacking its
-//! layers into the shared layer store.
+//! Container images: the local image store and its public API ([`Image`]), pulling from
+//! OCI registries, loading and saving image archives, and unpacking layers into the shared
+//! layer store; pull policies, registry credentials, and pull progress.
+//!
+//! [`SandboxBuilder::image`](crate::SandboxBuilder::image) with a reference such as
+//! `"python:3.12"` (Docker's defaults: `docker.io/library/python:3.12`) resolves it
+//! through the image store under [`msb_home`](crate::msb_home): with the default policy
+//! ([`PullPolicy::IfMissing`]) an image already there is used as is, otherwise it is
+//! pulled, verified and unpacked first. [`Image`] does the same on its own and manages
+//! the store (list, inspect, remove, prune, load and save archives).
+//!
+//! Registries are reached over HTTPS; plain HTTP only for hosts allowed explicitly with
+//! [`PullOptions::insecure_registry`] (or listed, comma-separated, in
+//! `MSB_INSECURE_REGISTRIES`). Credentials are the [`RegistryAuth`] given, else those
+//! `docker login` stored for the registry in `$DOCKER_CONFIG/config.json` or
+//! `~/.docker/config.json` (the `auths` entries; credential helpers are not consulted),
+//! else none.
 //!
 //! A sandbox's root filesystem is an overlayfs in the guest: read-only image layers, each a
 //! host directory shared into the guest over virtio-fs, under a writable upper directory.
@@ -18,332 +33,265 @@
 //! Archives are untrusted input: paths that leave the layer, links through symlinks and
 //! device nodes are refused or skipped, never followed.
 //!
-//! [`fixture`] writes small test images for this module's tests and the end-to-end tests.
+//! The files: `store` (the local image store: reference parsing, the store lock, making an
+//! image ready, load, save, prune), `pull` (fetching from a registry, [`PullPolicy`],
+//! [`PullOptions`]), `auth` (credentials), `events` (pull progress), `blobs` (the blob
+//! store), `archive` (image layouts and archives), `layer` (the layer store and unpacking),
+//! `digest` (sha256 digests), `error` (`ImageError`).
+//!
+//! `fixture` (with the `testing` feature, and in this crate's tests) writes small test
+//! images for this module's tests and the end-to-end tests.
 
 mod archive;
-pub(crate) mod blobs;
+mod auth;
+mod blobs;
+mod digest;
+mod error;
+mod events;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fixture;
 mod layer;
-pub(crate) mod pull;
+mod pull;
+mod store;
+#[cfg(test)]
+mod test_util;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-pub(crate) use archive::ResolvedImage;
-pub(crate) use archive::{import_archive, load_archive, load_layout, ImageConfig, MAX_JSON_SIZE};
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+
+pub use auth::RegistryAuth;
+pub use events::{PullEvent, PullSession};
+pub use pull::{PullOptions, PullPolicy};
+
+pub(crate) use archive::{load_archive, load_layout, ImageConfig, ResolvedImage};
+pub(crate) use error::ImageError;
+pub(crate) use events::Events;
 pub(crate) use layer::LayerStore;
+pub(crate) use store::{ensure, lock_store_shared, parse_reference};
 
-/// Everything that can go wrong loading an image or unpacking a layer.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ImageError {
-    /// A host filesystem operation failed.
-    #[error("cannot {what} {}", path.display())]
-    Io {
-        /// What was being done ("create directory", "read blob", ...).
-        what: String,
-        /// The host path it was done to.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading a stream (a layer blob, a compressed archive) failed.
-    #[error("cannot read {what}")]
-    Read {
-        /// The stream being read.
-        what: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Content does not hash to the digest that names it.
-    #[error("{what} has digest {actual}, expected {expected}")]
-    DigestMismatch {
-        /// The content checked ("layer blob", "manifest", ...).
-        what: String,
-        /// The digest it should have.
-        expected: String,
-        /// The digest it has.
-        actual: String,
-    },
-    /// A JSON document (index, manifest, config) does not parse.
-    #[error("malformed {what}")]
-    Json {
-        /// The document.
-        what: String,
-        /// The cause.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The image is malformed or unsafe: bad archive or manifest, unsafe paths, bad hard
-    /// links, missing blobs, no manifest for this platform, ...
-    #[error("invalid image: {what}")]
-    Invalid {
-        /// What is wrong, naming the offending value.
-        what: String,
-    },
-    /// A digest is not of the form `sha256:<64 lowercase hex digits>`.
-    #[error("malformed digest {0:?} (expected sha256:<64 lowercase hex digits>)")]
-    BadDigest(String),
+use blobs::BlobStore;
+use store::{blocking, read_stored};
+
+use crate::state::{ImageRow, StateDb};
+use crate::{MicrosandboxError, MicrosandboxResult};
+
+/// An image in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ImageInfo {
+    /// The full reference (`docker.io/library/python:3.12`).
+    pub reference: String,
+    /// The digest of its platform manifest.
+    pub digest: String,
+    /// The digest of the index the reference named, if it named one (multi-platform).
+    pub index_digest: Option<String>,
+    /// How many layers it has.
+    pub layer_count: usize,
+    /// Bytes of its blobs (config and compressed layers).
+    pub size: u64,
+    /// When it was pulled or loaded.
+    pub created_at: Option<DateTime<Utc>>,
 }
 
-impl ImageError {
-    /// An [`ImageError::Invalid`] with this description.
-    fn invalid(what: impl Into<String>) -> Self {
-        ImageError::Invalid { what: what.into() }
-    }
-
-    /// A closure turning an `io::Error` into an [`ImageError::Io`], for `map_err`.
-    pub(crate) fn io(
-        what: &str,
-        path: &std::path::Path,
-    ) -> impl FnOnce(std::io::Error) -> ImageError {
-        let what = what.to_string();
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { what, path, source }
-    }
-
-    /// A closure turning an `io::Error` into an [`ImageError::Read`], for `map_err`.
-    fn read(what: &str) -> impl FnOnce(std::io::Error) -> ImageError {
-        let what = what.to_string();
-        move |source| ImageError::Read { what, source }
+impl ImageInfo {
+    /// The public view of a store record.
+    pub(crate) fn from_row(row: &ImageRow) -> Self {
+        ImageInfo {
+            reference: row.reference.clone(),
+            digest: row.manifest_digest.clone(),
+            index_digest: row.index_digest.clone(),
+            layer_count: row.layer_count,
+            size: row.size,
+            created_at: Utc.timestamp_millis_opt(row.created_at_ms).single(),
+        }
     }
 }
 
-/// The hex part of a `sha256:<hex>` digest, or [`ImageError::BadDigest`].
-fn sha256_hex(digest: &str) -> Result<&str, ImageError> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
-        {
-            Ok(hex)
-        }
-        _ => Err(ImageError::BadDigest(digest.to_string())),
-    }
+/// One layer of an image in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ImageLayer {
+    /// The blob's digest.
+    pub digest: String,
+    /// The digest of the uncompressed tar (the layer's directory name).
+    pub diff_id: String,
+    /// The blob's media type.
+    pub media_type: String,
+    /// The blob's size.
+    pub size: u64,
+    /// Where it is unpacked, if it is.
+    pub path: Option<PathBuf>,
 }
 
-/// `sha256:<hex>` of a finished hasher.
-fn digest_string(hasher: sha2::Sha256) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(hasher.finalize()))
+/// Everything the store knows about an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ImageDetails {
+    /// What [`Image::list`] shows.
+    pub info: ImageInfo,
+    /// The config's digest.
+    pub config_digest: String,
+    /// `linux`, usually.
+    pub os: String,
+    /// `amd64`, `arm64`, ...
+    pub architecture: String,
+    /// Environment variables the image sets.
+    pub env: Vec<(String, String)>,
+    /// The entrypoint.
+    pub entrypoint: Vec<String>,
+    /// The default command or arguments.
+    pub cmd: Vec<String>,
+    /// The working directory.
+    pub workdir: Option<String>,
+    /// The user.
+    pub user: Option<String>,
+    /// The layers, bottom first.
+    pub layers: Vec<ImageLayer>,
 }
 
-/// `sha256:<hex>` of some bytes.
-fn sha256_of(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    digest_string(sha2::Sha256::new_with_prefix(bytes))
+/// What [`Image::prune`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PruneReport {
+    /// Blobs no image uses.
+    pub blobs_removed: usize,
+    /// Unpacked layers no image and no sandbox uses.
+    pub layers_removed: usize,
+    /// Partial downloads no pull is working on.
+    pub downloads_removed: usize,
+    /// Bytes freed (blobs and partial downloads; unpacked layers counted by file size).
+    pub bytes_freed: u64,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The image store: pull, list, inspect, remove, prune, load and save.
+#[derive(Debug, Clone, Copy)]
+pub struct Image;
 
-    #[test]
-    fn digest_syntax() {
-        let good = format!("sha256:{}", "a1".repeat(32));
-        assert_eq!(sha256_hex(&good).expect("valid digest"), "a1".repeat(32));
-        for bad in [
-            "sha256:".to_string(),
-            format!("sha256:{}", "A1".repeat(32)),
-            format!("sha512:{}", "a1".repeat(32)),
-            format!("sha256:{}", "a1".repeat(31)),
-            format!("sha256:../{}", "a1".repeat(31)),
-            "a1".repeat(32),
-        ] {
-            assert!(
-                matches!(sha256_hex(&bad), Err(ImageError::BadDigest(_))),
-                "{bad}"
-            );
-        }
-        assert_eq!(
-            sha256_of(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
-}
-
-/// Helpers for this module's tests: hand-made tars (including hostile ones, which
-/// `tar::Builder` refuses to write) and store checks.
-#[cfg(test)]
-mod test_util {
-    use std::path::Path;
-
-    /// One tar entry, written exactly as given.
-    pub(super) struct Raw {
-        pub name: Vec<u8>,
-        pub kind: tar::EntryType,
-        pub data: Vec<u8>,
-        pub link: Vec<u8>,
-        pub mode: u32,
-        pub dev: (u32, u32),
-        pub pax: Vec<(String, Vec<u8>)>,
+impl Image {
+    /// Fetches an image into the store according to the options' policy (pulling it from
+    /// its registry unless the policy and the store say otherwise) and unpacks its layers.
+    pub async fn pull(reference: &str, opts: &PullOptions) -> MicrosandboxResult<ImageInfo> {
+        let home = crate::msb_home();
+        let (row, _, _) = ensure(&home, reference, opts, &Events::default()).await?;
+        Ok(ImageInfo::from_row(&row))
     }
 
-    impl Raw {
-        pub fn new(kind: tar::EntryType, name: &str) -> Self {
-            Raw {
-                name: name.as_bytes().to_vec(),
-                kind,
-                data: Vec::new(),
-                link: Vec::new(),
-                mode: 0o644,
-                dev: (0, 0),
-                pax: Vec::new(),
-            }
-        }
-
-        pub fn file(name: &str, data: &[u8]) -> Self {
-            Raw {
-                data: data.to_vec(),
-                ..Raw::new(tar::EntryType::Regular, name)
-            }
-        }
-
-        pub fn dir(name: &str) -> Self {
-            Raw {
-                mode: 0o755,
-                ..Raw::new(tar::EntryType::Directory, name)
-            }
-        }
-
-        pub fn symlink(name: &str, target: &str) -> Self {
-            Raw::new(tar::EntryType::Symlink, name).link(target)
-        }
-
-        pub fn hard_link(name: &str, target: &str) -> Self {
-            Raw::new(tar::EntryType::Link, name).link(target)
-        }
-
-        pub fn link(mut self, target: &str) -> Self {
-            self.link = target.as_bytes().to_vec();
-            self
-        }
-
-        pub fn mode(mut self, mode: u32) -> Self {
-            self.mode = mode;
-            self
-        }
-
-        pub fn dev(mut self, major: u32, minor: u32) -> Self {
-            self.dev = (major, minor);
-            self
-        }
-
-        pub fn pax(mut self, key: &str, value: &[u8]) -> Self {
-            self.pax.push((key.to_string(), value.to_vec()));
-            self
-        }
+    /// [`Image::pull`] in the background, with progress events.
+    pub fn pull_with_progress(reference: &str, opts: PullOptions) -> PullSession<ImageInfo> {
+        let reference = reference.to_string();
+        PullSession::spawn(move |events| async move {
+            let home = crate::msb_home();
+            let (row, _, _) = ensure(&home, &reference, &opts, &events).await?;
+            Ok(ImageInfo::from_row(&row))
+        })
     }
 
-    /// A PAX record: `<len> <key>=<value>\n`, the length counting itself.
-    fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-        let base = key.len() + value.len() + 3;
-        let mut len = base + 1;
-        while len != base + len.to_string().len() {
-            len = base + len.to_string().len();
-        }
-        let mut record = format!("{len} {key}=").into_bytes();
-        record.extend_from_slice(value);
-        record.push(b'\n');
-        record
+    /// Every image in the store, by reference.
+    pub async fn list() -> MicrosandboxResult<Vec<ImageInfo>> {
+        blocking(move || {
+            let db = StateDb::open(&crate::msb_home())?;
+            Ok(db.list_images()?.iter().map(ImageInfo::from_row).collect())
+        })
+        .await
     }
 
-    fn header(kind: tar::EntryType, name: &[u8], link: &[u8], size: u64, mode: u32) -> tar::Header {
-        let mut header = tar::Header::new_gnu();
-        let old = header.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name);
-        old.linkname[..link.len()].copy_from_slice(link);
-        header.set_entry_type(kind);
-        header.set_size(size);
-        header.set_mode(mode);
-        header.set_mtime(1_700_000_000);
-        header.set_uid(0);
-        header.set_gid(0);
-        header
+    /// The image a reference names ([`MicrosandboxError::ImageNotCached`] if the store
+    /// does not have it).
+    pub async fn get(reference: &str) -> MicrosandboxResult<ImageInfo> {
+        let key = parse_reference(reference)?.whole();
+        blocking(move || {
+            let db = StateDb::open(&crate::msb_home())?;
+            db.get_image(&key)?
+                .map(|row| ImageInfo::from_row(&row))
+                .ok_or(MicrosandboxError::ImageNotCached(key))
+        })
+        .await
     }
 
-    /// A tar of these entries, names and link targets unchecked.
-    pub(super) fn raw_tar(entries: &[Raw]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for entry in entries {
-            if !entry.pax.is_empty() {
-                let data: Vec<u8> = entry
-                    .pax
+    /// An image's manifest and config, as the store has them.
+    pub async fn inspect(reference: &str) -> MicrosandboxResult<ImageDetails> {
+        let key = parse_reference(reference)?.whole();
+        blocking(move || {
+            let home = crate::msb_home();
+            let db = StateDb::open(&home)?;
+            let row = db
+                .get_image(&key)?
+                .ok_or_else(|| MicrosandboxError::ImageNotCached(key.clone()))?;
+            let blobs = BlobStore::new(&home);
+            let (manifest, config) = read_stored(&blobs, &key, &row.manifest_digest)?;
+            let layers = LayerStore::new(&home);
+            let runtime = ImageConfig::from_oci(&config);
+            Ok(ImageDetails {
+                info: ImageInfo::from_row(&row),
+                config_digest: manifest.config().digest().to_string(),
+                os: config.os().to_string(),
+                architecture: config.architecture().to_string(),
+                env: runtime.env,
+                entrypoint: runtime.entrypoint,
+                cmd: runtime.cmd,
+                workdir: runtime.workdir,
+                user: runtime.user,
+                layers: manifest
+                    .layers()
                     .iter()
-                    .flat_map(|(k, v)| pax_record(k, v))
-                    .collect();
-                let mut pax = header(
-                    tar::EntryType::XHeader,
-                    b"pax",
-                    b"",
-                    data.len() as u64,
-                    0o644,
-                );
-                pax.set_cksum();
-                builder.append(&pax, data.as_slice()).expect("tar");
-            }
-            let mut h = header(
-                entry.kind,
-                &entry.name,
-                &entry.link,
-                entry.data.len() as u64,
-                entry.mode,
-            );
-            if matches!(entry.kind, tar::EntryType::Char | tar::EntryType::Block) {
-                h.set_device_major(entry.dev.0).expect("device");
-                h.set_device_minor(entry.dev.1).expect("device");
-            }
-            h.set_cksum();
-            builder.append(&h, entry.data.as_slice()).expect("tar");
-        }
-        builder.into_inner().expect("tar")
-    }
-
-    /// The regular-file members of a tar, in order.
-    pub(super) fn read_members(path: &Path) -> Vec<(String, Vec<u8>)> {
-        let mut archive = tar::Archive::new(std::fs::File::open(path).expect("open"));
-        let mut members = Vec::new();
-        for entry in archive.entries().expect("tar") {
-            let mut entry = entry.expect("entry");
-            if entry.header().entry_type().is_file() {
-                let name = entry
-                    .path()
-                    .expect("tar path")
-                    .to_string_lossy()
-                    .into_owned();
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut entry, &mut data).expect("read");
-                members.push((name, data));
-            }
-        }
-        members
-    }
-
-    /// Asserts that nothing (no layer, no temporary) is left under `home/layers`.
-    pub(super) fn assert_store_empty(home: &Path) {
-        let layers = home.join("layers");
-        let Ok(entries) = std::fs::read_dir(&layers) else {
-            return;
-        };
-        let names: Vec<_> = entries.map(|e| e.expect("dir entry").file_name()).collect();
-        let sha = layers.join("sha256");
-        let layer_dirs: Vec<_> = std::fs::read_dir(&sha)
-            .map(|d| d.map(|e| e.expect("dir entry").file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            names.iter().all(|n| n == "sha256") && layer_dirs.is_empty(),
-            "left in the store: {names:?} {layer_dirs:?}"
-        );
-    }
-
-    /// The names directly under `home/layers` other than `sha256`.
-    pub(super) fn temporaries(home: &Path) -> Vec<std::ffi::OsString> {
-        std::fs::read_dir(home.join("layers"))
-            .map(|d| {
-                d.map(|e| e.expect("dir entry").file_name())
-                    .filter(|n| n != "sha256")
-                    .collect()
+                    .zip(config.rootfs().diff_ids())
+                    .map(|(l, diff_id)| ImageLayer {
+                        digest: l.digest().to_string(),
+                        diff_id: diff_id.clone(),
+                        media_type: l.media_type().to_string(),
+                        size: l.size(),
+                        path: layers.get(diff_id).ok().flatten(),
+                    })
+                    .collect(),
             })
-            .unwrap_or_default()
+        })
+        .await
+    }
+
+    /// Forgets an image reference. Its blobs and layers stay until [`Image::prune`]
+    /// (sandboxes made from it keep working).
+    pub async fn remove(reference: &str) -> MicrosandboxResult<()> {
+        let key = parse_reference(reference)?.whole();
+        blocking(move || {
+            let db = StateDb::open(&crate::msb_home())?;
+            if db.delete_image(&key)? {
+                Ok(())
+            } else {
+                Err(MicrosandboxError::ImageNotCached(key))
+            }
+        })
+        .await
+    }
+
+    /// Loads the image of an archive (an OCI archive, e.g. from [`Image::save`], or a
+    /// `docker save` tarball; plain, gzip or zstd) into the store under `tag`, else under
+    /// the names the archive gives it. Every blob is checked against its digest.
+    pub async fn load(path: &Path, tag: Option<&str>) -> MicrosandboxResult<Vec<ImageInfo>> {
+        let path = path.to_path_buf();
+        let tag = tag
+            .map(|t| parse_reference(t).map(|r| r.whole()))
+            .transpose()?;
+        blocking(move || store::load(&crate::msb_home(), &path, tag)).await
+    }
+
+    /// Writes images of the store to `path` as one OCI archive (with docker's
+    /// `manifest.json` too, so `docker load` reads it), each named by its reference. The
+    /// file appears only once complete.
+    pub async fn save(references: &[&str], path: &Path) -> MicrosandboxResult<()> {
+        let keys = references
+            .iter()
+            .map(|r| parse_reference(r).map(|r| r.whole()))
+            .collect::<MicrosandboxResult<Vec<_>>>()?;
+        let path = path.to_path_buf();
+        blocking(move || store::save(&crate::msb_home(), &keys, &path)).await
+    }
+
+    /// Removes blobs no image uses, unpacked layers no image and no sandbox uses, and
+    /// partial downloads no pull is working on.
+    pub async fn prune() -> MicrosandboxResult<PruneReport> {
+        blocking(move || store::prune(&crate::msb_home())).await
     }
 }

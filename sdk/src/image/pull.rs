@@ -8,8 +8,13 @@
 //! HTTP range request; a registry that ignores ranges sends the whole blob again). A blob
 //! that does not hash to its digest is deleted and reported as
 //! [`MicrosandboxError::DigestMismatch`].
+//!
+//! [`PullPolicy`] and [`PullOptions`] say when an image is pulled and how: which
+//! credentials are sent and which registries may be reached over plain HTTP.
 
+use std::fmt;
 use std::io::{Read, Seek, SeekFrom};
+use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,13 +22,139 @@ use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::Reference;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::archive::{choose_manifest, is_index_doc, MAX_JSON_SIZE};
+use super::auth::{docker_credentials, RegistryAuth};
 use super::blobs::BlobStore;
-use super::{digest_string, sha256_of};
-use crate::images::{Events, PullEvent, PullOptions};
+use super::digest::{check_digest, digest_string, sha256_of};
+use super::events::{Events, PullEvent};
+use super::ImageError;
 use crate::{MicrosandboxError, MicrosandboxResult};
+
+/// When an image is fetched from its registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull the image every time, even if it is in the store (blobs already there are
+    /// not downloaded again).
+    Always,
+    /// Pull only if the image is not in the store. The default.
+    #[default]
+    IfMissing,
+    /// Never pull; [`MicrosandboxError::ImageNotCached`] if the image is not in the store.
+    Never,
+}
+
+impl PullPolicy {
+    /// `always`, `if-missing` or `never`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "always",
+            PullPolicy::IfMissing => "if-missing",
+            PullPolicy::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PullPolicy {
+    type Err = MicrosandboxError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(PullPolicy::Always),
+            "if-missing" => Ok(PullPolicy::IfMissing),
+            "never" => Ok(PullPolicy::Never),
+            other => Err(MicrosandboxError::InvalidConfig(format!(
+                "unknown pull policy {other:?} (expected always, if-missing or never)"
+            ))),
+        }
+    }
+}
+
+/// How an image is fetched: the policy, credentials, and which registries may be reached
+/// over plain HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    policy: PullPolicy,
+    auth: Option<RegistryAuth>,
+    scoped: Vec<(String, RegistryAuth)>,
+    insecure: Vec<String>,
+}
+
+impl PullOptions {
+    /// The defaults: [`PullPolicy::IfMissing`], credentials from the docker config, HTTPS
+    /// only.
+    pub fn new() -> Self {
+        PullOptions::default()
+    }
+
+    /// The pull policy.
+    pub fn policy(mut self, policy: PullPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Credentials for the image's registry (instead of the docker config's).
+    pub fn auth(mut self, auth: RegistryAuth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Credentials for one registry host only (`host:port` as in references): used when
+    /// the image comes from there, never sent elsewhere. They come before
+    /// [`PullOptions::auth`].
+    pub fn auth_for(mut self, host: impl Into<String>, auth: RegistryAuth) -> Self {
+        self.scoped.push((host.into(), auth));
+        self
+    }
+
+    /// Lets the registry `host` (`host` or `host:port`, exactly as in references) be
+    /// reached over plain HTTP.
+    pub fn insecure_registry(mut self, host: impl Into<String>) -> Self {
+        self.insecure.push(host.into());
+        self
+    }
+
+    /// The policy set.
+    pub fn pull_policy(&self) -> PullPolicy {
+        self.policy
+    }
+
+    /// The user and password given with [`PullOptions::auth`], if any.
+    pub fn explicit_basic(&self) -> Option<(String, String)> {
+        self.auth
+            .as_ref()
+            .map(|RegistryAuth::Basic { username, password }| (username.clone(), password.clone()))
+    }
+
+    /// True if `host` may be reached over HTTP: named here or in `MSB_INSECURE_REGISTRIES`.
+    pub(crate) fn allows_http(&self, host: &str) -> bool {
+        let env = std::env::var("MSB_INSECURE_REGISTRIES").unwrap_or_default();
+        self.insecure.iter().any(|h| h == host)
+            || env
+                .split(',')
+                .map(str::trim)
+                .any(|h| !h.is_empty() && h == host)
+    }
+
+    /// The user and password for `registry`: those given, else the docker config's.
+    pub(crate) fn credentials(&self, registry: &str) -> Option<(String, String)> {
+        let scoped = self.scoped.iter().find(|(host, _)| host == registry).map(
+            |(_, RegistryAuth::Basic { username, password })| (username.clone(), password.clone()),
+        );
+        scoped
+            .or_else(|| self.explicit_basic())
+            .or_else(|| docker_credentials(registry))
+    }
+}
 
 /// Media types asked for when fetching a manifest.
 const ACCEPTED_MANIFESTS: &[&str] = &[
@@ -123,7 +254,7 @@ pub(crate) async fn fetch(
         .as_deref()
         .filter(|d| d.starts_with("sha256:")))
     {
-        check_digest(&bytes, expected, "manifest")?;
+        check_digest(&bytes, expected, "manifest").map_err(|e| invalid(&shown, e))?;
     }
     let mut index_digest = None;
     if is_index_doc(&bytes).map_err(|e| invalid(&shown, e))? {
@@ -137,7 +268,7 @@ pub(crate) async fn fetch(
             .map_err(|e| invalid(&shown, e))?;
         index_digest = Some(digest);
         bytes = docs.manifest(&chosen).await?.0;
-        check_digest(&bytes, &chosen, "manifest")?;
+        check_digest(&bytes, &chosen, "manifest").map_err(|e| invalid(&shown, e))?;
         digest = chosen;
     }
     let manifest: ImageManifest = json(&bytes, &shown, "manifest")?;
@@ -179,7 +310,7 @@ pub(crate) async fn fetch(
                 }
                 out.extend_from_slice(&chunk);
             }
-            check_digest(&out, &config_digest, "config")?;
+            check_digest(&out, &config_digest, "config").map_err(|e| invalid(&shown, e))?;
             blobs
                 .put(&out, &config_digest, "config")
                 .map_err(|e| invalid(&shown, e))?;
@@ -577,19 +708,6 @@ enum Retry {
     Fail(MicrosandboxError),
 }
 
-/// Checks that a document hashes to the digest that names it.
-fn check_digest(bytes: &[u8], expected: &str, what: &str) -> MicrosandboxResult<()> {
-    let actual = sha256_of(bytes);
-    if actual != expected {
-        return Err(MicrosandboxError::DigestMismatch {
-            what: what.to_string(),
-            expected: expected.to_string(),
-            actual,
-        });
-    }
-    Ok(())
-}
-
 fn json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     image: &str,
@@ -601,7 +719,7 @@ fn json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn invalid(image: &str, e: super::ImageError) -> MicrosandboxError {
+fn invalid(image: &str, e: ImageError) -> MicrosandboxError {
     crate::config::image_error(image, e)
 }
 
@@ -658,5 +776,22 @@ fn registry_error(reference: &str, registry: &str, e: OciDistributionError) -> M
             reference: reference.to_string(),
             reason: other.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_policy_names() {
+        for p in [PullPolicy::Always, PullPolicy::IfMissing, PullPolicy::Never] {
+            assert_eq!(p.as_str().parse::<PullPolicy>().expect("parses"), p);
+        }
+        assert_eq!(PullPolicy::default(), PullPolicy::IfMissing);
+        assert!(matches!(
+            "sometimes".parse::<PullPolicy>(),
+            Err(MicrosandboxError::InvalidConfig(_))
+        ));
     }
 }

@@ -1,0 +1,80 @@
+//! [`ImageError`]: everything that can go wrong loading an image or unpacking a layer.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading an image or unpacking a layer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImageError {
+    /// A host filesystem operation failed.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done ("create directory", "read blob", ...).
+        what: String,
+        /// The host path it was done to.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a stream (a layer blob, a compressed archive) failed.
+    #[error("cannot read {what}")]
+    Read {
+        /// The stream being read.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Content does not hash to the digest that names it.
+    #[error("{what} has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        /// The content checked ("layer blob", "manifest", ...).
+        what: String,
+        /// The digest it should have.
+        expected: String,
+        /// The digest it has.
+        actual: String,
+    },
+    /// A JSON document (index, manifest, config) does not parse.
+    #[error("malformed {what}")]
+    Json {
+        /// The document.
+        what: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The image is malformed or unsafe: bad archive or manifest, unsafe paths, bad hard
+    /// links, missing blobs, no manifest for this platform, ...
+    #[error("invalid image: {what}")]
+    Invalid {
+        /// What is wrong, naming the offending value.
+        what: String,
+    },
+    /// A digest is not of the form `sha256:<64 lowercase hex digits>`.
+    #[error("malformed digest {0:?} (expected sha256:<64 lowercase hex digits>)")]
+    BadDigest(String),
+}
+
+impl ImageError {
+    /// An [`ImageError::Invalid`] with this description.
+    pub(crate) fn invalid(what: impl Into<String>) -> Self {
+        ImageError::Invalid { what: what.into() }
+    }
+
+    /// A closure turning an `io::Error` into an [`ImageError::Io`], for `map_err`.
+    pub(crate) fn io(
+        what: &str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> ImageError {
+        let what = what.to_string();
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { what, path, source }
+    }
+
+    /// A closure turning an `io::Error` into an [`ImageError::Read`], for `map_err`.
+    pub(crate) fn read(what: &str) -> impl FnOnce(std::io::Error) -> ImageError {
+        let what = what.to_string();
+        move |source| ImageError::Read { what, source }
+    }
+}
