@@ -109,6 +109,8 @@ fn limit_secs(flag: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clon
 
 /// Every option of `msb-vmm`. With no command and a `--control-socket` or
 /// `--vsock-socket`, the agent serves exec requests until one asks it to shut down.
+/// The two-valued flags (`volumes`, `ro_volumes`, `tmpfs`) hold their values flat, a
+/// pair per occurrence (use [`VmmArgs::volume`] and [`VmmArgs::tmpfs`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::Parser))]
 #[cfg_attr(
@@ -187,20 +189,19 @@ pub struct VmmArgs {
     /// The writable layer [default: a temporary directory removed at exit].
     #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub rw: Option<PathBuf>,
-    /// Share a host directory at a guest path (repeatable; held as GUEST, HOST pairs).
+    /// Share a host directory at a guest path (repeatable).
     #[cfg_attr(
         feature = "clap",
         arg(long = "volume", num_args = 2, value_names = ["GUEST", "HOST"])
     )]
     pub volumes: Vec<OsString>,
-    /// Share a host directory read-only (enforced by the device; repeatable; pairs).
+    /// Share a host directory read-only (enforced by the device; repeatable).
     #[cfg_attr(
         feature = "clap",
         arg(long = "ro-volume", num_args = 2, value_names = ["GUEST", "HOST"])
     )]
     pub ro_volumes: Vec<OsString>,
-    /// Mount a tmpfs of MiB (`-`: the kernel's default size) at a guest path (repeatable;
-    /// held as GUEST, SIZE pairs).
+    /// Mount a tmpfs of MiB (`-`: the kernel's default size) at a guest path (repeatable).
     #[cfg_attr(
         feature = "clap",
         arg(long = "tmpfs", num_args = 2, value_names = ["GUEST", "MiB|-"])
