@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::ExecDefaults;
-use crate::image::{self, ImageConfig, ImageError, LayerStore};
+use crate::home::{private_dir, DEFAULT_MEMORY_MIB};
+use crate::image::{self, image_error, ImageConfig, LayerStore};
+use crate::options::{Init, LogLevel, SecurityProfile};
 use crate::rootfs::patch::{PatchFailure, Patcher};
 use crate::rootfs::Patch;
 use crate::volume::VolumeMount;
@@ -133,7 +135,7 @@ pub struct SandboxConfig {
     pub max_duration_secs: Option<u64>,
     /// The VMM's log level (its `vmm.log`).
     #[serde(default)]
-    pub log_level: Option<crate::LogLevel>,
+    pub log_level: Option<LogLevel>,
     /// No VMM log and no console log.
     #[serde(default)]
     pub quiet_logs: bool,
@@ -142,10 +144,10 @@ pub struct SandboxConfig {
     pub ephemeral: bool,
     /// The in-guest security profile of commands.
     #[serde(default)]
-    pub security_profile: crate::SecurityProfile,
+    pub security_profile: SecurityProfile,
     /// The init PID 1 is handed to after the agent's setup, if any.
     #[serde(default)]
-    pub init: Option<crate::Init>,
+    pub init: Option<Init>,
     /// When the image was to be pulled from its registry.
     #[serde(default)]
     pub pull_policy: crate::PullPolicy,
@@ -157,7 +159,7 @@ impl SandboxConfig {
         SandboxConfig {
             name,
             cpus: 1,
-            memory_mib: crate::sandbox::DEFAULT_MEMORY_MIB,
+            memory_mib: DEFAULT_MEMORY_MIB,
             image: RootfsSource::Default,
             env: Vec::new(),
             workdir: None,
@@ -174,7 +176,7 @@ impl SandboxConfig {
             log_level: None,
             quiet_logs: false,
             ephemeral: false,
-            security_profile: crate::SecurityProfile::Default,
+            security_profile: SecurityProfile::Default,
             init: None,
             pull_policy: crate::PullPolicy::IfMissing,
         }
@@ -232,24 +234,6 @@ pub(crate) fn load(path: &Path) -> MicrosandboxResult<Persisted> {
     })
 }
 
-pub(crate) fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
-    match e {
-        ImageError::DigestMismatch {
-            what,
-            expected,
-            actual,
-        } => MicrosandboxError::DigestMismatch {
-            what,
-            expected,
-            actual,
-        },
-        other => MicrosandboxError::InvalidImage {
-            image: image.to_string(),
-            reason: msb_protocol::error_chain(&other),
-        },
-    }
-}
-
 /// The image's layers (bottom first) and runtime configuration, unpacking what the layer
 /// store lacks.
 fn resolve_image(
@@ -258,7 +242,7 @@ fn resolve_image(
     pulled: Option<image::ResolvedImage>,
 ) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig)> {
     // Layers keep images' setuid files and owners: private to this user.
-    crate::sandbox::private_dir(&home.join("layers"))?;
+    private_dir(&home.join("layers"))?;
     let store = LayerStore::new(home);
     match source {
         RootfsSource::Default => {

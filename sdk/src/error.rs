@@ -6,7 +6,7 @@ use std::time::Duration;
 use msb_protocol::frame::ProtocolError;
 use msb_protocol::message::ErrorKind;
 
-use crate::exec::ExecOutput;
+use crate::output::ExecOutput;
 
 /// Result of SDK calls.
 pub type MicrosandboxResult<T> = Result<T, MicrosandboxError>;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::output::{ExecOutput, ExecStatus};
 
 /// Session id the SDK uses on its per-command connection.
 const SESSION: u32 = 1;
@@ -244,53 +245,8 @@ pub(crate) struct ExecDefaults {
     pub user: Option<String>,
 }
 
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExecStatus {
-    code: Option<i32>,
-    signal: Option<i32>,
-    timed_out: bool,
-}
-
-impl ExecStatus {
-    /// Exit code, when the command exited.
-    pub fn code(&self) -> Option<i32> {
-        self.code
-    }
-
-    /// Terminating signal, when it was killed.
-    pub fn signal(&self) -> Option<i32> {
-        self.signal
-    }
-
-    /// True when its timeout killed it.
-    pub fn timed_out(&self) -> bool {
-        self.timed_out
-    }
-
-    /// Exit code as a shell reports it: the code, or 128 + the signal.
-    pub fn exit_code(&self) -> i32 {
-        match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => -1,
-        }
-    }
-
-    /// Exited with code 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-/// A finished command's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    status: ExecStatus,
-}
-
+// The text accessors of `ExecOutput` (the rest is in `output.rs`): here, not there,
+// because they return the SDK's error, and `error.rs` needs `output.rs` below it.
 impl ExecOutput {
     /// Stdout as text.
     pub fn stdout(&self) -> MicrosandboxResult<String> {
@@ -300,31 +256,6 @@ impl ExecOutput {
     /// Stderr as text.
     pub fn stderr(&self) -> MicrosandboxResult<String> {
         Ok(String::from_utf8(self.stderr.clone())?)
-    }
-
-    /// Stdout bytes, exactly.
-    pub fn stdout_bytes(&self) -> &[u8] {
-        &self.stdout
-    }
-
-    /// Stderr bytes, exactly.
-    pub fn stderr_bytes(&self) -> &[u8] {
-        &self.stderr
-    }
-
-    /// How it ended.
-    pub fn status(&self) -> ExecStatus {
-        self.status
-    }
-
-    /// [`ExecStatus::exit_code`].
-    pub fn exit_code(&self) -> i32 {
-        self.status.exit_code()
-    }
-
-    /// Exited with code 0.
-    pub fn success(&self) -> bool {
-        self.status.success()
     }
 }
 
@@ -582,22 +513,5 @@ mod tests {
                 .request("true".into(), &d),
             Err(MicrosandboxError::InvalidExecRequest(_))
         ));
-    }
-
-    #[test]
-    fn status_reads_like_a_shell() {
-        let killed = ExecStatus {
-            code: None,
-            signal: Some(15),
-            timed_out: false,
-        };
-        assert_eq!(killed.exit_code(), 143);
-        assert!(!killed.success());
-        let ok = ExecStatus {
-            code: Some(0),
-            signal: None,
-            timed_out: false,
-        };
-        assert!(ok.success());
     }
 }

@@ -114,6 +114,20 @@ pub struct SandboxFs<'a> {
     sb: &'a Sandbox,
 }
 
+impl Sandbox {
+    /// Filesystem access inside the running sandbox.
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &microsandbox::Sandbox) -> microsandbox::MicrosandboxResult<()> {
+    /// sb.fs().write("/tmp/hello.txt", "hi").await?;
+    /// assert_eq!(sb.fs().read_to_string("/tmp/hello.txt").await?, "hi");
+    /// # Ok(()) }
+    /// ```
+    pub fn fs(&self) -> SandboxFs<'_> {
+        SandboxFs::new(self)
+    }
+}
+
 /// A file's contents as a stream of chunks (from [`SandboxFs::read_stream`]).
 pub struct FsReadStream {
     rx: mpsc::Receiver<MicrosandboxResult<Bytes>>,

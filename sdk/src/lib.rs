@@ -28,39 +28,50 @@
 //! directories.
 #![forbid(unsafe_code)]
 
+// Where things are (each file imports only files below it, none above; the whole map is in
+// docs/design.md, "SDK"): home.rs (the state directory, a sandbox's paths, names, the
+// defaults and limits), vmm.rs (where msb-vmm is found and spawned, and stopped or
+// killed), reconcile.rs (where a state row is put right against its VMM), handle.rs
+// (SandboxHandle), sandbox.rs (Sandbox), builder.rs (SandboxBuilder and the steps of a
+// create). lib.rs only declares the modules and re-exports the public API.
 mod attach;
+mod builder;
 mod config;
 mod conn;
 mod error;
 mod exec;
 mod fs;
 mod handle;
+mod home;
 pub mod image;
 mod logs;
 mod metrics;
+mod options;
+mod output;
+mod reconcile;
 mod rootfs;
 mod sandbox;
 mod state;
+mod vmm;
 mod volume;
 
+pub use builder::SandboxBuilder;
 pub use config::{IntoImage, RootfsSource, SandboxConfig};
 pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
-pub use exec::{
-    ExecEvent, ExecHandle, ExecOptions, ExecOutput, ExecSink, ExecStatus, Rlimit, Stdin,
-};
+pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
+pub use home::{msb_home, validate_name, Mebibytes, MAX_NAME_LEN};
 pub use image::{
     Image, ImageDetails, ImageInfo, ImageLayer, PruneReport, PullEvent, PullOptions, PullPolicy,
     PullSession, RegistryAuth,
 };
 pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, boot_stage, BootStage, SandboxMetrics};
+pub use options::{Init, LogLevel, SecurityProfile};
+pub use output::{ExecOutput, ExecStatus};
 pub use rootfs::{Patch, PatchBuilder};
-pub use sandbox::{
-    msb_home, validate_name, Init, LogLevel, Mebibytes, Sandbox, SandboxBuilder, SecurityProfile,
-    MAX_NAME_LEN,
-};
+pub use sandbox::Sandbox;
 pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};
 

@@ -1,15 +1,19 @@
 //! Resource metrics of a running sandbox: the VMM's snapshot (`metrics.json`, rewritten
-//! every second by `msb-vmm --metrics`) plus the guest's own view of its memory.
+//! every second by `msb-vmm --metrics`, read by `vmm.rs`) plus the guest's own view of its
+//! memory; [`Sandbox::metrics`], [`SandboxHandle::metrics`] and [`all_sandbox_metrics`].
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use msb_protocol::vmmfiles::MetricsSnapshot;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MicrosandboxError, MicrosandboxResult};
-use crate::sandbox::{Paths, Sandbox};
+use crate::handle::{list_filtered, SandboxFilter, SandboxHandle};
+use crate::home::Paths;
+use crate::sandbox::Sandbox;
+use crate::state::SandboxStatus;
+use crate::vmm::{read_snapshot, vmm_alive};
 
 /// A point-in-time resource snapshot of a sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,11 +47,6 @@ pub struct SandboxMetrics {
     pub uptime: Duration,
 }
 
-fn load(paths: &Paths) -> Option<MetricsSnapshot> {
-    let bytes = std::fs::read(paths.metrics()).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
 pub use msb_protocol::vmmfiles::BootStage;
 
 /// How far the start of sandbox `name` has got, as its VMM last wrote it (the VMM rewrites
@@ -56,12 +55,7 @@ pub use msb_protocol::vmmfiles::BootStage;
 /// `start` show it on a terminal while they wait.
 pub fn boot_stage(name: &str) -> Option<BootStage> {
     let paths = Paths::for_name(name).ok()?;
-    load(&paths).map(|s| s.boot_stage)
-}
-
-/// True when the VMM's last snapshot says the sandbox drains.
-pub(crate) fn draining(paths: &Paths) -> bool {
-    load(paths).is_some_and(|s| s.draining)
+    read_snapshot(&paths).map(|s| s.boot_stage)
 }
 
 /// How long the guest gets to say how much memory it has (a guest that does not answer
@@ -106,13 +100,13 @@ pub(crate) async fn read(
     paths: &Paths,
     guest: Option<&Sandbox>,
 ) -> MicrosandboxResult<SandboxMetrics> {
-    if !crate::handle::vmm_alive(paths) {
+    if !vmm_alive(paths) {
         return Err(MicrosandboxError::NotRunning(name.to_string()));
     }
     // The VMM writes its first snapshot a second after it starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     let snap = loop {
-        if let Some(s) = load(paths) {
+        if let Some(s) = read_snapshot(paths) {
             break s;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -160,14 +154,43 @@ pub(crate) async fn read(
     })
 }
 
+impl Sandbox {
+    /// A resource snapshot: CPU, memory (host and guest view), filesystem bytes, uptime.
+    pub async fn metrics(&self) -> MicrosandboxResult<SandboxMetrics> {
+        read(self.name(), self.paths(), Some(self)).await
+    }
+
+    /// A snapshot every `interval` until the sandbox stops (the stream then ends).
+    pub fn metrics_stream(
+        &self,
+        interval: Duration,
+    ) -> impl futures_core::Stream<Item = MicrosandboxResult<SandboxMetrics>> + '_ {
+        let interval = interval.max(Duration::from_millis(1));
+        futures_util::stream::unfold(true, move |first| async move {
+            if !first {
+                tokio::time::sleep(interval).await;
+            }
+            match self.metrics().await {
+                Err(MicrosandboxError::NotRunning(_)) => None,
+                other => Some((other, false)),
+            }
+        })
+    }
+}
+
+impl SandboxHandle {
+    /// A resource snapshot of the running sandbox.
+    pub async fn metrics(&self) -> MicrosandboxResult<SandboxMetrics> {
+        let paths = self.paths()?;
+        read(self.name(), &paths, None).await
+    }
+}
+
 /// Metrics of every running sandbox, by name.
 pub async fn all_sandbox_metrics() -> MicrosandboxResult<HashMap<String, SandboxMetrics>> {
     let mut out = HashMap::new();
-    for h in crate::handle::list_filtered(&crate::handle::SandboxFilter::new())? {
-        if !matches!(
-            h.status(),
-            crate::SandboxStatus::Running | crate::SandboxStatus::Draining
-        ) {
+    for h in list_filtered(&SandboxFilter::new())? {
+        if !matches!(h.status(), SandboxStatus::Running | SandboxStatus::Draining) {
             continue;
         }
         // One that stops meanwhile is left out.

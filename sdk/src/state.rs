@@ -8,7 +8,7 @@
 //! killed at any point leaves rows that are whole.
 //!
 //! A row's status is what was last written; the truth about a running sandbox is whether
-//! its VMM still holds the sandbox's lock (see `handle.rs`, which reconciles the two:
+//! its VMM still holds the sandbox's lock (see `reconcile.rs`, which reconciles the two:
 //! a VMM that vanished without saying it stopped is `crashed`).
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::home::{msb_home, private_dir};
 
 /// How long a writer waits for another process's transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -261,6 +262,11 @@ fn db_error(what: &str, e: rusqlite::Error) -> MicrosandboxError {
     MicrosandboxError::State(format!("{what}: {e}"))
 }
 
+/// Opens the state database of [`msb_home`].
+pub(crate) fn open_db() -> MicrosandboxResult<StateDb> {
+    StateDb::open(&msb_home())
+}
+
 /// A connection to the state database.
 #[derive(Debug)]
 pub(crate) struct StateDb {
@@ -272,7 +278,7 @@ impl StateDb {
     /// Opens (creating and migrating as needed) `$MSB_HOME/db/msb.sqlite3`.
     pub(crate) fn open(home: &Path) -> MicrosandboxResult<Self> {
         let dir = home.join("db");
-        crate::sandbox::private_dir(&dir)?;
+        private_dir(&dir)?;
         let conn = Connection::open(dir.join("msb.sqlite3"))
             .map_err(|e| db_error("cannot open the state database", e))?;
         conn.busy_timeout(BUSY_TIMEOUT)

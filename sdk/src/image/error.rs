@@ -1,6 +1,9 @@
-//! [`ImageError`]: everything that can go wrong loading an image or unpacking a layer.
+//! [`ImageError`]: everything that can go wrong loading an image or unpacking a layer, and
+//! how it becomes the SDK's error ([`image_error`]).
 
 use std::path::PathBuf;
+
+use crate::error::MicrosandboxError;
 
 /// Everything that can go wrong loading an image or unpacking a layer.
 #[derive(Debug, thiserror::Error)]
@@ -76,5 +79,25 @@ impl ImageError {
     pub(crate) fn read(what: &str) -> impl FnOnce(std::io::Error) -> ImageError {
         let what = what.to_string();
         move |source| ImageError::Read { what, source }
+    }
+}
+
+/// The SDK's error for an [`ImageError`] of `image` (as the user named it): a digest
+/// mismatch keeps its own variant, anything else is [`MicrosandboxError::InvalidImage`].
+pub(crate) fn image_error(image: &str, e: ImageError) -> MicrosandboxError {
+    match e {
+        ImageError::DigestMismatch {
+            what,
+            expected,
+            actual,
+        } => MicrosandboxError::DigestMismatch {
+            what,
+            expected,
+            actual,
+        },
+        other => MicrosandboxError::InvalidImage {
+            image: image.to_string(),
+            reason: msb_protocol::error_chain(&other),
+        },
     }
 }

@@ -37,7 +37,9 @@
 //! image ready, load, save, prune), `pull` (fetching from a registry, [`PullPolicy`],
 //! [`PullOptions`]), `auth` (credentials), `events` (pull progress), `blobs` (the blob
 //! store), `archive` (image layouts and archives), `layer` (the layer store and unpacking),
-//! `digest` (sha256 digests), `error` (`ImageError`).
+//! `digest` (sha256 digests), `error` (`ImageError`, and `image_error` that makes it the
+//! SDK's error), `info` (what the store reports: [`ImageInfo`], [`ImageDetails`],
+//! [`ImageLayer`], [`PruneReport`]).
 //!
 //! `fixture` (with the `testing` feature, and in this crate's tests) writes small test
 //! images for this module's tests and the end-to-end tests.
@@ -51,120 +53,31 @@ mod events;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fixture;
+mod info;
 mod layer;
 mod pull;
 mod store;
 #[cfg(test)]
 mod test_util;
 
-use std::path::{Path, PathBuf};
-
-use chrono::{DateTime, TimeZone, Utc};
-use serde::Serialize;
+use std::path::Path;
 
 pub use auth::RegistryAuth;
 pub use events::{PullEvent, PullSession};
+pub use info::{ImageDetails, ImageInfo, ImageLayer, PruneReport};
 pub use pull::{PullOptions, PullPolicy};
 
 pub(crate) use archive::{load_archive, load_layout, ImageConfig, ResolvedImage};
-pub(crate) use error::ImageError;
+pub(crate) use error::{image_error, ImageError};
 pub(crate) use events::Events;
 pub(crate) use layer::LayerStore;
-pub(crate) use store::{ensure, lock_store_shared, parse_reference};
+pub(crate) use store::{ensure, lock_store_shared, parse_reference, StoreLock};
 
 use blobs::BlobStore;
 use store::{blocking, read_stored};
 
-use crate::state::{ImageRow, StateDb};
+use crate::state::StateDb;
 use crate::{MicrosandboxError, MicrosandboxResult};
-
-/// An image in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct ImageInfo {
-    /// The full reference (`docker.io/library/python:3.12`).
-    pub reference: String,
-    /// The digest of its platform manifest.
-    pub digest: String,
-    /// The digest of the index the reference named, if it named one (multi-platform).
-    pub index_digest: Option<String>,
-    /// How many layers it has.
-    pub layer_count: usize,
-    /// Bytes of its blobs (config and compressed layers).
-    pub size: u64,
-    /// When it was pulled or loaded.
-    pub created_at: Option<DateTime<Utc>>,
-}
-
-impl ImageInfo {
-    /// The public view of a store record.
-    pub(crate) fn from_row(row: &ImageRow) -> Self {
-        ImageInfo {
-            reference: row.reference.clone(),
-            digest: row.manifest_digest.clone(),
-            index_digest: row.index_digest.clone(),
-            layer_count: row.layer_count,
-            size: row.size,
-            created_at: Utc.timestamp_millis_opt(row.created_at_ms).single(),
-        }
-    }
-}
-
-/// One layer of an image in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct ImageLayer {
-    /// The blob's digest.
-    pub digest: String,
-    /// The digest of the uncompressed tar (the layer's directory name).
-    pub diff_id: String,
-    /// The blob's media type.
-    pub media_type: String,
-    /// The blob's size.
-    pub size: u64,
-    /// Where it is unpacked, if it is.
-    pub path: Option<PathBuf>,
-}
-
-/// Everything the store knows about an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct ImageDetails {
-    /// What [`Image::list`] shows.
-    pub info: ImageInfo,
-    /// The config's digest.
-    pub config_digest: String,
-    /// `linux`, usually.
-    pub os: String,
-    /// `amd64`, `arm64`, ...
-    pub architecture: String,
-    /// Environment variables the image sets.
-    pub env: Vec<(String, String)>,
-    /// The entrypoint.
-    pub entrypoint: Vec<String>,
-    /// The default command or arguments.
-    pub cmd: Vec<String>,
-    /// The working directory.
-    pub workdir: Option<String>,
-    /// The user.
-    pub user: Option<String>,
-    /// The layers, bottom first.
-    pub layers: Vec<ImageLayer>,
-}
-
-/// What [`Image::prune`] removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PruneReport {
-    /// Blobs no image uses.
-    pub blobs_removed: usize,
-    /// Unpacked layers no image and no sandbox uses.
-    pub layers_removed: usize,
-    /// Partial downloads no pull is working on.
-    pub downloads_removed: usize,
-    /// Bytes freed (blobs and partial downloads; unpacked layers counted by file size).
-    pub bytes_freed: u64,
-}
 
 /// The image store: pull, list, inspect, remove, prune, load and save.
 #[derive(Debug, Clone, Copy)]

@@ -29,8 +29,8 @@ use super::archive::{choose_manifest, is_index_doc, MAX_JSON_SIZE};
 use super::auth::{docker_credentials, RegistryAuth};
 use super::blobs::BlobStore;
 use super::digest::{check_digest, digest_string, sha256_of};
+use super::error::{image_error, ImageError};
 use super::events::{Events, PullEvent};
-use super::ImageError;
 use crate::{MicrosandboxError, MicrosandboxResult};
 
 /// When an image is fetched from its registry.
@@ -720,7 +720,7 @@ fn json<T: serde::de::DeserializeOwned>(
 }
 
 fn invalid(image: &str, e: ImageError) -> MicrosandboxError {
-    crate::config::image_error(image, e)
+    image_error(image, e)
 }
 
 /// The SDK's error for what the registry client reported.

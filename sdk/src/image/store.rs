@@ -11,9 +11,12 @@ use oci_spec::image::{ImageConfiguration, ImageManifest};
 
 use super::archive::{import_archive, MAX_JSON_SIZE};
 use super::blobs::BlobStore;
+use super::error::image_error;
 use super::events::{Events, PullEvent};
+use super::info::{ImageInfo, PruneReport};
 use super::pull::{self, PullOptions, PullPolicy};
-use super::{ImageConfig, ImageError, ImageInfo, LayerStore, PruneReport, ResolvedImage};
+use super::{ImageConfig, ImageError, LayerStore, ResolvedImage};
+use crate::home::{private_dir, Paths};
 use crate::state::{ImageRow, StateDb};
 use crate::{MicrosandboxError, MicrosandboxResult};
 
@@ -52,7 +55,7 @@ pub(crate) fn read_stored(
     shown: &str,
     manifest_digest: &str,
 ) -> MicrosandboxResult<(ImageManifest, ImageConfiguration)> {
-    let err = |e| crate::config::image_error(shown, e);
+    let err = |e| image_error(shown, e);
     let manifest_bytes = blobs
         .read_small(manifest_digest, MAX_JSON_SIZE)
         .map_err(err)?;
@@ -95,7 +98,7 @@ pub(crate) async fn lock_store_shared(home: &Path) -> MicrosandboxResult<StoreLo
         store
             .lock_store(false)
             .map(std::sync::Arc::new)
-            .map_err(|e| crate::config::image_error("the image store", e))
+            .map_err(|e| image_error("the image store", e))
     })
     .await
 }
@@ -196,10 +199,10 @@ fn materialize(
     config: &ImageConfiguration,
     events: &Events,
 ) -> MicrosandboxResult<ResolvedImage> {
-    crate::sandbox::private_dir(&home.join("layers"))?;
+    private_dir(&home.join("layers"))?;
     let blobs = BlobStore::new(home);
     let store = LayerStore::new(home);
-    let err = |e| crate::config::image_error(shown, e);
+    let err = |e| image_error(shown, e);
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != manifest.layers().len() {
         return Err(MicrosandboxError::InvalidImage {
@@ -285,10 +288,10 @@ pub(crate) fn load(
             "{shown}: no such file"
         )));
     }
-    let err = |e| crate::config::image_error(&shown, e);
+    let err = |e| image_error(&shown, e);
     let blobs = BlobStore::new(home);
     let _lock = blobs.lock_store(false).map_err(err)?;
-    crate::sandbox::private_dir(&home.join("layers"))?;
+    private_dir(&home.join("layers"))?;
     let imported = import_archive(path, &LayerStore::new(home), &blobs).map_err(err)?;
     if tag.is_some() && imported.len() > 1 {
         return Err(MicrosandboxError::InvalidConfig(format!(
@@ -348,7 +351,7 @@ pub(crate) fn load(
 pub(crate) fn save(home: &Path, keys: &[String], path: &Path) -> MicrosandboxResult<()> {
     use std::io::Write as _;
     let blobs = BlobStore::new(home);
-    let err = |e| crate::config::image_error("the image store", e);
+    let err = |e| image_error("the image store", e);
     let _lock = blobs.lock_store(false).map_err(err)?;
     let db = StateDb::open(home)?;
     let mut index = Vec::new();
@@ -458,7 +461,7 @@ pub(crate) fn save(home: &Path, keys: &[String], path: &Path) -> MicrosandboxRes
 pub(crate) fn prune(home: &Path) -> MicrosandboxResult<PruneReport> {
     let blobs = BlobStore::new(home);
     let layers = LayerStore::new(home);
-    let err = |e| crate::config::image_error("the image store", e);
+    let err = |e| image_error("the image store", e);
     let _lock = blobs.lock_store(true).map_err(err)?;
     let db = StateDb::open(home)?;
     let mut keep_blobs = BTreeSet::new();
@@ -479,7 +482,7 @@ pub(crate) fn prune(home: &Path) -> MicrosandboxResult<PruneReport> {
     }
     // Layers of every sandbox, running or not (recorded in its config.json).
     for row in db.list()? {
-        let Ok(paths) = crate::sandbox::Paths::in_home(home, &row.name) else {
+        let Ok(paths) = Paths::in_home(home, &row.name) else {
             continue;
         };
         let persisted = match crate::config::load(&paths.config()) {

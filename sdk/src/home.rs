@@ -1,0 +1,173 @@
+//! The bottom of the SDK: where everything of a sandbox lives on the host (the state
+//! directory [`msb_home`], a sandbox's [`Paths`], [`private_dir`]), sandbox names
+//! ([`validate_name`]), and the defaults and limits the other files share.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{MicrosandboxError, MicrosandboxResult};
+
+/// Longest sandbox name, bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Default shell for [`Sandbox::shell`](crate::Sandbox::shell).
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+/// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 100;
+/// Most bind and named volumes: one virtio-fs device each, besides the root, on the
+/// VMM's interrupt lines.
+pub const MAX_SHARED_VOLUMES: usize = 17;
+
+/// Guest memory size in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mebibytes(pub u32);
+
+impl From<u32> for Mebibytes {
+    fn from(mib: u32) -> Self {
+        Mebibytes(mib)
+    }
+}
+
+/// The state directory: `$MSB_HOME`, else `~/.microsandbox`.
+pub fn msb_home() -> PathBuf {
+    match std::env::var_os("MSB_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => std::env::var_os("HOME")
+            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+            .join(".microsandbox"),
+    }
+}
+
+/// Checks a sandbox name: non-empty, at most 128 bytes, letters, digits, `-`, `_`, `.`,
+/// not starting with `.` (it names a directory).
+pub fn validate_name(name: &str) -> MicrosandboxResult<()> {
+    let bad = |reason| {
+        Err(MicrosandboxError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is longer than 128 bytes");
+    }
+    if name.starts_with('.') {
+        return bad("it starts with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return bad("use only letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Where a sandbox keeps its files.
+#[derive(Debug, Clone)]
+pub(crate) struct Paths {
+    /// `$MSB_HOME/sandboxes/<name>`: exec.log, console.log, vmm.log.
+    pub dir: PathBuf,
+    /// `$MSB_HOME/run/<hash>.sock`: short enough for `sun_path` whatever the name.
+    pub control: PathBuf,
+}
+
+impl Paths {
+    pub fn for_name(name: &str) -> MicrosandboxResult<Paths> {
+        Paths::in_home(&msb_home(), name)
+    }
+
+    /// The paths of `name` under the state directory `home`.
+    pub fn in_home(home: &Path, name: &str) -> MicrosandboxResult<Paths> {
+        let hash = hex::encode(&Sha256::digest(name.as_bytes())[..8]);
+        let control = home.join("run").join(format!("{hash}.sock"));
+        // msb-vmm adds ".vsock" (and the device "_<port>") beside it.
+        if control.as_os_str().len() + 12 > MAX_SOCKET_PATH {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "MSB_HOME {} is too long for the sandbox's sockets",
+                home.display()
+            )));
+        }
+        Ok(Paths {
+            dir: home.join("sandboxes").join(name),
+            control,
+        })
+    }
+
+    pub fn exec_log(&self) -> PathBuf {
+        self.dir.join("exec.log")
+    }
+
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
+    /// The writable layer shared with the guest: `upper/` and overlayfs' `work/`.
+    pub fn rw(&self) -> PathBuf {
+        self.dir.join("rw")
+    }
+
+    /// The persisted configuration.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// The file the sandbox's VMM holds an exclusive `flock` on while it runs.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// How the VMM ended (written by it as it exits).
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join("vmm-exit.json")
+    }
+
+    /// The VMM's metrics snapshot, rewritten every second while it runs.
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+}
+
+/// Creates `dir` (and its parents) if missing, readable by this user only.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["api", "a.b-c_d", &"x".repeat(128)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "a/b", "../x", "a b", &"x".repeat(129), "ü"] {
+            assert!(
+                matches!(
+                    validate_name(bad),
+                    Err(MicrosandboxError::InvalidName { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn socket_paths_stay_short_for_long_names() {
+        let p = Paths::for_name(&"n".repeat(128)).expect("paths");
+        assert!(p.control.as_os_str().len() <= MAX_SOCKET_PATH);
+        assert!(p.dir.ends_with("n".repeat(128)));
+    }
+}
