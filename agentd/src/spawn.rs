@@ -208,20 +208,34 @@ pub(crate) fn spawn(cmd: &Plain) -> Result<Spawned, SpawnError> {
             cwd.as_ptr(),
         ))?;
     }
-    let mut pid: libc::pid_t = 0;
-    // SAFETY: `program`, `argv_ptrs` and `envp_ptrs` are NUL-terminated and point into
-    // CStrings alive for the whole call; `a` is initialised; glibc's posix_spawn waits
-    // for the child's exec (CLONE_VFORK) and returns its error, reaping a child that failed.
-    check(unsafe {
-        libc::posix_spawn(
-            &mut pid,
-            program.as_ptr(),
-            &a.actions,
-            &a.attr,
-            argv_ptrs.as_ptr(),
-            envp_ptrs.as_ptr(),
-        )
-    })?;
+    let run = |program: &CString, argv: &[*mut libc::c_char]| {
+        let mut pid: libc::pid_t = 0;
+        // SAFETY: `program`, `argv` and `envp_ptrs` are NUL-terminated and point into
+        // CStrings alive for the whole call; `a` is initialised; glibc's posix_spawn waits
+        // for the child's exec (CLONE_VFORK) and returns its error, reaping a child that
+        // failed.
+        check(unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                program.as_ptr(),
+                &a.actions,
+                &a.attr,
+                argv.as_ptr(),
+                envp_ptrs.as_ptr(),
+            )
+        })
+        .map(|()| pid)
+    };
+    let pid = match run(&program, &argv_ptrs) {
+        // A script without `#!`: run by the shell, as execvp does.
+        Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+            let shell = CString::new("/bin/sh")?;
+            let mut sh_argv = vec![shell.clone(), program.clone()];
+            sh_argv.extend(argv.iter().skip(1).cloned());
+            run(&shell, &nul_terminated(&sh_argv))?
+        }
+        other => other?,
+    };
     // The child's ends close here; ours stay.
     drop((out_w, err_w));
     Ok(Spawned {
@@ -337,6 +351,29 @@ mod tests {
         if let Ok(pgid) = out.trim().parse::<i32>() {
             assert_eq!(pgid, s.pid);
         }
+    }
+
+    #[test]
+    fn a_script_without_an_interpreter_line_runs_in_the_shell() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let script = dir.path().join("plain");
+        std::fs::write(&script, "echo from the shell \"$1\"\n").expect("test setup");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .expect("test setup");
+        let env = env(&format!("{}:/usr/bin:/bin", dir.path().display()));
+        let args = ["arg".to_string()];
+        let mut s = spawn(&Plain {
+            program: "plain",
+            args: &args,
+            env: &env,
+            cwd: "/",
+            stdin_pipe: false,
+        })
+        .expect("spawns");
+        let mut out = String::new();
+        s.stdout.read_to_string(&mut out).expect("test setup");
+        assert_eq!(wait(s.pid), 0);
+        assert_eq!(out, "from the shell arg\n");
     }
 
     #[test]
