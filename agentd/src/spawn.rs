@@ -274,6 +274,21 @@ mod tests {
         }
     }
 
+    /// Runs `program` from `/` with stdin on /dev/null: (pid, exit code, stdout).
+    fn run_to_end(program: &str, args: &[String], env: &[(String, String)]) -> (i32, i32, String) {
+        let mut s = spawn(&Plain {
+            program,
+            args,
+            env,
+            cwd: "/",
+            stdin_pipe: false,
+        })
+        .expect("spawns");
+        let mut out = String::new();
+        s.stdout.read_to_string(&mut out).expect("test setup");
+        (s.pid, wait(s.pid), out)
+    }
+
     #[test]
     fn finds_programs_as_execvp_does() {
         let dir = tempfile::tempdir().expect("test setup");
@@ -337,19 +352,10 @@ mod tests {
     fn stdin_is_dev_null_and_the_group_is_the_child() {
         let env = env("/usr/bin:/bin");
         let args = ["-c".to_string(), "cat; ps -o pgid= -p $$".into()];
-        let mut s = spawn(&Plain {
-            program: "sh",
-            args: &args,
-            env: &env,
-            cwd: "/",
-            stdin_pipe: false,
-        })
-        .expect("spawns");
-        let mut out = String::new();
-        s.stdout.read_to_string(&mut out).expect("test setup");
-        assert_eq!(wait(s.pid), 0);
+        let (pid, code, out) = run_to_end("sh", &args, &env);
+        assert_eq!(code, 0);
         if let Ok(pgid) = out.trim().parse::<i32>() {
-            assert_eq!(pgid, s.pid);
+            assert_eq!(pgid, pid);
         }
     }
 
@@ -362,17 +368,8 @@ mod tests {
             .expect("test setup");
         let env = env(&format!("{}:/usr/bin:/bin", dir.path().display()));
         let args = ["arg".to_string()];
-        let mut s = spawn(&Plain {
-            program: "plain",
-            args: &args,
-            env: &env,
-            cwd: "/",
-            stdin_pipe: false,
-        })
-        .expect("spawns");
-        let mut out = String::new();
-        s.stdout.read_to_string(&mut out).expect("test setup");
-        assert_eq!(wait(s.pid), 0);
+        let (_, code, out) = run_to_end("plain", &args, &env);
+        assert_eq!(code, 0);
         assert_eq!(out, "from the shell arg\n");
     }
 
