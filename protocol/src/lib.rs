@@ -6,6 +6,8 @@
 //! - [`bootcmd`]: settings passed on the kernel command line (the hostname);
 //! - [`frame`] and [`message`]: the host-agent protocol over vsock (length-prefixed frames
 //!   with a session id and flags, CBOR payloads, a version in the first message);
+//! - [`network`]: a sandbox's network (policy, DNS, published ports, link) as data with a
+//!   text form for command lines;
 //! - [`vmmargs`]: every option of `msb-vmm` as one struct, which the SDK renders and the
 //!   VMM parses (with the `clap` feature);
 //! - [`vmmfiles`] and [`execlog`]: the files the VMM writes and the SDK reads.
@@ -18,6 +20,7 @@ pub mod bootcmd;
 pub mod execlog;
 pub mod frame;
 pub mod message;
+pub mod network;
 pub mod sysdev;
 pub mod vmmargs;
 pub mod vmmfiles;

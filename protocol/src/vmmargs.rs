@@ -5,8 +5,14 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use crate::network::{
+    parse_nameserver, Action, Ipv4Net, NetworkConfig, NetworkPreset, NetworkSyntaxError,
+    PublishedPort, Rule,
+};
 
 /// How much of the guest's RAM its kernel gets at boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +84,12 @@ impl fmt::Display for Security {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `--dns`'s value.
+#[cfg(feature = "clap")]
+fn nameserver(s: &str) -> Result<SocketAddr, String> {
+    parse_nameserver(s).map_err(|e| e.0)
 }
 
 /// `--memory`'s value.
@@ -252,6 +264,51 @@ pub struct VmmArgs {
     /// An environment variable of the init, K=V (repeatable).
     #[cfg_attr(feature = "clap", arg(long, value_name = "K=V"))]
     pub init_env: Vec<String>,
+    /// No network device (the guest has only `lo`).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub no_net: bool,
+    /// The network policy preset: none, public-only (the default), allow-all, or profiles
+    /// like public,private,host.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PRESET"))]
+    pub net: Option<NetworkPreset>,
+    /// A network rule before the preset's, first match wins (repeatable):
+    /// `ACTION [egress|ingress|both] [PROTOCOLS] DESTINATION [PORTS]`, e.g.
+    /// `allow egress tcp 10.0.5.10 443`.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "RULE"))]
+    pub net_rule: Vec<Rule>,
+    /// What happens to guest connections no rule matches [default: the preset's].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "allow|deny"))]
+    pub net_default_egress: Option<Action>,
+    /// What happens to published-port connections no rule matches [default: the preset's].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "allow|deny"))]
+    pub net_default_ingress: Option<Action>,
+    /// Publish a port: `[BIND:]HOST:GUEST[/udp]`, bound to 127.0.0.1 unless BIND is given
+    /// (repeatable).
+    #[cfg_attr(feature = "clap", arg(short = 'p', long = "port", value_name = "SPEC"))]
+    pub ports: Vec<PublishedPort>,
+    /// A nameserver the sandbox's DNS forwards to, IP or IP:PORT, in order (repeatable)
+    /// [default: the host's /etc/resolv.conf].
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "dns", value_name = "ADDR", value_parser = nameserver)
+    )]
+    pub nameservers: Vec<SocketAddr>,
+    /// How long one nameserver gets before the next is asked [default: 5000].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "MS"))]
+    pub dns_timeout_ms: Option<u64>,
+    /// Let DNS answers point public names at private or loopback addresses.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub no_dns_rebind_protection: bool,
+    /// The guest link, /30 or wider: the gateway is its first address, the guest the
+    /// second [default: 10.200.200.0/30].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "CIDR"))]
+    pub net_subnet: Option<Ipv4Net>,
+    /// The guest link's MTU [default: 65520].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "BYTES"))]
+    pub mtu: Option<u16>,
+    /// Most TCP connections plus UDP flows at once [default: 1024].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
+    pub net_max_connections: Option<usize>,
     /// The command to run in the guest (after the options, with or without `--`).
     #[cfg_attr(feature = "clap", arg(value_name = "CMD", trailing_var_arg = true))]
     pub command: Vec<OsString>,
@@ -272,6 +329,61 @@ impl VmmArgs {
     pub fn tmpfs(&mut self, guest: &str, size_mib: Option<u32>) {
         let size = size_mib.map_or_else(|| "-".to_string(), |s| s.to_string());
         self.tmpfs.extend([guest.to_string(), size]);
+    }
+
+    /// The network the flags describe (`None`: `--no-net`): the preset's policy (default
+    /// public-only) with the `--net-rule`s before its rules and the defaults overridden,
+    /// checked.
+    pub fn network(&self) -> Result<Option<NetworkConfig>, NetworkSyntaxError> {
+        if self.no_net {
+            return Ok(None);
+        }
+        let mut cfg = NetworkConfig::default();
+        let base = self
+            .net
+            .as_ref()
+            .map_or_else(Default::default, NetworkPreset::policy);
+        cfg.policy.rules = self.net_rule.clone();
+        cfg.policy.rules.extend(base.rules);
+        cfg.policy.default_egress = self.net_default_egress.unwrap_or(base.default_egress);
+        cfg.policy.default_ingress = self.net_default_ingress.unwrap_or(base.default_ingress);
+        cfg.ports = self.ports.clone();
+        cfg.dns.nameservers = self.nameservers.clone();
+        if let Some(t) = self.dns_timeout_ms {
+            cfg.dns.query_timeout_ms = t;
+        }
+        cfg.dns.rebind_protection = !self.no_dns_rebind_protection;
+        if let Some(s) = self.net_subnet {
+            cfg.subnet = s;
+        }
+        if let Some(m) = self.mtu {
+            cfg.mtu = m;
+        }
+        if let Some(m) = self.net_max_connections {
+            cfg.max_connections = m;
+        }
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
+
+    /// Sets the network flags so that [`VmmArgs::network`] reads `cfg` back (`--net none`
+    /// with the policy's defaults and every rule spelled out).
+    pub fn set_network(&mut self, cfg: &NetworkConfig) {
+        let defaults = NetworkConfig::default();
+        self.no_net = !cfg.enabled;
+        self.net = Some(NetworkPreset::None);
+        self.net_rule = cfg.policy.rules.clone();
+        self.net_default_egress = Some(cfg.policy.default_egress);
+        self.net_default_ingress = Some(cfg.policy.default_ingress);
+        self.ports = cfg.ports.clone();
+        self.nameservers = cfg.dns.nameservers.clone();
+        self.dns_timeout_ms = (cfg.dns.query_timeout_ms != defaults.dns.query_timeout_ms)
+            .then_some(cfg.dns.query_timeout_ms);
+        self.no_dns_rebind_protection = !cfg.dns.rebind_protection;
+        self.net_subnet = (cfg.subnet != defaults.subnet).then_some(cfg.subnet);
+        self.mtu = (cfg.mtu != defaults.mtu).then_some(cfg.mtu);
+        self.net_max_connections =
+            (cfg.max_connections != defaults.max_connections).then_some(cfg.max_connections);
     }
 
     /// The command line that `msb-vmm` parses back into these arguments (the command, if
@@ -378,6 +490,42 @@ impl VmmArgs {
         for v in &self.init_env {
             flag("init-env", &one(v));
         }
+        if self.no_net {
+            flag("no-net", &[]);
+        }
+        if let Some(v) = &self.net {
+            flag("net", &text(v));
+        }
+        for v in &self.net_rule {
+            flag("net-rule", &text(v));
+        }
+        if let Some(v) = self.net_default_egress {
+            flag("net-default-egress", &text(&v));
+        }
+        if let Some(v) = self.net_default_ingress {
+            flag("net-default-ingress", &text(&v));
+        }
+        for v in &self.ports {
+            flag("port", &text(v));
+        }
+        for v in &self.nameservers {
+            flag("dns", &text(v));
+        }
+        if let Some(v) = self.dns_timeout_ms {
+            flag("dns-timeout-ms", &text(&v));
+        }
+        if self.no_dns_rebind_protection {
+            flag("no-dns-rebind-protection", &[]);
+        }
+        if let Some(v) = self.net_subnet {
+            flag("net-subnet", &text(&v));
+        }
+        if let Some(v) = self.mtu {
+            flag("mtu", &text(&v));
+        }
+        if let Some(v) = self.net_max_connections {
+            flag("net-max-connections", &text(&v));
+        }
         if !self.command.is_empty() {
             out.push("--".into());
             out.extend(self.command.iter().cloned());
@@ -434,5 +582,44 @@ mod tests {
                 "--hi"
             ]
         );
+    }
+
+    #[test]
+    fn a_network_survives_the_flags() {
+        use crate::network::{NetworkConfig, NetworkPolicy, PortProtocol, PublishedPort};
+        let mut cfg = NetworkConfig {
+            policy: NetworkPolicy::public_only(),
+            ports: vec![
+                PublishedPort::new(PortProtocol::Tcp, 8080, 80),
+                "0.0.0.0:5353:53/udp".parse().unwrap(),
+            ],
+            mtu: 1500,
+            ..NetworkConfig::default()
+        };
+        cfg.policy
+            .rules
+            .insert(0, "deny egress suffix=evil.com".parse().unwrap());
+        cfg.dns.nameservers = vec!["127.0.0.1:5300".parse().unwrap()];
+        cfg.dns.rebind_protection = false;
+        let mut a = VmmArgs::default();
+        a.set_network(&cfg);
+        assert_eq!(a.network().unwrap(), Some(cfg.clone()));
+        assert!(a.to_args().iter().any(|w| w == "--net-rule"));
+        a.set_network(&NetworkConfig::disabled());
+        assert_eq!(a.network().unwrap(), None);
+        // No flags: the default network, public only.
+        assert_eq!(
+            VmmArgs::default().network().unwrap(),
+            Some(NetworkConfig::default())
+        );
+        // Rules go before the preset's.
+        let b = VmmArgs {
+            net: Some("public,host".parse().unwrap()),
+            net_rule: vec!["deny egress tcp any 25".parse().unwrap()],
+            ..VmmArgs::default()
+        };
+        let policy = b.network().unwrap().unwrap().policy;
+        assert_eq!(policy.rules.len(), 3);
+        assert_eq!(policy.rules[0].to_string(), "deny egress tcp any 25");
     }
 }
