@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+#[cfg(feature = "clap")]
+use crate::network::parse_nameserver;
 use crate::network::{
-    parse_nameserver, Action, Ipv4Net, NetworkConfig, NetworkPreset, NetworkSyntaxError,
-    PublishedPort, Rule,
+    Action, Ipv4Net, NetworkConfig, NetworkPreset, NetworkSyntaxError, PublishedPort, Rule,
 };
 
 /// How much of the guest's RAM its kernel gets at boot.
@@ -536,6 +537,7 @@ impl VmmArgs {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
