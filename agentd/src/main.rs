@@ -11,6 +11,7 @@ mod exec;
 mod fs;
 mod init;
 mod memory;
+mod net;
 mod pool;
 mod reaper;
 mod reply;
@@ -144,6 +145,9 @@ fn main() {
     let hostname = bootcmd::find_param(&cmdline, bootcmd::HOSTNAME_KEY).unwrap_or("msb");
     if let Err(e) = nix::unistd::sethostname(hostname) {
         log(&format!("cannot set hostname: {e}"));
+    }
+    if let Err(e) = net::setup(&cmdline) {
+        log(&format!("network: {e}"));
     }
 
     // The image's own init as PID 1, the agent as its child (before any thread starts).

@@ -162,6 +162,48 @@ pub fn decode_hotmem(value: &str) -> Option<Vec<u64>> {
     Some(out)
 }
 
+/// Kernel command-line key of the guest's network link (absent: no network device):
+/// `ADDRESS/PREFIX,GATEWAY,MTU` (see [`GuestNet`]).
+pub const NET_KEY: &str = "msb.net";
+
+/// The guest side of the network link: the agent gives `eth0` this address and MTU, a
+/// default route through the gateway, and the gateway as its nameserver and as
+/// `host.microsandbox.internal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestNet {
+    /// The guest's address.
+    pub address: std::net::Ipv4Addr,
+    /// The link's prefix length.
+    pub prefix: u8,
+    /// The gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// The link's MTU.
+    pub mtu: u16,
+}
+
+impl GuestNet {
+    /// The kernel command-line word.
+    pub fn encode(&self) -> String {
+        format!(
+            "{NET_KEY}={}/{},{},{}",
+            self.address, self.prefix, self.gateway, self.mtu
+        )
+    }
+
+    /// Reads the value of [`NET_KEY`]; `None` when malformed.
+    pub fn decode(value: &str) -> Option<GuestNet> {
+        let mut parts = value.split(',');
+        let (address, prefix) = parts.next()?.split_once('/')?;
+        let net = GuestNet {
+            address: address.parse().ok()?,
+            prefix: prefix.parse().ok().filter(|p| *p <= 32)?,
+            gateway: parts.next()?.parse().ok()?,
+            mtu: parts.next()?.parse().ok().filter(|m| *m >= 68)?,
+        };
+        parts.next().is_none().then_some(net)
+    }
+}
+
 /// Every value of `key=value` in a kernel command line, in order.
 pub fn find_all<'a>(cmdline: &'a str, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     cmdline
@@ -348,6 +390,32 @@ mod tests {
         assert!(InitSpec::from_cmdline("msb.init=").is_err());
         assert!(InitSpec::from_cmdline("msb.init=/x,%zz").is_err());
         assert!(InitSpec::from_cmdline("msb.init=auto msb.init.env=novalue").is_err());
+    }
+
+    #[test]
+    fn guest_net_reads_what_it_writes() {
+        let n = GuestNet {
+            address: std::net::Ipv4Addr::new(10, 200, 200, 2),
+            prefix: 30,
+            gateway: std::net::Ipv4Addr::new(10, 200, 200, 1),
+            mtu: 65520,
+        };
+        let word = n.encode();
+        assert_eq!(word, "msb.net=10.200.200.2/30,10.200.200.1,65520");
+        assert_eq!(
+            GuestNet::decode(find_param(&word, NET_KEY).unwrap()),
+            Some(n)
+        );
+        for bad in [
+            "",
+            "10.0.0.2/30",
+            "10.0.0.2/33,10.0.0.1,1500",
+            "10.0.0.2/30,x,1500",
+            "10.0.0.2/30,10.0.0.1,20",
+            "10.0.0.2/30,10.0.0.1,1500,9",
+        ] {
+            assert_eq!(GuestNet::decode(bad), None, "{bad}");
+        }
     }
 
     #[test]
