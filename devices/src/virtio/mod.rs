@@ -6,6 +6,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,6 +19,11 @@ use crate::Interrupt;
 
 /// The feature every modern device offers: virtio 1.x semantics.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Ring feature: descriptors may point to a table of further descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Ring feature: interrupts and notifications are suppressed by ring indices
+/// (`used_event`, `avail_event`) instead of flags.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Interrupt status bit: a queue's used ring changed.
 pub const INTERRUPT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
