@@ -78,6 +78,11 @@ impl Link {
         self.checksum = checksums(guest_csum);
     }
 
+    /// Sets the link's MTU (IP bytes).
+    pub fn set_mtu(&mut self, mtu: u16) {
+        self.mtu = usize::from(mtu);
+    }
+
     /// The link's MTU (IP bytes).
     pub fn mtu(&self) -> usize {
         self.mtu

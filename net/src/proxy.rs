@@ -339,9 +339,12 @@ impl Proxy {
         self.conns.len() + self.flows.len()
     }
 
-    /// The driver's checksum choice (see [`Link::set_guest_csum`]).
-    pub fn set_guest_csum(&mut self, guest_csum: bool) {
+    /// The driver activated the link: whether frames to the guest need TCP/UDP checksums
+    /// (see [`Link::set_guest_csum`]) and the MTU it agreed to (the configured one, or 1500
+    /// when the driver did not take the MTU feature).
+    pub fn activate(&mut self, guest_csum: bool, mtu: u16) {
         self.link.set_guest_csum(guest_csum);
+        self.link.set_mtu(mtu);
     }
 
     /// Readable when a host socket has news: wait on it, then call [`Proxy::poll`].

@@ -54,6 +54,7 @@ impl Invocation {
     /// Checks `args` (what clap cannot: how flags go together, UTF-8 where the guest needs
     /// it) and fills in the defaults.
     pub fn from_args(args: VmmArgs) -> Result<Invocation, String> {
+        let network = args.network().map_err(|e| format!("network: {e}"))?;
         let mut launch = Launch {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -67,6 +68,7 @@ impl Invocation {
             exec_log: args.exec_log,
             layers: args.layers,
             rw: args.rw,
+            network,
             ..Launch::default()
         };
         if let Some(m) = args.memory {

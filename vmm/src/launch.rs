@@ -74,6 +74,8 @@ pub struct Launch {
     pub rw: Option<PathBuf>,
     /// Volumes and tmpfs mounts, in the order given (parents are mounted before children).
     pub mounts: Vec<MountSpec>,
+    /// The network (`None`: no network device, the guest has only `lo`).
+    pub network: Option<msb_protocol::network::NetworkConfig>,
 }
 
 /// A mount in the guest.
@@ -129,6 +131,7 @@ impl Default for Launch {
             layers: Vec::new(),
             rw: None,
             mounts: Vec::new(),
+            network: None,
         }
     }
 }
@@ -371,6 +374,17 @@ pub fn kernel_cmdline(launch: &Launch, profile: CpuProfile) -> Result<String, La
     if let Some(v) = bootcmd::encode_hotmem(&held) {
         words.push(format!("{}={v}", bootcmd::HOTMEM_KEY));
     }
+    if let Some(net) = &launch.network {
+        words.push(
+            bootcmd::GuestNet {
+                address: net.guest(),
+                prefix: net.subnet.prefix_len(),
+                gateway: net.gateway(),
+                mtu: net.mtu,
+            }
+            .encode(),
+        );
+    }
     if launch.restricted {
         words.push(format!(
             "{}={}",
@@ -407,6 +421,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             uds_path: launch.vsock_path().ok_or(LaunchError::NoVsock)?,
         }),
         fs: Vec::new(),
+        net: launch.network.clone(),
         ready_gate: None,
         boot_ram_limit: launch.boot_memory.limit(profile),
     };

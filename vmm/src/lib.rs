@@ -26,6 +26,7 @@ pub mod launch;
 pub mod lifecycle;
 pub mod memory;
 pub mod monitor;
+pub mod net;
 pub mod relay;
 pub mod runner;
 pub mod vcpu;

@@ -3,6 +3,7 @@
 //! the metrics file every second (and at once when the boot moves to a new stage).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ pub struct MonitorSetup {
     pub metrics: Option<PathBuf>,
     pub mem: vm_memory::GuestMemoryMmap,
     pub fs: Vec<(String, Arc<FsMetrics>)>,
+    pub net: Option<crate::vm::NetCounters>,
     pub memory_limit: u64,
     pub times: Arc<Mutex<BootTimes>>,
 }
@@ -119,8 +121,15 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                 memory_limit_bytes: m.memory_limit,
                 disk_read_bytes: sum(|x| FsMetrics::get(&x.read_bytes)),
                 disk_write_bytes: sum(|x| FsMetrics::get(&x.write_bytes)),
-                net_rx_bytes: 0,
-                net_tx_bytes: 0,
+                // Frame bytes the guest received and sent.
+                net_rx_bytes: m
+                    .net
+                    .as_ref()
+                    .map_or(0, |n| n.device.rx_bytes.load(Relaxed)),
+                net_tx_bytes: m
+                    .net
+                    .as_ref()
+                    .map_or(0, |n| n.device.tx_bytes.load(Relaxed)),
                 sessions: activity.sessions as u64,
                 draining: m.relay.is_draining(),
                 boot_stage: stage,

@@ -20,7 +20,13 @@ use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, ReadyGate, SystemDevice, SystemEvent, SystemEventSink};
 use msb_devices::virtio::fs::{mmio_transport as fs_transport, FsError, FsMetrics, Share};
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
+use msb_devices::virtio::net::{
+    mmio_transport as net_transport, NetConfig as NetDeviceConfig, NetError as NetDeviceError,
+    NetMetrics,
+};
 use msb_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
+use msb_net::{NetError, NetStats, Proxy, ProxyConfig, GUEST_MAC};
+use msb_protocol::network::NetworkConfig;
 use msb_protocol::sysdev::{ExitStatus, SYSDEV_BASE, SYSDEV_SIZE};
 use vm_memory::GuestMemoryMmap;
 
@@ -42,7 +48,8 @@ const VSOCK_SLOT: VirtioMmioSlot = VirtioMmioSlot {
     size: MMIO_SIZE,
     irq: arch::VSOCK_IRQ,
 };
-/// Most virtio-fs devices (root and volumes) one VM can have.
+/// Most virtio-fs devices (root and volumes) one VM can have (one fewer with a network
+/// device, which takes the window after the last of them).
 pub const MAX_FS_DEVICES: usize = (arch::LAST_IRQ - arch::FIRST_FS_IRQ + 1) as usize;
 /// After a kernel panic line, how long to wait for the guest to reset on its own.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
@@ -91,6 +98,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices, one per tag (the root first, then volumes).
     pub fs: Vec<Share>,
+    /// A virtio-net device and the proxy behind it (`None`: no network device).
+    pub net: Option<NetworkConfig>,
     /// Opened when the agent reports ready (for those who wait to talk to it).
     pub ready_gate: Option<ReadyGate>,
     /// RAM above this guest-physical address is held back from the boot e820 map in whole
@@ -125,7 +134,9 @@ pub enum ConfigError {
         max: usize,
     },
     /// More virtio-fs devices than interrupt lines.
-    #[error("{requested} shared directories (root and volumes); at most {max} fit")]
+    #[error(
+        "{requested} shared directories (root and volumes); at most {max} fit with these devices"
+    )]
     TooManyShares {
         /// Requested.
         requested: usize,
@@ -170,6 +181,12 @@ pub enum VmmError {
     /// A virtio-fs device could not be created.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The network proxy could not start (a published port could not be bound, ...).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The network device could not be created.
+    #[error("cannot create the network device")]
+    NetDevice(#[from] NetDeviceError),
     /// The serial log could not be created.
     #[error("cannot create serial log {path}")]
     SerialLog {
@@ -245,6 +262,18 @@ pub struct VmOutcome {
     pub unhandled_io: (u64, u64),
     /// Counters of each virtio-fs device, by tag.
     pub fs: Vec<(String, Arc<FsMetrics>)>,
+    /// Counters of the network device and its proxy.
+    pub net: Option<NetCounters>,
+}
+
+/// Counters of the network: the virtio-net device's (frames and bytes each way) and the
+/// proxy's (connections, DNS, drops).
+#[derive(Debug, Clone)]
+pub struct NetCounters {
+    /// The device's.
+    pub device: Arc<NetMetrics>,
+    /// The proxy's.
+    pub proxy: Arc<NetStats>,
 }
 
 enum VmEvent {
@@ -288,6 +317,7 @@ pub struct Vm {
     console: Arc<Mutex<ConsoleLog>>,
     times: Arc<Mutex<BootTimes>>,
     fs_metrics: Vec<(String, Arc<FsMetrics>)>,
+    net: Option<NetCounters>,
     _vm: Box<dyn HypervisorVm>,
     mem: GuestMemoryMmap,
 }
@@ -323,10 +353,11 @@ pub fn validate_basic(cfg: &VmConfig) -> Result<(), VmmError> {
     if cfg.vcpus == 0 {
         return Err(ConfigError::VcpusZero.into());
     }
-    if cfg.fs.len() > MAX_FS_DEVICES {
+    let max_fs = MAX_FS_DEVICES - usize::from(cfg.net.is_some());
+    if cfg.fs.len() > max_fs {
         return Err(ConfigError::TooManyShares {
             requested: cfg.fs.len(),
-            max: MAX_FS_DEVICES,
+            max: max_fs,
         }
         .into());
     }
@@ -350,6 +381,12 @@ impl Vm {
             kvm_path: &cfg.kvm_path,
         })?;
         validate_vcpu_limit(cfg, &*hv)?;
+        // Before the guest exists: a published port that cannot be bound fails the start.
+        let proxy = cfg
+            .net
+            .as_ref()
+            .map(|n| Proxy::new(ProxyConfig::new(n.clone())))
+            .transpose()?;
         let vm = hv.create_vm()?;
 
         let mem = memory::create(cfg.memory_mib << 20)?;
@@ -368,6 +405,9 @@ impl Vm {
                     virtio.push(VSOCK_SLOT);
                 }
                 virtio.extend((0..cfg.fs.len()).map(fs_slot));
+                if cfg.net.is_some() {
+                    virtio.push(fs_slot(cfg.fs.len()));
+                }
                 let (ram, _) = arch::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
                 arch::load_kernel(
                     &mem,
@@ -439,6 +479,26 @@ impl Vm {
             fs_metrics.push((share.tag.clone(), metrics));
             buses.mmio.insert(slot.base, slot.size, transport)?;
         }
+        let mut net = None;
+        if let (Some(proxy), Some(ncfg)) = (proxy, &cfg.net) {
+            let slot = fs_slot(cfg.fs.len());
+            let stats = proxy.stats();
+            let dev = NetDeviceConfig {
+                mac: GUEST_MAC,
+                mtu: ncfg.mtu,
+            };
+            let (transport, metrics) = net_transport(
+                dev,
+                crate::net::ProxyBackend(proxy),
+                mem.clone(),
+                vm.interrupt_line(slot.irq)?,
+            )?;
+            buses.mmio.insert(slot.base, slot.size, transport)?;
+            net = Some(NetCounters {
+                device: metrics,
+                proxy: stats,
+            });
+        }
         let buses = Arc::new(buses);
 
         // vCPUs.
@@ -459,6 +519,7 @@ impl Vm {
             console,
             times,
             fs_metrics,
+            net,
             _vm: vm,
             mem,
         })
@@ -472,6 +533,11 @@ impl Vm {
     /// The times the system device records (live while the VM runs).
     pub fn boot_times(&self) -> Arc<Mutex<BootTimes>> {
         self.times.clone()
+    }
+
+    /// Counters of the network (live while the VM runs).
+    pub fn net_counters(&self) -> Option<NetCounters> {
+        self.net.clone()
     }
 
     /// Counters of each virtio-fs device, by tag (live while the VM runs).
@@ -576,6 +642,7 @@ impl Vm {
             rss,
             unhandled_io: (self.buses.pio.unhandled(), self.buses.mmio.unhandled()),
             fs: self.fs_metrics.clone(),
+            net: self.net.clone(),
         })
     }
 }

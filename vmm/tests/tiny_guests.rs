@@ -36,6 +36,7 @@ fn config(boot: BootSource) -> VmConfig {
         console_echo: false,
         vsock: None,
         fs: Vec::new(),
+        net: None,
         ready_gate: None,
         boot_ram_limit: None,
     }

@@ -62,6 +62,18 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
             "errors": FsMetrics::get(&m.errors),
             "bad_requests": FsMetrics::get(&m.bad_requests),
         }))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "net": o.net.as_ref().map(|n| {
+            let d = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            serde_json::json!({
+                "rx_frames": d(&n.device.rx_frames),
+                "rx_bytes": d(&n.device.rx_bytes),
+                "tx_frames": d(&n.device.tx_frames),
+                "tx_bytes": d(&n.device.tx_bytes),
+                "rx_dropped": d(&n.device.rx_dropped),
+                "tx_dropped": d(&n.device.tx_dropped),
+                "proxy": format!("{:?}", n.proxy.snapshot()),
+            })
+        }),
         "end": format!("{:?}", o.end),
     });
     // An explicit mode: the virtio-fs devices set this process's umask to 0.
@@ -304,6 +316,7 @@ fn main() -> ExitCode {
                 metrics: args.metrics.clone(),
                 mem: vm.guest_memory(),
                 fs: vm.fs_metrics(),
+                net: vm.net_counters(),
                 memory_limit: args.launch.memory_mib << 20,
                 times: vm.boot_times(),
             };
