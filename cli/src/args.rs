@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use microsandbox::network::{NetworkPreset, PublishedPort, Rule};
 use microsandbox::{
     ExecOptions, LogLevel, LogSource, MicrosandboxError, PullOptions, PullPolicy, RegistryAuth,
     SandboxStatus,
@@ -260,6 +261,31 @@ pub(crate) struct CreateOpts {
     /// or its absolute path
     #[arg(long, value_name = "auto|PATH")]
     pub(crate) init: Option<String>,
+    /// Publish a guest port on the host: HOST:GUEST, BIND:HOST:GUEST, /udp for UDP, e.g.
+    /// -p 8080:80 (bound to 127.0.0.1 unless BIND is given; repeatable)
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "[BIND:]HOST:GUEST[/udp]",
+        conflicts_with = "no_net"
+    )]
+    pub(crate) ports: Vec<PublishedPort>,
+    /// Network policy preset: none, public-only (the default), allow-all, or profiles such
+    /// as public,private,host
+    #[arg(long = "net", value_name = "PRESET", conflicts_with = "no_net")]
+    pub(crate) net: Option<NetworkPreset>,
+    /// Network rule, before the preset's (first match wins; repeatable):
+    /// "ACTION [egress|ingress|both] [tcp,udp,...] DESTINATION [PORTS]", e.g.
+    /// "allow egress tcp 10.0.5.10 443", "deny suffix=example.com", "allow host"
+    #[arg(long = "net-rule", value_name = "RULE", conflicts_with = "no_net")]
+    pub(crate) net_rules: Vec<Rule>,
+    /// Nameserver the sandbox's DNS forwards to, IP or IP:PORT (repeatable) [default: the
+    /// host's /etc/resolv.conf]
+    #[arg(long = "dns", value_name = "ADDR", conflicts_with = "no_net")]
+    pub(crate) dns: Vec<String>,
+    /// No network at all (the guest has only lo)
+    #[arg(long = "no-net")]
+    pub(crate) no_net: bool,
     /// Argument of the --init (repeatable)
     #[arg(
         long = "init-arg",

@@ -50,6 +50,7 @@ impl Sandbox {
             security_profile: SecurityProfile::Default,
             init: None,
             pull: crate::PullOptions::default(),
+            network: crate::network::NetworkBuilder::default(),
         }
     }
 }
@@ -78,6 +79,7 @@ pub struct SandboxBuilder {
     security_profile: SecurityProfile,
     init: Option<Init>,
     pull: crate::PullOptions,
+    network: crate::network::NetworkBuilder,
 }
 
 impl SandboxBuilder {
@@ -296,6 +298,49 @@ impl SandboxBuilder {
         self
     }
 
+    /// The network (default: on, [`NetworkPolicy::public_only`], DNS forwarded to the
+    /// host's nameservers).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> microsandbox::MicrosandboxResult<()> {
+    /// use microsandbox::{NetworkPolicy, NetworkProfile};
+    /// let sb = microsandbox::Sandbox::builder("web")
+    ///     .network(|n| {
+    ///         n.policy(NetworkPolicy::from_profiles([NetworkProfile::Public, NetworkProfile::Host]))
+    ///             .port(8080, 80)
+    ///     })
+    ///     .create()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`NetworkPolicy::public_only`]: crate::NetworkPolicy::public_only
+    pub fn network(
+        mut self,
+        f: impl FnOnce(crate::network::NetworkBuilder) -> crate::network::NetworkBuilder,
+    ) -> Self {
+        self.network = f(self.network);
+        self
+    }
+
+    /// No network device at all: the guest has only `lo`.
+    pub fn disable_network(mut self) -> Self {
+        self.network = self.network.enabled(false);
+        self
+    }
+
+    /// Publishes the guest's TCP port `guest` on the host's 127.0.0.1:`host`.
+    pub fn port(mut self, host: u16, guest: u16) -> Self {
+        self.network = self.network.port(host, guest);
+        self
+    }
+
+    /// Publishes the guest's UDP port `guest` on the host's 127.0.0.1:`host`.
+    pub fn port_udp(mut self, host: u16, guest: u16) -> Self {
+        self.network = self.network.port_udp(host, guest);
+        self
+    }
+
     /// Boots the sandbox and returns once its agent answers. The sandbox is attached: it
     /// stops when the returned [`Sandbox`] is dropped or this process exits; its state
     /// (configuration, writable layer, logs) stays until [`Sandbox::remove`].
@@ -378,6 +423,7 @@ impl SandboxBuilder {
             security_profile: self.security_profile,
             init: self.init,
             pull_policy: self.pull.pull_policy(),
+            network: self.network.build()?,
         };
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))

@@ -151,6 +151,9 @@ pub struct SandboxConfig {
     /// When the image was to be pulled from its registry.
     #[serde(default)]
     pub pull_policy: crate::PullPolicy,
+    /// The network: device or not, policy, DNS, published ports.
+    #[serde(default)]
+    pub network: crate::network::NetworkConfig,
 }
 
 impl SandboxConfig {
@@ -179,6 +182,7 @@ impl SandboxConfig {
             security_profile: SecurityProfile::Default,
             init: None,
             pull_policy: crate::PullPolicy::IfMissing,
+            network: crate::network::NetworkConfig::default(),
         }
     }
 }

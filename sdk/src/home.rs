@@ -16,9 +16,9 @@ pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_SHELL: &str = "/bin/sh";
 /// Longest Unix socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 100;
-/// Most bind and named volumes: one virtio-fs device each, besides the root, on the
-/// VMM's interrupt lines.
-pub const MAX_SHARED_VOLUMES: usize = 17;
+/// Most bind and named volumes: one virtio-fs device each, on the VMM's interrupt lines
+/// besides the root's, the agent directory's and the network device's.
+pub const MAX_SHARED_VOLUMES: usize = 15;
 
 /// Guest memory size in MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

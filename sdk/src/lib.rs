@@ -46,6 +46,7 @@ mod home;
 pub mod image;
 mod logs;
 mod metrics;
+pub mod network;
 mod options;
 mod output;
 mod reconcile;
@@ -68,6 +69,10 @@ pub use image::{
 };
 pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, boot_stage, BootStage, SandboxMetrics};
+pub use network::{
+    Action, DestinationGroup, DnsBuilder, NetworkBuilder, NetworkPolicy, NetworkPolicyBuilder,
+    NetworkProfile, RuleBuilder, RuleTarget,
+};
 pub use options::{Init, LogLevel, SecurityProfile};
 pub use output::{ExecOutput, ExecStatus};
 pub use rootfs::{Patch, PatchBuilder};

@@ -150,6 +150,7 @@ pub(crate) fn spawn(
             VolumeMount::Tmpfs { guest, size_mib } => args.tmpfs(guest, *size_mib),
         }
     }
+    args.set_network(&config.network);
     let mut cmd = Command::new(&vmm);
     cmd.args(args.to_args());
     let vmm_log = std::fs::File::create(paths.vmm_log())?;

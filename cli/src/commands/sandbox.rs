@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 
 use chrono::Utc;
+use microsandbox::network::{NetworkPolicy, NetworkPreset, PortProtocol};
 use microsandbox::{
     error_chain, ExecOptions, Init, MicrosandboxError, Sandbox, SandboxBuilder, SandboxFilter,
     SecurityProfile,
@@ -102,6 +103,32 @@ impl CreateOpts {
         }
         if self.quiet_logs {
             b = b.quiet_logs();
+        }
+        if self.no_net {
+            b = b.disable_network();
+        } else {
+            b = b.network(|mut n| {
+                if self.net.is_some() || !self.net_rules.is_empty() {
+                    let mut policy = self
+                        .net
+                        .as_ref()
+                        .map_or_else(NetworkPolicy::public_only, NetworkPreset::policy);
+                    let mut rules = self.net_rules.clone();
+                    rules.append(&mut policy.rules);
+                    policy.rules = rules;
+                    n = n.policy(policy);
+                }
+                for p in &self.ports {
+                    n = match p.protocol {
+                        PortProtocol::Tcp => n.port_bind(p.bind, p.host, p.guest),
+                        PortProtocol::Udp => n.port_udp_bind(p.bind, p.host, p.guest),
+                    };
+                }
+                if !self.dns.is_empty() {
+                    n = n.dns(|d| d.nameservers(&self.dns));
+                }
+                n
+            });
         }
         if let Some(l) = self.log_level {
             b = b.log_level(l.into());

@@ -17,6 +17,9 @@ use std::str::FromStr;
 
 pub use ipnet::{IpNet, Ipv4Net};
 
+mod builder;
+pub use builder::{NetworkPolicyBuilder, RuleBuilder, RuleTarget};
+
 /// What a rule (or a default) does with a matching connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +178,11 @@ impl Default for NetworkPolicy {
 }
 
 impl NetworkPolicy {
+    /// A policy built rule by rule (see [`NetworkPolicyBuilder`]).
+    pub fn builder() -> NetworkPolicyBuilder {
+        NetworkPolicyBuilder::default()
+    }
+
     /// Nothing in or out, not even DNS.
     pub fn none() -> Self {
         NetworkPolicy {
