@@ -1,18 +1,19 @@
 //! The virtio-net device against mock guest memory and mock virtqueues (no VM): frames
 //! both ways, split and indirect chains, malformed chains, a fixed-seed storm of random
-//! chains, backpressure, event-index interrupt suppression, reset and re-activation.
+//! chains, backpressure, event-index interrupt suppression, reset and re-activation,
+//! mergeable receive buffers (frames over several chains, the pending frame).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use msb_devices::testing::CountingInterrupt;
-use msb_devices::virtio::net::event_handler::NetQueues;
+use msb_devices::virtio::net::event_handler::{NetQueues, MIN_RX_CHAIN};
 use msb_devices::virtio::net::testing::{BackendHandle, RecordingBackend};
 use msb_devices::virtio::net::{
     LinkFeatures, NetConfig, NetError, NetMetrics, VirtioNet, AVAIL_FEATURES, DEFAULT_MTU,
     NET_HDR_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 use msb_devices::virtio::{
@@ -39,6 +40,9 @@ const MAX_FRAME: usize = MTU as usize + 14;
 const WAIT: Duration = Duration::from_secs(5);
 
 const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU;
+/// A jumbo MTU for frames that span several receive chains.
+const JUMBO_MTU: u16 = 9000;
+const MRG_FEATURES: u64 = BASE_FEATURES | VIRTIO_NET_F_MRG_RXBUF;
 
 fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_LEN as usize)]).expect("memory")
@@ -312,6 +316,50 @@ impl<'a> Driver<'a> {
             .collect()
     }
 
+    /// Waits for `n` frames on the receive queue with mergeable receive buffers: each is
+    /// the used entries of one frame, the header of the first (with `num_buffers`) and the
+    /// bytes after it reassembled. A used entry too short to start a frame stands alone
+    /// (the driver drops it without reading its header). Checks that the device never
+    /// publishes part of a frame: all its entries appear with one used-index update.
+    fn recv_merged(&mut self, n: usize) -> Vec<Merged> {
+        let mut entries: VecDeque<(u16, u32)> = VecDeque::new();
+        let mut out = Vec::new();
+        wait_until(&format!("{n} merged frames on the receive queue"), || {
+            entries.extend(self.used(RX_QUEUE));
+            while let Some(&(head, len)) = entries.front() {
+                if (len as usize) < MIN_RX_CHAIN {
+                    entries.pop_front();
+                    out.push(Merged {
+                        hdr: [0; NET_HDR_SIZE],
+                        data: Vec::new(),
+                        chains: vec![(head, len)],
+                    });
+                    continue;
+                }
+                let first = self.rx_bytes(head, len);
+                let mut hdr = [0u8; NET_HDR_SIZE];
+                hdr.copy_from_slice(&first[..NET_HDR_SIZE]);
+                let count = usize::from(u16::from_le_bytes([hdr[10], hdr[11]]));
+                assert!(count >= 1, "num_buffers 0");
+                assert!(
+                    entries.len() >= count,
+                    "{} of {count} used entries of a frame published",
+                    entries.len()
+                );
+                let chains: Vec<(u16, u32)> = entries.drain(..count).collect();
+                let mut data = first[NET_HDR_SIZE..].to_vec();
+                for &(h, l) in &chains[1..] {
+                    data.extend(self.rx_bytes(h, l));
+                }
+                out.push(Merged { hdr, data, chains });
+            }
+            out.len() >= n
+        });
+        assert_eq!(out.len(), n, "more frames than expected");
+        assert!(entries.is_empty(), "used entries left over: {entries:?}");
+        out
+    }
+
     /// `used_event` in the available ring (event-index interrupt suppression).
     fn set_used_event(&self, q: usize, v: u16) {
         let avail = GuestAddress(self.queues[q].avail);
@@ -326,6 +374,27 @@ impl<'a> Driver<'a> {
         self.mem
             .read_obj(used.unchecked_add(4 + 8 * u64::from(QSIZE)))
             .expect("avail_event")
+    }
+}
+
+/// One frame as the driver sees it with mergeable receive buffers.
+#[derive(Debug)]
+struct Merged {
+    /// The header in the first chain.
+    hdr: [u8; NET_HDR_SIZE],
+    /// The frame, reassembled from the chains.
+    data: Vec<u8>,
+    /// `(head, used length)` of each chain.
+    chains: Vec<(u16, u32)>,
+}
+
+impl Merged {
+    fn num_buffers(&self) -> u16 {
+        u16::from_le_bytes([self.hdr[10], self.hdr[11]])
+    }
+
+    fn lens(&self) -> Vec<u32> {
+        self.chains.iter().map(|&(_, l)| l).collect()
     }
 }
 
@@ -380,10 +449,27 @@ fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
 
 /// A device on fresh rings, activated with `features`.
 fn setup(mem: &GuestMemoryMmap, features: u64) -> (Net, Driver<'_>) {
+    setup_mtu(mem, features, MTU)
+}
+
+/// A device with `mtu` on fresh rings, activated with `features`.
+fn setup_mtu(mem: &GuestMemoryMmap, features: u64, mtu: u16) -> (Net, Driver<'_>) {
     let d = Driver::new(mem, 0);
-    let mut net = Net::new(MTU);
+    let mut net = Net::new(mtu);
     net.activate(&d, features);
     (net, d)
+}
+
+/// The queues of `d` for a device without its worker: link MTU `mtu`, `event_idx`, and
+/// mergeable receive buffers when `mergeable`.
+fn net_queues(d: &Driver<'_>, mtu: u16, event_idx: bool, mergeable: bool) -> NetQueues {
+    let link = LinkFeatures {
+        guest_csum: false,
+        mtu,
+    };
+    let mut qs = d.queues().into_iter();
+    let (rx, tx) = (qs.next().expect("rx"), qs.next().expect("tx"));
+    NetQueues::new(d.mem.clone(), rx, tx, link, event_idx).with_mergeable_rx_buffers(mergeable)
 }
 
 #[test]
@@ -399,13 +485,14 @@ fn config_space_features_and_queues() {
             | VIRTIO_NET_F_GUEST_CSUM
             | VIRTIO_NET_F_MTU
             | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_MRG_RXBUF
             | VIRTIO_NET_F_STATUS
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX
     );
     assert_eq!(
         dev.avail_features(),
-        (1 << 32) | (1 << 29) | (1 << 28) | (1 << 16) | (1 << 5) | (1 << 3) | 3
+        (1 << 32) | (1 << 29) | (1 << 28) | (1 << 16) | (1 << 15) | (1 << 5) | (1 << 3) | 3
     );
     assert_eq!(AVAIL_FEATURES, dev.avail_features());
     let read = |offset: u64, len: usize| {
@@ -665,6 +752,19 @@ impl Rng {
 
 #[test]
 fn a_storm_of_malformed_chains_leaves_the_device_serving() {
+    storm(BASE_FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_RING_F_EVENT_IDX);
+}
+
+#[test]
+fn a_storm_of_malformed_chains_leaves_the_device_serving_with_mergeable_buffers() {
+    storm(MRG_FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_RING_F_EVENT_IDX);
+}
+
+/// Batches of random chains, mostly malformed, both ways, with `features`; then a frame
+/// each way. With mergeable receive buffers a frame may span chains, and one malformed in
+/// the middle of it drops it; each batch ends with a chain that holds any frame (and one
+/// more frame for it), so no frame waits in the device at the end of a batch.
+fn storm(features: u64) {
     // Receive buffers and garbage live in [JUNK, JUNK_END); frames the test checks live
     // above it, where the device never writes.
     const JUNK: u64 = DATA;
@@ -674,7 +774,7 @@ fn a_storm_of_malformed_chains_leaves_the_device_serving() {
     const PER_BATCH: usize = 40;
 
     let mem = memory();
-    let features = BASE_FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_RING_F_EVENT_IDX;
+    let mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
     let (mut net, mut d) = setup(&mem, features);
     let mut rng = Rng(0x5eed_5eed_c0ff_ee11);
     let junk: Vec<u8> = (0..JUNK_END - JUNK).map(|_| rng.next() as u8).collect();
@@ -772,6 +872,14 @@ fn a_storm_of_malformed_chains_leaves_the_device_serving() {
                 .push_frame(&frame(14 + rng.below(MAX_FRAME as u64 - 13) as usize, 0));
             pushed += 1;
         }
+        if mergeable {
+            d.add_chain(
+                RX_QUEUE,
+                &[(JUNK, (NET_HDR_SIZE + MAX_FRAME) as u32, F_WRITE)],
+            );
+            net.backend.push_frame(&frame(MAX_FRAME, 1));
+            pushed += 1;
+        }
         net.notify(TX_QUEUE);
         net.notify(RX_QUEUE);
         let (tx_avail, rx_avail) = (d.avail[TX_QUEUE], d.avail[RX_QUEUE]);
@@ -797,9 +905,19 @@ fn a_storm_of_malformed_chains_leaves_the_device_serving() {
         }
     }
     assert!(want.next().is_none(), "a good frame went missing");
-    // Every receive chain was used once; every frame was delivered, dropped, or waits.
+    // Every receive chain was used once; every frame was delivered, dropped, or waits in
+    // the backend (none in the device).
     let (rx_frames, rx_dropped) = (get(&m.rx_frames), get(&m.rx_dropped));
-    assert_eq!(rx_frames + rx_dropped + get(&m.rx_bad_chains), total);
+    let merged = get(&m.rx_merged_buffers);
+    if mergeable {
+        // Chains that went back with a frame dropped in the middle are in no counter.
+        let rx_chains = total + BATCHES as u64;
+        assert!(rx_frames + merged + get(&m.rx_bad_chains) < rx_chains);
+        assert!(merged > 0, "no frame spanned chains");
+    } else {
+        assert_eq!(rx_frames + rx_dropped + get(&m.rx_bad_chains), total);
+        assert_eq!(merged, 0);
+    }
     assert_eq!(
         rx_frames + rx_dropped + net.backend.pending() as u64,
         pushed as u64
@@ -1042,4 +1160,405 @@ fn the_mmio_transport_shows_the_device() {
     bus.read(0x100, &mut mac);
     assert_eq!(mac, MAC);
     assert_eq!(get(&metrics.rx_frames), 0);
+}
+
+#[test]
+fn negotiating_mergeable_buffers_lets_a_frame_span_chains() {
+    assert_ne!(AVAIL_FEATURES & VIRTIO_NET_F_MRG_RXBUF, 0, "offered");
+    let big = frame(1500, 20);
+    let small = frame(100, 21);
+
+    // Without the feature: one chain per frame, num_buffers 1; a frame larger than its
+    // chain is dropped.
+    let mem = memory();
+    let (mut net, mut d) = setup(&mem, BASE_FEATURES);
+    let a = d.give_rx(&[1024]);
+    let b = d.give_rx(&[1024]);
+    net.notify(RX_QUEUE);
+    net.backend.push_frame(&big);
+    net.backend.push_frame(&small);
+    let used = d.wait_used(RX_QUEUE, 2);
+    assert_eq!(used, vec![(a, 0), (b, (NET_HDR_SIZE + 100) as u32)]);
+    let bytes = d.rx_bytes(b, used[1].1);
+    assert_eq!(bytes[10..12], [1, 0]);
+    assert_eq!(bytes[NET_HDR_SIZE..], small[..]);
+    assert_eq!(get(&net.metrics().rx_dropped), 1);
+
+    // With it: the large frame takes two chains and says so in num_buffers.
+    let mem = memory();
+    let (mut net, mut d) = setup(&mem, MRG_FEATURES);
+    let heads: Vec<u16> = (0..3).map(|_| d.give_rx(&[1024])).collect();
+    net.notify(RX_QUEUE);
+    net.backend.push_frame(&big);
+    net.backend.push_frame(&small);
+    let got = d.recv_merged(2);
+    assert_eq!(got[0].num_buffers(), 2);
+    assert_eq!(
+        got[0].chains,
+        vec![(heads[0], 1024), (heads[1], 1512 - 1024)]
+    );
+    assert_eq!(got[0].hdr[..10], [0; 10]);
+    assert_eq!(got[0].data, big);
+    assert_eq!(got[1].num_buffers(), 1);
+    assert_eq!(got[1].chains, vec![(heads[2], (NET_HDR_SIZE + 100) as u32)]);
+    assert_eq!(got[1].data, small);
+    let m = net.metrics();
+    assert_eq!((get(&m.rx_frames), get(&m.rx_bytes)), (2, 1600));
+    assert_eq!(get(&m.rx_merged_buffers), 1);
+    assert_eq!(get(&m.rx_dropped), 0);
+    wait_until("an interrupt", || net.irq.count() >= 1);
+}
+
+#[test]
+fn a_9000_byte_frame_spans_three_4096_byte_chains() {
+    let mem = memory();
+    let (mut net, mut d) = setup_mtu(&mem, MRG_FEATURES | VIRTIO_NET_F_GUEST_CSUM, JUMBO_MTU);
+    let heads: Vec<u16> = (0..4).map(|_| d.give_rx(&[4096])).collect();
+    net.notify(RX_QUEUE);
+    let f = frame(9000, 22);
+    net.backend.push_frame(&f);
+    let got = d.recv_merged(1);
+    let m = &got[0];
+    assert_eq!(m.num_buffers(), 3);
+    assert_eq!(
+        m.hdr,
+        [VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0]
+    );
+    assert_eq!(
+        m.chains,
+        vec![(heads[0], 4096), (heads[1], 4096), (heads[2], 9012 - 8192)]
+    );
+    assert_eq!(m.data, f);
+    // The fourth chain is left for the next frame.
+    std::thread::sleep(Duration::from_millis(10));
+    assert_eq!(d.used_idx(RX_QUEUE), 3);
+    let g = frame(200, 23);
+    net.backend.push_frame(&g);
+    let got = d.recv_merged(1);
+    assert_eq!(got[0].chains, vec![(heads[3], (NET_HDR_SIZE + 200) as u32)]);
+    assert_eq!(got[0].num_buffers(), 1);
+    assert_eq!(got[0].data, g);
+    let m = net.metrics();
+    assert_eq!((get(&m.rx_frames), get(&m.rx_bytes)), (2, 9200));
+    assert_eq!(get(&m.rx_merged_buffers), 2);
+    assert_eq!(get(&m.rx_deferred), 0);
+}
+
+#[test]
+fn a_merged_frame_fills_split_and_indirect_chains_in_order() {
+    let mem = memory();
+    let (mut net, mut d) = setup_mtu(&mem, MRG_FEATURES, JUMBO_MTU);
+    // The header straddles two buffers of the first chain.
+    let a = d.give_rx(&[10, 30, 1000]);
+    // An indirect table of writable buffers.
+    let bufs: Vec<(u64, u32)> = [700u32, 900]
+        .iter()
+        .map(|&l| (d.alloc(u64::from(l)), l))
+        .collect();
+    let descs: Vec<(u64, u32, u16)> = bufs.iter().map(|&(a, l)| (a, l, F_WRITE)).collect();
+    let b = d.add_indirect(RX_QUEUE, &descs);
+    d.rx_bufs.insert(b, bufs);
+    // A readable descriptor first: skipped, the writable part follows it.
+    let (readable, c_buf) = (d.alloc(64), d.alloc(5000));
+    let c = d.add_chain(RX_QUEUE, &[(readable, 64, 0), (c_buf, 5000, F_WRITE)]);
+    d.rx_bufs.insert(c, vec![(c_buf, 5000)]);
+    net.notify(RX_QUEUE);
+    let f = frame(3000, 24);
+    net.backend.push_frame(&f);
+    let got = d.recv_merged(1);
+    assert_eq!(got[0].num_buffers(), 3);
+    assert_eq!(got[0].lens(), vec![1040, 1600, 3012 - 2640]);
+    assert_eq!(got[0].chains[0].0, a);
+    assert_eq!(got[0].chains[1].0, b);
+    assert_eq!(got[0].chains[2].0, c);
+    assert_eq!(got[0].data, f);
+}
+
+#[test]
+fn small_frames_take_one_chain_each_with_mergeable_buffers() {
+    let mem = memory();
+    let (mut net, mut d) = setup(&mem, MRG_FEATURES);
+    let heads: Vec<u16> = (0..4).map(|_| d.give_rx(&[2048])).collect();
+    net.notify(RX_QUEUE);
+    let frames: Vec<Vec<u8>> = [60, 500, 1000, MAX_FRAME]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| frame(len, 30 + i as u8))
+        .collect();
+    for f in &frames {
+        net.backend.push_frame(f);
+    }
+    let got = d.recv_merged(4);
+    for ((m, f), head) in got.iter().zip(&frames).zip(&heads) {
+        assert_eq!(m.num_buffers(), 1);
+        assert_eq!(m.chains, vec![(*head, (NET_HDR_SIZE + f.len()) as u32)]);
+        assert_eq!(&m.data, f);
+    }
+    let m = net.metrics();
+    assert_eq!(get(&m.rx_frames), 4);
+    assert_eq!(get(&m.rx_merged_buffers), 0);
+}
+
+#[test]
+fn a_frame_waits_in_the_device_until_the_guest_posts_enough_chains() {
+    let mem = memory();
+    let features = MRG_FEATURES | VIRTIO_RING_F_EVENT_IDX;
+    let (mut net, mut d) = setup_mtu(&mem, features, JUMBO_MTU);
+    let mut heads: Vec<u16> = (0..2).map(|_| d.give_rx(&[4096])).collect();
+    net.notify(RX_QUEUE);
+    let (a, b) = (frame(9000, 40), frame(100, 41));
+    net.backend.push_frame(&a);
+    net.backend.push_frame(&b);
+    // The device took the first frame and keeps it: two chains cannot hold it.
+    wait_until("a deferred frame", || get(&net.metrics().rx_deferred) == 1);
+    let polls = net.backend.polls();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(d.used_idx(RX_QUEUE), 0, "nothing written");
+    assert_eq!(
+        net.backend.pending(),
+        1,
+        "no second frame taken while one waits"
+    );
+    // The worker waits for a kick instead of retrying.
+    assert!(net.backend.polls() <= polls + 1, "the worker spins");
+    // It asked for a kick at the next chain the guest posts.
+    assert_eq!(d.avail_event(RX_QUEUE), 2);
+    // A kick without a new chain changes nothing.
+    net.notify(RX_QUEUE);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.used_idx(RX_QUEUE), 0);
+    assert_eq!(net.backend.pending(), 1);
+
+    // One more chain: the waiting frame goes first, whole.
+    heads.push(d.give_rx(&[4096]));
+    net.notify(RX_QUEUE);
+    let got = d.recv_merged(1);
+    assert_eq!(got[0].num_buffers(), 3);
+    assert_eq!(
+        got[0].chains,
+        vec![(heads[0], 4096), (heads[1], 4096), (heads[2], 820)]
+    );
+    assert_eq!(got[0].data, a);
+    // The second frame was not taken: the ring was empty.
+    assert_eq!(net.backend.pending(), 1);
+    let c = d.give_rx(&[4096]);
+    net.notify(RX_QUEUE);
+    let got = d.recv_merged(1);
+    assert_eq!(got[0].chains, vec![(c, (NET_HDR_SIZE + 100) as u32)]);
+    assert_eq!(got[0].data, b);
+    let m = net.metrics();
+    assert_eq!(get(&m.rx_deferred), 1);
+    assert_eq!(get(&m.rx_frames), 2);
+    assert_eq!(get(&m.rx_dropped), 0);
+    assert_eq!(net.backend.pending(), 0);
+}
+
+#[test]
+fn a_reset_drops_the_pending_frame_and_the_device_serves_again() {
+    let mem = memory();
+    let (mut net, mut d) = setup_mtu(&mem, MRG_FEATURES, JUMBO_MTU);
+    d.give_rx(&[4096]);
+    net.notify(RX_QUEUE);
+    net.backend.push_frame(&frame(9000, 50));
+    wait_until("a deferred frame", || get(&net.metrics().rx_deferred) == 1);
+    assert_eq!(net.backend.pending(), 0);
+    assert_eq!(get(&net.metrics().rx_dropped), 0);
+
+    net.dev.reset();
+    assert!(!net.dev.is_active());
+    assert_eq!(get(&net.metrics().rx_dropped), 1, "dropped and counted");
+    assert_eq!(d.used_idx(RX_QUEUE), 0);
+
+    let mut d = Driver::new(&mem, 0x2_0000);
+    net.activate(&d, MRG_FEATURES);
+    let heads: Vec<u16> = (0..3).map(|_| d.give_rx(&[4096])).collect();
+    net.notify(RX_QUEUE);
+    let f = frame(9000, 51);
+    net.backend.push_frame(&f);
+    let got = d.recv_merged(1);
+    assert_eq!(
+        got[0].chains,
+        vec![(heads[0], 4096), (heads[1], 4096), (heads[2], 820)]
+    );
+    assert_eq!(got[0].data, f);
+    let g = frame(300, 52);
+    d.send(&g, 1);
+    net.notify(TX_QUEUE);
+    assert_eq!(net.wait_sent(1), vec![g]);
+    let m = net.metrics();
+    assert_eq!(get(&m.rx_frames), 1);
+    assert_eq!(get(&m.rx_dropped), 1);
+}
+
+#[test]
+fn a_malformed_chain_in_the_middle_of_a_frame_drops_it_and_nothing_is_written() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0);
+    let (mut backend, handle) = RecordingBackend::new();
+    let mut queues = net_queues(&d, JUMBO_MTU, false, true);
+    let m = NetMetrics::default();
+    const MARK: u8 = 0xee;
+
+    let c1 = d.give_rx(&[4096]);
+    let c2 = d.add_chain(RX_QUEUE, &[(MEM_LEN + 0x1000, 4096, F_WRITE)]);
+    let c3 = d.give_rx(&[4096]);
+    let c4 = d.give_rx(&[4096]);
+    for head in [c1, c3, c4] {
+        let (addr, len) = d.rx_bufs[&head][0];
+        mem.write_slice(&vec![MARK; len as usize], GuestAddress(addr))
+            .expect("mark");
+    }
+    handle.push_frame(&frame(9000, 60));
+    handle.push_frame(&frame(9000, 61));
+    handle.push_frame(&frame(100, 62));
+    let r = queues.round(&mut backend, &m);
+    // The first frame: its second chain is outside guest memory, so both go back empty.
+    // The second: two chains are not enough; it waits, the third frame stays put.
+    assert!(r.notify && !r.more);
+    assert_eq!(d.used(RX_QUEUE), vec![(c1, 0), (c2, 0)]);
+    assert_eq!(queues.pending_frame(), Some(9000));
+    assert_eq!(handle.pending(), 1);
+    assert_eq!(get(&m.rx_bad_chains), 1);
+    assert_eq!(get(&m.rx_dropped), 1);
+    assert_eq!(get(&m.rx_deferred), 1);
+
+    // Nothing new: the round does nothing, the frame still waits.
+    let r = queues.round(&mut backend, &m);
+    assert!(!r.notify && !r.more);
+    assert_eq!(queues.pending_frame(), Some(9000));
+
+    // A chain smaller than the header in the middle of the frame drops it as well.
+    let c5 = d.give_rx(&[8]);
+    let r = queues.round(&mut backend, &m);
+    assert!(r.notify && !r.more);
+    assert_eq!(d.used(RX_QUEUE), vec![(c3, 0), (c4, 0), (c5, 0)]);
+    assert_eq!(queues.pending_frame(), None);
+    assert_eq!(get(&m.rx_bad_chains), 2);
+    assert_eq!(get(&m.rx_dropped), 2);
+    for head in [c1, c3, c4] {
+        let len = d.rx_bufs[&head][0].1;
+        assert!(
+            d.rx_bytes(head, len).iter().all(|&b| b == MARK),
+            "a dropped frame was written"
+        );
+    }
+
+    // The small frame still arrives, in a chain of its own.
+    let c6 = d.give_rx(&[4096]);
+    queues.round(&mut backend, &m);
+    assert_eq!(d.used(RX_QUEUE), vec![(c6, (NET_HDR_SIZE + 100) as u32)]);
+    assert_eq!(
+        d.rx_bytes(c6, NET_HDR_SIZE as u32 + 100)[NET_HDR_SIZE..],
+        frame(100, 62)[..]
+    );
+    assert_eq!(get(&m.rx_frames), 1);
+    assert_eq!(handle.pending(), 0);
+}
+
+#[test]
+fn a_chain_too_small_to_start_a_frame_goes_back_and_the_frame_waits_for_the_next() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0);
+    let (mut backend, handle) = RecordingBackend::new();
+    let mut queues = net_queues(&d, JUMBO_MTU, false, true);
+    let m = NetMetrics::default();
+    let a = d.give_rx(&[4096]);
+    handle.push_frame(&frame(9000, 70));
+    queues.round(&mut backend, &m);
+    assert_eq!(queues.pending_frame(), Some(9000));
+    // Too small to start a frame but not smaller than the header: usable in the middle of
+    // one. Still not enough: nothing used, the frame waits.
+    let tiny = d.give_rx(&[MIN_RX_CHAIN as u32 - 1]);
+    queues.round(&mut backend, &m);
+    assert_eq!(d.used(RX_QUEUE), vec![]);
+    assert_eq!(queues.pending_frame(), Some(9000));
+    // Enough for the rest: `a` comes first, the tiny chain filled in between.
+    let b = d.give_rx(&[8192]);
+    queues.round(&mut backend, &m);
+    assert_eq!(
+        d.used(RX_QUEUE),
+        vec![
+            (a, 4096),
+            (tiny, MIN_RX_CHAIN as u32 - 1),
+            (b, 9012 - 4096 - 25)
+        ]
+    );
+    assert_eq!(queues.pending_frame(), None);
+    assert_eq!(get(&m.rx_merged_buffers), 2);
+
+    // As the first chain of a frame it goes back with length 0; the frame waits for the
+    // next chain.
+    let tiny = d.give_rx(&[MIN_RX_CHAIN as u32 - 1]);
+    let bad = d.add_chain(RX_QUEUE, &[(MEM_LEN + 0x1000, 4096, F_WRITE)]);
+    handle.push_frame(&frame(100, 71));
+    queues.round(&mut backend, &m);
+    assert_eq!(d.used(RX_QUEUE), vec![(tiny, 0), (bad, 0)]);
+    assert_eq!(handle.pending(), 1, "no chain to start a frame: none taken");
+    let c = d.give_rx(&[4096]);
+    queues.round(&mut backend, &m);
+    assert_eq!(d.used(RX_QUEUE), vec![(c, (NET_HDR_SIZE + 100) as u32)]);
+    assert_eq!(get(&m.rx_bad_chains), 2);
+    assert_eq!(get(&m.rx_dropped), 0);
+    assert_eq!(get(&m.rx_frames), 2);
+}
+
+#[test]
+fn a_frame_no_full_ring_can_hold_is_dropped() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0);
+    let (mut backend, handle) = RecordingBackend::new();
+    let mut queues = net_queues(&d, JUMBO_MTU, false, true);
+    let m = NetMetrics::default();
+    // 256 chains of 26 bytes: 6656 bytes, less than a 9000-byte frame needs.
+    let heads: Vec<u16> = (0..QSIZE)
+        .map(|_| d.give_rx(&[MIN_RX_CHAIN as u32]))
+        .collect();
+    handle.push_frame(&frame(9000, 80));
+    let runt = frame(14, 81);
+    handle.push_frame(&runt);
+    queues.round(&mut backend, &m);
+    assert_eq!(get(&m.rx_dropped), 1);
+    assert_eq!(queues.pending_frame(), None);
+    // The chains went back to the ring and took the next frame.
+    assert_eq!(d.used(RX_QUEUE), vec![(heads[0], MIN_RX_CHAIN as u32)]);
+    assert_eq!(d.rx_bytes(heads[0], 26)[NET_HDR_SIZE..], runt[..]);
+    assert_eq!(get(&m.rx_frames), 1);
+    assert_eq!(get(&m.rx_deferred), 0);
+}
+
+#[test]
+fn event_idx_counts_every_chain_of_a_merged_frame() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0);
+    let (mut backend, handle) = RecordingBackend::new();
+    let mut queues = net_queues(&d, JUMBO_MTU, true, true);
+    let m = NetMetrics::default();
+    // The driver wants an interrupt once the second used entry is there: in the middle
+    // of the frame's three.
+    d.set_used_event(RX_QUEUE, 1);
+    for _ in 0..3 {
+        d.give_rx(&[4096]);
+    }
+    handle.push_frame(&frame(9000, 90));
+    let r = queues.round(&mut backend, &m);
+    assert_eq!(d.used_idx(RX_QUEUE), 3);
+    assert!(r.notify, "used_event inside a merged frame");
+    // Past the next frame: no interrupt.
+    d.set_used_event(RX_QUEUE, 10);
+    for _ in 0..3 {
+        d.give_rx(&[4096]);
+    }
+    handle.push_frame(&frame(9000, 91));
+    let r = queues.round(&mut backend, &m);
+    assert_eq!(d.used_idx(RX_QUEUE), 6);
+    assert!(!r.notify);
+    // The entry it waits for is the first of the next frame.
+    d.set_used_event(RX_QUEUE, 6);
+    for _ in 0..3 {
+        d.give_rx(&[4096]);
+    }
+    handle.push_frame(&frame(9000, 92));
+    assert!(queues.round(&mut backend, &m).notify);
+    assert_eq!(get(&m.rx_frames), 3);
+    assert_eq!(get(&m.rx_merged_buffers), 6);
 }

@@ -6,7 +6,9 @@
 //! backend's [`wait_fd`](super::NetBackend::wait_fd) with epoll, owns the queues while the
 //! device is active, and stops on reset or drop (the device joins it). The backend is
 //! shared with the worker behind a mutex, locked for one round at a time, so it outlives
-//! the worker and serves the next activation.
+//! the worker and serves the next activation. A frame the worker holds for want of receive
+//! buffers (mergeable receive buffers only) lives and dies with the worker: a reset drops
+//! it, counted in `rx_dropped`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +25,7 @@ use super::metrics::NetMetrics;
 use super::{
     LinkFeatures, NetBackend, NetConfig, NetError, AVAIL_FEATURES, CONFIG_SIZE, NET_DEVICE_ID,
     NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, STANDARD_MTU, TX_QUEUE, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
 };
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 
@@ -152,6 +154,15 @@ struct WorkerCtx<B: NetBackend> {
     metrics: Arc<NetMetrics>,
 }
 
+impl<B: NetBackend> Drop for WorkerCtx<B> {
+    fn drop(&mut self) {
+        // The worker stops (reset, drop, or a failed wait): a frame it held is lost.
+        if self.queues.drop_pending_frame(&self.metrics) {
+            tracing::debug!("virtio-net: dropping the frame held for want of receive buffers");
+        }
+    }
+}
+
 impl<B: NetBackend> WorkerCtx<B> {
     fn run(mut self) {
         let mut events = [EpollEvent::default(); 2];
@@ -231,6 +242,7 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         };
         let link = self.link();
         let event_idx = self.acked & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mergeable = self.acked & VIRTIO_NET_F_MRG_RXBUF != 0;
 
         let epoll = Epoll::new().map_err(ActivateError::Backend)?;
         let kick = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
@@ -255,7 +267,8 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
 
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = WorkerCtx {
-            queues: NetQueues::new(mem, rx, tx, link, event_idx),
+            queues: NetQueues::new(mem, rx, tx, link, event_idx)
+                .with_mergeable_rx_buffers(mergeable),
             backend: self.backend.clone(),
             epoll,
             kick: worker_kick,

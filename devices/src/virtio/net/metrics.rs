@@ -17,11 +17,21 @@ pub struct NetMetrics {
     /// Transmit chains dropped as malformed (bad descriptors, short header, runt or oversize
     /// frame, GSO requested).
     pub tx_dropped: AtomicU64,
-    /// Frames from the backend dropped: they did not fit the guest's receive buffer, or
-    /// the backend reported an impossible length.
+    /// Frames from the backend dropped: they did not fit the guest's receive buffer (with
+    /// mergeable receive buffers: a whole ring of them), the backend reported an impossible
+    /// length, a receive chain in the middle of the frame was malformed, or the device was
+    /// reset while holding the frame for want of receive buffers.
     pub rx_dropped: AtomicU64,
-    /// Receive chains returned unused: outside guest memory or too small for any frame.
+    /// Receive chains returned unused: outside guest memory, or too small to start a frame
+    /// (or, after the first chain of a frame, smaller than the virtio header).
     pub rx_bad_chains: AtomicU64,
+    /// With mergeable receive buffers: chains that carried the rest of a frame begun in an
+    /// earlier chain. Chains holding delivered frames: `rx_frames` plus this.
+    pub rx_merged_buffers: AtomicU64,
+    /// With mergeable receive buffers: frames the device kept because the receive chains
+    /// posted could not hold them yet (each delivered once the guest posts more, or dropped
+    /// on reset).
+    pub rx_deferred: AtomicU64,
     /// Times the backend refused a frame (backpressure); the frame stayed in the ring.
     pub tx_refused: AtomicU64,
     /// Interrupts raised to the guest.

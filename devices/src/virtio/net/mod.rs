@@ -2,9 +2,47 @@
 //! [`NetBackend`] in the VMM.
 //!
 //! The device moves whole Ethernet frames and nothing else: one receive queue and one
-//! transmit queue, no control queue, no offloads beyond checksums (no TSO/GSO, no mergeable
-//! receive buffers). What is behind the link (a user-space TCP/IP proxy, a test double) is
-//! the backend's business; the device only knows the [`NetBackend`] trait.
+//! transmit queue, no control queue, no offloads beyond checksums (no TSO/GSO). What is
+//! behind the link (a user-space TCP/IP proxy, a test double) is the backend's business;
+//! the device only knows the [`NetBackend`] trait.
+//!
+//! # Mergeable receive buffers (VIRTIO_NET_F_MRG_RXBUF, virtio 1.2 5.1.6.3 and 5.1.6.4)
+//!
+//! Offered because of the large MTU: without it Linux posts "big packet" receive buffers
+//! of about 17 pages each for an MTU of 65520; with it, one page fragment or less each.
+//! Without the feature a frame takes exactly one receive chain (`num_buffers` = 1) and a
+//! frame that does not fit it is dropped. With it:
+//!
+//! - A frame (12-byte header, then the Ethernet frame) is written across as many receive
+//!   chains as it needs, in ring order, each chain's writable part filled before the next
+//!   is taken; `num_buffers` in the first chain's header is the number of chains, each
+//!   chain is used with the bytes written into it.
+//! - All used entries of a frame appear with one used-index update (Linux takes
+//!   `num_buffers` entries as soon as it sees the first and drops the frame if some are
+//!   missing), and the interrupt decision comes once per round after all of them, with the
+//!   usual event-index rule.
+//! - The device receives a frame from the backend once a chain that can start it is ready
+//!   (at least [`event_handler::MIN_RX_CHAIN`] writable bytes), then pops chains until
+//!   their writable parts hold it, checking each against guest memory before anything is
+//!   written: a frame reaches the guest whole, with a consistent `num_buffers`, or not at
+//!   all.
+//! - The pending frame: when the ring runs out of chains first, the popped chains are put
+//!   back and the frame stays in the device (one frame at most, not in the backend). It is
+//!   delivered before any other as soon as enough chains are posted; meanwhile the backend
+//!   is not asked for frames, and the worker waits for the driver's receive kick (the ring
+//!   ran empty with notifications enabled) rather than polling. A reset drops it, counted
+//!   in [`NetMetrics::rx_dropped`]; [`NetMetrics::rx_deferred`] counts frames that had to
+//!   wait. A frame that even a whole ring of chains cannot hold is dropped (counted). A
+//!   driver must post enough buffer space for the largest frame; Linux sizes its buffers
+//!   so a full ring holds one (`mergeable_min_buf_len`, at least 1518 bytes each).
+//! - A chain that cannot start a frame (outside guest memory, or fewer writable bytes than
+//!   [`event_handler::MIN_RX_CHAIN`]) is returned with length 0 and counted, as without
+//!   the feature; the frame waits for the next chain. A chain outside guest memory or with
+//!   fewer writable bytes than the header ([`NET_HDR_SIZE`], the spec's minimum buffer) in
+//!   the middle of a frame makes the device drop that frame (counted) and return every
+//!   chain popped for it with length 0, nothing written. The driver sees each as a short
+//!   buffer of its own (Linux checks the length before it reads `num_buffers`: "short
+//!   packet", the buffer is recycled), so it stays in step with the ring.
 //!
 //! Files: [`device`] (the `VirtioDevice` and its worker thread), [`event_handler`] (one
 //! round over the queues), [`metrics`] (counters).
@@ -58,6 +96,9 @@ pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 /// Feature: the configuration space holds the MAC address.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Feature: the driver takes a frame spread over several receive buffers (mergeable
+/// receive buffers; the header's `num_buffers` says how many).
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 /// Feature: the configuration space holds the link status.
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 
@@ -67,6 +108,7 @@ pub const AVAIL_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_GUEST_CSUM
     | VIRTIO_NET_F_MTU
     | VIRTIO_NET_F_MAC
+    | VIRTIO_NET_F_MRG_RXBUF
     | VIRTIO_NET_F_STATUS
     | VIRTIO_RING_F_INDIRECT_DESC
     | VIRTIO_RING_F_EVENT_IDX;
@@ -192,9 +234,11 @@ pub trait NetBackend: Send + 'static {
 
     /// Copies the next frame for the guest into `buf` (sized for the largest frame,
     /// [`LinkFeatures::max_frame`]) and returns its length; None when there is none. Only
-    /// called when the guest has a receive buffer ready; a frame that does not fit that
-    /// buffer is dropped and counted. Lengths outside [`ETH_HLEN`]..=`buf.len()` are
-    /// dropped as well.
+    /// called when the guest has a receive buffer ready (and, with mergeable receive
+    /// buffers, the device holds no frame already); without mergeable receive buffers a
+    /// frame that does not fit that buffer is dropped and counted, with them it spans as
+    /// many buffers as it needs and waits in the device until the guest posts them. Lengths
+    /// outside [`ETH_HLEN`]..=`buf.len()` are dropped as well.
     fn recv_frame(&mut self, buf: &mut [u8]) -> Option<usize>;
 }
 
