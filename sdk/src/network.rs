@@ -27,9 +27,8 @@ use std::net::{IpAddr, Ipv4Addr};
 pub use msb_protocol::network::{
     Action, Destination, DestinationGroup, Direction, DnsSettings, NetworkConfig, NetworkPolicy,
     NetworkPolicyBuilder, NetworkPreset, NetworkProfile, NetworkSyntaxError, PortProtocol,
-    PortRange, Protocol,
-    PublishedPort, Rule, RuleBuilder, RuleTarget, DEFAULT_MAX_CONNECTIONS, DEFAULT_MTU,
-    DEFAULT_SUBNET, HOST_NAME,
+    PortRange, Protocol, PublishedPort, Rule, RuleBuilder, RuleTarget, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MTU, DEFAULT_SUBNET, HOST_NAME,
 };
 
 use crate::{MicrosandboxError, MicrosandboxResult};

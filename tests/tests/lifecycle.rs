@@ -622,7 +622,7 @@ async fn metrics(sb: &Sandbox) {
         io.disk_write_bytes >= after.disk_write_bytes + 2_000_000,
         "{io:?}"
     );
-    assert_eq!((io.net_rx_bytes, io.net_tx_bytes), (0, 0), "no network yet");
+    // Network bytes are checked against a real transfer in tests/network.rs.
     let all = microsandbox::all_sandbox_metrics().await.expect("all");
     assert!(all.contains_key("lc-main"));
     let mut stream = Box::pin(sb.metrics_stream(Duration::from_millis(500)));
