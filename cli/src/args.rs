@@ -624,4 +624,46 @@ mod tests {
         };
         assert!(r.command.is_empty());
     }
+
+    #[test]
+    fn network_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "msb",
+            "create",
+            "-p",
+            "8080:80",
+            "-p",
+            "0.0.0.0:5353:53/udp",
+            "--net",
+            "public,host",
+            "--net-rule",
+            "deny egress tcp any 25",
+            "--dns",
+            "127.0.0.1:5300",
+            "web",
+        ])
+        .expect("parses");
+        let Command::Create(c) = cli.command else {
+            panic!("not create")
+        };
+        let o = c.create;
+        assert_eq!(o.ports.len(), 2);
+        assert_eq!(o.ports[1].to_string(), "0.0.0.0:5353:53/udp");
+        assert_eq!(o.net.expect("preset").to_string(), "public,host");
+        assert_eq!(o.net_rules[0].to_string(), "deny egress tcp any 25");
+        assert_eq!(o.dns, ["127.0.0.1:5300"]);
+        for bad in [
+            &["msb", "create", "-p", "80", "web"][..],
+            &["msb", "create", "--net", "intranet", "web"],
+            &["msb", "create", "--net-rule", "permit any", "web"],
+            &["msb", "create", "--no-net", "-p", "8080:80", "web"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(["msb", "create", "--no-net", "web"]).expect("parses");
+        let Command::Create(c) = cli.command else {
+            panic!("not create")
+        };
+        assert!(c.create.no_net);
+    }
 }

@@ -210,10 +210,14 @@ pub fn run_vm_with_stdin(opts: &[&str], cmd: &[&str], input: Option<&[u8]>) -> O
     use std::process::Stdio;
     let a = artifacts();
     let timeout = VM_TIMEOUT_SECS.to_string();
+    // No network device unless a test asks (`--net ...` in `opts`): these tests talk to
+    // the agent only, and on PVM hosts the device costs ~2 s of every boot.
+    let net_opts = opts.iter().any(|o| o.starts_with("--net") || *o == "-p");
     let mut child = Command::new(&a.msb_vmm)
         .arg("--kernel")
         .arg(&a.kernel)
         .args(["--timeout", &timeout])
+        .args((!net_opts).then_some("--no-net"))
         .args(opts)
         .arg("--")
         .args(cmd)
@@ -294,6 +298,7 @@ pub fn serve_vm(sock: &Path, serial: &Path, memory_mib: u32) -> ServedVm {
         .arg(sock)
         .arg("--serial-log")
         .arg(serial)
+        .arg("--no-net")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("msb-vmm starts");

@@ -161,15 +161,20 @@ fn main() {
         args.runs,
         args.memory_mib
     );
-    let configs: [(&str, &[&str], bool); 2] = [
+    let configs: [(&str, &[&str], bool); 3] = [
         (
-            "msb-vmm, default (agent directory as the virtiofs root, boot memory for this host)",
+            "msb-vmm, default (agent directory as the virtiofs root, boot memory for this host, network on)",
             &[],
             false,
         ),
         (
-            "msb-vmm --initrd (the default initramfs) --boot-memory all: QEMU's setup",
-            &["--boot-memory", "all"],
+            "msb-vmm --no-net (the default without a network device)",
+            &["--no-net"],
+            false,
+        ),
+        (
+            "msb-vmm --initrd (the default initramfs) --boot-memory all --no-net: QEMU's setup",
+            &["--boot-memory", "all", "--no-net"],
             true,
         ),
     ];
