@@ -403,7 +403,7 @@ mod tests {
         let word = n.encode();
         assert_eq!(word, "msb.net=10.200.200.2/30,10.200.200.1,65520");
         assert_eq!(
-            GuestNet::decode(find_param(&word, NET_KEY).unwrap()),
+            GuestNet::decode(find_param(&word, NET_KEY).expect("the word")),
             Some(n)
         );
         for bad in [
