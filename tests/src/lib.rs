@@ -119,6 +119,20 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+/// `len` incompressible bytes (xorshift) from `seed`: layer blobs of the size asked for,
+/// bodies a transfer cannot shrink.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Prints that one check of `suite` passed, with the host kind and how long it took.
 pub fn check(suite: &str, name: &str, start: std::time::Instant) {
     eprintln!(

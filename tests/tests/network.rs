@@ -19,6 +19,7 @@ use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use microsandbox::{MicrosandboxError, NetworkPolicy, Sandbox};
+use msb_e2e::registry::free_port;
 use msb_e2e::{host_kind, sdk_env};
 use sha2::{Digest, Sha256};
 
@@ -30,24 +31,11 @@ fn check(name: &str, start: Instant) {
     msb_e2e::check("net", name, start);
 }
 
-/// The 20 MiB the HTTP server serves at /blob.
-fn blob() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..BLOB)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// An HTTP/1.0 server on 127.0.0.1 serving /blob and /small; counts connections.
 fn http_server() -> (u16, Arc<AtomicUsize>, String) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let body = Arc::new(blob());
+    let body = Arc::new(msb_e2e::noise(1, BLOB));
     let hash = hex::encode(Sha256::digest(&*body));
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
@@ -122,14 +110,6 @@ fn dns_server() -> SocketAddr {
         }
     });
     addr
-}
-
-/// A port free on 127.0.0.1 right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// `tests/guest/netprobe.c`, built static into `dir`.

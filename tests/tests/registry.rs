@@ -14,22 +14,9 @@ use std::time::{Duration, Instant};
 use microsandbox::image::fixture::{FixtureEntry, ImageFixture};
 use microsandbox::{Image, MicrosandboxError, PullEvent, PullOptions, PullPolicy, RegistryAuth};
 use msb_e2e::registry::{free_port, Registry, SlowProxy};
-use msb_e2e::{block_on_within, busybox_layer, check, host_kind, msb_cli, sdk_env};
+use msb_e2e::{block_on_within, busybox_layer, check, host_kind, msb_cli, noise, sdk_env};
 
 const SUITE: &str = "registry";
-
-/// Incompressible bytes (xorshift), so layer blobs have the size asked for.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// An image of `layers` layers, layer `i` holding `data/<i>` of `sizes[i]` noise bytes.
 fn image(seed: u64, sizes: &[usize]) -> ImageFixture {
