@@ -5,9 +5,10 @@
  *   netprobe fan IP PORT N PATH    N TCP connections at once to IP:PORT, each sends
  *                                  "GET PATH HTTP/1.0" and reads to end of file; prints
  *                                  "ok K bytes B" where K answered with status 200
- *   netprobe get IP PORT PATH      one such request; prints the body's SHA-256 and length
- *                                  (one copy out of the kernel: wget | sha256sum costs
- *                                  three, and guest kernel copies are slow on PVM hosts)
+ *   netprobe get IP PORT PATH      one such request; prints the body's SHA-256, its length
+ *                                  and the milliseconds from connect to end of file (one
+ *                                  copy out of the kernel: wget | sha256sum costs three,
+ *                                  and guest kernel copies are slow on PVM hosts)
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 static int udp_echo(int port, int n) {
@@ -206,8 +208,15 @@ static void sha_hex(struct sha256 *s, char out[65]) {
         sprintf(out + 8 * i, "%08x", s->h[i]);
 }
 
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
 static int get(const char *ip, int port, const char *path) {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    double start = now_ms();
     int s = socket(AF_INET, SOCK_STREAM, 0);
     if (s < 0 || inet_pton(AF_INET, ip, &a.sin_addr) != 1 ||
         connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
@@ -246,10 +255,11 @@ static int get(const char *ip, int port, const char *path) {
         fprintf(stderr, "bad response\n");
         return 1;
     }
+    double elapsed = now_ms() - start;
     unsigned long long body = h.total;
     char hex[65];
     sha_hex(&h, hex);
-    printf("%s %llu\n", hex, body);
+    printf("%s %llu %.1f\n", hex, body, elapsed);
     return 0;
 }
 

@@ -220,7 +220,13 @@ async fn run_all() {
     )
     .await;
     assert_eq!(code, 0, "{text}");
-    assert_eq!(text, format!("{blob_hash} {BLOB}\n"));
+    // "<sha256> <length> <milliseconds>\n"
+    let fields: Vec<&str> = text.trim_end().split(' ').collect();
+    assert_eq!(fields.len(), 3, "{text}");
+    assert_eq!(fields[0], blob_hash, "{text}");
+    assert_eq!(fields[1], BLOB.to_string(), "{text}");
+    assert!(fields[2].parse::<f64>().is_ok(), "{text}");
+    assert!(text.ends_with('\n'), "{text}");
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "net e2e [{}]: 20 MiB fetched and hashed in the guest in {secs:.1} s ({:.2} MB/s)",

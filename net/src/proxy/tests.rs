@@ -285,6 +285,61 @@ fn data_both_ways_and_half_close_both_ways() {
 }
 
 #[test]
+fn sockets_of_ended_connections_serve_the_next_ones() {
+    // Each connection: the server reads until the guest's FIN and answers in upper case.
+    let rounds = 3;
+    let (port, t) = server(rounds, |mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got.make_ascii_uppercase();
+        s.write_all(&got).unwrap();
+    });
+    let mut proxy = Proxy::new(config(host_policy())).unwrap();
+    let mut g = Guest::new(&proxy);
+    for round in 0..rounds {
+        let spare_before = proxy.spare.len();
+        let h = g.connect(gw(&proxy, port), 41000 + round as u16);
+        g.run_until(&mut proxy, |g| g.sock(h).may_send());
+        if round > 0 {
+            // The previous connection's socket was taken.
+            assert_eq!(proxy.spare.len(), spare_before - 1, "round {round}");
+        }
+        // Different bytes and lengths each time: nothing of the last connection shows.
+        let len = 200_000 + 37_000 * round;
+        let payload: Vec<u8> = (0..len).map(|i| b'a' + ((i + round) % 26) as u8).collect();
+        let mut sent = 0;
+        g.run_until(&mut proxy, |g| {
+            let s = g.sock(h);
+            if s.can_send() {
+                sent += s.send_slice(&payload[sent..]).unwrap();
+            }
+            sent == payload.len()
+        });
+        g.sock(h).close();
+        let back = g.read_to_end(&mut proxy, h);
+        assert_eq!(back, payload.to_ascii_uppercase(), "round {round}");
+        g.run_until(&mut proxy, |g| {
+            matches!(
+                g.sock(h).state(),
+                gtcp::State::Closed | gtcp::State::TimeWait
+            )
+        });
+        g.sockets.remove(h);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.connections() > 0 {
+            assert!(Instant::now() < deadline, "connection never reaped");
+            g.step(&mut proxy);
+        }
+        // One connection at a time: its socket goes back each time.
+        assert_eq!(proxy.spare.len(), 1, "round {round}");
+    }
+    t.join().unwrap();
+    let s = proxy.stats().snapshot();
+    assert_eq!(s.tcp_opened, rounds as u64);
+    assert_eq!(s.tcp_dial_failed, 0);
+}
+
+#[test]
 fn host_half_close_reaches_the_guest_and_the_guest_can_still_send() {
     // The server says hello and closes its side, then reads until the guest closes.
     let (port, t) = server(1, |mut s| {
@@ -737,6 +792,16 @@ fn fifty_connections_at_once() {
         done.iter().all(|d| *d)
     });
     t.join().unwrap();
+    // All closed: the proxy keeps no more than its few spare sockets.
+    for h in &hs {
+        g.sock(*h).close();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.connections() > 0 {
+        assert!(Instant::now() < deadline, "connections never reaped");
+        g.step(&mut proxy);
+    }
+    assert_eq!(proxy.spare.len(), SPARE_SOCKETS);
 }
 
 /// A tiny fixed-seed generator (xorshift) for the storm.
