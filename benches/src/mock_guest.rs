@@ -27,7 +27,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 const GUEST_CID: u64 = 3;
 const HOST_CID: u64 = 2;
 const HDR: usize = 44;
-const QSIZE: u16 = 256;
+/// Entries of every queue the mock guests lay out.
+pub const QSIZE: u16 = 256;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const RX_BUFS: u16 = 64;
@@ -89,18 +90,22 @@ impl Conn {
     }
 }
 
-/// Guest-physical layout of one split virtqueue.
-#[derive(Clone, Copy)]
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
+/// Guest-physical layout of one split virtqueue of [`QSIZE`] entries (the vsock mock guest
+/// here and the `net_host` benchmark lay their rings out with it).
+#[derive(Debug, Clone, Copy)]
+pub struct Ring {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Avail ring (`used_event` after it).
+    pub avail: u64,
+    /// Used ring (`avail_event` after it).
+    pub used: u64,
 }
 
 impl Ring {
     /// A queue laid out from `base`: descriptor table, avail ring and used ring 4 KiB apart
     /// (each fits: 16, 2 and 8 bytes per entry for 256 entries).
-    const fn at(base: u64) -> Ring {
+    pub const fn at(base: u64) -> Ring {
         Ring {
             desc: base,
             avail: base + 0x1000,
@@ -108,7 +113,8 @@ impl Ring {
         }
     }
 
-    fn queue(self) -> Queue {
+    /// The device's view of the ring, ready.
+    pub fn queue(self) -> Queue {
         let mut q = Queue::new(QSIZE).expect("queue");
         q.set_size(QSIZE);
         q.set_desc_table_address(Some(self.desc as u32), Some(0));
@@ -116,6 +122,16 @@ impl Ring {
         q.set_used_ring_address(Some(self.used as u32), Some(0));
         q.set_ready(true);
         q
+    }
+
+    /// Where the driver writes `used_event` (EVENT_IDX).
+    pub fn used_event(self) -> vm_memory::GuestAddress {
+        vm_memory::GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE))
+    }
+
+    /// Where the device writes `avail_event` (EVENT_IDX).
+    pub fn avail_event(self) -> vm_memory::GuestAddress {
+        vm_memory::GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))
     }
 }
 

@@ -38,6 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use msb_benches::arg;
+use msb_benches::mock_guest::{Ring, QSIZE};
 use msb_devices::virtio::net::{
     NetConfig, NetMetrics, VirtioNet, NET_HDR_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
@@ -56,10 +57,8 @@ use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-const QSIZE: u16 = 256;
 const MEM_LEN: usize = 64 << 20;
 const RX_RING: Ring = Ring::at(0);
 const TX_RING: Ring = Ring::at(0x4000);
@@ -81,43 +80,6 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 200, 1);
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 200, 200, 2);
 /// Linux's USER_HZ: the unit of /proc's CPU times.
 const CLK_TCK: f64 = 100.0;
-
-/// Guest-physical layout of one split virtqueue: descriptor table, avail ring (with
-/// `used_event` after it) and used ring (with `avail_event`) 4 KiB apart.
-#[derive(Clone, Copy)]
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl Ring {
-    const fn at(base: u64) -> Ring {
-        Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-        }
-    }
-
-    fn queue(self) -> Queue {
-        let mut q = Queue::new(QSIZE).expect("queue");
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-        q.set_used_ring_address(Some(self.used as u32), Some(0));
-        q.set_ready(true);
-        q
-    }
-
-    fn used_event(self) -> GuestAddress {
-        GuestAddress(self.avail + 4 + 2 * u64::from(QSIZE))
-    }
-
-    fn avail_event(self) -> GuestAddress {
-        GuestAddress(self.used + 4 + 8 * u64::from(QSIZE))
-    }
-}
 
 /// The guest's interrupt line: a flag and a condition variable, counted.
 #[derive(Default)]
