@@ -41,14 +41,19 @@ const TX_AREA: u64 = 0x100_0000;
 const TX_AREA_LEN: u64 = 0x100_0000;
 const MEM_LEN: usize = 64 << 20;
 
-#[derive(Default)]
-struct Irq {
+/// A mock guest's interrupt line: a flag, a condition variable and a count (the vsock
+/// mock guest here and the `net_host` benchmark wait on it).
+#[derive(Debug, Default)]
+pub struct Irq {
     pending: Mutex<bool>,
     cv: Condvar,
+    count: std::sync::atomic::AtomicU64,
 }
 
 impl InterruptTrigger for Irq {
     fn trigger(&self) -> std::io::Result<()> {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.cv.notify_one();
         Ok(())
@@ -56,7 +61,9 @@ impl InterruptTrigger for Irq {
 }
 
 impl Irq {
-    fn wait(&self, timeout: Duration) {
+    /// Waits for an interrupt for at most `timeout` (returns at once if one came since the
+    /// last wait) and clears it.
+    pub fn wait(&self, timeout: Duration) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if !*p {
             p = self
@@ -66,6 +73,11 @@ impl Irq {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         *p = false;
+    }
+
+    /// How often the line was raised.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

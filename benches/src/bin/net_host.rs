@@ -32,13 +32,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use msb_benches::arg;
-use msb_benches::mock_guest::{Ring, QSIZE};
+use msb_benches::mock_guest::{Irq, Ring, QSIZE};
 use msb_devices::virtio::net::{
     NetConfig, NetMetrics, VirtioNet, NET_HDR_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
@@ -47,7 +47,6 @@ use msb_devices::virtio::net::{
 use msb_devices::virtio::{
     VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use msb_devices::InterruptTrigger;
 use msb_e2e::host_kind;
 use msb_net::{Proxy, ProxyConfig, GUEST_MAC};
 use msb_protocol::network::{NetworkConfig, NetworkPolicy, NetworkProfile};
@@ -80,39 +79,6 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 200, 1);
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 200, 200, 2);
 /// Linux's USER_HZ: the unit of /proc's CPU times.
 const CLK_TCK: f64 = 100.0;
-
-/// The guest's interrupt line: a flag and a condition variable, counted.
-#[derive(Default)]
-struct Irq {
-    pending: Mutex<bool>,
-    cv: Condvar,
-    count: AtomicU64,
-}
-
-impl InterruptTrigger for Irq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.cv.notify_one();
-        Ok(())
-    }
-}
-
-impl Irq {
-    /// Waits for an interrupt for at most `timeout` (returns at once if one came since the
-    /// last wait) and clears it.
-    fn wait(&self, timeout: Duration) {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if !*p {
-            p = self
-                .cv
-                .wait_timeout(p, timeout)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-        *p = false;
-    }
-}
 
 /// The guest's virtio-net driver: the two rings, their buffers, and the device.
 struct Nic {
@@ -683,7 +649,7 @@ fn guest_to_host(mtu: u16, mrg: bool, limit: u64, secs: f64) -> Flow {
     let mut started: Option<Instant> = None;
     let mut closed = false;
     let cpu0 = thread_cpu();
-    let irq0 = g.nic.irq.count.load(Ordering::Relaxed);
+    let irq0 = g.nic.irq.count();
     g.run(Duration::from_secs(120), |g| {
         let s = g.sock(h);
         let mut progressed = false;
@@ -717,7 +683,7 @@ fn guest_to_host(mtu: u16, mrg: bool, limit: u64, secs: f64) -> Flow {
         bytes,
         secs: secs.as_secs_f64(),
         cpu: cpu_line(&cpu0, &cpu1, Some(server_cpu), wall),
-        interrupts: g.nic.irq.count.load(Ordering::Relaxed) - irq0,
+        interrupts: g.nic.irq.count() - irq0,
         kicks: g.nic.kicks,
         frames: (
             g.metrics.tx_frames.load(Ordering::Relaxed),
@@ -750,7 +716,7 @@ fn host_to_guest(mtu: u16, mrg: bool, limit: u64, secs: f64) -> Flow {
     let mut first: Option<Instant> = None;
     let mut secs_taken = 0.0;
     let cpu0 = thread_cpu();
-    let irq0 = g.nic.irq.count.load(Ordering::Relaxed);
+    let irq0 = g.nic.irq.count();
     g.run(Duration::from_secs(120), |g| {
         let s = g.sock(h);
         let mut progressed = false;
@@ -780,7 +746,7 @@ fn host_to_guest(mtu: u16, mrg: bool, limit: u64, secs: f64) -> Flow {
         bytes: got,
         secs: secs_taken,
         cpu: cpu_line(&cpu0, &cpu1, Some(server_cpu), secs_taken),
-        interrupts: g.nic.irq.count.load(Ordering::Relaxed) - irq0,
+        interrupts: g.nic.irq.count() - irq0,
         kicks: g.nic.kicks,
         frames: (
             g.metrics.tx_frames.load(Ordering::Relaxed),
@@ -850,7 +816,7 @@ fn connections(mtu: u16, mrg: bool, total: usize, conc: usize, port: u16) -> Con
     let (mut started, mut done, mut failed) = (0usize, 0usize, 0usize);
     let mut next_port = 1024u16;
     let cpu0 = thread_cpu();
-    let irq0 = g.nic.irq.count.load(Ordering::Relaxed);
+    let irq0 = g.nic.irq.count();
     let kicks0 = g.nic.kicks;
     let t0 = Instant::now();
     g.run(Duration::from_secs(600), |g| {
@@ -917,7 +883,7 @@ fn connections(mtu: u16, mrg: bool, total: usize, conc: usize, port: u16) -> Con
         cpu: cpu_line(&cpu0, &cpu1, None, secs),
         worker: cpu1.get("virtio-net").copied().unwrap_or(0.0)
             - cpu0.get("virtio-net").copied().unwrap_or(0.0),
-        interrupts: g.nic.irq.count.load(Ordering::Relaxed) - irq0,
+        interrupts: g.nic.irq.count() - irq0,
         kicks: g.nic.kicks - kicks0,
     }
 }
