@@ -13,6 +13,7 @@ use msb_devices::testing::CountingInterrupt;
 use msb_devices::virtio::fs::backend::{passthrough, root};
 use msb_devices::virtio::fs::guard::{Guard, Policy};
 use msb_devices::virtio::fs::testing::{opcode, FuseDriver, MEM_LEN, REPLY_ADDR, REQ_ADDR, ROOT};
+use msb_devices::virtio::fs::{Budget, FsLimits};
 use msb_devices::virtio::fs::{FsMetrics, VirtioFs};
 use msb_devices::virtio::{VirtioDevice, VirtioInterrupt};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -93,6 +94,7 @@ fn a_read_only_share_refuses_every_change() {
     let mut g = FuseDriver::new(Guard::new(
         passthrough(d.path(), LONG).expect("share"),
         Policy::ReadOnly,
+        Budget::of(FsLimits::default()),
     ));
     g.init();
     let e = g.lookup(ROOT, "f").expect("lookup");
@@ -139,6 +141,7 @@ fn a_volume_takes_no_device_nodes_setuid_bits_or_capabilities() {
     let mut g = FuseDriver::new(Guard::new(
         passthrough(d.path(), LONG).expect("share"),
         Policy::Volume,
+        Budget::of(FsLimits::default()),
     ));
     g.init();
     let eperm = Err(-libc::EPERM);
@@ -224,12 +227,120 @@ fn symlinks_never_reach_the_hosts_files() {
     assert!(g.lookup(up.nodeid, "etc").is_err());
 }
 
+/// Two shares over one host tree (`/data` and `/data/sub`, as `-v` of overlapping paths
+/// would make them): the guest moves a directory out of `sub` through the first, then
+/// climbs from it with `..` through the second. The bare passthrough walks out to the
+/// host's `/`; the guard refuses the first `..`.
+#[test]
+fn a_directory_moved_out_of_a_share_gives_no_way_up() {
+    let data = share(&[("sub/x/f", b"f")]);
+    let sub = data.path().join("sub");
+    let mut outer = FuseDriver::new(Guard::new(
+        passthrough(data.path(), LONG).expect("share"),
+        Policy::Volume,
+        Budget::of(FsLimits::default()),
+    ));
+    let mut bare = FuseDriver::new(passthrough(&sub, LONG).expect("share"));
+    let mut guarded = FuseDriver::new(Guard::new(
+        passthrough(&sub, LONG).expect("share"),
+        Policy::ReadOnly,
+        Budget::of(FsLimits::default()),
+    ));
+    bare.init();
+    guarded.init();
+    outer.init();
+    let x_bare = bare.lookup(ROOT, "x").expect("x").nodeid;
+    let x_guarded = guarded.lookup(ROOT, "x").expect("x").nodeid;
+    let sub_node = outer.lookup(ROOT, "sub").expect("sub").nodeid;
+    assert_eq!(
+        outer.rename(sub_node, "x", ROOT, "x"),
+        0,
+        "move x out of sub"
+    );
+
+    // The threat: from x (now /data/x), `..` climbs past /data up to the host's root.
+    let mut node = x_bare;
+    for _ in 0..64 {
+        node = bare.lookup(node, "..").expect("bare '..'").nodeid;
+    }
+    assert!(
+        bare.lookup(node, "etc").is_ok() && bare.lookup(node, "proc").is_ok(),
+        "the bare passthrough no longer reaches the host's / (keep the guard anyway)"
+    );
+
+    // The guard: no `..` but at the root, where it is the root.
+    assert_eq!(
+        guarded.lookup(x_guarded, "..").map(|_| ()),
+        Err(-libc::EACCES)
+    );
+    let root_up = guarded.lookup(ROOT, "..").expect("'..' of the root").nodeid;
+    assert_eq!(root_up, ROOT);
+    assert!(
+        guarded.lookup(x_guarded, "f").is_ok(),
+        "x itself is still readable"
+    );
+}
+
+/// A guest that looks up files and never forgets them, or opens files and never closes
+/// them, is refused past the budget; what it gives back can be taken again.
+#[test]
+fn inodes_and_handles_the_guest_holds_are_bounded() {
+    let names: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
+    let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    let d = share(&files);
+    let budget = Budget::new(4, 2);
+    let mut g = FuseDriver::new(Guard::new(
+        passthrough(d.path(), LONG).expect("share"),
+        Policy::Volume,
+        budget.clone(),
+    ));
+    g.init();
+    let held: Vec<u64> = names[..4]
+        .iter()
+        .map(|n| g.lookup(ROOT, n).expect("within the budget").nodeid)
+        .collect();
+    assert_eq!(budget.inodes(), 4);
+    assert_eq!(g.lookup(ROOT, "f4").map(|_| ()), Err(-libc::ENFILE));
+    assert!(
+        g.lookup(ROOT, "f0").is_ok(),
+        "a second lookup of a held inode is free"
+    );
+    assert_eq!(budget.inodes(), 4);
+    // f0 was looked up twice: one forget is not enough to free its place.
+    g.forget(held[0], 1);
+    assert_eq!(g.lookup(ROOT, "f4").map(|_| ()), Err(-libc::ENFILE));
+    g.forget(held[0], 1);
+    assert_eq!(budget.inodes(), 3);
+    let f4 = g.lookup(ROOT, "f4").expect("a freed place").nodeid;
+    assert_eq!(budget.inodes(), 4);
+    assert_eq!(
+        g.create(ROOT, "new", 0o644, libc::O_RDWR as u32)
+            .map(|_| ()),
+        Err(-libc::ENFILE),
+        "create makes an inode too"
+    );
+
+    let flags = libc::O_RDONLY as u32;
+    let a = g.open(held[1], flags).expect("handle 1");
+    let _b = g.open(held[2], flags).expect("handle 2");
+    assert_eq!(g.open(f4, flags), Err(-libc::ENFILE));
+    assert_eq!(budget.handles(), 2);
+    g.release(held[1], a);
+    assert_eq!(budget.handles(), 1);
+    assert!(g.open(f4, flags).is_ok(), "a closed handle frees its place");
+}
+
 #[test]
 fn the_root_shows_read_only_layers_and_a_writable_layer() {
     let lower = share(&[("etc/os-release", b"ID=test\n")]);
     let rw = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(rw.path().join("upper")).expect("mkdir");
-    let vfs = root(&[lower.path().to_path_buf()], rw.path()).expect("root");
+    let vfs = root(
+        &[lower.path().to_path_buf()],
+        rw.path(),
+        &Budget::of(FsLimits::default()),
+    )
+    .expect("root");
     let mut g = FuseDriver::new(vfs);
     g.init();
     let l = g.lookup(ROOT, "l").expect("l");
@@ -408,6 +519,7 @@ fn the_device_serves_from_its_worker_and_announces_its_tag() {
     let g = FuseDriver::new(Guard::new(
         passthrough(Path::new("/"), LONG).expect("share"),
         Policy::ReadOnly,
+        Budget::of(FsLimits::default()),
     ));
     let mem = g.mem.clone();
     let mk = |base: u64| {

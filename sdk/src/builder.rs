@@ -523,6 +523,7 @@ fn build_volumes(volumes: Vec<(String, MountBuilder)>) -> MicrosandboxResult<Vec
         )));
     }
     crate::volume::check_nesting(&built)?;
+    crate::volume::check_host_overlap(&built, &msb_home())?;
     Ok(built)
 }
 

@@ -177,6 +177,49 @@ pub(crate) fn check_nesting(volumes: &[VolumeMount]) -> MicrosandboxResult<()> {
     Ok(())
 }
 
+/// Refuses bind and named volumes whose host directories overlap each other, or a bind
+/// volume that contains or lies inside `home` (`$MSB_HOME`: images, other sandboxes'
+/// writable layers, sockets). Through two shares of one host tree a guest could move a
+/// directory out of the inner one and climb from it; and no guest may see the store.
+pub(crate) fn check_host_overlap(volumes: &[VolumeMount], home: &Path) -> MicrosandboxResult<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let home = canonical(home);
+    let mut hosts: Vec<(&str, PathBuf)> = Vec::new();
+    for v in volumes {
+        match v {
+            VolumeMount::Bind { guest, host, .. } => {
+                let host = canonical(host);
+                if host.starts_with(&home) || home.starts_with(&host) {
+                    return Err(MicrosandboxError::InvalidConfig(format!(
+                        "volume {guest}: {} overlaps the microsandbox home {} (its images and \
+                         sandboxes): share a directory outside it",
+                        host.display(),
+                        home.display()
+                    )));
+                }
+                hosts.push((guest, host));
+            }
+            VolumeMount::Named { guest, name, .. } => {
+                hosts.push((guest, named_volume_dir(&home, name)));
+            }
+            VolumeMount::Tmpfs { .. } => {}
+        }
+    }
+    for (i, (ga, a)) in hosts.iter().enumerate() {
+        for (gb, b) in &hosts[i + 1..] {
+            if a.starts_with(b) || b.starts_with(a) {
+                return Err(MicrosandboxError::InvalidConfig(format!(
+                    "volumes {ga} and {gb} share overlapping host directories ({} and {}): \
+                     one contains the other",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `/a//b/./c` -> `/a/b/c`.
 pub(crate) fn normalise(p: &str) -> String {
     if !p.starts_with('/') {
@@ -250,6 +293,45 @@ mod tests {
                 matches!(b, Err(MicrosandboxError::InvalidConfig(_))),
                 "{b:?}"
             );
+        }
+    }
+
+    #[test]
+    fn overlapping_host_directories_and_the_home_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (home, data) = (dir.path().join("home"), dir.path().join("data"));
+        for d in [home.join("volumes/v"), data.join("sub")] {
+            std::fs::create_dir_all(&d).expect("mkdir");
+        }
+        let bind = |guest: &str, host: &Path| VolumeMount::Bind {
+            guest: guest.into(),
+            host: host.to_path_buf(),
+            readonly: true,
+        };
+        let named = |guest: &str, name: &str| VolumeMount::Named {
+            guest: guest.into(),
+            name: name.into(),
+            readonly: false,
+        };
+        check_host_overlap(
+            &[bind("/d", &data), named("/v", "v"), named("/w", "w")],
+            &home,
+        )
+        .expect("disjoint");
+        for (vols, what) in [
+            (
+                vec![bind("/d", &data), bind("/s", &data.join("sub"))],
+                "overlapping",
+            ),
+            (vec![bind("/a", &data), bind("/b", &data)], "overlapping"),
+            (vec![named("/a", "v"), named("/b", "v")], "overlapping"),
+            (vec![bind("/h", dir.path())], "home"),
+            (vec![bind("/h", &home.join("volumes"))], "home"),
+        ] {
+            match check_host_overlap(&vols, &home) {
+                Err(MicrosandboxError::InvalidConfig(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{vols:?}: {other:?}"),
+            }
         }
     }
 }

@@ -2,10 +2,11 @@
 //! defaults when missing), and write the kernel command line.
 
 use std::ffi::OsString;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use msb_devices::virtio::fs::{Share, ShareSource};
+use msb_devices::virtio::fs::{FsLimits, Share, ShareSource};
 use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
 use msb_protocol::bootcmd::{self, GuestMount};
@@ -213,6 +214,15 @@ pub enum LaunchError {
         /// The path.
         path: PathBuf,
     },
+    /// Two shared host directories overlap: the guest could reach one through the other
+    /// (a directory moved out of the inner one, then `..`).
+    #[error("cannot share both {outer} and {inner}: one contains the other")]
+    OverlappingShares {
+        /// The directory that contains the other (or either, when they are the same).
+        outer: PathBuf,
+        /// The one inside it.
+        inner: PathBuf,
+    },
     /// The writable layer could not be prepared.
     #[error("cannot prepare the writable layer {path}")]
     Rw {
@@ -251,6 +261,10 @@ fn shares(
         source,
     };
     std::fs::create_dir_all(rw).map_err(|e| rw_err(rw, e))?;
+    // The guest's setuid files live in here: no other host user may reach them (the
+    // device keeps setuid bits only in a 0700 writable layer).
+    std::fs::set_permissions(rw, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| rw_err(rw, e))?;
     for p in [rw.to_path_buf(), rw.join("upper"), rw.join("work")] {
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_dir() => {}
@@ -323,6 +337,70 @@ fn shares(
         words.push(format!("{}={}", bootcmd::MOUNT_KEY, mount.encode()));
     }
     Ok((shares, words))
+}
+
+/// Refuses shares whose host directories overlap (one contains the other): with two, a
+/// guest could move a directory out of the inner one through the outer and climb out of
+/// the inner share from it. Layers, the writable layer, the agent's directory and volumes
+/// are all checked against each other.
+pub fn check_overlaps(shares: &[Share]) -> Result<(), LaunchError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for s in shares {
+        match &s.source {
+            ShareSource::Dir { path, .. } => dirs.push(path.clone()),
+            ShareSource::Root { layers, rw } => {
+                dirs.extend(layers.iter().cloned());
+                dirs.push(rw.clone());
+            }
+        }
+    }
+    let dirs: Vec<PathBuf> = dirs
+        .into_iter()
+        .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+        .collect();
+    for (i, a) in dirs.iter().enumerate() {
+        for b in &dirs[i + 1..] {
+            let (outer, inner) = if b.starts_with(a) {
+                (a, b)
+            } else if a.starts_with(b) {
+                (b, a)
+            } else {
+                continue;
+            };
+            return Err(LaunchError::OverlappingShares {
+                outer: outer.clone(),
+                inner: inner.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Descriptors `msb-vmm` keeps for itself beyond the shares' and the proxy's: KVM, vCPUs,
+/// eventfds, sockets, logs.
+pub const FD_RESERVE: u64 = 1024;
+
+/// The open-file limit `msb-vmm` asks for: what the shares' budget and the proxy's
+/// connections can hold at most, plus [`FD_RESERVE`]. No more: the guest can make the VMM
+/// hold these, and nothing beyond.
+pub fn fd_limit_wanted(net_connections: usize) -> u64 {
+    let fs = FsLimits::default();
+    (fs.max_inodes + fs.max_handles + net_connections) as u64 + FD_RESERVE
+}
+
+/// The shares' budget under an open-file limit of `limit`: the default, or, under a lower
+/// limit, what is left after the proxy's connections and [`FD_RESERVE`] (four fifths
+/// inodes, one fifth handles), so the guest can never run the VMM out of descriptors.
+pub fn fs_limits_under(limit: u64, net_connections: usize) -> FsLimits {
+    let default = FsLimits::default();
+    let left = limit.saturating_sub(net_connections as u64 + FD_RESERVE) as usize;
+    if left >= default.max_inodes + default.max_handles {
+        return default;
+    }
+    FsLimits {
+        max_inodes: (left * 4 / 5).max(64),
+        max_handles: (left / 5).max(16),
+    }
 }
 
 /// The kernel flavour for a host kind.
@@ -423,6 +501,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         fs: Vec::new(),
         net: launch.network.clone(),
         ready_gate: None,
+        fs_limits: Default::default(),
         boot_ram_limit: launch.boot_memory.limit(profile),
     };
     let rw = launch.rw.as_deref().ok_or(LaunchError::NoRw)?;
@@ -471,6 +550,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             },
         });
     }
+    check_overlaps(&fs)?;
     cfg.fs = fs;
     for w in words {
         cmdline.push(' ');
@@ -505,7 +585,8 @@ impl PrivateDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
-        if std::fs::create_dir(&dir).is_err() {
+        // 0700: it holds the writable layer, where the guest's setuid files are kept.
+        if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_err() {
             // `resolve` then reports that no socket path or writable layer is set.
             return PrivateDir(None);
         }
@@ -749,6 +830,73 @@ mod tests {
             Err(LaunchError::Rw { .. })
         ));
         assert!(!target.exists());
+    }
+
+    #[test]
+    fn the_fd_limit_bounds_the_shares_budget() {
+        let want = fd_limit_wanted(1024);
+        assert_eq!(fs_limits_under(want, 1024), FsLimits::default());
+        assert_eq!(fs_limits_under(u64::MAX, 0), FsLimits::default());
+        let low = fs_limits_under(20_000, 1024);
+        assert!(low.max_inodes + low.max_handles + 1024 + FD_RESERVE as usize <= 20_000);
+        assert!(low.max_inodes > 10_000, "{low:?}");
+        let tiny = fs_limits_under(256, 1024);
+        assert!(tiny.max_inodes >= 64 && tiny.max_handles >= 16, "{tiny:?}");
+    }
+
+    #[test]
+    fn the_writable_layer_is_private_and_overlapping_shares_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (data, layer, rw) = (
+            dir.path().join("data"),
+            dir.path().join("l"),
+            dir.path().join("rw"),
+        );
+        for d in [data.join("sub"), layer.clone(), rw.clone()] {
+            std::fs::create_dir_all(&d).expect("mkdir");
+        }
+        std::fs::set_permissions(&rw, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let vol = |guest: &str, host: &std::path::Path| MountSpec::Dir {
+            guest: guest.into(),
+            host: host.to_path_buf(),
+            readonly: false,
+        };
+        let mut l = launch();
+        l.mounts = vec![vol("/d", &data)];
+        let (fs, _) = shares(&l, vec![layer.clone()], &rw).expect("disjoint shares");
+        check_overlaps(&fs).expect("disjoint shares");
+        let mode = std::fs::metadata(&rw).expect("rw").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the writable layer is made private");
+
+        let refused = |mounts: Vec<MountSpec>, layers: Vec<PathBuf>, rw: &std::path::Path| {
+            let mut l = launch();
+            l.mounts = mounts;
+            let (fs, _) = shares(&l, layers, rw).expect("shares");
+            check_overlaps(&fs)
+        };
+        // A volume inside another, the same directory twice, a volume holding a layer or
+        // the writable layer, a layer inside the writable layer.
+        for (mounts, layers, rw_at) in [
+            (
+                vec![vol("/d", &data), vol("/s", &data.join("sub"))],
+                vec![layer.clone()],
+                rw.clone(),
+            ),
+            (
+                vec![vol("/a", &data), vol("/b", &data)],
+                vec![layer.clone()],
+                rw.clone(),
+            ),
+            (vec![vol("/h", dir.path())], vec![layer.clone()], rw.clone()),
+            (vec![], vec![rw.join("upper")], rw.clone()),
+        ] {
+            let err = refused(mounts, layers, &rw_at).expect_err("overlap");
+            assert!(
+                matches!(err, LaunchError::OverlappingShares { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("one contains the other"), "{err}");
+        }
     }
 
     fn shares_of(

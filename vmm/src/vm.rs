@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, ReadyGate, SystemDevice, SystemEvent, SystemEventSink};
-use msb_devices::virtio::fs::{mmio_transport as fs_transport, FsError, FsMetrics, Share};
+use msb_devices::virtio::fs::{
+    mmio_transport as fs_transport, Budget, FsError, FsLimits, FsMetrics, Share,
+};
 use msb_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use msb_devices::virtio::net::{
     mmio_transport as net_transport, NetConfig as NetDeviceConfig, NetError as NetDeviceError,
@@ -98,6 +100,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs devices, one per tag (the root first, then volumes).
     pub fs: Vec<Share>,
+    /// What the guest may make all of them hold at once (host descriptors).
+    pub fs_limits: FsLimits,
     /// A virtio-net device and the proxy behind it (`None`: no network device).
     pub net: Option<NetworkConfig>,
     /// Opened when the agent reports ready (for those who wait to talk to it).
@@ -472,10 +476,11 @@ impl Vm {
                 .insert(VSOCK_SLOT.base, VSOCK_SLOT.size, transport)?;
         }
         let mut fs_metrics = Vec::with_capacity(cfg.fs.len());
+        let budget = Budget::of(cfg.fs_limits);
         for (i, share) in cfg.fs.iter().enumerate() {
             let slot = fs_slot(i);
             let line = vm.interrupt_line(slot.irq)?;
-            let (transport, metrics) = fs_transport(share, mem.clone(), line)?;
+            let (transport, metrics) = fs_transport(share, mem.clone(), line, &budget)?;
             fs_metrics.push((share.tag.clone(), metrics));
             buses.mmio.insert(slot.base, slot.size, transport)?;
         }

@@ -38,6 +38,7 @@ fn config(boot: BootSource) -> VmConfig {
         fs: Vec::new(),
         net: None,
         ready_gate: None,
+        fs_limits: Default::default(),
         boot_ram_limit: None,
     }
 }

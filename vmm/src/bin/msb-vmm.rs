@@ -185,20 +185,22 @@ fn lock_file(path: &PathBuf) -> Result<std::fs::File, String> {
     }
 }
 
-/// The virtio-fs devices keep a descriptor per guest-visible inode: allow as many as the
-/// hard limit does.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we own; setrlimit only reads it.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+/// Raises the open-file limit to what the guest can make the VMM hold (the shares' budget
+/// and the proxy's connections; never beyond the hard limit) and returns the shares'
+/// budget under the limit it got.
+fn plan_fds(net_connections: usize) -> msb_devices::virtio::fs::FsLimits {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    let want = launch::fd_limit_wanted(net_connections);
+    let cur = lim.current.unwrap_or(u64::MAX);
+    if cur < want {
+        let raised = lim.maximum.map_or(want, |max| want.min(max));
+        lim.current = Some(raised);
+        if setrlimit(Resource::Nofile, lim).is_ok() {
+            return launch::fs_limits_under(raised, net_connections);
         }
     }
+    launch::fs_limits_under(cur, net_connections)
 }
 
 /// Prints what clap found wrong (or the help it was asked for) and the exit status.
@@ -255,7 +257,6 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    raise_fd_limit();
     // Held until the process ends: a second VMM for the same sandbox (and a remove) sees it.
     let _lock = match &args.lock {
         Some(p) => match lock_file(p) {
@@ -275,8 +276,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
+    let net_connections = args
+        .launch
+        .network
+        .as_ref()
+        .map_or(0, |n| n.max_connections);
     let cfg = VmConfig {
         ready_gate: Some(ReadyGate::new()),
+        fs_limits: plan_fds(net_connections),
         ..cfg
     };
     let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {

@@ -1,12 +1,14 @@
 //! The filesystems a virtio-fs device serves.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-use super::guard::{Guard, Policy};
+use super::guard::{Budget, Guard, Policy};
 use super::FsError;
 
 /// How long the guest may cache names and attributes of files that only it changes (image
@@ -102,8 +104,8 @@ impl std::fmt::Debug for Built {
     }
 }
 
-/// Builds the filesystem for `source`.
-pub fn build(source: &ShareSource) -> Result<Built, FsError> {
+/// Builds the filesystem for `source`, holding what the guest holds against `budget`.
+pub fn build(source: &ShareSource, budget: &Arc<Budget>) -> Result<Built, FsError> {
     Ok(match source {
         ShareSource::Dir { path, readonly } => {
             let policy = if *readonly {
@@ -114,14 +116,38 @@ pub fn build(source: &ShareSource) -> Result<Built, FsError> {
             Built::Dir(Box::new(Guard::new(
                 passthrough(path, SHARED_TIMEOUT)?,
                 policy,
+                budget.clone(),
             )))
         }
-        ShareSource::Root { layers, rw } => Built::Root(root(layers, rw)?),
+        ShareSource::Root { layers, rw } => Built::Root(root(layers, rw, budget)?),
     })
 }
 
+/// The policy of a writable layer at `rw`: the guest's setuid files and file capabilities
+/// are kept only in a directory no other host user can enter (mode 0700); elsewhere it is
+/// treated as a volume.
+pub fn rw_policy(rw: &Path) -> Result<Policy, FsError> {
+    let mode = std::fs::metadata(rw)
+        .map_err(|source| FsError::Open {
+            path: rw.into(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        Ok(Policy::Private)
+    } else {
+        tracing::warn!(
+            "virtio-fs: the writable layer {} has mode {:o}: setuid bits and capabilities are dropped there",
+            rw.display(),
+            mode & 0o7777
+        );
+        Ok(Policy::Volume)
+    }
+}
+
 /// The root: a Vfs with each layer read-only at `/l/<i>` and `rw` at `/rw`.
-pub fn root(layers: &[PathBuf], rw: &Path) -> Result<Vfs, FsError> {
+pub fn root(layers: &[PathBuf], rw: &Path, budget: &Arc<Budget>) -> Result<Vfs, FsError> {
     if layers.is_empty() || layers.len() > MAX_LAYERS {
         return Err(FsError::LayerCount {
             got: layers.len(),
@@ -142,10 +168,18 @@ pub fn root(layers: &[PathBuf], rw: &Path) -> Result<Vfs, FsError> {
             .map_err(|e| FsError::Vfs(format!("mounting {at}: {e:?}")))
     };
     for (i, layer) in layers.iter().enumerate() {
-        let fs = Guard::new(passthrough(layer, STABLE_TIMEOUT)?, Policy::ReadOnly);
+        let fs = Guard::new(
+            passthrough(layer, STABLE_TIMEOUT)?,
+            Policy::ReadOnly,
+            budget.clone(),
+        );
         mount(Box::new(fs), &format!("/l/{i}"))?;
     }
-    let rw = Guard::new(passthrough(rw, STABLE_TIMEOUT)?, Policy::Private);
+    let rw = Guard::new(
+        passthrough(rw, STABLE_TIMEOUT)?,
+        rw_policy(rw)?,
+        budget.clone(),
+    );
     mount(Box::new(rw), "/rw")?;
     Ok(vfs)
 }

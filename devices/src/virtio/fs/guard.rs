@@ -12,11 +12,23 @@
 //!   and no `security.*` or `trusted.*` xattrs (file capabilities), so a guest cannot plant
 //!   privileges for the host's users;
 //! - all shares: the sizes a guest asks for in getxattr, listxattr and readdir are
-//!   clamped, so no request makes the device allocate more than a few MiB.
+//!   clamped, so no request makes the device allocate more than a few MiB;
+//! - all shares: no `LOOKUP` of `..` but at the share's root (where it is the root
+//!   itself). The passthrough would answer it from any directory, and a directory moved
+//!   out of the share (by the host, or through another share of the same host tree) has a
+//!   parent outside it: two `..` from there reach the host's `/`. A guest's kernel never
+//!   needs the lookup (its dentries know their parents);
+//! - all shares: the inodes the guest holds (each an `O_PATH` descriptor on the host) and
+//!   its open handles count against a [`Budget`] shared by the VM's shares; past it a
+//!   request gets `ENFILE`, so a guest that looks up a million files and never forgets
+//!   them cannot exhaust the VMM's descriptors.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
@@ -34,6 +46,92 @@ fn erofs<T>() -> io::Result<T> {
 
 fn eperm<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EPERM))
+}
+
+fn enfile<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::ENFILE))
+}
+
+/// The root's node id in every backend.
+const ROOT_ID: u64 = 1;
+
+/// Default [`Budget`]: inodes the guest may hold at once across a VM's shares.
+pub const DEFAULT_MAX_INODES: usize = 65_536;
+/// Default [`Budget`]: open files and directories across a VM's shares.
+pub const DEFAULT_MAX_HANDLES: usize = 16_384;
+
+/// The sizes of a [`Budget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsLimits {
+    /// Inodes the guest may hold at once.
+    pub max_inodes: usize,
+    /// Open files and directories.
+    pub max_handles: usize,
+}
+
+impl Default for FsLimits {
+    fn default() -> Self {
+        FsLimits {
+            max_inodes: DEFAULT_MAX_INODES,
+            max_handles: DEFAULT_MAX_HANDLES,
+        }
+    }
+}
+
+/// How many host inodes (each an open `O_PATH` descriptor in the passthrough) and open
+/// handles (each an open descriptor) the guest may make a VM's shares hold at once.
+#[derive(Debug)]
+pub struct Budget {
+    max_inodes: usize,
+    max_handles: usize,
+    inodes: AtomicUsize,
+    handles: AtomicUsize,
+}
+
+impl Budget {
+    /// At most `max_inodes` inodes and `max_handles` handles.
+    pub fn new(max_inodes: usize, max_handles: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            max_inodes,
+            max_handles,
+            inodes: AtomicUsize::new(0),
+            handles: AtomicUsize::new(0),
+        })
+    }
+
+    /// A budget of `limits`.
+    pub fn of(limits: FsLimits) -> Arc<Budget> {
+        Budget::new(limits.max_inodes, limits.max_handles)
+    }
+
+    /// Inodes held now.
+    pub fn inodes(&self) -> usize {
+        self.inodes.load(Ordering::Relaxed)
+    }
+
+    /// Handles open now.
+    pub fn handles(&self) -> usize {
+        self.handles.load(Ordering::Relaxed)
+    }
+
+    fn take(counter: &AtomicUsize, max: usize) -> bool {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give(counter: &AtomicUsize) {
+        let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// What one share's guest holds: lookup counts by inode, and open handles.
+#[derive(Debug, Default)]
+struct Held {
+    inodes: HashMap<u64, u64>,
+    handles: HashSet<u64>,
 }
 
 /// Largest xattr value or list a guest may ask for (the kernel's own limit).
@@ -87,12 +185,37 @@ const W_OK: u32 = 2;
 pub struct Guard<F> {
     fs: F,
     policy: Policy,
+    budget: Arc<Budget>,
+    held: Mutex<Held>,
 }
 
 impl<F> Guard<F> {
-    /// `fs` under `policy`.
-    pub fn new(fs: F, policy: Policy) -> Self {
-        Guard { fs, policy }
+    /// `fs` under `policy`, holding what the guest holds against `budget`.
+    pub fn new(fs: F, policy: Policy, budget: Arc<Budget>) -> Self {
+        Guard {
+            fs,
+            policy,
+            budget,
+            held: Mutex::new(Held::default()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        // The maps stay consistent whatever panicked while holding them.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops `count` lookups of `inode` from the guest's tally.
+    fn uncount(&self, inode: u64, count: u64) {
+        let mut held = self.held();
+        if let Some(n) = held.inodes.get_mut(&inode) {
+            if *n <= count {
+                held.inodes.remove(&inode);
+                Budget::give(&self.budget.inodes);
+            } else {
+                *n -= count;
+            }
+        }
     }
 
     fn read_only(&self) -> bool {
@@ -109,6 +232,65 @@ impl<F> Guard<F> {
     }
 }
 
+impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
+    /// Counts one more lookup of the entry's inode; a new inode past the budget is given
+    /// back to the filesystem and refused.
+    fn counted(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if entry.inode == 0 {
+            return Ok(entry);
+        }
+        let mut held = self.held();
+        if let Some(n) = held.inodes.get_mut(&entry.inode) {
+            *n = n.saturating_add(1);
+            return Ok(entry);
+        }
+        if Budget::take(&self.budget.inodes, self.budget.max_inodes) {
+            held.inodes.insert(entry.inode, 1);
+            return Ok(entry);
+        }
+        drop(held);
+        tracing::warn!(
+            "virtio-fs: the guest holds {} inodes, its limit: refusing more",
+            self.budget.max_inodes
+        );
+        self.fs.forget(ctx, entry.inode, 1);
+        enfile()
+    }
+
+    /// Counts an open handle; past the budget it is released and refused.
+    fn opened(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        dir: bool,
+    ) -> io::Result<Option<u64>> {
+        let Some(h) = handle else {
+            return Ok(None);
+        };
+        if Budget::take(&self.budget.handles, self.budget.max_handles) {
+            self.held().handles.insert(h);
+            return Ok(Some(h));
+        }
+        tracing::warn!(
+            "virtio-fs: the guest holds {} open files, its limit: refusing more",
+            self.budget.max_handles
+        );
+        let _ = if dir {
+            self.fs.releasedir(ctx, inode, 0, h)
+        } else {
+            self.fs.release(ctx, inode, 0, h, false, false, None)
+        };
+        enfile()
+    }
+
+    fn closed(&self, handle: u64) {
+        if self.held().handles.remove(&handle) {
+            Budget::give(&self.budget.handles);
+        }
+    }
+}
+
 impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
     type Inode = u64;
     type Handle = u64;
@@ -120,12 +302,21 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         self.fs.destroy()
     }
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        self.fs.lookup(ctx, parent, name)
+        if name.to_bytes() == b".." && parent != ROOT_ID {
+            tracing::debug!("virtio-fs: refusing a lookup of '..' below the root");
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        let entry = self.fs.lookup(ctx, parent, name)?;
+        self.counted(ctx, entry)
     }
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.uncount(inode, count);
         self.fs.forget(ctx, inode, count)
     }
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in &requests {
+            self.uncount(*inode, *count);
+        }
         self.fs.batch_forget(ctx, requests)
     }
     fn getattr(
@@ -165,7 +356,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.symlink(ctx, linkname, parent, name)
+        let entry = self.fs.symlink(ctx, linkname, parent, name)?;
+        self.counted(ctx, entry)
     }
     fn mknod(
         &self,
@@ -183,8 +375,10 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             tracing::debug!("virtio-fs: refusing mknod of mode {mode:#o}, rdev {rdev:#x}");
             return eperm();
         }
-        self.fs
-            .mknod(ctx, parent, name, self.mode(mode), rdev, umask)
+        let entry = self
+            .fs
+            .mknod(ctx, parent, name, self.mode(mode), rdev, umask)?;
+        self.counted(ctx, entry)
     }
     fn mkdir(
         &self,
@@ -197,7 +391,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.mkdir(ctx, parent, name, self.mode(mode), umask)
+        let entry = self.fs.mkdir(ctx, parent, name, self.mode(mode), umask)?;
+        self.counted(ctx, entry)
     }
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         if self.read_only() {
@@ -229,7 +424,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.link(ctx, inode, newparent, newname)
+        let entry = self.fs.link(ctx, inode, newparent, newname)?;
+        self.counted(ctx, entry)
     }
     fn open(
         &self,
@@ -241,7 +437,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() && writes(flags) {
             return erofs();
         }
-        self.fs.open(ctx, inode, flags, fuse_flags)
+        let (h, opts, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        Ok((self.opened(ctx, inode, h, false)?, opts, passthrough))
     }
     fn create(
         &self,
@@ -254,7 +451,24 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         args.mode = self.mode(args.mode);
-        self.fs.create(ctx, parent, name, args)
+        let (entry, h, opts, passthrough) = self.fs.create(ctx, parent, name, args)?;
+        let inode = entry.inode;
+        let entry = match self.counted(ctx, entry) {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(h) = h {
+                    let _ = self.fs.release(ctx, inode, 0, h, false, false, None);
+                }
+                return Err(e);
+            }
+        };
+        match self.opened(ctx, inode, h, false) {
+            Ok(h) => Ok((entry, h, opts, passthrough)),
+            Err(e) => {
+                self.forget(ctx, inode, 1);
+                Err(e)
+            }
+        }
     }
     #[allow(clippy::too_many_arguments)]
     fn read(
@@ -332,6 +546,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.closed(handle);
         self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -385,7 +600,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() && writes(flags) {
             return erofs();
         }
-        self.fs.opendir(ctx, inode, flags)
+        let (h, opts) = self.fs.opendir(ctx, inode, flags)?;
+        Ok((self.opened(ctx, inode, h, true)?, opts))
     }
     fn readdir(
         &self,
@@ -408,13 +624,41 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.fs
-            .readdirplus(ctx, inode, handle, size.min(MAX_READDIR), offset, add_entry)
+        // Each entry is a lookup the guest will forget: counted like one. Past the budget
+        // the reply ends short (the guest asks again from there), or, when it would be
+        // empty, the request fails: an empty reply would read as the end of the directory.
+        let mut added = false;
+        self.fs.readdirplus(
+            ctx,
+            inode,
+            handle,
+            size.min(MAX_READDIR),
+            offset,
+            &mut |dir_entry, entry| {
+                let ino = entry.inode;
+                let entry = match self.counted(ctx, entry) {
+                    Ok(e) => e,
+                    // `counted` gave the lookup back already; the passthrough's own
+                    // give-back after a 0 then finds nothing left to forget.
+                    Err(e) if !added => return Err(e),
+                    Err(_) => return Ok(0),
+                };
+                let n = add_entry(dir_entry, entry)?;
+                if n == 0 {
+                    // Full: the passthrough gives the lookup back itself.
+                    self.uncount(ino, 1);
+                } else {
+                    added = true;
+                }
+                Ok(n)
+            },
+        )
     }
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
         self.fs.fsyncdir(ctx, inode, datasync, handle)
     }
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.closed(handle);
         self.fs.releasedir(ctx, inode, flags, handle)
     }
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {

@@ -22,6 +22,7 @@ pub mod testing;
 
 pub use backend::{Share, ShareSource};
 pub use device::VirtioFs;
+pub use guard::{Budget, FsLimits};
 pub use metrics::FsMetrics;
 
 /// Virtio device id of a filesystem device.
@@ -77,6 +78,7 @@ pub fn mmio_transport(
     share: &Share,
     mem: vm_memory::GuestMemoryMmap,
     irq: crate::Interrupt,
+    budget: &std::sync::Arc<guard::Budget>,
 ) -> Result<(SharedBusDevice, std::sync::Arc<FsMetrics>), FsError> {
     fn wrap<F>(
         tag: &str,
@@ -95,7 +97,7 @@ pub fn mmio_transport(
             metrics,
         ))
     }
-    match backend::build(&share.source)? {
+    match backend::build(&share.source, budget)? {
         backend::Built::Dir(fs) => wrap(&share.tag, *fs, mem, irq),
         backend::Built::Root(fs) => wrap(&share.tag, fs, mem, irq),
     }

@@ -4,8 +4,8 @@
 //! device's queue handler on the calling thread.
 
 use fuse_backend_rs::abi::fuse_abi::{
-    CreateIn, EntryOut, InHeader, InitIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader, ReadIn,
-    WriteIn,
+    CreateIn, EntryOut, ForgetIn, InHeader, InitIn, MkdirIn, MknodIn, OpenIn, OpenOut, OutHeader,
+    ReadIn, RenameIn, WriteIn,
 };
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
@@ -33,6 +33,8 @@ pub mod opcode {
     pub const MKDIR: u32 = 9;
     /// UNLINK
     pub const UNLINK: u32 = 10;
+    /// RENAME
+    pub const RENAME: u32 = 12;
     /// OPEN
     pub const OPEN: u32 = 14;
     /// READ
@@ -362,5 +364,20 @@ impl<F: FileSystem + Sync> FuseDriver<F> {
         let mut body = fh.to_le_bytes().to_vec();
         body.extend_from_slice(&[0u8; 16]);
         self.call(opcode::RELEASE, node, &body, 64);
+    }
+
+    /// RENAME `oldname` in `olddir` to `newname` in `newdir`; the error (0 on success).
+    pub fn rename(&mut self, olddir: u64, oldname: &str, newdir: u64, newname: &str) -> i32 {
+        let mut body = bytes_of(&RenameIn { newdir });
+        for name in [oldname, newname] {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+        }
+        self.call(opcode::RENAME, olddir, &body, 64).error
+    }
+
+    /// FORGET `nlookup` lookups of `node` (no reply).
+    pub fn forget(&mut self, node: u64, nlookup: u64) {
+        self.call(opcode::FORGET, node, &bytes_of(&ForgetIn { nlookup }), 64);
     }
 }
