@@ -17,6 +17,7 @@ pub mod system;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
+pub mod threads;
 pub mod virtio;
 
 use std::sync::Arc;

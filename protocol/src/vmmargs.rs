@@ -252,6 +252,16 @@ pub struct VmmArgs {
         arg(long, value_name = "default|restricted", default_value_t = Security::Default)
     )]
     pub security: Security,
+    /// For debugging only: `off` runs the VMM's threads without their syscall filters.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "on|off"))]
+    pub seccomp: Option<String>,
+    /// For debugging only: `off` runs the VMM in the host's mount namespace, not in its
+    /// jail.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "on|off"))]
+    pub jail: Option<String>,
+    /// Test hook: the named thread kind makes a syscall outside its filter once it runs.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "KIND", hide = true))]
+    pub test_seccomp_violation: Option<String>,
     /// Hand PID 1 to the image's init (`auto`) or to this guest path once the agent has
     /// set the guest up.
     #[cfg_attr(feature = "clap", arg(long, value_name = "auto|PATH"))]
@@ -481,6 +491,15 @@ impl VmmArgs {
         }
         if self.security != Security::Default {
             flag("security", &one(&self.security.as_str()));
+        }
+        if let Some(v) = &self.seccomp {
+            flag("seccomp", &one(v));
+        }
+        if let Some(v) = &self.jail {
+            flag("jail", &one(v));
+        }
+        if let Some(v) = &self.test_seccomp_violation {
+            flag("test-seccomp-violation", &one(v));
         }
         if let Some(v) = &self.init {
             flag("init", &one(v));

@@ -33,6 +33,21 @@ pub struct Invocation {
     pub exit_record: Option<PathBuf>,
     /// The VMM's own log filter.
     pub log_level: Option<String>,
+    /// Run in the jail (`--jail`, on unless `off`).
+    pub jail: bool,
+    /// Filter every thread's syscalls (`--seccomp`, on unless `off`).
+    pub seccomp: bool,
+    /// Test hook: the thread kind that makes a denied syscall.
+    pub test_seccomp_violation: Option<String>,
+}
+
+/// `on` or `off` of `flag` (default on).
+fn switch(v: Option<&str>, flag: &str) -> Result<bool, String> {
+    match v {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(format!("{flag} takes on or off, got {other:?}")),
+    }
 }
 
 fn utf8(v: OsString, what: &str) -> Result<String, String> {
@@ -185,6 +200,9 @@ impl Invocation {
             metrics: args.metrics,
             exit_record: args.exit_record,
             log_level: args.log_level,
+            jail: switch(args.jail.as_deref(), "--jail")?,
+            seccomp: switch(args.seccomp.as_deref(), "--seccomp")?,
+            test_seccomp_violation: args.test_seccomp_violation,
         })
     }
 }

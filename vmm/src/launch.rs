@@ -572,23 +572,33 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
 /// A private directory, removed on drop, for what the caller did not give: the vsock
 /// socket of a one-command VM (no client will look for it) and the writable layer of a VM
 /// whose writes need not outlive it.
-pub struct PrivateDir(Option<PathBuf>);
+pub struct PrivateDir {
+    dir: Option<PathBuf>,
+    /// The directory's parent, opened before the jail: in the jail the directory is a
+    /// mount point that cannot be removed by its path.
+    parent: Option<std::os::fd::OwnedFd>,
+}
 
 impl PrivateDir {
     /// Makes the directory if `launch` needs it and points `launch` into it.
     pub fn fill_in(launch: &mut Launch) -> PrivateDir {
+        let none = PrivateDir {
+            dir: None,
+            parent: None,
+        };
         let needs_socket = !launch.command.is_empty() && launch.vsock_path().is_none();
         if !needs_socket && launch.rw.is_some() {
-            return PrivateDir(None);
+            return none;
         }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        let dir = tmp.join(format!("msb-vmm-{}-{nanos:x}", std::process::id()));
         // 0700: it holds the writable layer, where the guest's setuid files are kept.
         if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_err() {
             // `resolve` then reports that no socket path or writable layer is set.
-            return PrivateDir(None);
+            return none;
         }
         if needs_socket {
             launch.vsock_socket = Some(dir.join("v.sock"));
@@ -596,22 +606,38 @@ impl PrivateDir {
         if launch.rw.is_none() {
             launch.rw = Some(dir.join("rw"));
         }
-        PrivateDir(Some(dir))
+        let parent = rustix::fs::open(
+            &tmp,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok();
+        PrivateDir {
+            dir: Some(dir),
+            parent,
+        }
     }
-}
 
-impl PrivateDir {
     /// The directory, when one was made.
     pub fn path(&self) -> Option<&Path> {
-        self.0.as_deref()
+        self.dir.as_deref()
+    }
+
+    /// Removes the directory and what it holds (again: nothing).
+    pub fn remove(&self) {
+        let Some(d) = &self.dir else {
+            return;
+        };
+        let _ = std::fs::remove_dir_all(d);
+        if let (Some(parent), Some(name)) = (&self.parent, d.file_name()) {
+            let _ = rustix::fs::unlinkat(parent, name, rustix::fs::AtFlags::REMOVEDIR);
+        }
     }
 }
 
 impl Drop for PrivateDir {
     fn drop(&mut self) {
-        if let Some(d) = &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
+        self.remove();
     }
 }
 

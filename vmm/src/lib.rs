@@ -14,7 +14,9 @@
 //!   contract the SDK renders) checked and turned into a [`launch::Launch`];
 //! - [`launch`]: what `msb-vmm` does: pick kernel and agent, build the command line;
 //! - [`relay`], [`runner`], [`monitor`], [`lifecycle`]: the control socket's relay, the
-//!   one-command runner, the limits and metrics thread and their policy.
+//!   one-command runner, the limits and metrics thread and their policy;
+//! - [`jail`], [`seccomp`]: the VMM's confinement (its own mount namespace holding only
+//!   what the VM needs; a syscall filter per kind of thread).
 
 pub mod arch;
 pub mod bus;
@@ -22,6 +24,7 @@ pub mod console;
 pub mod host;
 pub mod hypervisor;
 pub mod invocation;
+pub mod jail;
 pub mod launch;
 pub mod lifecycle;
 pub mod memory;
@@ -29,5 +32,6 @@ pub mod monitor;
 pub mod net;
 pub mod relay;
 pub mod runner;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -45,7 +45,10 @@ impl Monitor {
         let (done, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("lifecycle".into())
-            .spawn(move || monitor(setup, rx))?;
+            .spawn(move || {
+                msb_devices::threads::started("lifecycle");
+                monitor(setup, rx)
+            })?;
         Ok(Monitor { done, thread })
     }
 

@@ -262,7 +262,10 @@ impl Relay {
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
             .name("relay-accept".into())
-            .spawn(move || accept_loop(listener, s))
+            .spawn(move || {
+                msb_devices::threads::started("relay-accept");
+                accept_loop(listener, s)
+            })
             .map_err(|source| RelayError::Listen { path, source })?;
         Ok(Relay {
             shared,
@@ -355,6 +358,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name("relay-client".into())
             .spawn(move || {
+                msb_devices::threads::started("relay-client");
                 serve_client(client, &s);
                 s.clients.fetch_sub(1, Ordering::SeqCst);
             });
@@ -523,6 +527,7 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
         std::thread::Builder::new()
             .name("relay-agent".into())
             .spawn(move || {
+                msb_devices::threads::started("relay-agent");
                 agent_to_client(agent_r, &client_w, &sessions, &shared);
                 let _ = done_tx.send(());
             })

@@ -81,6 +81,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("runner".into())
         .spawn(move || {
+            msb_devices::threads::started("runner");
             if let Some(gate) = ready {
                 // No deadline here either: the VMM's own timeout ends a guest that never
                 // gets ready.
@@ -166,7 +167,10 @@ fn run(vsock: &Path, mut argv: Vec<String>) -> (CommandEnd, Option<Writer>) {
     let w = writer.clone();
     let _ = std::thread::Builder::new()
         .name("runner-stdin".into())
-        .spawn(move || forward_stdin(&w));
+        .spawn(move || {
+            msb_devices::threads::started("runner-stdin");
+            forward_stdin(&w)
+        });
 
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let end = loop {

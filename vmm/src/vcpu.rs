@@ -117,6 +117,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            msb_devices::threads::started("vcpu");
             let end = run_loop(&mut *vcpu, &*exits, &rx, &thread_state);
             set_state(&thread_state, VcpuState::Exited);
             if let Some(end) = end {

@@ -23,10 +23,12 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 use msb_devices::system::ReadyGate;
 use msb_devices::virtio::fs::FsMetrics;
+use msb_devices::virtio::fs::ShareSource;
 use msb_protocol::error_chain;
 use msb_protocol::vmmargs::VmmArgs;
 use msb_vmm::host::HostKind;
 use msb_vmm::invocation::Invocation;
+use msb_vmm::jail;
 use msb_vmm::launch::{self, PrivateDir};
 use msb_vmm::lifecycle::{self, ExitRecord};
 use msb_vmm::monitor::{Monitor, MonitorSetup};
@@ -123,10 +125,11 @@ fn fail(msg: &str, tail: &[String]) -> ExitCode {
 
 /// Ends the process when stdin reaches end of file (the parent holding the pipe is gone),
 /// removing `sockets` and the private directory; unless a client detached the VM first.
-fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>, relay: Option<Arc<Relay>>) {
+fn watch_stdin(sockets: Vec<PathBuf>, private: Arc<PrivateDir>, relay: Option<Arc<Relay>>) {
     let spawned = std::thread::Builder::new()
         .name("stdin-watch".into())
         .spawn(move || {
+            msb_devices::threads::started("stdin-watch");
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin().lock();
             loop {
@@ -143,9 +146,7 @@ fn watch_stdin(sockets: Vec<PathBuf>, private: Option<PathBuf>, relay: Option<Ar
             for s in sockets {
                 let _ = std::fs::remove_file(s);
             }
-            if let Some(d) = private {
-                let _ = std::fs::remove_dir_all(d);
-            }
+            private.remove();
             std::process::exit(i32::from(VMM_FAILURE));
         });
     if let Err(e) = spawned {
@@ -201,6 +202,49 @@ fn plan_fds(net_connections: usize) -> msb_devices::virtio::fs::FsLimits {
         }
     }
     launch::fs_limits_under(cur, net_connections)
+}
+
+/// What the jail holds for this VM: its shares, kernel, KVM, and the directories of the
+/// files it writes.
+fn jail_plan(args: &Invocation, cfg: &VmConfig) -> jail::JailPlan {
+    let mut plan = jail::JailPlan::default();
+    if let msb_vmm::vm::BootSource::Kernel { kernel, initrd, .. } = &cfg.boot {
+        plan.add(kernel, true);
+        if let Some(i) = initrd {
+            plan.add(i, true);
+        }
+    }
+    plan.add(&cfg.kvm_path, false);
+    for share in &cfg.fs {
+        match &share.source {
+            ShareSource::Dir { path, readonly } => plan.add(path, *readonly),
+            ShareSource::Root { layers, rw } => {
+                for l in layers {
+                    plan.add(l, true);
+                }
+                plan.add(rw, false);
+            }
+        }
+    }
+    let l = &args.launch;
+    let written = [
+        l.serial_log.clone(),
+        l.vsock_path(),
+        l.control_socket.clone(),
+        l.exec_log.clone(),
+        args.metrics.clone(),
+        args.exit_record.clone(),
+        args.report.clone(),
+        args.lock.clone(),
+    ];
+    for f in written.iter().flatten() {
+        plan.add_dir_of(f);
+    }
+    let resolv = std::path::Path::new("/etc/resolv.conf");
+    if cfg.net.is_some() && resolv.exists() {
+        plan.add(resolv, true);
+    }
+    plan
 }
 
 /// Prints what clap found wrong (or the help it was asked for) and the exit status.
@@ -270,7 +314,7 @@ fn main() -> ExitCode {
         let _ = std::fs::remove_file(p);
         let _ = EXIT_RECORD.set(p.clone());
     }
-    let private = PrivateDir::fill_in(&mut args.launch);
+    let private = Arc::new(PrivateDir::fill_in(&mut args.launch));
     let host = HostKind::detect();
     let cfg = match launch::resolve(&args.launch, host) {
         Ok(c) => c,
@@ -286,6 +330,21 @@ fn main() -> ExitCode {
         fs_limits: plan_fds(net_connections),
         ..cfg
     };
+    // Into the jail while this is the only thread: every thread made later is in it.
+    if args.jail {
+        if jail::can_jail() {
+            let plan = jail_plan(&args, &cfg);
+            match jail::enter(&plan) {
+                Ok(j) => tracing::info!("jailed: {} bind mounts", j.binds.len()),
+                Err(e) => return fail(&error_chain(&e), &[]),
+            }
+        } else {
+            eprintln!(
+                "msb-vmm: warning: not running as root: no jail (a mount namespace needs \
+                 CAP_SYS_ADMIN); the guest's shares are still guarded by the device"
+            );
+        }
+    }
     let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {
         (Some(control), Some(vsock)) => {
             let mut rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
@@ -307,7 +366,7 @@ fn main() -> ExitCode {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
         watch_stdin(
             sockets.into_iter().flatten().collect(),
-            private.path().map(PathBuf::from),
+            private.clone(),
             relay.clone(),
         );
     }
@@ -356,7 +415,7 @@ fn main() -> ExitCode {
     if let Some(p) = &args.report {
         write_report(p, host, &outcome, start.elapsed());
     }
-    drop(private);
+    private.remove();
     let tail = &outcome.console_tail;
     match outcome.end {
         // The runner asks for the power-off once the command has ended.

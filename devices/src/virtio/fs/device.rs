@@ -166,6 +166,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for VirtioFs<F> {
         let thread = std::thread::Builder::new()
             .name(format!("virtio-fs-{}", self.tag))
             .spawn(move || {
+                crate::threads::started("virtio-fs");
                 serve(
                     &server,
                     &mem,

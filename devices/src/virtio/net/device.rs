@@ -278,7 +278,10 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
         };
         let thread = std::thread::Builder::new()
             .name("virtio-net".into())
-            .spawn(move || ctx.run())
+            .spawn(move || {
+                crate::threads::started("virtio-net");
+                ctx.run()
+            })
             .map_err(ActivateError::Backend)?;
         self.worker = Some(Worker {
             kick,

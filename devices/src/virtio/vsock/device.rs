@@ -233,7 +233,10 @@ impl Vsock {
             let wake = wake.try_clone().map_err(VsockError::EventLoop)?;
             std::thread::Builder::new()
                 .name("vsock".into())
-                .spawn(move || event_loop(&epoll, &inner, &stop, &wake))
+                .spawn(move || {
+                    crate::threads::started("vsock");
+                    event_loop(&epoll, &inner, &stop, &wake)
+                })
                 .map_err(VsockError::EventLoop)?
         };
         Ok(Vsock {
