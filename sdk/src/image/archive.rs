@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::{check_digest, digest_string, sha256_hex, sha256_of};
 use super::layer::{read_up_to, LayerStore, TempPath};
+use super::limits::{ByteBudget, Counted, HeaderBudget, HeaderTap, ImageBudget, Limit, LimitHit};
 use super::ImageError;
 
 /// The largest JSON document (index, manifest, config) read into memory.
@@ -344,20 +345,22 @@ fn open_archive(
         )?,
         _ => (file, None),
     };
-    Ok((ArchiveSource::scan(file, path)?, temp))
+    Ok((ArchiveSource::scan(file, path, store)?, temp))
 }
 
-/// Decompresses an archive into a temporary file under the store, deleted with the guard.
+/// Decompresses an archive into a temporary file under the store, deleted with the guard;
+/// at most [`UnpackLimits::archive_bytes`](super::limits::UnpackLimits::archive_bytes).
 fn decompress(
-    mut reader: impl Read,
+    reader: impl Read,
     path: &Path,
     store: &LayerStore,
 ) -> Result<(File, Option<TempPath>), ImageError> {
     let (mut file, temp) = store.temp_file()?;
-    io::copy(&mut reader, &mut file).map_err(|source| ImageError::Read {
-        what: format!("compressed archive {}", path.display()),
-        source,
-    })?;
+    let budget = ByteBudget::archive(store.limits());
+    io::copy(&mut Counted::new(reader, &budget), &mut file).map_err(ImageError::read(&format!(
+        "compressed archive {}",
+        path.display()
+    )))?;
     file.seek(SeekFrom::Start(0))
         .map_err(ImageError::io("read", temp.path()))?;
     Ok((file, Some(temp)))
@@ -420,20 +423,41 @@ struct ArchiveSource {
 }
 
 impl ArchiveSource {
-    /// Reads the tar's headers once, recording where each member's data lies.
-    fn scan(file: File, path: &Path) -> Result<Self, ImageError> {
+    /// Reads the tar's headers once, recording where each member's data lies; at most the
+    /// store's limits of entries, header bytes and path lengths.
+    fn scan(file: File, path: &Path, store: &LayerStore) -> Result<Self, ImageError> {
         let len = file
             .metadata()
             .map_err(ImageError::io("inspect", path))?
             .len();
-        let bad = |source| ImageError::Read {
-            what: format!("image archive {}", path.display()),
-            source,
-        };
+        let bad = |source| ImageError::read(&format!("image archive {}", path.display()))(source);
+        let limits = store.limits();
+        let headers = HeaderBudget::new(limits);
         let mut members = HashMap::new();
-        let mut archive = tar::Archive::new(&file);
-        for entry in archive.entries_with_seek().map_err(bad)? {
+        let mut archive = tar::Archive::new(HeaderTap::new(&file, &headers));
+        let mut entries = archive.entries_with_seek().map_err(bad)?;
+        let mut count = 0u64;
+        // Member data is skipped by seeking: only what `headers` counts is read.
+        while let Some(entry) = headers.next(&mut entries) {
             let entry = entry.map_err(bad)?;
+            count += 1;
+            if count > limits.entries {
+                return Err(LimitHit {
+                    limit: Limit::Entries,
+                    max: limits.entries,
+                }
+                .into());
+            }
+            let too_long = |bytes: usize| bytes as u64 > limits.path_bytes;
+            if too_long(entry.path_bytes().len())
+                || entry.link_name_bytes().is_some_and(|l| too_long(l.len()))
+            {
+                return Err(LimitHit {
+                    limit: Limit::PathBytes,
+                    max: limits.path_bytes,
+                }
+                .into());
+            }
             let kind = entry.header().entry_type();
             if kind.is_dir() || kind.is_pax_global_extensions() {
                 continue;
@@ -733,10 +757,16 @@ fn load_oci(source: &dyn Source, store: &LayerStore) -> Result<ResolvedImage, Im
         names.push(check_blob(source, layer, "layer")?);
     }
     let mut layers = Vec::new();
+    let mut budget = ImageBudget::default();
     for ((layer, diff_id), name) in manifest.layers().iter().zip(diff_ids).zip(&names) {
         let dir = match store.get(diff_id)? {
             Some(dir) => dir,
-            None => store.unpack(source.open(name)?, layer.digest().as_ref(), Some(diff_id))?,
+            None => store.unpack(
+                source.open(name)?,
+                layer.digest().as_ref(),
+                Some(diff_id),
+                &mut budget,
+            )?,
         };
         layers.push(dir);
     }
@@ -819,6 +849,7 @@ fn load_docker(source: &ArchiveSource, store: &LayerStore) -> Result<ResolvedIma
         names.push(name);
     }
     let mut layers = Vec::new();
+    let mut budget = ImageBudget::default();
     for (name, diff_id) in names.iter().zip(diff_ids) {
         if let Some(dir) = store.get(diff_id)? {
             layers.push(dir);
@@ -832,7 +863,7 @@ fn load_docker(source: &ArchiveSource, store: &LayerStore) -> Result<ResolvedIma
             })?,
             None => hash_member(source, name)?,
         };
-        layers.push(store.unpack(source.open(name)?, &blob_digest, Some(diff_id))?);
+        layers.push(store.unpack(source.open(name)?, &blob_digest, Some(diff_id), &mut budget)?);
     }
     Ok(ResolvedImage {
         layers,
@@ -871,7 +902,10 @@ mod tests {
 
     use super::*;
     use crate::image::fixture::{FixtureEntry, ImageFixture};
-    use crate::image::test_util::{assert_store_empty, raw_tar, read_members, temporaries, Raw};
+    use crate::image::limits::UnpackLimits;
+    use crate::image::test_util::{
+        assert_store_empty, gnu_long_tar, raw_tar, read_members, temporaries, Raw,
+    };
 
     fn two_layers() -> ImageFixture {
         ImageFixture::new()
@@ -1383,5 +1417,165 @@ mod tests {
             load_archive(&home.path().join("missing.tar"), &store),
             Err(ImageError::Io { .. })
         ));
+    }
+
+    const MIB: usize = 1 << 20;
+
+    fn gzip_file(path: &Path) -> PathBuf {
+        let gz = path.with_extension("tar.gz");
+        let mut encoder = flate2::write::GzEncoder::new(
+            fs::File::create(&gz).expect("create"),
+            flate2::Compression::fast(),
+        );
+        encoder
+            .write_all(&fs::read(path).expect("read"))
+            .expect("write");
+        encoder.finish().expect("compress");
+        gz
+    }
+
+    fn assert_limit(err: ImageError, limit: Limit, max: u64) {
+        assert!(
+            matches!(err, ImageError::LimitExceeded { limit: l, max: m } if l == limit && m == max),
+            "expected {limit:?} at {max}: {err:?}"
+        );
+    }
+
+    #[test]
+    fn a_compressed_archive_bomb_is_refused() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::with_limits(home.path(), UnpackLimits::small());
+        // Uncompressed layers of zeros: the gzip'd archive is small, its tar 3 MiB.
+        let fixture = ImageFixture::new()
+            .layer(vec![FixtureEntry::file("zeros", vec![0u8; 3 * MIB])])
+            .tag("bomb:1");
+        let path = home.path().join("image.tar");
+        fixture.write_docker_archive(&path).expect("write archive");
+        let gz = gzip_file(&path);
+        assert!(fs::metadata(&gz).expect("stat").len() < 64 << 10);
+        let err = load_archive(&gz, &store).expect_err("over the archive limit");
+        assert_limit(err, Limit::ArchiveBytes, 2 * MIB as u64);
+        assert_store_empty(home.path());
+        assert!(
+            temporaries(home.path()).is_empty(),
+            "the partial copy is removed"
+        );
+    }
+
+    #[test]
+    fn the_image_limit_counts_every_layer_of_an_archive() {
+        for oci in [true, false] {
+            let home = tempfile::tempdir().expect("tempdir");
+            let store = LayerStore::with_limits(home.path(), UnpackLimits::small());
+            // Three gzip'd layers of 0.75 MiB: each under the layer limit (1 MiB), together
+            // over the image limit (2 MiB).
+            let layer = |name: &str| vec![FixtureEntry::file(name, vec![1u8; 3 * MIB / 4])];
+            let fixture = ImageFixture::new()
+                .layer(layer("a"))
+                .layer(layer("b"))
+                .layer(layer("c"))
+                .gzip(true);
+            let path = home.path().join("image.tar");
+            if oci {
+                fixture.write_oci_archive(&path).expect("write archive");
+            } else {
+                fixture.write_docker_archive(&path).expect("write archive");
+            }
+            let err = load_archive(&path, &store).expect_err("over the image limit");
+            assert_limit(err, Limit::ImageBytes, 2 * MIB as u64);
+            // The layers unpacked before are complete; the third is absent.
+            let diff_ids = fixture.diff_ids().expect("diff ids");
+            assert!(store.get(&diff_ids[1]).expect("get").is_some());
+            assert_eq!(store.get(&diff_ids[2]).expect("get"), None);
+            assert!(temporaries(home.path()).is_empty());
+        }
+    }
+
+    #[test]
+    fn hostile_outer_archives_are_refused() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::with_limits(home.path(), UnpackLimits::small());
+        let path = home.path().join("image.tar");
+        let members: Vec<Raw> = (0..101).map(|i| Raw::file(&format!("m{i}"), b"")).collect();
+        fs::write(&path, raw_tar(&members)).expect("write");
+        assert_limit(
+            load_archive(&path, &store).expect_err("too many members"),
+            Limit::Entries,
+            100,
+        );
+        fs::write(&path, gnu_long_tar(tar::EntryType::GNULongName, 100 << 10)).expect("write");
+        assert_limit(
+            load_archive(&path, &store).expect_err("a huge long name"),
+            Limit::HeaderBytes,
+            64 << 10,
+        );
+        let big = vec![b'a'; 100 << 10];
+        fs::write(&path, raw_tar(&[Raw::file("f", b"x").pax("comment", &big)])).expect("write");
+        assert_limit(
+            load_archive(&path, &store).expect_err("a huge PAX header"),
+            Limit::HeaderBytes,
+            64 << 10,
+        );
+        assert_store_empty(home.path());
+    }
+
+    #[test]
+    fn a_real_looking_image_unpacks_under_the_default_limits() {
+        let (home, store) = setup();
+        assert_eq!(store.limits(), &UnpackLimits::default());
+        // Deep paths past tar's 100-byte name field (GNU long names and long links), many
+        // files, a few MiB of data, links and whiteouts: what real images hold.
+        let deep = "usr/lib/python3.12/site-packages/some_package_with_a_long_name/submodule";
+        let mut base = vec![FixtureEntry::file("big.bin", vec![0x5a; 3 * MIB])];
+        for i in 0..3000 {
+            base.push(FixtureEntry::file(
+                &format!("{deep}/d{}/file_number_{i}.py", i % 50),
+                format!("# {i}\n"),
+            ));
+        }
+        base.push(FixtureEntry::symlink(
+            "usr/bin/tool",
+            &format!("/{deep}/d7/file_number_7.py/../../../../../../../../bin/tool-real"),
+        ));
+        base.push(FixtureEntry::hard_link("big2.bin", "big.bin"));
+        let fixture = ImageFixture::new()
+            .layer(base)
+            .layer(vec![
+                FixtureEntry::whiteout(&format!("{deep}/d0/file_number_0.py")),
+                FixtureEntry::opaque(&format!("{deep}/d1")),
+                FixtureEntry::file("etc/motd", "hello"),
+            ])
+            .tag("real:1")
+            .gzip(true);
+        let path = home.path().join("image.tar");
+        fixture.write_oci_archive(&path).expect("write archive");
+        let image = match load_archive(&path, &store) {
+            Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::Unsupported => {
+                eprintln!("note: the test filesystem has no user xattrs; skipping the check");
+                return;
+            }
+            other => other.expect("load archive"),
+        };
+        let (lower, upper) = (&image.layers[0], &image.layers[1]);
+        assert_eq!(
+            fs::read(lower.join("big.bin")).expect("read").len(),
+            3 * MIB
+        );
+        assert_eq!(
+            fs::read(lower.join(format!("{deep}/d49/file_number_2999.py"))).expect("read"),
+            b"# 2999\n"
+        );
+        assert_eq!(
+            fs::read_dir(lower.join(format!("{deep}/d3")))
+                .expect("read dir")
+                .count(),
+            60
+        );
+        assert!(fs::read_link(lower.join("usr/bin/tool"))
+            .expect("readlink")
+            .to_string_lossy()
+            .ends_with("bin/tool-real"));
+        assert_eq!(fs::read(upper.join("etc/motd")).expect("read"), b"hello");
+        assert!(temporaries(home.path()).is_empty());
     }
 }

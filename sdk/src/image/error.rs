@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::limits::{Limit, LimitHit};
 use crate::error::MicrosandboxError;
 
 /// Everything that can go wrong loading an image or unpacking a layer.
@@ -57,6 +58,17 @@ pub(crate) enum ImageError {
     /// A digest is not of the form `sha256:<64 lowercase hex digits>`.
     #[error("malformed digest {0:?} (expected sha256:<64 lowercase hex digits>)")]
     BadDigest(String),
+    /// Unpacking the image would exceed one of the
+    /// [`UnpackLimits`](super::limits::UnpackLimits): a decompression bomb,
+    /// too many entries, an oversized tar header or path, a sparse file claiming more than
+    /// a layer may hold.
+    #[error("{limit} exceeds the limit of {max} {}", limit.unit())]
+    LimitExceeded {
+        /// Which limit.
+        limit: Limit,
+        /// Its value.
+        max: u64,
+    },
 }
 
 impl ImageError {
@@ -65,20 +77,28 @@ impl ImageError {
         ImageError::Invalid { what: what.into() }
     }
 
-    /// A closure turning an `io::Error` into an [`ImageError::Io`], for `map_err`.
+    /// A closure turning an `io::Error` into an [`ImageError::Io`] (or the
+    /// [`ImageError::LimitExceeded`] a limiting reader put in it), for `map_err`.
     pub(crate) fn io(
         what: &str,
         path: &std::path::Path,
     ) -> impl FnOnce(std::io::Error) -> ImageError {
         let what = what.to_string();
         let path = path.to_path_buf();
-        move |source| ImageError::Io { what, path, source }
+        move |source| match LimitHit::in_io(&source) {
+            Some(hit) => hit.into(),
+            None => ImageError::Io { what, path, source },
+        }
     }
 
-    /// A closure turning an `io::Error` into an [`ImageError::Read`], for `map_err`.
+    /// A closure turning an `io::Error` into an [`ImageError::Read`] (or the
+    /// [`ImageError::LimitExceeded`] a limiting reader put in it), for `map_err`.
     pub(crate) fn read(what: &str) -> impl FnOnce(std::io::Error) -> ImageError {
         let what = what.to_string();
-        move |source| ImageError::Read { what, source }
+        move |source| match LimitHit::in_io(&source) {
+            Some(hit) => hit.into(),
+            None => ImageError::Read { what, source },
+        }
     }
 }
 

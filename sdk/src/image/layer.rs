@@ -11,13 +11,19 @@
 //! unpacked are refused; device nodes are skipped. Nothing is ever written through a
 //! symlink: parents are checked with `symlink_metadata` before each entry is created, and
 //! an existing entry at the target path is removed, never opened.
+//!
+//! What an unpack may cost is bounded by the store's [`UnpackLimits`]: decompressed bytes
+//! per layer and per image, entries, the extended headers the `tar` crate buffers, path
+//! lengths. GNU sparse members are written with holes, their apparent size charged to the
+//! layer before the file is created.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +31,9 @@ use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, XattrFlags, CWD}
 use sha2::{Digest as _, Sha256};
 
 use super::digest::{digest_string, sha256_hex};
+use super::limits::{
+    ByteBudget, Counted, HeaderBudget, HeaderTap, ImageBudget, Limit, LimitHit, UnpackLimits,
+};
 use super::ImageError;
 
 /// The xattr marking an opaque directory for overlayfs mounted with `userxattr`.
@@ -35,6 +44,8 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Mode of parent directories the archive does not list.
 const IMPLICIT_DIR_MODE: u32 = 0o755;
+/// The blocks a sparse member is checked for zeros in (a filesystem block).
+const HOLE_BLOCK: usize = 4096;
 
 /// Numbers the temporary paths this process creates under the store.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -43,15 +54,31 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub(crate) struct LayerStore {
     root: PathBuf,
+    limits: UnpackLimits,
 }
 
 impl LayerStore {
-    /// The store under `home` (`$MSB_HOME`): `home/layers`. Nothing is created until a
-    /// layer is unpacked.
+    /// The store under `home` (`$MSB_HOME`): `home/layers`, with the default limits.
+    /// Nothing is created until a layer is unpacked.
     pub(crate) fn new(home: &Path) -> LayerStore {
         LayerStore {
             root: home.join("layers"),
+            limits: UnpackLimits::default(),
         }
+    }
+
+    /// The store under `home` with other limits.
+    #[cfg(test)]
+    pub(crate) fn with_limits(home: &Path, limits: UnpackLimits) -> LayerStore {
+        LayerStore {
+            root: home.join("layers"),
+            limits,
+        }
+    }
+
+    /// What unpacking into this store may cost.
+    pub(crate) fn limits(&self) -> &UnpackLimits {
+        &self.limits
     }
 
     /// Where the layer with this diff_id lives (`layers/sha256/<hex>`), whether or not it
@@ -82,12 +109,15 @@ impl LayerStore {
     /// digest of the uncompressed tar and names the layer directory: if that directory
     /// exists already, it is returned without reading `blob`. Otherwise the whole blob is
     /// read (to its end, even past the end of the tar) and both digests are checked before
-    /// the layer is published; on any error nothing is left under the store.
+    /// the layer is published; on any error (a limit exceeded among them) nothing is left
+    /// under the store. `image` is what the image's other layers unpacked so far used of
+    /// [`UnpackLimits::image_bytes`]; this layer's bytes are added to it.
     pub(crate) fn unpack(
         &self,
         blob: impl Read,
         digest: &str,
         diff_id: Option<&str>,
+        image: &mut ImageBudget,
     ) -> Result<PathBuf, ImageError> {
         sha256_hex(digest)?;
         if let Some(diff_id) = diff_id {
@@ -96,7 +126,10 @@ impl LayerStore {
             }
         }
         let temp = self.temp_dir()?;
-        let actual_diff_id = unpack_verified(blob, digest, diff_id, temp.path())?;
+        let budget = ByteBudget::layer(&self.limits, image);
+        let actual_diff_id =
+            unpack_verified(blob, digest, diff_id, temp.path(), &self.limits, &budget)?;
+        image.add(budget.used());
         self.publish(temp, &actual_diff_id)
     }
 
@@ -297,12 +330,15 @@ pub(super) fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<u
 }
 
 /// Unpacks `blob` into the empty directory `dest`, reads it to its end and checks its
-/// digests; returns the diff_id (the digest of the uncompressed tar).
+/// digests; returns the diff_id (the digest of the uncompressed tar). The uncompressed
+/// bytes and sparse holes are charged to `budget`.
 fn unpack_verified(
     blob: impl Read,
     digest: &str,
     diff_id: Option<&str>,
     dest: &Path,
+    limits: &UnpackLimits,
+    budget: &ByteBudget,
 ) -> Result<String, ImageError> {
     let mut blob = HashingReader::new(blob);
     let mut magic = [0u8; 4];
@@ -317,10 +353,15 @@ fn unpack_verified(
             ),
             _ => Box::new(head),
         };
-        let mut tar_stream = HashingReader::new(decoded);
-        let mut unpacker = Unpacker::new(dest);
+        // Counted as it leaves the decompressor: no size in the tar is trusted.
+        let mut tar_stream = HashingReader::new(Counted::new(decoded, budget));
+        let headers = HeaderBudget::new(limits);
+        let mut unpacker = Unpacker::new(dest, limits, budget);
         let unpacked = unpacker
-            .unpack(&mut tar::Archive::new(&mut tar_stream))
+            .unpack(
+                &mut tar::Archive::new(HeaderTap::new(&mut tar_stream, &headers)),
+                &headers,
+            )
             .and_then(|()| {
                 // The digest covers the whole stream, past the tar's end-of-archive blocks.
                 io::copy(&mut tar_stream, &mut io::sink())
@@ -391,31 +432,53 @@ struct EntryMeta {
 /// Writes the entries of one layer tar under a directory.
 struct Unpacker<'a> {
     root: &'a Path,
+    limits: &'a UnpackLimits,
+    /// The layer's bytes, charged with the holes of sparse files.
+    budget: &'a ByteBudget,
     /// Running as root: ownership is restored.
     as_root: bool,
     /// Directories listed in the archive, by relative path; their mode and mtime are set
     /// last, so a read-only directory can still be filled and its mtime is not disturbed.
-    dirs: HashMap<PathBuf, DirMeta>,
+    /// Ordered, so that the directories under a replaced one are a range (paths compare
+    /// component by component), not a scan of them all per replacement.
+    dirs: BTreeMap<PathBuf, DirMeta>,
     /// Entries skipped (device nodes and unknown types), for hard links to them.
     skipped: HashSet<PathBuf>,
 }
 
 impl<'a> Unpacker<'a> {
-    fn new(root: &'a Path) -> Self {
+    fn new(root: &'a Path, limits: &'a UnpackLimits, budget: &'a ByteBudget) -> Self {
         Unpacker {
             root,
+            limits,
+            budget,
             as_root: rustix::process::geteuid().is_root(),
-            dirs: HashMap::new(),
+            dirs: BTreeMap::new(),
             skipped: HashSet::new(),
         }
     }
 
-    /// Writes every entry of the archive.
-    fn unpack<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<(), ImageError> {
-        let entries = archive.entries().map_err(ImageError::read("layer tar"))?;
-        for entry in entries {
+    /// Writes every entry of the archive (read through a [`HeaderTap`] on `headers`).
+    fn unpack<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<R>,
+        headers: &HeaderBudget,
+    ) -> Result<(), ImageError> {
+        let mut entries = archive.entries().map_err(ImageError::read("layer tar"))?;
+        let mut count = 0u64;
+        while let Some(entry) = headers.next(&mut entries) {
             let mut entry = entry.map_err(ImageError::read("layer tar"))?;
+            count += 1;
+            if count > self.limits.entries {
+                return Err(LimitHit {
+                    limit: Limit::Entries,
+                    max: self.limits.entries,
+                }
+                .into());
+            }
             self.entry(&mut entry)?;
+            // Read to its end here, so that the next header is all `headers` counts.
+            io::copy(&mut entry, &mut io::sink()).map_err(ImageError::read("layer"))?;
         }
         Ok(())
     }
@@ -449,6 +512,16 @@ impl<'a> Unpacker<'a> {
     }
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
+        let too_long = |bytes: usize| bytes as u64 > self.limits.path_bytes;
+        if too_long(entry.path_bytes().len())
+            || entry.link_name_bytes().is_some_and(|l| too_long(l.len()))
+        {
+            return Err(LimitHit {
+                limit: Limit::PathBytes,
+                max: self.limits.path_bytes,
+            }
+            .into());
+        }
         let rel = clean_path(&entry.path_bytes(), "path")?;
         let kind = entry.header().entry_type();
         if let Some(name) = rel.file_name() {
@@ -483,9 +556,17 @@ impl<'a> Unpacker<'a> {
             };
         }
         match kind {
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let meta = self.meta(entry)?;
-                self.file(&rel, entry, meta, kind != tar::EntryType::GNUSparse)
+                self.file(&rel, entry, meta, false)
+            }
+            tar::EntryType::GNUSparse => {
+                // The stored data is charged as it streams; the holes, before anything is
+                // created: the file's apparent size is what the guest will read.
+                let stored = entry.header().entry_size().unwrap_or(0);
+                self.budget.charge(entry.size().saturating_sub(stored))?;
+                let meta = self.meta(entry)?;
+                self.file(&rel, entry, meta, true)
             }
             tar::EntryType::Directory => {
                 let meta = self.meta(entry)?;
@@ -622,7 +703,16 @@ impl<'a> Unpacker<'a> {
         match fs::symlink_metadata(&abs) {
             Ok(_) => {
                 remove_all(&abs).map_err(ImageError::io("replace", &abs))?;
-                self.dirs.retain(|dir, _| !dir.starts_with(rel));
+                let gone: Vec<PathBuf> = self
+                    .dirs
+                    .range::<Path, _>((Bound::Included(rel), Bound::Unbounded))
+                    .map(|(dir, _)| dir)
+                    .take_while(|dir| dir.starts_with(rel))
+                    .cloned()
+                    .collect();
+                for dir in gone {
+                    self.dirs.remove(&dir);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(ImageError::io("inspect", &abs)(e)),
@@ -650,12 +740,13 @@ impl<'a> Unpacker<'a> {
         set_mtime(abs, meta.mtime)
     }
 
+    /// A regular file, or with `sparse` a GNU sparse member, written with holes.
     fn file<R: Read>(
         &mut self,
         rel: &Path,
         data: &mut tar::Entry<'_, R>,
         meta: EntryMeta,
-        check_size: bool,
+        sparse: bool,
     ) -> Result<(), ImageError> {
         let abs = self.prepare(rel)?;
         let mut file = OpenOptions::new()
@@ -665,8 +756,12 @@ impl<'a> Unpacker<'a> {
             .open(&abs)
             .map_err(ImageError::io("create file", &abs))?;
         let expected = data.size();
-        let written = io::copy(data, &mut file).map_err(ImageError::read("layer"))?;
-        if check_size && written != expected {
+        let written = if sparse {
+            write_sparse(data, &file, &abs)?
+        } else {
+            io::copy(data, &mut file).map_err(ImageError::read("layer"))?
+        };
+        if written != expected {
             return Err(ImageError::invalid(format!(
                 "layer entry {rel:?} is truncated ({written} of {expected} bytes)"
             )));
@@ -779,6 +874,47 @@ impl<'a> Unpacker<'a> {
     }
 }
 
+/// Writes a sparse member's data (holes read as zeros) to `file` with holes wherever a
+/// block is all zeros, and sets its length; returns that length. The `tar` crate gives no
+/// access to the sparse map, and a hole the map declares reads as zeros here: skipping
+/// zero blocks makes every declared hole a hole (and a zero block the map stores, too).
+/// The holes are still read (as zeros, from memory): the layer's limit bounds that work.
+fn write_sparse(data: &mut impl Read, file: &File, path: &Path) -> Result<u64, ImageError> {
+    let mut buf = vec![0u8; 16 * HOLE_BLOCK];
+    let mut offset = 0u64;
+    loop {
+        let n = read_up_to(data, &mut buf).map_err(ImageError::read("layer"))?;
+        if n == 0 {
+            break;
+        }
+        let mut start = 0;
+        while start < n {
+            let block_end = |from: usize| (from + HOLE_BLOCK).min(n);
+            if is_zero(&buf[start..block_end(start)]) {
+                start = block_end(start);
+                continue;
+            }
+            let mut end = block_end(start);
+            while end < n && !is_zero(&buf[end..block_end(end)]) {
+                end = block_end(end);
+            }
+            file.write_all_at(&buf[start..end], offset + start as u64)
+                .map_err(ImageError::io("write", path))?;
+            start = end;
+        }
+        offset += n as u64;
+    }
+    // A trailing hole is made by the length alone.
+    file.set_len(offset)
+        .map_err(ImageError::io("set length of", path))?;
+    Ok(offset)
+}
+
+/// True if every byte is zero (an OR fold, which vectorises).
+fn is_zero(block: &[u8]) -> bool {
+    block.iter().fold(0u8, |acc, b| acc | b) == 0
+}
+
 /// The (major, minor) numbers of a device entry.
 fn device_number(header: &tar::Header) -> Result<Option<(u32, u32)>, ImageError> {
     let bad = ImageError::read("device numbers of layer entry");
@@ -819,7 +955,9 @@ mod tests {
     use super::*;
     use crate::image::digest::sha256_of;
     use crate::image::fixture::{FixtureEntry, ImageFixture, FIXTURE_MTIME};
-    use crate::image::test_util::{assert_store_empty, raw_tar, temporaries, Raw};
+    use crate::image::test_util::{
+        assert_store_empty, gnu_long_tar, raw_tar, sparse_tar, temporaries, Raw,
+    };
 
     fn store() -> (tempfile::TempDir, LayerStore) {
         let home = tempfile::tempdir().expect("tempdir");
@@ -838,7 +976,7 @@ mod tests {
     /// Unpacks an uncompressed tar, its blob digest and diff_id both its sha256.
     fn unpack(store: &LayerStore, tar: &[u8]) -> Result<PathBuf, ImageError> {
         let digest = sha256_of(tar);
-        store.unpack(tar, &digest, Some(&digest))
+        store.unpack(tar, &digest, Some(&digest), &mut ImageBudget::default())
     }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
@@ -1115,7 +1253,7 @@ mod tests {
         let blob = gzip(&tar);
         let wrong = sha256_of(b"something else");
         let err = store
-            .unpack(blob.as_slice(), &wrong, None)
+            .unpack(blob.as_slice(), &wrong, None, &mut ImageBudget::default())
             .expect_err("should fail");
         assert!(
             matches!(&err, ImageError::DigestMismatch { what, .. } if what == "layer blob"),
@@ -1123,7 +1261,12 @@ mod tests {
         );
         assert_store_empty(home.path());
         let err = store
-            .unpack(blob.as_slice(), &sha256_of(&blob), Some(&wrong))
+            .unpack(
+                blob.as_slice(),
+                &sha256_of(&blob),
+                Some(&wrong),
+                &mut ImageBudget::default(),
+            )
             .expect_err("should fail");
         assert!(
             matches!(&err, ImageError::DigestMismatch { what, .. } if what.starts_with("uncompressed")),
@@ -1140,12 +1283,18 @@ mod tests {
                 tampered.as_slice(),
                 &sha256_of(&blob),
                 Some(&sha256_of(&tar)),
+                &mut ImageBudget::default(),
             )
             .expect_err("should fail");
         assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err:?}");
         assert_store_empty(home.path());
         let err = store
-            .unpack(blob.as_slice(), "sha256:abc", None)
+            .unpack(
+                blob.as_slice(),
+                "sha256:abc",
+                None,
+                &mut ImageBudget::default(),
+            )
             .expect_err("should fail");
         assert!(matches!(err, ImageError::BadDigest(_)), "{err:?}");
         assert!(matches!(store.dir("md5:00"), Err(ImageError::BadDigest(_))));
@@ -1158,7 +1307,7 @@ mod tests {
         // Digests of the truncated bytes: the truncation itself must be noticed.
         let cut = &tar[..3000];
         let err = store
-            .unpack(cut, &sha256_of(cut), None)
+            .unpack(cut, &sha256_of(cut), None, &mut ImageBudget::default())
             .expect_err("should fail");
         assert!(
             matches!(err, ImageError::Invalid { .. } | ImageError::Read { .. }),
@@ -1168,7 +1317,7 @@ mod tests {
         let blob = gzip(&tar);
         let cut = &blob[..blob.len() / 2];
         let err = store
-            .unpack(cut, &sha256_of(cut), None)
+            .unpack(cut, &sha256_of(cut), None, &mut ImageBudget::default())
             .expect_err("should fail");
         assert!(matches!(err, ImageError::Read { .. }), "{err:?}");
         assert_store_empty(home.path());
@@ -1190,14 +1339,24 @@ mod tests {
         let tar = tar_of(vec![FixtureEntry::file("z", "zstd")]);
         let blob = zstd::stream::encode_all(tar.as_slice(), 3).expect("zstd");
         let dir = store
-            .unpack(blob.as_slice(), &sha256_of(&blob), None)
+            .unpack(
+                blob.as_slice(),
+                &sha256_of(&blob),
+                None,
+                &mut ImageBudget::default(),
+            )
             .expect("unpack");
         assert_eq!(dir, store.dir(&sha256_of(&tar)).expect("valid digest"));
         assert_eq!(fs::read(dir.join("z")).expect("read"), b"zstd");
         // Unpacked again without a diff_id: the published copy is kept.
         let ino = fs::metadata(&dir).expect("metadata").ino();
         let again = store
-            .unpack(blob.as_slice(), &sha256_of(&blob), None)
+            .unpack(
+                blob.as_slice(),
+                &sha256_of(&blob),
+                None,
+                &mut ImageBudget::default(),
+            )
             .expect("unpack");
         assert_eq!(
             (again.clone(), fs::metadata(&again).expect("metadata").ino()),
@@ -1219,7 +1378,12 @@ mod tests {
         let digest = sha256_of(&tar);
         assert_eq!(
             store
-                .unpack(Unreadable, &digest, Some(&digest))
+                .unpack(
+                    Unreadable,
+                    &digest,
+                    Some(&digest),
+                    &mut ImageBudget::default()
+                )
                 .expect("unpack"),
             dir
         );
@@ -1243,7 +1407,12 @@ mod tests {
                 let (digest, diff_id) = (digest.clone(), diff_id.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    store.unpack(blob.as_slice(), &digest, Some(&diff_id))
+                    store.unpack(
+                        blob.as_slice(),
+                        &digest,
+                        Some(&diff_id),
+                        &mut ImageBudget::default(),
+                    )
                 })
             })
             .collect();
@@ -1262,6 +1431,197 @@ mod tests {
         assert_eq!(
             fs::read_dir(dirs[0].join("d")).expect("read dir").count(),
             200
+        );
+    }
+
+    const MIB: usize = 1 << 20;
+
+    /// Unpacks `blob` into a store with [`UnpackLimits::small`]: it must fail with
+    /// `LimitExceeded` for `limit` and leave nothing behind.
+    fn over_limit(blob: &[u8], limit: Limit) {
+        let home = tempfile::tempdir().expect("tempdir");
+        let limits = UnpackLimits::small();
+        over_limit_in(&LayerStore::with_limits(home.path(), limits), blob, limit);
+        assert_store_empty(home.path());
+    }
+
+    fn over_limit_in(store: &LayerStore, blob: &[u8], limit: Limit) {
+        let limits = store.limits();
+        let max = match limit {
+            Limit::LayerBytes => limits.layer_bytes,
+            Limit::ImageBytes => limits.image_bytes,
+            Limit::ArchiveBytes => limits.archive_bytes,
+            Limit::Entries => limits.entries,
+            Limit::HeaderBytes => limits.header_bytes,
+            Limit::PathBytes => limits.path_bytes,
+        };
+        let err = store
+            .unpack(blob, &sha256_of(blob), None, &mut ImageBudget::default())
+            .expect_err("should exceed a limit");
+        match &err {
+            ImageError::LimitExceeded { limit: l, max: m } if *l == limit && *m == max => {}
+            other => panic!("expected {limit:?} at {max}, got {other:?}"),
+        }
+        let shown = err.to_string();
+        assert!(shown.contains(&max.to_string()), "{shown}");
+    }
+
+    /// Unpacks a tar into a store with [`UnpackLimits::small`].
+    fn unpack_small(tar: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let home = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::with_limits(home.path(), UnpackLimits::small());
+        let dir = unpack(&store, tar).expect("unpack");
+        (home, dir)
+    }
+
+    #[test]
+    fn gzip_and_zstd_bombs_are_refused() {
+        // 2 MiB of zeros compress to a few KiB; the layer limit is 1 MiB.
+        let tar = tar_of(vec![FixtureEntry::file("zeros", vec![0u8; 2 * MIB])]);
+        over_limit(&gzip(&tar), Limit::LayerBytes);
+        over_limit(
+            &zstd::stream::encode_all(tar.as_slice(), 3).expect("zstd"),
+            Limit::LayerBytes,
+        );
+        // Past the tar's end, where nothing is unpacked, the bytes still count.
+        let mut padded = tar_of(vec![FixtureEntry::file("f", "x")]);
+        padded.resize(2 * MIB, 0);
+        over_limit(&gzip(&padded), Limit::LayerBytes);
+        // Just under the limit unpacks.
+        let tar = tar_of(vec![FixtureEntry::file("zeros", vec![0u8; MIB - 8192])]);
+        let (_home, dir) = unpack_small(&tar);
+        assert_eq!(
+            fs::metadata(dir.join("zeros")).expect("stat").len(),
+            (MIB - 8192) as u64
+        );
+    }
+
+    #[test]
+    fn the_image_limit_sums_the_layers() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let store = LayerStore::with_limits(home.path(), UnpackLimits::small());
+        let mut image = ImageBudget::default();
+        // Two layers of 0.75 MiB: each is under the layer limit (1 MiB), together under
+        // the image limit (2 MiB); a third is not.
+        let layer = |name: &str| tar_of(vec![FixtureEntry::file(name, vec![1u8; 3 * MIB / 4])]);
+        for name in ["a", "b"] {
+            let tar = layer(name);
+            let digest = sha256_of(&tar);
+            store
+                .unpack(tar.as_slice(), &digest, Some(&digest), &mut image)
+                .expect("unpack");
+        }
+        let tar = layer("c");
+        let digest = sha256_of(&tar);
+        let err = store
+            .unpack(tar.as_slice(), &digest, Some(&digest), &mut image)
+            .expect_err("over the image limit");
+        assert!(
+            matches!(err, ImageError::LimitExceeded { limit: Limit::ImageBytes, max } if max == 2 * MIB as u64),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.list().expect("list").len(),
+            2,
+            "the complete layers stay"
+        );
+        assert_eq!(store.get(&digest).expect("get"), None);
+        assert!(temporaries(home.path()).is_empty());
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        let files =
+            |n: usize| -> Vec<Raw> { (0..n).map(|i| Raw::file(&format!("f{i}"), b"")).collect() };
+        over_limit(&raw_tar(&files(101)), Limit::Entries);
+        let (_home, dir) = unpack_small(&raw_tar(&files(100)));
+        assert_eq!(fs::read_dir(&dir).expect("read dir").count(), 100);
+    }
+
+    #[test]
+    fn huge_pax_headers_are_refused() {
+        // The limit is 64 KiB; the `tar` crate would read the whole header into memory.
+        let big = vec![b'a'; 100 << 10];
+        over_limit(
+            &raw_tar(&[Raw::file("f", b"x").pax("comment", &big)]),
+            Limit::HeaderBytes,
+        );
+        let (_home, dir) = unpack_small(&raw_tar(&[
+            Raw::file("f", b"x").pax("comment", &big[..60 << 10])
+        ]));
+        assert_eq!(fs::read(dir.join("f")).expect("read"), b"x");
+    }
+
+    #[test]
+    fn huge_gnu_long_names_and_paths_are_refused() {
+        over_limit(
+            &gnu_long_tar(tar::EntryType::GNULongName, 100 << 10),
+            Limit::HeaderBytes,
+        );
+        over_limit(
+            &gnu_long_tar(tar::EntryType::GNULongLink, 100 << 10),
+            Limit::HeaderBytes,
+        );
+        // Under the header limit but longer than any path the guest could open.
+        over_limit(
+            &gnu_long_tar(tar::EntryType::GNULongName, 5000),
+            Limit::PathBytes,
+        );
+        over_limit(
+            &gnu_long_tar(tar::EntryType::GNULongLink, 5000),
+            Limit::PathBytes,
+        );
+    }
+
+    #[test]
+    fn a_sparse_terabyte_is_refused_before_anything_is_written() {
+        let home = tempfile::tempdir().expect("tempdir");
+        // The default limits: 32 GiB per layer.
+        let store = LayerStore::new(home.path());
+        let tib = 1u64 << 40;
+        let tar = sparse_tar("huge", tib, &[(tib - 512, vec![7u8; 512])]);
+        assert!(tar.len() < 4096);
+        over_limit_in(&store, &tar, Limit::LayerBytes);
+        assert_store_empty(home.path());
+        // Holes count as the apparent size: 2 MiB of holes against a 1 MiB limit.
+        over_limit(
+            &sparse_tar("f", 2 * MIB as u64, &[(0, vec![1u8; 512])]),
+            Limit::LayerBytes,
+        );
+    }
+
+    #[test]
+    fn sparse_files_are_written_with_holes() {
+        let size = 64 * MIB;
+        // Six blocks: two of them in a GNU sparse extension header; a trailing hole.
+        let blocks: Vec<(u64, Vec<u8>)> = [
+            (0, 512, b'a'),
+            (MIB, 4096, b'b'),
+            (8 * MIB + 100, 1024, b'c'),
+            (9 * MIB, 512, b'd'),
+            (10 * MIB, 512, b'e'),
+            (40 * MIB, 700, b'f'),
+        ]
+        .iter()
+        .map(|&(offset, len, byte)| (offset as u64, vec![byte; len]))
+        .collect();
+        let tar = sparse_tar("dir/sparse", size as u64, &blocks);
+        let (_home, store) = store();
+        let dir = unpack(&store, &tar).expect("unpack");
+        let path = dir.join("dir/sparse");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!(meta.len(), size as u64);
+        assert_eq!(meta.mode() & 0o7777, 0o644);
+        // Six blocks of data take a few filesystem blocks, not 64 MiB.
+        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        let mut expected = vec![0u8; size];
+        for (offset, data) in &blocks {
+            let offset = *offset as usize;
+            expected[offset..offset + data.len()].copy_from_slice(data);
+        }
+        assert!(
+            fs::read(&path).expect("read") == expected,
+            "content differs"
         );
     }
 }

@@ -31,12 +31,15 @@
 //! verify every blob against its digest, unpack the layers into the store and return a
 //! `ResolvedImage`: the layer directories, bottom first, and the runtime configuration.
 //! Archives are untrusted input: paths that leave the layer, links through symlinks and
-//! device nodes are refused or skipped, never followed.
+//! device nodes are refused or skipped, never followed, and what unpacking may cost
+//! (decompressed bytes, entries, header and path sizes, sparse files' apparent size) is
+//! bounded by `UnpackLimits`.
 //!
 //! The files: `store` (the local image store: reference parsing, the store lock, making an
 //! image ready, load, save, prune), `pull` (fetching from a registry, [`PullPolicy`],
 //! [`PullOptions`]), `auth` (credentials), `events` (pull progress), `blobs` (the blob
 //! store), `archive` (image layouts and archives), `layer` (the layer store and unpacking),
+//! `limits` (what unpacking may cost: decompressed bytes, entries, header sizes),
 //! `digest` (sha256 digests), `error` (`ImageError`, and `image_error` that makes it the
 //! SDK's error), `info` (what the store reports: [`ImageInfo`], [`ImageDetails`],
 //! [`ImageLayer`], [`PruneReport`]).
@@ -55,6 +58,7 @@ mod events;
 pub mod fixture;
 mod info;
 mod layer;
+mod limits;
 mod pull;
 mod store;
 #[cfg(test)]

@@ -14,6 +14,7 @@ use super::blobs::BlobStore;
 use super::error::image_error;
 use super::events::{Events, PullEvent};
 use super::info::{ImageInfo, PruneReport};
+use super::limits::ImageBudget;
 use super::pull::{self, PullOptions, PullPolicy};
 use super::{ImageConfig, ImageError, LayerStore, ResolvedImage};
 use crate::home::{private_dir, Paths};
@@ -215,6 +216,7 @@ fn materialize(
         });
     }
     let mut layers = Vec::new();
+    let mut budget = ImageBudget::default();
     for (index, (desc, diff_id)) in manifest.layers().iter().zip(diff_ids).enumerate() {
         if let Some(dir) = store.get(diff_id).map_err(err)? {
             layers.push(dir);
@@ -236,7 +238,11 @@ fn materialize(
             index,
             events,
         };
-        layers.push(store.unpack(reader, &digest, Some(diff_id)).map_err(err)?);
+        layers.push(
+            store
+                .unpack(reader, &digest, Some(diff_id), &mut budget)
+                .map_err(err)?,
+        );
         events.send(PullEvent::LayerMaterializeComplete {
             layer_index: index,
             diff_id: diff_id.clone(),

@@ -134,6 +134,75 @@ pub(super) fn raw_tar(entries: &[Raw]) -> Vec<u8> {
     builder.into_inner().expect("tar")
 }
 
+/// A tar of one GNU long name (`GNULongName`, naming the regular file that follows) or long
+/// link (`GNULongLink`, the target of the symlink that follows) entry of `len` bytes.
+pub(super) fn gnu_long_tar(kind: tar::EntryType, len: usize) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut long = header(kind, b"././@LongLink", b"", len as u64, 0o644);
+    long.set_cksum();
+    builder
+        .append(&long, vec![b'a'; len].as_slice())
+        .expect("tar");
+    let mut next = if kind == tar::EntryType::GNULongLink {
+        header(tar::EntryType::Symlink, b"l", b"short", 0, 0o777)
+    } else {
+        header(tar::EntryType::Regular, b"short", b"", 1, 0o644)
+    };
+    next.set_cksum();
+    let data: &[u8] = if kind == tar::EntryType::GNULongLink {
+        b""
+    } else {
+        b"x"
+    };
+    builder.append(&next, data).expect("tar");
+    builder.into_inner().expect("tar")
+}
+
+/// A tar of one GNU sparse member `name` of apparent size `size`: `blocks` of data (offset,
+/// bytes; all but the last a multiple of 512 bytes long, in order) and holes elsewhere.
+/// More than 4 blocks take GNU sparse extension headers; a trailing hole is an empty block
+/// at `size`, as GNU tar writes it.
+pub(super) fn sparse_tar(name: &str, size: u64, blocks: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut blocks = blocks.to_vec();
+    if blocks
+        .last()
+        .is_none_or(|(offset, data)| offset + data.len() as u64 != size)
+    {
+        blocks.push((size, Vec::new()));
+    }
+    let stored: Vec<u8> = blocks.iter().flat_map(|(_, data)| data.clone()).collect();
+    let mut h = header(
+        tar::EntryType::GNUSparse,
+        name.as_bytes(),
+        b"",
+        stored.len() as u64,
+        0o644,
+    );
+    let (first, rest) = blocks.split_at(blocks.len().min(4));
+    let gnu = h.as_gnu_mut().expect("a GNU header");
+    gnu.set_real_size(size);
+    for (slot, (offset, data)) in gnu.sparse.iter_mut().zip(first) {
+        slot.set_offset(*offset);
+        slot.set_length(data.len() as u64);
+    }
+    gnu.set_is_extended(!rest.is_empty());
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    let chunks: Vec<_> = rest.chunks(21).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, (offset, data)) in ext.sparse_mut().iter_mut().zip(chunk.iter()) {
+            slot.set_offset(*offset);
+            slot.set_length(data.len() as u64);
+        }
+        ext.set_is_extended(i + 1 < chunks.len());
+        out.extend_from_slice(ext.as_bytes());
+    }
+    out.extend_from_slice(&stored);
+    out.resize(out.len().next_multiple_of(512) + 1024, 0);
+    out
+}
+
 /// The regular-file members of a tar, in order.
 pub(super) fn read_members(path: &Path) -> Vec<(String, Vec<u8>)> {
     let mut archive = tar::Archive::new(std::fs::File::open(path).expect("open"));
