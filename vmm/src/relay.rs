@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_CLIENTS: usize = 128;
 /// Default size at which `exec.log` rotates to `exec.log.1`.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
+/// Pause after a failed accept (out of descriptors or memory). The accept blocks, so a
+/// failure cannot spin the way a level-triggered listener in epoll does, but it returns at
+/// once while the shortage lasts; the client waits in the backlog meanwhile.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// What the relay serves and where it logs.
 #[derive(Debug, Clone)]
@@ -330,15 +334,23 @@ impl Drop for Relay {
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    // A failed accept was reported and none has succeeded since (one warning per shortage).
+    let mut warned = false;
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(client) = conn else {
-            // Out of descriptors or similar: do not spin.
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
+        let client = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!("relay: cannot accept clients ({e}); retrying");
+                }
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
         };
+        warned = false;
         if shared.clients.fetch_add(1, Ordering::SeqCst) >= shared.cfg.max_clients {
             shared.clients.fetch_sub(1, Ordering::SeqCst);
             refuse(
