@@ -19,6 +19,15 @@ const MAX_SOCKET_PATH: usize = 100;
 /// Most bind and named volumes: one virtio-fs device each, on the VMM's interrupt lines
 /// besides the root's, the agent directory's and the network device's.
 pub const MAX_SHARED_VOLUMES: usize = 15;
+/// Default for [`SandboxFs::read_limit`](crate::SandboxFs::read_limit): the most bytes
+/// [`SandboxFs::read`](crate::SandboxFs::read) holds in memory. The guest announces a
+/// file's size and sends it; believed without a bound, a hostile guest makes the
+/// application allocate whatever it names.
+pub const DEFAULT_FS_READ_LIMIT: u64 = 1 << 30;
+/// Default for [`ExecOptions::output_limit`](crate::ExecOptions::output_limit): the most
+/// bytes of stdout, and of stderr, that the collecting exec calls keep in memory (a
+/// command can print without end).
+pub const DEFAULT_EXEC_OUTPUT_LIMIT: u64 = 256 << 20;
 
 /// Guest memory size in MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
