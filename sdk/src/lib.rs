@@ -88,3 +88,6 @@ pub use volume::{MountBuilder, VolumeMount};
 /// An error and its causes on one line, `: `-separated (what the `msb` CLI prints).
 #[doc(hidden)]
 pub use msb_protocol::error_chain;
+/// Guest text (command output, logs, the agent's messages) with its control characters
+/// shown as escapes, for printing on a terminal.
+pub use msb_protocol::terminal::{escape_controls, escape_controls_bytes};

@@ -130,7 +130,9 @@ impl ConsoleLog {
             f.write_line(&text);
         }
         if self.echo {
-            let _ = writeln!(io::stderr().lock(), "{text}");
+            // The operator's terminal: the guest's escape sequences are shown, not obeyed.
+            let safe = msb_protocol::terminal::escape_controls(&text);
+            let _ = writeln!(io::stderr().lock(), "{safe}");
         }
         let new_panic = !self.panicked && text.contains(PANIC_MARKER);
         self.panicked |= new_panic;
