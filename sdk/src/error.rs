@@ -135,6 +135,17 @@ pub enum MicrosandboxError {
         /// The guest's message.
         message: String,
     },
+    /// A directory of the SDK's state ([`msb_home`](crate::msb_home) or one right under it)
+    /// is not private to this user: owned by another, or writable by its group or by
+    /// others. Someone else could then plant files, links or sockets in it, so it is not
+    /// used.
+    #[error("refusing the directory {path}: {reason}")]
+    UntrustedDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The `msb-vmm` binary could not be found.
     #[error(
         "cannot find the msb-vmm binary (set MSB_VMM, or put it beside this program or on PATH)"

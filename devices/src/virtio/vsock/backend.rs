@@ -202,6 +202,13 @@ impl Backend {
             Err(e) => return Err(listen_err(e)),
         }
         let listener = UnixListener::bind(&cfg.uds_path).map_err(listen_err)?;
+        // Whoever connects talks to the guest: this user only. (The mode would follow the
+        // umask, which the virtio-fs devices set to 0.)
+        std::fs::set_permissions(
+            &cfg.uds_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         watch_listener(&epoll, &listener).map_err(VsockError::EventLoop)?;
         Ok(Backend {
