@@ -514,6 +514,10 @@ pub(crate) struct LogsArgs {
     /// data_b64 when the bytes are not UTF-8)
     #[arg(long)]
     pub(crate) json: bool,
+    /// Print the output exactly as it was, escape sequences included (on a terminal they
+    /// are shown as `\x1b` and the like by default: the output is the guest's)
+    #[arg(long)]
+    pub(crate) raw: bool,
     /// Sandbox name
     pub(crate) name: String,
 }

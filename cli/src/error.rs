@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use microsandbox::{error_chain, MicrosandboxError};
+use microsandbox::{error_chain, escape_controls, MicrosandboxError};
 
 use crate::EXIT_STDOUT_CLOSED;
 
@@ -89,10 +89,11 @@ impl CliError {
     }
 }
 
-/// Writes a line to stderr (never panics, unlike `eprintln!`).
+/// Writes a line to stderr (never panics, unlike `eprintln!`). Errors quote the guest
+/// (the agent's messages, the VMM's last console lines): control characters are escaped.
 pub(crate) fn say(line: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{line}");
+    let _ = writeln!(err, "{}", escape_controls(line));
 }
 
 pub(crate) fn report(e: &CliError) {

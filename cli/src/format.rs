@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
-use microsandbox::{LogEntry, SandboxHandle, SandboxMetrics};
+use microsandbox::{escape_controls, LogEntry, SandboxHandle, SandboxMetrics};
 use serde_json::{json, Value};
 
 use crate::error::{out, CliError, CliResult};
@@ -91,11 +91,15 @@ pub(crate) fn labels_text(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-/// Each line of a system message, prefixed `[system] `.
-pub(crate) fn system_lines(data: &[u8]) -> String {
+/// Each line of a system message, prefixed `[system] `; with `escape`, control characters
+/// shown as escapes (they may quote the guest).
+pub(crate) fn system_lines(data: &[u8], escape: bool) -> String {
     String::from_utf8_lossy(data)
         .lines()
-        .map(|l| format!("[system] {l}\n"))
+        .map(|l| match escape {
+            true => format!("[system] {}\n", escape_controls(l)),
+            false => format!("[system] {l}\n"),
+        })
         .collect()
 }
 
@@ -232,8 +236,16 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(185)), "3m05s");
         assert_eq!(human_duration(Duration::from_secs(7380)), "2h03m");
         assert_eq!(
-            system_lines(b"booted\nready"),
+            system_lines(b"booted\nready", true),
             "[system] booted\n[system] ready\n"
+        );
+        assert_eq!(
+            system_lines(b"failed: \x1b]0;title\x07", true),
+            "[system] failed: \\x1b]0;title\\x07\n"
+        );
+        assert_eq!(
+            system_lines(b"raw \x1b[2J", false),
+            "[system] raw \x1b[2J\n"
         );
         assert_eq!(exit_byte(0), 0);
         assert_eq!(exit_byte(137), 137);

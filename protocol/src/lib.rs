@@ -10,7 +10,8 @@
 //!   text form for command lines;
 //! - [`vmmargs`]: every option of `msb-vmm` as one struct, which the SDK renders and the
 //!   VMM parses (with the `clap` feature);
-//! - [`vmmfiles`] and [`execlog`]: the files the VMM writes and the SDK reads.
+//! - [`vmmfiles`] and [`execlog`]: the files the VMM writes and the SDK reads;
+//! - [`terminal`]: guest text made safe to print on the operator's terminal.
 //!
 //! It also holds [`error_chain`], the one way the host side (VMM, SDK, CLI) writes an error
 //! with its causes.
@@ -22,6 +23,7 @@ pub mod frame;
 pub mod message;
 pub mod network;
 pub mod sysdev;
+pub mod terminal;
 pub mod vmmargs;
 pub mod vmmfiles;
 

@@ -135,6 +135,17 @@ pub enum MicrosandboxError {
         /// The guest's message.
         message: String,
     },
+    /// A directory of the SDK's state ([`msb_home`](crate::msb_home) or one right under it)
+    /// is not private to this user: owned by another, or writable by its group or by
+    /// others. Someone else could then plant files, links or sockets in it, so it is not
+    /// used.
+    #[error("refusing the directory {path}: {reason}")]
+    UntrustedDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The `msb-vmm` binary could not be found.
     #[error(
         "cannot find the msb-vmm binary (set MSB_VMM, or put it beside this program or on PATH)"
@@ -164,6 +175,23 @@ pub enum MicrosandboxError {
         timeout: Duration,
         /// What the command printed before it was killed.
         output: Box<ExecOutput>,
+    },
+    /// More data than the SDK keeps in memory for one call: a file for
+    /// [`SandboxFs::read`](crate::SandboxFs::read), or a command's stdout or stderr for the
+    /// collecting calls ([`Sandbox::exec`](crate::Sandbox::exec),
+    /// [`ExecHandle::collect`](crate::ExecHandle::collect)). The guest decides these sizes,
+    /// so they are bounded; stream the data instead
+    /// ([`SandboxFs::read_stream`](crate::SandboxFs::read_stream),
+    /// [`Sandbox::exec_stream`](crate::Sandbox::exec_stream)), or raise the limit
+    /// ([`SandboxFs::read_limit`](crate::SandboxFs::read_limit),
+    /// [`ExecOptions::output_limit`](crate::ExecOptions::output_limit)). A command over the
+    /// limit is killed.
+    #[error("{what} is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large: `the file /path`, `stdout`, `stderr`.
+        what: String,
+        /// The limit that was reached, bytes.
+        limit: u64,
     },
     /// The guest agent cannot be reached.
     #[error("the guest agent is unavailable: {0}")]

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
+use crate::home::DEFAULT_EXEC_OUTPUT_LIMIT;
 use crate::output::{ExecOutput, ExecStatus};
 
 /// Session id the SDK uses on its per-command connection.
@@ -81,7 +82,7 @@ impl Rlimit {
 
 /// Per-command options for [`crate::Sandbox::exec_with`] and friends; the sandbox's own
 /// env, workdir and user apply underneath.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ExecOptions {
     pub(crate) args: Vec<String>,
     pub(crate) env: Vec<(String, String)>,
@@ -91,6 +92,23 @@ pub struct ExecOptions {
     pub(crate) stdin: Stdin,
     pub(crate) tty: Option<(u16, u16)>,
     pub(crate) rlimits: Vec<Rlimit>,
+    pub(crate) output_limit: u64,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            timeout: None,
+            stdin: Stdin::Null,
+            tty: None,
+            rlimits: Vec::new(),
+            output_limit: DEFAULT_EXEC_OUTPUT_LIMIT,
+        }
+    }
 }
 
 impl ExecOptions {
@@ -172,6 +190,16 @@ impl ExecOptions {
     /// Adds a resource limit.
     pub fn rlimit(mut self, limit: Rlimit) -> Self {
         self.rlimits.push(limit);
+        self
+    }
+
+    /// The most bytes of stdout, and of stderr, that the collecting calls
+    /// ([`crate::Sandbox::exec`], [`ExecHandle::collect`]) keep in memory; default
+    /// [`DEFAULT_EXEC_OUTPUT_LIMIT`] (256 MiB) each. Past it the command is killed and the
+    /// call fails with [`MicrosandboxError::TooLarge`]. Streaming
+    /// ([`crate::Sandbox::exec_stream`]) has no limit: the caller decides what to keep.
+    pub fn output_limit(mut self, bytes: u64) -> Self {
+        self.output_limit = bytes;
         self
     }
 
@@ -314,11 +342,17 @@ pub struct ExecHandle {
     events: mpsc::Receiver<MicrosandboxResult<ExecEvent>>,
     w: Writer,
     stdin: Option<ExecSink>,
+    output_limit: u64,
 }
 
 impl ExecHandle {
     /// Starts `req` on a fresh connection to `control`; returns once the guest started it.
-    pub(crate) async fn start(control: &Path, req: ExecStart) -> MicrosandboxResult<Self> {
+    /// [`ExecHandle::collect`] keeps at most `output_limit` bytes of each stream.
+    pub(crate) async fn start(
+        control: &Path,
+        req: ExecStart,
+        output_limit: u64,
+    ) -> MicrosandboxResult<Self> {
         let piped = req.stdin == StdinMode::Stream;
         let start = Frame::new(SESSION, Message::ExecStart(req));
         let (mut r, w) = conn::open_with(control, Some(&start)).await?;
@@ -377,6 +411,7 @@ impl ExecHandle {
             events,
             stdin: piped.then(|| ExecSink { w: w.clone() }),
             w,
+            output_limit,
         })
     }
 
@@ -426,13 +461,26 @@ impl ExecHandle {
         Err(MicrosandboxError::ConnectionClosed)
     }
 
-    /// Waits for the end, collecting output in memory.
+    /// Waits for the end, collecting output in memory: at most the
+    /// [`ExecOptions::output_limit`] of stdout and of stderr. Past it the call fails with
+    /// [`MicrosandboxError::TooLarge`], and the command is killed (the handle is dropped).
     pub async fn collect(mut self) -> MicrosandboxResult<ExecOutput> {
+        let limit = self.output_limit;
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let keep = |buf: &mut Vec<u8>, d: Vec<u8>, what: &str| {
+            if (buf.len() as u64).saturating_add(d.len() as u64) > limit {
+                return Err(MicrosandboxError::TooLarge {
+                    what: what.to_string(),
+                    limit,
+                });
+            }
+            buf.extend(d);
+            Ok(())
+        };
         while let Some(ev) = self.recv().await? {
             match ev {
-                ExecEvent::Stdout(d) => stdout.extend(d),
-                ExecEvent::Stderr(d) => stderr.extend(d),
+                ExecEvent::Stdout(d) => keep(&mut stdout, d, "stdout")?,
+                ExecEvent::Stderr(d) => keep(&mut stderr, d, "stderr")?,
                 ExecEvent::Started { .. } => {}
                 ExecEvent::Exited(status) => {
                     return Ok(ExecOutput {
@@ -498,6 +546,67 @@ mod tests {
             .expect("valid");
         assert_eq!(own.cwd.as_deref(), Some("/tmp"));
         assert_eq!(own.user, Some(User::Name("nobody".into())));
+    }
+
+    fn exited(code: i32) -> Message {
+        Message::Exited {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+        }
+    }
+
+    async fn collect_from(answers: Vec<Message>, limit: u64) -> MicrosandboxResult<ExecOutput> {
+        let (_dir, control) = crate::fake_agent::serve_once(answers);
+        let req = ExecOptions::default()
+            .request("sh".into(), &ExecDefaults::default())
+            .expect("valid");
+        ExecHandle::start(&control, req, limit)
+            .await
+            .expect("started")
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn collected_output_is_bounded_per_stream() {
+        let started = Message::Started { pid: 7 };
+        // Under the limit on each stream (not in total): collected whole.
+        let out = collect_from(
+            vec![
+                started.clone(),
+                Message::Stdout(vec![b'o'; 800]),
+                Message::Stderr(vec![b'e'; 800]),
+                exited(0),
+            ],
+            1000,
+        )
+        .await
+        .expect("within the limit");
+        assert_eq!(
+            (out.stdout_bytes().len(), out.stderr_bytes().len()),
+            (800, 800)
+        );
+
+        // A guest that keeps printing: a typed error naming the stream and the limit.
+        for (chunk, what) in [
+            (Message::Stdout(vec![b'o'; 600]), "stdout"),
+            (Message::Stderr(vec![b'e'; 600]), "stderr"),
+        ] {
+            let err = collect_from(vec![started.clone(), chunk.clone(), chunk, exited(0)], 1000)
+                .await
+                .expect_err("over the limit");
+            assert!(
+                matches!(&err, MicrosandboxError::TooLarge { what: w, limit: 1000 } if w == what),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_default_output_limit_is_generous() {
+        assert_eq!(ExecOptions::default().output_limit, 256 << 20);
+        assert_eq!(ExecOptions::default().output_limit(5).output_limit, 5);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Each call is one connection to the sandbox. File data moves in chunks of at most
 //! 256 KiB in both directions, so reading or writing a file of any size holds a bounded
-//! amount of memory (except [`SandboxFs::read`], which returns the whole file). A write
+//! amount of memory (except [`SandboxFs::read`], which returns the whole file: at most
+//! [`SandboxFs::read_limit`] bytes, 1 GiB by default, whatever size the guest names). A write
 //! lands in a temporary file in the guest that replaces the target only once complete;
 //! [`SandboxFs::copy_to_host`] does the same on the host.
 
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::conn;
 use crate::error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
+use crate::home::DEFAULT_FS_READ_LIMIT;
 use crate::Sandbox;
 
 /// The session id of the one request on an fs connection.
@@ -112,6 +114,7 @@ pub struct FsEntry {
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxFs<'a> {
     sb: &'a Sandbox,
+    read_limit: u64,
 }
 
 impl Sandbox {
@@ -177,6 +180,29 @@ async fn read_chunk(
     Ok((filled > 0).then_some(buf))
 }
 
+/// Collects a file's stream for [`SandboxFs::read`], refusing more than `limit` bytes:
+/// first the size the guest announced (so nothing is read of a file that will not fit),
+/// then what actually arrives (the guest is untrusted).
+async fn collect_file(mut s: FsReadStream, path: &str, limit: u64) -> MicrosandboxResult<Bytes> {
+    let too_large = || MicrosandboxError::TooLarge {
+        what: format!("the file {path}"),
+        limit,
+    };
+    if s.metadata.size > limit {
+        return Err(too_large());
+    }
+    // The announced size bounds what arrives; reserve up to a sane amount of it.
+    let mut out = BytesMut::with_capacity(s.metadata.size.min(64 << 20) as usize);
+    while let Some(chunk) = s.recv().await {
+        let chunk = chunk?;
+        if (out.len() as u64).saturating_add(chunk.len() as u64) > limit {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
 /// Turns the agent's answer into a typed error.
 fn agent_error(op: &'static str, path: &str, m: Message) -> MicrosandboxError {
     match m {
@@ -190,9 +216,84 @@ fn agent_error(op: &'static str, path: &str, m: Message) -> MicrosandboxError {
     }
 }
 
+/// The rest of a read once the request went out on `(r, w)`: the guest's first answer
+/// (the file's metadata, or why it did not open), then its chunks on a task.
+async fn read_stream_on(
+    mut r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+    path: &str,
+) -> MicrosandboxResult<FsReadStream> {
+    // The first answer says whether the file opened, and how big it is.
+    let metadata = match conn::read_frame(&mut r).await? {
+        Some(Frame {
+            message: Message::FsStat(s),
+            ..
+        }) => FsMetadata::from_wire(s),
+        Some(f) => return Err(agent_error("read", path, f.message)),
+        None => return Err(MicrosandboxError::ConnectionClosed),
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let path = path.to_string();
+    // A size of 0 is a procfs-like file: the guest sends what reading it gives.
+    let mut left = match metadata.size {
+        0 => msb_protocol::message::FS_SIZELESS_MAX,
+        n => n,
+    };
+    tokio::spawn(async move {
+        let _w = w;
+        loop {
+            let item = match conn::read_frame(&mut r).await {
+                Ok(Some(Frame {
+                    message: Message::FsData(d),
+                    ..
+                })) if d.len() as u64 <= left => {
+                    left -= d.len() as u64;
+                    Ok(Bytes::from(d))
+                }
+                Ok(Some(Frame {
+                    message: Message::FsData(_),
+                    ..
+                })) => Err(MicrosandboxError::Agent(format!(
+                    "the guest sent more of {path} than its size"
+                ))),
+                Ok(Some(Frame {
+                    message: Message::FsDone,
+                    ..
+                })) => return,
+                Ok(Some(f)) => Err(agent_error("read", &path, f.message)),
+                Ok(None) => Err(MicrosandboxError::ConnectionClosed),
+                Err(e) => Err(e),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    Ok(FsReadStream { rx, metadata })
+}
+
 impl<'a> SandboxFs<'a> {
     pub(crate) fn new(sb: &'a Sandbox) -> Self {
-        SandboxFs { sb }
+        SandboxFs {
+            sb,
+            read_limit: DEFAULT_FS_READ_LIMIT,
+        }
+    }
+
+    /// The most bytes [`SandboxFs::read`] and [`SandboxFs::read_to_string`] return
+    /// (default [`DEFAULT_FS_READ_LIMIT`], 1 GiB); a larger file is
+    /// [`MicrosandboxError::TooLarge`]. The guest announces sizes, so whole-file reads are
+    /// bounded; [`SandboxFs::read_stream`] and [`SandboxFs::copy_to_host`] have no limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &microsandbox::Sandbox) -> microsandbox::MicrosandboxResult<()> {
+    /// let config = sb.fs().read_limit(64 << 10).read("/etc/app.conf").await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn read_limit(mut self, bytes: u64) -> Self {
+        self.read_limit = bytes;
+        self
     }
 
     async fn open(&self, req: FsRequest) -> MicrosandboxResult<(OwnedReadHalf, OwnedWriteHalf)> {
@@ -237,7 +338,8 @@ impl<'a> SandboxFs<'a> {
         }
     }
 
-    /// Reads a whole file.
+    /// Reads a whole file: at most [`SandboxFs::read_limit`] bytes (1 GiB by default), else
+    /// [`MicrosandboxError::TooLarge`] before any of it is read.
     ///
     /// ```no_run
     /// # async fn demo(sb: &microsandbox::Sandbox) -> microsandbox::MicrosandboxResult<()> {
@@ -245,13 +347,8 @@ impl<'a> SandboxFs<'a> {
     /// # Ok(()) }
     /// ```
     pub async fn read(&self, path: &str) -> MicrosandboxResult<Bytes> {
-        let mut s = self.read_stream(path).await?;
-        // The announced size bounds what arrives; reserve up to a sane amount of it.
-        let mut out = BytesMut::with_capacity(s.metadata.size.min(64 << 20) as usize);
-        while let Some(chunk) = s.recv().await {
-            out.extend_from_slice(&chunk?);
-        }
-        Ok(out.freeze())
+        let s = self.read_stream(path).await?;
+        collect_file(s, path, self.read_limit).await
     }
 
     /// Reads a whole file as UTF-8 text.
@@ -264,59 +361,12 @@ impl<'a> SandboxFs<'a> {
     /// stream is consumed, and sends at most the size the file had when it was opened
     /// ([`FsReadStream::metadata`]); more is an error.
     pub async fn read_stream(&self, path: &str) -> MicrosandboxResult<FsReadStream> {
-        let (mut r, w) = self
+        let (r, w) = self
             .open(FsRequest::Read {
                 path: path.to_string(),
             })
             .await?;
-        // The first answer says whether the file opened, and how big it is.
-        let metadata = match conn::read_frame(&mut r).await? {
-            Some(Frame {
-                message: Message::FsStat(s),
-                ..
-            }) => FsMetadata::from_wire(s),
-            Some(f) => return Err(agent_error("read", path, f.message)),
-            None => return Err(MicrosandboxError::ConnectionClosed),
-        };
-        let (tx, rx) = mpsc::channel(4);
-        let path = path.to_string();
-        // A size of 0 is a procfs-like file: the guest sends what reading it gives.
-        let mut left = match metadata.size {
-            0 => msb_protocol::message::FS_SIZELESS_MAX,
-            n => n,
-        };
-        tokio::spawn(async move {
-            let _w = w;
-            loop {
-                let item = match conn::read_frame(&mut r).await {
-                    Ok(Some(Frame {
-                        message: Message::FsData(d),
-                        ..
-                    })) if d.len() as u64 <= left => {
-                        left -= d.len() as u64;
-                        Ok(Bytes::from(d))
-                    }
-                    Ok(Some(Frame {
-                        message: Message::FsData(_),
-                        ..
-                    })) => Err(MicrosandboxError::Agent(format!(
-                        "the guest sent more of {path} than its size"
-                    ))),
-                    Ok(Some(Frame {
-                        message: Message::FsDone,
-                        ..
-                    })) => return,
-                    Ok(Some(f)) => Err(agent_error("read", &path, f.message)),
-                    Ok(None) => Err(MicrosandboxError::ConnectionClosed),
-                    Err(e) => Err(e),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        Ok(FsReadStream { rx, metadata })
+        read_stream_on(r, w, path).await
     }
 
     /// Writes `data` to `path`, replacing the file (which keeps its mode and owner) or
@@ -572,5 +622,71 @@ impl<'a> SandboxFs<'a> {
         .await
         .map_err(|e| MicrosandboxError::Io(std::io::Error::other(e)))??;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msb_protocol::message::FS_SIZELESS_MAX;
+
+    fn stat(size: u64) -> Message {
+        Message::FsStat(FsStat {
+            kind: FsKind::File,
+            size,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ms: 0,
+            target: None,
+        })
+    }
+
+    /// `SandboxFs::read` against a fake guest that answers with `answers`.
+    async fn read_from(answers: Vec<Message>, limit: u64) -> MicrosandboxResult<Bytes> {
+        let (_dir, control) = crate::fake_agent::serve_once(answers);
+        let request = Frame::new(SESSION, Message::Fs(FsRequest::Read { path: "/f".into() }));
+        let (r, w) = conn::open_with(&control, Some(&request))
+            .await
+            .expect("connected");
+        let s = read_stream_on(r, w, "/f").await?;
+        collect_file(s, "/f", limit).await
+    }
+
+    fn too_large(r: &MicrosandboxResult<Bytes>, limit: u64) -> bool {
+        matches!(r, Err(MicrosandboxError::TooLarge { what, limit: l })
+            if what == "the file /f" && *l == limit)
+    }
+
+    #[tokio::test]
+    async fn whole_file_reads_are_bounded_whatever_the_guest_announces() {
+        // Fits: read whole.
+        let ok = read_from(
+            vec![stat(500), Message::FsData(vec![1; 500]), Message::FsDone],
+            1000,
+        )
+        .await
+        .expect("fits");
+        assert_eq!(ok.len(), 500);
+
+        // A size past the limit is refused before any data (none is sent here).
+        let huge = read_from(vec![stat(1 << 40)], DEFAULT_FS_READ_LIMIT).await;
+        assert!(too_large(&huge, DEFAULT_FS_READ_LIMIT), "{huge:?}");
+
+        // A sizeless (procfs-like) file is bounded by what arrives.
+        let chunks = vec![
+            stat(0),
+            Message::FsData(vec![2; 400]),
+            Message::FsData(vec![2; 400]),
+            Message::FsData(vec![2; 400]),
+            Message::FsDone,
+        ];
+        let sizeless = read_from(chunks, 1000).await;
+        assert!(too_large(&sizeless, 1000), "{sizeless:?}");
+        const { assert!(FS_SIZELESS_MAX < DEFAULT_FS_READ_LIMIT) };
+
+        // Sending past the announced size is still a protocol violation.
+        let liar = read_from(vec![stat(10), Message::FsData(vec![3; 20])], 1000).await;
+        assert!(matches!(liar, Err(MicrosandboxError::Agent(_))), "{liar:?}");
     }
 }

@@ -19,6 +19,15 @@ const MAX_SOCKET_PATH: usize = 100;
 /// Most bind and named volumes: one virtio-fs device each, on the VMM's interrupt lines
 /// besides the root's, the agent directory's and the network device's.
 pub const MAX_SHARED_VOLUMES: usize = 15;
+/// Default for [`SandboxFs::read_limit`](crate::SandboxFs::read_limit): the most bytes
+/// [`SandboxFs::read`](crate::SandboxFs::read) holds in memory. The guest announces a
+/// file's size and sends it; believed without a bound, a hostile guest makes the
+/// application allocate whatever it names.
+pub const DEFAULT_FS_READ_LIMIT: u64 = 1 << 30;
+/// Default for [`ExecOptions::output_limit`](crate::ExecOptions::output_limit): the most
+/// bytes of stdout, and of stderr, that the collecting exec calls keep in memory (a
+/// command can print without end).
+pub const DEFAULT_EXEC_OUTPUT_LIMIT: u64 = 256 << 20;
 
 /// Guest memory size in MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,13 +39,21 @@ impl From<u32> for Mebibytes {
     }
 }
 
-/// The state directory: `$MSB_HOME`, else `~/.microsandbox`.
+/// The state directory: `$MSB_HOME`, else `~/.microsandbox`, else (no `HOME`)
+/// `/tmp/.microsandbox-<uid>`. It must belong to this user and be writable by nobody else
+/// (see [`MicrosandboxError::UntrustedDirectory`]); the SDK creates it mode 0700.
 pub fn msb_home() -> PathBuf {
     match std::env::var_os("MSB_HOME") {
         Some(h) if !h.is_empty() => PathBuf::from(h),
-        _ => std::env::var_os("HOME")
-            .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
-            .join(".microsandbox"),
+        _ => match std::env::var_os("HOME") {
+            Some(h) if !h.is_empty() => PathBuf::from(h).join(".microsandbox"),
+            // Shared by every user: one name each, so one user's cannot stand in another's
+            // way (and one made by someone else is refused, not used).
+            _ => PathBuf::from(format!(
+                "/tmp/.microsandbox-{}",
+                rustix::process::geteuid().as_raw()
+            )),
+        },
     }
 }
 
@@ -132,16 +149,58 @@ impl Paths {
     }
 }
 
-/// Creates `dir` (and its parents) if missing, readable by this user only.
-pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+/// Creates `dir` (and its missing parents) mode 0700 if it is not there, then makes sure
+/// that it and its parent (the state directory: every caller names a directory right
+/// under it) are ours alone ([`check_private`]). Everything a sandbox is (its root, its
+/// sockets, the state database) lives under these, so a directory another user can write
+/// to, or one they made for us (`/tmp` is shared), is refused rather than used.
+pub(crate) fn private_dir(dir: &Path) -> MicrosandboxResult<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    if let Some(home) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        check_private(home)?;
+    }
+    check_private(dir)
+}
+
+/// Refuses a directory another user could change under us: one not owned by this user
+/// (its effective uid), or writable by its group or by others. A symlink is followed (a
+/// state directory kept elsewhere is fine) if it belongs to this user or to root.
+pub(crate) fn check_private(path: &Path) -> MicrosandboxResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |reason: String| {
+        Err(MicrosandboxError::UntrustedDirectory {
+            path: path.to_path_buf(),
+            reason,
+        })
+    };
+    let uid = rustix::process::geteuid().as_raw();
+    let link = std::fs::symlink_metadata(path)?;
+    if link.file_type().is_symlink() && link.uid() != uid && link.uid() != 0 {
+        return refuse(format!("it is a symlink owned by uid {}", link.uid()));
+    }
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    if meta.uid() != uid {
+        return refuse(format!(
+            "it is owned by uid {}, not by this user (uid {uid})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return refuse(format!(
+            "its mode {:04o} lets other users write to it (chmod go-w)",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,6 +220,49 @@ mod tests {
                 ),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn private_dirs_are_made_0700_and_foreign_or_writable_ones_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o7777;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let home = tmp.path().join("home");
+        // Missing: the state directory and the subdirectory are made ours alone.
+        private_dir(&home.join("run")).expect("created");
+        assert_eq!((mode(&home), mode(&home.join("run"))), (0o700, 0o700));
+        // Existing and private: fine, again and again.
+        private_dir(&home.join("run")).expect("existing");
+
+        // Writable by others: the subdirectory, or the state directory above it.
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        for (target, m) in [(home.join("run"), 0o777), (home.clone(), 0o770)] {
+            set(&target, m);
+            let err = private_dir(&home.join("run")).expect_err("refused");
+            assert!(
+                matches!(&err, MicrosandboxError::UntrustedDirectory { path, .. } if *path == target),
+                "{err:?}"
+            );
+            set(&target, 0o700);
+        }
+        private_dir(&home.join("run")).expect("private again");
+
+        // Not a directory.
+        std::fs::write(home.join("file"), "").expect("file");
+        assert!(matches!(
+            private_dir(&home.join("file")),
+            Err(MicrosandboxError::UntrustedDirectory { .. })
+        ));
+
+        // Owned by someone else: "/" is root's (unless these tests run as root).
+        if rustix::process::geteuid().as_raw() != 0 {
+            assert!(matches!(
+                check_private(Path::new("/")),
+                Err(MicrosandboxError::UntrustedDirectory { .. })
+            ));
         }
     }
 

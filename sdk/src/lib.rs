@@ -40,6 +40,8 @@ mod config;
 mod conn;
 mod error;
 mod exec;
+#[cfg(test)]
+mod fake_agent;
 mod fs;
 mod handle;
 mod home;
@@ -62,7 +64,10 @@ pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
 pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
-pub use home::{msb_home, validate_name, Mebibytes, MAX_NAME_LEN};
+pub use home::{
+    msb_home, validate_name, Mebibytes, DEFAULT_EXEC_OUTPUT_LIMIT, DEFAULT_FS_READ_LIMIT,
+    MAX_NAME_LEN,
+};
 pub use image::{
     Image, ImageDetails, ImageInfo, ImageLayer, PruneReport, PullEvent, PullOptions, PullPolicy,
     PullSession, RegistryAuth,
@@ -83,3 +88,6 @@ pub use volume::{MountBuilder, VolumeMount};
 /// An error and its causes on one line, `: `-separated (what the `msb` CLI prints).
 #[doc(hidden)]
 pub use msb_protocol::error_chain;
+/// Guest text (command output, logs, the agent's messages) with its control characters
+/// shown as escapes, for printing on a terminal.
+pub use msb_protocol::terminal::{escape_controls, escape_controls_bytes};

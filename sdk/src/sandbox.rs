@@ -467,8 +467,9 @@ impl Sandbox {
     }
 
     async fn start_exec(&self, cmd: String, opts: ExecOptions) -> MicrosandboxResult<ExecHandle> {
+        let output_limit = opts.output_limit;
         let req = opts.request(cmd, &self.inner.defaults)?;
-        ExecHandle::start(self.control(), req).await
+        ExecHandle::start(self.control(), req, output_limit).await
     }
 
     /// Asks the guest to power off, waits up to 10 s, then kills the VM.

@@ -88,8 +88,10 @@ pub(crate) fn spawn(
             "sandbox".into()
         }
     });
+    // The control socket (and the VMM's vsock sockets beside it) are reachable by whoever
+    // can enter this directory: this user only.
     if let Some(run) = paths.control.parent() {
-        std::fs::create_dir_all(run)?;
+        crate::home::private_dir(run)?;
     }
     // What a previous run left says nothing of this one.
     for stale in [paths.exit_record(), paths.metrics()] {

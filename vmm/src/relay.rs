@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_CLIENTS: usize = 128;
 /// Default size at which `exec.log` rotates to `exec.log.1`.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
+/// Pause after a failed accept (out of descriptors or memory). The accept blocks, so a
+/// failure cannot spin the way a level-triggered listener in epoll does, but it returns at
+/// once while the shortage lasts; the client waits in the backlog meanwhile.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// What the relay serves and where it logs.
 #[derive(Debug, Clone)]
@@ -241,6 +245,13 @@ impl Relay {
             path: path.clone(),
             source,
         })?;
+        // Its mode follows the umask, which the virtio-fs devices set to 0: explicit, this
+        // user only. (The directory is private too, and each peer is checked.)
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|source| RelayError::Listen {
+                path: path.clone(),
+                source,
+            })?;
         let log = match &cfg.exec_log {
             Some(p) => Some(ExecLog::open(p, cfg.log_max_bytes)?),
             None => None,
@@ -332,16 +343,58 @@ impl Drop for Relay {
     }
 }
 
+/// Whether a client running as `peer` may use the control socket of a VMM running as
+/// `ours`: the same user, or root. Anyone else who reaches the socket (a directory left
+/// open, a descriptor passed on) would run commands in the guest as the sandbox's owner.
+pub fn peer_allowed(peer: u32, ours: u32) -> bool {
+    peer == ours || peer == 0
+}
+
+/// Checks the connected client's credentials (`SO_PEERCRED`: its uid when it connected)
+/// against [`peer_allowed`]; the error says who it was.
+pub fn check_peer(client: &UnixStream) -> Result<(), String> {
+    let cred = rustix::net::sockopt::socket_peercred(client)
+        .map_err(|e| format!("cannot read its credentials: {e}"))?;
+    let (peer, ours) = (cred.uid.as_raw(), rustix::process::geteuid().as_raw());
+    if peer_allowed(peer, ours) {
+        Ok(())
+    } else {
+        Err(format!(
+            "pid {} runs as uid {peer}, neither this user (uid {ours}) nor root",
+            cred.pid.as_raw_nonzero()
+        ))
+    }
+}
+
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    // A failed accept was reported and none has succeeded since (one warning per shortage).
+    let mut warned = false;
+    // Clients refused for who they are; logged at 1, 2, 4, 8, ... so a flood of them
+    // cannot flood the log.
+    let mut foreign: u64 = 0;
     for conn in listener.incoming() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(client) = conn else {
-            // Out of descriptors or similar: do not spin.
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
+        let client = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!("relay: cannot accept clients ({e}); retrying");
+                }
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
         };
+        warned = false;
+        if let Err(why) = check_peer(&client) {
+            // Closed without a word: nothing is said to someone who should not be here.
+            foreign += 1;
+            if foreign.is_power_of_two() {
+                tracing::warn!("relay: refused a client ({foreign} so far): {why}");
+            }
+            continue;
+        }
         if shared.clients.fetch_add(1, Ordering::SeqCst) >= shared.cfg.max_clients {
             shared.clients.fetch_sub(1, Ordering::SeqCst);
             refuse(
@@ -726,4 +779,27 @@ fn tap_reply(frame: &Frame, sessions: &Sessions, shared: &Shared) {
 
 fn describe(global: Option<u32>) -> String {
     global.map_or_else(|| "?".into(), |g| g.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_user_and_root_may_use_the_control_socket() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000), "root may");
+        assert!(!peer_allowed(1001, 1000));
+        assert!(
+            !peer_allowed(1000, 0),
+            "a VMM of root's refuses other users"
+        );
+        assert!(peer_allowed(0, 0));
+    }
+
+    #[test]
+    fn a_client_of_this_user_passes_the_check() {
+        let (client, _relay_side) = UnixStream::pair().expect("socket pair");
+        assert_eq!(check_peer(&client), Ok(()));
+    }
 }

@@ -434,10 +434,14 @@ impl Vm {
 
         // Devices.
         let log_file = match &cfg.serial_log {
-            Some(p) => Some(File::create(p).map_err(|source| VmmError::SerialLog {
-                path: p.clone(),
-                source,
-            })?),
+            Some(p) => Some(
+                File::create(p)
+                    .map(|f| crate::console::ConsoleFile::new(f, p))
+                    .map_err(|source| VmmError::SerialLog {
+                        path: p.clone(),
+                        source,
+                    })?,
+            ),
             None => None,
         };
         let console = Arc::new(Mutex::new(ConsoleLog::new(log_file, cfg.console_echo)));

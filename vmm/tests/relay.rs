@@ -301,6 +301,21 @@ fn a_second_relay_on_a_live_socket_is_refused_and_drop_removes_the_socket() {
 }
 
 #[test]
+fn the_control_socket_is_this_users_only_and_serves_this_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup(true, Duration::from_secs(10));
+    let mode = std::fs::metadata(&s.control)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A client of the same user passes the peer check and is served.
+    let mut c = client(&s.control);
+    let ready = read_frame(&mut c).expect("frame").expect("ready");
+    assert!(matches!(ready.message, Message::Ready { .. }), "{ready:?}");
+}
+
+#[test]
 fn the_log_rotates_past_its_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("exec.log");

@@ -207,7 +207,11 @@ impl BlobStore {
     /// and read it), exclusive for prune (which removes what nothing records). Released
     /// when the returned file closes.
     pub(crate) fn lock_store(&self, exclusive: bool) -> Result<File, ImageError> {
-        fs::create_dir_all(&self.root).map_err(ImageError::io("create directory", &self.root))?;
+        // Mode 0700: a pull may be the first to make the state directory, which must be
+        // private (`home::private_dir`, which refuses one writable by others).
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&self.root)
+            .map_err(ImageError::io("create directory", &self.root))?;
         let path = self.root.join("store.lock");
         let file = open_lock(&path)?;
         let op = if exclusive {

@@ -112,12 +112,15 @@ fn record_exit(clean: bool, reason: &str, exit_code: u8) {
 }
 
 fn fail(msg: &str, tail: &[String]) -> ExitCode {
+    use msb_protocol::terminal::escape_controls;
     record_exit(false, msg, VMM_FAILURE);
-    eprintln!("msb-vmm: error: {msg}");
+    // Both may carry the guest's words (an agent's message, console lines), and stderr may
+    // be a terminal: escape sequences are shown, not obeyed.
+    eprintln!("msb-vmm: error: {}", escape_controls(msg));
     if !tail.is_empty() {
         eprintln!("msb-vmm: last guest console lines:");
         for l in &tail[tail.len().saturating_sub(TAIL_IN_ERROR)..] {
-            eprintln!("  | {l}");
+            eprintln!("  | {}", escape_controls(l));
         }
     }
     ExitCode::from(VMM_FAILURE)

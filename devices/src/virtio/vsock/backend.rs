@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -36,6 +37,11 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// Most control packets waiting for guest RX buffers. A guest that floods us with packets
 /// that each need an answer, and never takes the answers, loses the excess (counted).
 pub const MAX_PENDING_CTRL: usize = 4096;
+/// How long the host listener stays out of epoll after an accept failed for want of
+/// descriptors or memory. The listener is level-triggered: left in, a client waiting in
+/// the backlog would wake the event loop again at once, forever (100% CPU), while the
+/// process is out of descriptors.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A vsock packet header, as plain values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,6 +82,16 @@ fn connect_nonblocking(path: &str) -> Option<UnixStream> {
     let addr = UnixAddr::new(path).ok()?;
     connect(fd.as_raw_fd(), &addr).ok()?;
     Some(UnixStream::from(fd))
+}
+
+/// Watches the host listener, level-triggered: a client the loop could not take (the
+/// connection limit, a failed accept) is seen again on the next wait.
+fn watch_listener(epoll: &Epoll, listener: &UnixListener) -> std::io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+    )
 }
 
 impl Header {
@@ -143,6 +159,11 @@ pub struct Backend {
     ctrl: VecDeque<Header>,
     next_local_port: u32,
     metrics: Arc<VsockMetrics>,
+    /// Set while the listener is out of epoll after a failed accept: when to put it back.
+    accept_paused_until: Option<Instant>,
+    /// A failed accept was logged and no accept has succeeded since (one warning per
+    /// shortage, not one per retry).
+    accept_warned: bool,
 }
 
 impl std::fmt::Debug for Backend {
@@ -181,14 +202,15 @@ impl Backend {
             Err(e) => return Err(listen_err(e)),
         }
         let listener = UnixListener::bind(&cfg.uds_path).map_err(listen_err)?;
+        // Whoever connects talks to the guest: this user only. (The mode would follow the
+        // umask, which the virtio-fs devices set to 0.)
+        std::fs::set_permissions(
+            &cfg.uds_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-            )
-            .map_err(VsockError::EventLoop)?;
+        watch_listener(&epoll, &listener).map_err(VsockError::EventLoop)?;
         Ok(Backend {
             guest_cid: cfg.guest_cid,
             uds_path: cfg.uds_path.clone(),
@@ -198,6 +220,8 @@ impl Backend {
             ctrl: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             metrics,
+            accept_paused_until: None,
+            accept_warned: false,
         })
     }
 
@@ -341,6 +365,7 @@ impl Backend {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    self.accept_warned = false;
                     // Over the limit the client just sees its connection closed.
                     if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err()
                     {
@@ -353,10 +378,67 @@ impl Backend {
                     // The CONNECT line may already be there (edge-triggered: read now).
                     self.read_connect_line((local, 0));
                 }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.accept_warned = false;
+                    return;
+                }
+                // A client that gave up while waiting in the backlog: take the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) => {}
+                // Out of descriptors (EMFILE, ENFILE) or memory: the client stays in the
+                // backlog, so the level-triggered listener would wake us again at once.
+                Err(e) => return self.pause_listener(&e),
             }
         }
+    }
+
+    /// Takes the listener out of epoll for [`ACCEPT_BACKOFF`]; the event loop's timeout
+    /// ([`Backend::timeout`]) brings it back ([`Backend::on_timeout`]). Host sockets of
+    /// established connections and the guest's queues are served meanwhile.
+    fn pause_listener(&mut self, e: &std::io::Error) {
+        VsockMetrics::add(&self.metrics.accept_failures, 1);
+        if !std::mem::replace(&mut self.accept_warned, true) {
+            tracing::warn!(
+                "vsock: cannot accept host clients on {} ({e}); retrying every {} ms",
+                self.uds_path.display(),
+                ACCEPT_BACKOFF.as_millis()
+            );
+        }
+        if self.accept_paused_until.is_none() {
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                EpollEvent::default(),
+            ) {
+                tracing::warn!("vsock: cannot pause the host listener: {e}");
+            }
+        }
+        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+    }
+
+    /// How long the event loop may wait before [`Backend::on_timeout`] has work to do;
+    /// `None` when only socket events matter.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.accept_paused_until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// Puts a paused listener back once its back-off has passed, and accepts the clients
+    /// that waited meanwhile (a failure pauses it again).
+    pub fn on_timeout(&mut self) {
+        match self.accept_paused_until {
+            Some(t) if Instant::now() >= t => {}
+            _ => return,
+        }
+        if let Err(e) = watch_listener(&self.epoll, &self.listener) {
+            // Out of memory for the epoll entry: try again later.
+            return self.pause_listener(&e);
+        }
+        self.accept_paused_until = None;
+        self.accept_host_clients();
     }
 
     fn allocate_port(&mut self) -> u32 {

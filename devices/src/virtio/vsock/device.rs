@@ -262,8 +262,10 @@ impl Vsock {
 
 fn event_loop(epoll: &Epoll, inner: &Mutex<Inner>, stop: &AtomicBool, wake: &EventFd) {
     let mut events = vec![EpollEvent::default(); 64];
+    // Milliseconds until the backend has timed work (a paused listener), or -1.
+    let mut timeout = -1;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -275,6 +277,7 @@ fn event_loop(epoll: &Epoll, inner: &Mutex<Inner>, stop: &AtomicBool, wake: &Eve
             return;
         }
         let mut inner = lock(inner);
+        inner.backend.on_timeout();
         for ev in &events[..n] {
             if ev.data() == WAKE_TOKEN {
                 let _ = wake.read();
@@ -283,6 +286,10 @@ fn event_loop(epoll: &Epoll, inner: &Mutex<Inner>, stop: &AtomicBool, wake: &Eve
             }
         }
         inner.run_queues();
+        // Rounded up, so the wait never ends just before the deadline and spins.
+        timeout = inner.backend.timeout().map_or(-1, |d| {
+            i32::try_from(d.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+        });
     }
 }
 

@@ -27,6 +27,9 @@ pub struct VsockMetrics {
     pub ctrl_dropped: AtomicU64,
     /// Connections killed because the guest sent past its credit.
     pub credit_violations: AtomicU64,
+    /// Accepts on the host socket that failed for want of descriptors or memory (each
+    /// takes the listener out of epoll for `backend::ACCEPT_BACKOFF`).
+    pub accept_failures: AtomicU64,
 }
 
 impl VsockMetrics {
