@@ -278,6 +278,91 @@ impl ServedVm {
     pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("msb-vmm ends")
     }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// How a running VMM process is confined, read from the host's `/proc`.
+#[derive(Debug)]
+pub struct Confinement {
+    /// Per thread: its name, `Seccomp:` mode (2: filtered) and number of filters.
+    pub threads: Vec<(String, u32, u32)>,
+    /// `NoNewPrivs:` of the main thread.
+    pub no_new_privs: bool,
+    /// `CapEff:` of the main thread.
+    pub cap_eff: u64,
+    /// What the VMM sees at `/` (names, sorted).
+    pub root: Vec<String>,
+}
+
+/// Reads how the process `pid` is confined.
+pub fn confinement(pid: u32) -> Confinement {
+    let field = |status: &str, key: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let mut threads = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let name = field(&status, "Name:");
+        let mode = field(&status, "Seccomp:").parse().unwrap_or(0);
+        let filters = field(&status, "Seccomp_filters:").parse().unwrap_or(0);
+        threads.push((name, mode, filters));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .expect("root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    Confinement {
+        threads,
+        no_new_privs: field(&status, "NoNewPrivs:") == "1",
+        cap_eff: u64::from_str_radix(&field(&status, "CapEff:"), 16).unwrap_or(u64::MAX),
+        root,
+    }
+}
+
+/// Asserts what every VMM must show once its guest runs: each thread filtered, no new
+/// privileges, no `CAP_SYS_ADMIN`, and a root holding none of the host's files.
+pub fn assert_confined(pid: u32) {
+    let c = confinement(pid);
+    eprintln!("e2e [{}]: msb-vmm {pid} confinement: {c:?}", host_kind());
+    for (name, mode, filters) in &c.threads {
+        assert!(
+            *mode == 2 && *filters >= 1,
+            "thread {name} is not filtered: {c:?}"
+        );
+    }
+    assert!(c.no_new_privs, "{c:?}");
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_PTRACE: u32 = 19;
+    for cap in [CAP_SYS_ADMIN, CAP_SYS_PTRACE] {
+        assert_eq!(c.cap_eff & (1 << cap), 0, "capability {cap} kept: {c:?}");
+    }
+    for host_only in ["usr", "bin", "home", "var", "boot"] {
+        assert!(
+            !c.root.iter().any(|n| n == host_only),
+            "the jail shows /{host_only}: {c:?}"
+        );
+    }
+    let root = format!("/proc/{pid}/root");
+    for secret in ["etc/shadow", "etc/passwd", "root/.ssh", "usr/bin/env"] {
+        assert!(
+            !Path::new(&root).join(secret).exists(),
+            "the jail shows the host's /{secret}"
+        );
+    }
 }
 
 impl Drop for ServedVm {

@@ -20,6 +20,9 @@ fn exec_over_vsock_on_one_booted_vm() {
     );
     let mut agent = Agent::connect(&sock, Duration::from_secs(400));
 
+    // The VMM serving a running guest: every thread filtered, in its jail.
+    msb_e2e::assert_confined(vmm.pid());
+
     // Exact bytes, binary included, and the exit code.
     let o = agent.run(
         1,

@@ -155,6 +155,28 @@ async fn run_all(home: &Path) {
         .await
         .expect_err("a missing bind source");
     assert!(matches!(e, MicrosandboxError::InvalidConfig(_)), "{e:?}");
+    // Overlapping host directories: through two shares of one tree a guest could move a
+    // directory out of the inner one and climb from it. Refused, and nothing is created.
+    std::fs::create_dir_all(work.path().join("tree/sub")).expect("mkdir");
+    let e = Sandbox::builder("fs-refused")
+        .volume("/d", |v| v.bind(work.path().join("tree")))
+        .volume("/s", |v| v.bind(work.path().join("tree/sub")).readonly())
+        .create()
+        .await
+        .expect_err("overlapping volumes");
+    assert!(
+        matches!(&e, MicrosandboxError::InvalidConfig(m) if m.contains("overlapping")),
+        "{e:?}"
+    );
+    let e = Sandbox::builder("fs-refused")
+        .volume("/home", |v| v.bind(home))
+        .create()
+        .await
+        .expect_err("the microsandbox home as a volume");
+    assert!(
+        matches!(&e, MicrosandboxError::InvalidConfig(m) if m.contains("home")),
+        "{e:?}"
+    );
     // A tampered layer: the digest check refuses it and the store gains nothing.
     let tampered = work.path().join("tampered.tar");
     let mut bytes = std::fs::read(&image).expect("read");

@@ -202,7 +202,12 @@ impl Invocation {
             log_level: args.log_level,
             jail: switch(args.jail.as_deref(), "--jail")?,
             seccomp: switch(args.seccomp.as_deref(), "--seccomp")?,
-            test_seccomp_violation: args.test_seccomp_violation,
+            test_seccomp_violation: match args.test_seccomp_violation {
+                Some(k) if crate::seccomp::ThreadKind::from_name(&k).is_none() => {
+                    return Err(format!("--test-seccomp-violation: no thread kind {k:?}"))
+                }
+                other => other,
+            },
         })
     }
 }

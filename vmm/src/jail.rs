@@ -27,12 +27,6 @@ pub enum JailError {
     /// A path the VM needs lies directly in `/` (its directory would be the whole host).
     #[error("cannot confine msb-vmm: {0} lies directly in / (put it in a directory of its own)")]
     InRoot(PathBuf),
-    /// A path the VM needs is missing.
-    #[error("cannot confine msb-vmm: {path} is missing")]
-    Missing {
-        /// The path.
-        path: PathBuf,
-    },
     /// A step of making the jail failed.
     #[error("cannot confine msb-vmm: {step}")]
     Step {
@@ -128,13 +122,16 @@ pub fn enter(plan: &JailPlan) -> Result<Jail, JailError> {
     if n > 1 {
         return Err(JailError::Threads(n));
     }
-    let binds = plan.binds();
+    // What is missing stays missing in the jail: its user reports it as it would outside
+    // (a missing KVM device, a log in a directory that does not exist).
+    let binds: Vec<(PathBuf, bool)> = plan
+        .binds()
+        .into_iter()
+        .filter(|(p, _)| std::fs::symlink_metadata(p).is_ok())
+        .collect();
     for (p, _) in &binds {
         if p.parent().is_none() || p == Path::new("/") {
             return Err(JailError::InRoot(p.clone()));
-        }
-        if std::fs::symlink_metadata(p).is_err() {
-            return Err(JailError::Missing { path: p.clone() });
         }
     }
     let cwd = std::env::current_dir().map_err(|source| JailError::Step {

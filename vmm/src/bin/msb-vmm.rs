@@ -34,6 +34,7 @@ use msb_vmm::lifecycle::{self, ExitRecord};
 use msb_vmm::monitor::{Monitor, MonitorSetup};
 use msb_vmm::relay::{Relay, RelayConfig};
 use msb_vmm::runner::{self, CommandEnd};
+use msb_vmm::seccomp;
 use msb_vmm::vm::{Vm, VmConfig, VmEnd, VmOutcome};
 
 const VMM_FAILURE: u8 = 125;
@@ -276,6 +277,14 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // One malloc arena for every thread: glibc reads /proc/sys/vm/overcommit_memory the
+    // first time it shrinks a thread's own arena, a file open no thread's syscall filter
+    // allows (the VMM's threads allocate little; they share the main arena's lock).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of the allocator, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     // Bad usage exits 2; --help and --version exit 0.
     let parsed = match VmmArgs::try_parse() {
         Ok(a) => a,
@@ -348,6 +357,22 @@ fn main() -> ExitCode {
             );
         }
     }
+    // No new privileges and only the capabilities the devices use, for every thread made
+    // from here on; then each thread's syscall filter as it starts.
+    if let Err(e) = seccomp::drop_privileges() {
+        return fail(&error_chain(&e), &[]);
+    }
+    if args.seccomp {
+        let violation = args
+            .test_seccomp_violation
+            .as_deref()
+            .and_then(seccomp::ThreadKind::from_name);
+        if let Err(e) = seccomp::install(violation) {
+            return fail(&error_chain(&e), &[]);
+        }
+    } else {
+        eprintln!("msb-vmm: warning: --seccomp off: the VMM's threads run without syscall filters");
+    }
     let relay = match (&args.launch.control_socket, args.launch.vsock_path()) {
         (Some(control), Some(vsock)) => {
             let mut rc = RelayConfig::new(control.clone(), vsock, args.launch.exec_log.clone());
@@ -406,6 +431,10 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
+    // The main thread's own filter, before the first guest instruction.
+    if let Err(e) = seccomp::apply(seccomp::ThreadKind::Main) {
+        return fail(&error_chain(&e), &[]);
+    }
     let outcome = match vm.run(args.launch.timeout) {
         Ok(o) => o,
         Err(e) => return fail(&error_chain(&e), &[]),

@@ -163,21 +163,19 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for VirtioFs<F> {
         let (server, metrics, worker_stop) =
             (self.server.clone(), self.metrics.clone(), stop.clone());
         let mut queues = queues;
-        let thread = std::thread::Builder::new()
-            .name(format!("virtio-fs-{}", self.tag))
-            .spawn(move || {
-                crate::threads::started("virtio-fs");
-                serve(
-                    &server,
-                    &mem,
-                    &irq,
-                    &mut queues,
-                    &worker_kick,
-                    &worker_stop,
-                    &metrics,
-                )
-            })
-            .map_err(ActivateError::Backend)?;
+        let thread = crate::threads::spawn(format!("virtio-fs-{}", self.tag), move || {
+            crate::threads::started("virtio-fs");
+            serve(
+                &server,
+                &mem,
+                &irq,
+                &mut queues,
+                &worker_kick,
+                &worker_stop,
+                &metrics,
+            )
+        })
+        .map_err(ActivateError::Backend)?;
         self.worker = Some(Worker {
             kick,
             stop,

@@ -276,13 +276,11 @@ impl<B: NetBackend> VirtioDevice for VirtioNet<B> {
             irq,
             metrics: self.metrics.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || {
-                crate::threads::started("virtio-net");
-                ctx.run()
-            })
-            .map_err(ActivateError::Backend)?;
+        let thread = crate::threads::spawn("virtio-net".into(), move || {
+            crate::threads::started("virtio-net");
+            ctx.run()
+        })
+        .map_err(ActivateError::Backend)?;
         self.worker = Some(Worker {
             kick,
             stop,
