@@ -859,6 +859,19 @@ mod tests {
     }
 
     #[test]
+    fn the_private_directory_is_0700_and_removed() {
+        let mut l = launch();
+        let private = PrivateDir::fill_in(&mut l);
+        let dir = private.path().expect("made").to_path_buf();
+        let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "it holds the writable layer");
+        assert!(l.rw.as_deref().is_some_and(|rw| rw.starts_with(&dir)));
+        std::fs::create_dir_all(dir.join("rw/upper")).expect("mkdir");
+        drop(private);
+        assert!(!dir.exists());
+    }
+
+    #[test]
     fn the_fd_limit_bounds_the_shares_budget() {
         let want = fd_limit_wanted(1024);
         assert_eq!(fs_limits_under(want, 1024), FsLimits::default());
