@@ -35,7 +35,8 @@ pub enum ThreadKind {
     Net,
     /// The control socket's relay (acceptor, clients, agent pumps).
     Relay,
-    /// The lifecycle monitor: limits, metrics file, `/proc` readings.
+    /// The lifecycle monitor: limits (asking the agent to power off), metrics file,
+    /// `/proc` readings.
     Monitor,
     /// The stdin watcher: ends the VMM when its parent goes.
     Watch,
@@ -292,7 +293,8 @@ pub fn syscalls(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Fs => &[BASE, FUSE],
         ThreadKind::Net => &[BASE, SOCKETS, EVENTS],
         ThreadKind::Relay => &[BASE, SPAWN, SOCKETS, FILES],
-        ThreadKind::Monitor => &[BASE, FILES, &[libc::SYS_kill]],
+        // A limit or a drain ends the guest through the agent: a vsock connection.
+        ThreadKind::Monitor => &[BASE, FILES, SOCKETS, &[libc::SYS_kill]],
         ThreadKind::Watch => &[BASE, FILES],
         ThreadKind::Runner => &[BASE, SPAWN, SOCKETS],
         // Its children are device workers: it carries what they need.
