@@ -12,7 +12,9 @@
 //!   and no `security.*` or `trusted.*` xattrs (file capabilities), so a guest cannot plant
 //!   privileges for the host's users;
 //! - all shares: the sizes a guest asks for in getxattr, listxattr and readdir are
-//!   clamped, so no request makes the device allocate more than a few MiB.
+//!   clamped, so no request makes the device allocate more than a few MiB;
+//! - all shares: reads and writes use the flags their handle was opened with
+//!   ([`OpenFlags`]: a failed flag change closed the handle's host descriptor).
 
 use std::any::Any;
 use std::ffi::CStr;
@@ -27,6 +29,8 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::api::BackendFileSystem;
+
+use super::open_flags::OpenFlags;
 
 fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
@@ -87,12 +91,17 @@ const W_OK: u32 = 2;
 pub struct Guard<F> {
     fs: F,
     policy: Policy,
+    open_flags: OpenFlags,
 }
 
 impl<F> Guard<F> {
     /// `fs` under `policy`.
     pub fn new(fs: F, policy: Policy) -> Self {
-        Guard { fs, policy }
+        Guard {
+            fs,
+            policy,
+            open_flags: OpenFlags::default(),
+        }
     }
 
     fn read_only(&self) -> bool {
@@ -241,7 +250,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() && writes(flags) {
             return erofs();
         }
-        self.fs.open(ctx, inode, flags, fuse_flags)
+        let opened = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        self.open_flags.opened(opened.0, flags);
+        Ok(opened)
     }
     fn create(
         &self,
@@ -254,7 +265,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         args.mode = self.mode(args.mode);
-        self.fs.create(ctx, parent, name, args)
+        let created = self.fs.create(ctx, parent, name, args)?;
+        self.open_flags.opened(created.1, args.flags);
+        Ok(created)
     }
     #[allow(clippy::too_many_arguments)]
     fn read(
@@ -268,6 +281,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.open_flags.of(handle, flags);
         self.fs
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -288,6 +302,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
+        let flags = self.open_flags.of(handle, flags);
         self.fs.write(
             ctx,
             inode,
@@ -332,6 +347,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.open_flags.closed(handle);
         self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -385,7 +401,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() && writes(flags) {
             return erofs();
         }
-        self.fs.opendir(ctx, inode, flags)
+        let opened = self.fs.opendir(ctx, inode, flags)?;
+        // What the passthrough filesystem records for a directory handle.
+        self.open_flags
+            .opened(opened.0, flags | libc::O_DIRECTORY as u32);
+        Ok(opened)
     }
     fn readdir(
         &self,
@@ -415,6 +435,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         self.fs.fsyncdir(ctx, inode, datasync, handle)
     }
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.open_flags.closed(handle);
         self.fs.releasedir(ctx, inode, flags, handle)
     }
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
