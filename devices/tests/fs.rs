@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, SetattrIn};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OpenIn, ReadIn, SetattrIn, WriteIn};
 use msb_devices::testing::CountingInterrupt;
 use msb_devices::virtio::fs::backend::{passthrough, root};
 use msb_devices::virtio::fs::guard::{Guard, Policy};
@@ -328,6 +328,63 @@ fn inodes_and_handles_the_guest_holds_are_bounded() {
     g.release(held[1], a);
     assert_eq!(budget.handles(), 1);
     assert!(g.open(f4, flags).is_ok(), "a closed handle frees its place");
+}
+
+/// fuse-backend-rs closed a handle's host descriptor when it could not give it the flags
+/// of a READ or WRITE (here O_DIRECT on a directory), and the handle went on using the
+/// number (found by the `fuse` fuzz target; a debug build aborted on the second close).
+/// The guard keeps every handle on its open flags.
+#[test]
+fn flags_the_host_refuses_leave_the_handle_open() {
+    let d = share(&[("a.txt", b"a")]);
+    for policy in [Policy::ReadOnly, Policy::Volume, Policy::Private] {
+        let mut g = FuseDriver::new(Guard::new(
+            passthrough(d.path(), LONG).expect("share"),
+            policy,
+            Budget::of(FsLimits::default()),
+        ));
+        g.init();
+        let opendir = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let r = g.call(opcode::OPENDIR, ROOT, opendir.as_slice(), 64);
+        assert_eq!(r.error, 0, "opendir");
+        let fh = u64::from_le_bytes(r.payload[..8].try_into().expect("fh"));
+        for _ in 0..2 {
+            let read = ReadIn {
+                fh,
+                size: 64,
+                flags: (libc::O_RDONLY | libc::O_DIRECT) as u32,
+                ..ReadIn::default()
+            };
+            let r = g.call(opcode::READ, ROOT, read.as_slice(), 4096);
+            assert_eq!(r.error, -libc::EISDIR, "{policy:?}: a read of a directory");
+            let mut write = WriteIn {
+                fh,
+                size: 1,
+                flags: (libc::O_RDWR | libc::O_DIRECT) as u32,
+                ..WriteIn::default()
+            }
+            .as_slice()
+            .to_vec();
+            write.push(b'x');
+            assert_ne!(g.call(opcode::WRITE, ROOT, &write, 64).error, 0);
+        }
+        let list = ReadIn {
+            fh,
+            size: 4096,
+            ..ReadIn::default()
+        };
+        let r = g.call(opcode::READDIR, ROOT, list.as_slice(), 4096);
+        assert_eq!(
+            r.error, 0,
+            "{policy:?}: the handle still lists the directory"
+        );
+        assert!(r.payload.windows(5).any(|w| w == b"a.txt"), "{policy:?}");
+        let release = [fh.to_le_bytes(), [0; 8]].concat();
+        assert_eq!(g.call(opcode::RELEASEDIR, ROOT, &release, 64).error, 0);
+    }
 }
 
 #[test]

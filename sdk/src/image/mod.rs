@@ -45,7 +45,8 @@
 //! [`ImageLayer`], [`PruneReport`]).
 //!
 //! `fixture` (with the `testing` feature, and in this crate's tests) writes small test
-//! images for this module's tests and the end-to-end tests.
+//! images for this module's tests and the end-to-end tests; `fuzzing` (with the `testing`
+//! feature) is the fuzz targets' way in to the layer unpacker and the archive reader.
 
 mod archive;
 mod auth;
@@ -56,6 +57,9 @@ mod events;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fixture;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod info;
 mod layer;
 mod limits;

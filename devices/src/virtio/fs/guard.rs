@@ -22,6 +22,8 @@
 //!   its open handles count against a [`Budget`] shared by the VM's shares; past it a
 //!   request gets `ENFILE`, so a guest that looks up a million files and never forgets
 //!   them cannot exhaust the VMM's descriptors.
+//! - all shares: reads and writes use the flags their handle was opened with
+//!   ([`OpenFlags`]: a failed flag change closed the handle's host descriptor).
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -39,6 +41,8 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::api::BackendFileSystem;
+
+use super::open_flags::OpenFlags;
 
 fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
@@ -187,6 +191,7 @@ pub struct Guard<F> {
     policy: Policy,
     budget: Arc<Budget>,
     held: Mutex<Held>,
+    open_flags: OpenFlags,
 }
 
 impl<F> Guard<F> {
@@ -197,6 +202,7 @@ impl<F> Guard<F> {
             policy,
             budget,
             held: Mutex::new(Held::default()),
+            open_flags: OpenFlags::default(),
         }
     }
 
@@ -438,7 +444,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let (h, opts, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
-        Ok((self.opened(ctx, inode, h, false)?, opts, passthrough))
+        let h = self.opened(ctx, inode, h, false)?;
+        self.open_flags.opened(h, flags);
+        Ok((h, opts, passthrough))
     }
     fn create(
         &self,
@@ -451,6 +459,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         args.mode = self.mode(args.mode);
+        let flags = args.flags;
         let (entry, h, opts, passthrough) = self.fs.create(ctx, parent, name, args)?;
         let inode = entry.inode;
         let entry = match self.counted(ctx, entry) {
@@ -463,7 +472,10 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             }
         };
         match self.opened(ctx, inode, h, false) {
-            Ok(h) => Ok((entry, h, opts, passthrough)),
+            Ok(h) => {
+                self.open_flags.opened(h, flags);
+                Ok((entry, h, opts, passthrough))
+            }
             Err(e) => {
                 self.forget(ctx, inode, 1);
                 Err(e)
@@ -482,6 +494,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.open_flags.of(handle, flags);
         self.fs
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -502,6 +515,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
+        let flags = self.open_flags.of(handle, flags);
         self.fs.write(
             ctx,
             inode,
@@ -547,6 +561,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.closed(handle);
+        self.open_flags.closed(handle);
         self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -601,7 +616,10 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let (h, opts) = self.fs.opendir(ctx, inode, flags)?;
-        Ok((self.opened(ctx, inode, h, true)?, opts))
+        let h = self.opened(ctx, inode, h, true)?;
+        // What the passthrough filesystem records for a directory handle.
+        self.open_flags.opened(h, flags | libc::O_DIRECTORY as u32);
+        Ok((h, opts))
     }
     fn readdir(
         &self,
@@ -659,6 +677,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
     }
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
         self.closed(handle);
+        self.open_flags.closed(handle);
         self.fs.releasedir(ctx, inode, flags, handle)
     }
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {

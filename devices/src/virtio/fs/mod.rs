@@ -9,13 +9,15 @@
 //!
 //! Files: [`device`] (the `VirtioDevice` and its worker thread), [`event_handler`] (one
 //! pass over the queues), [`backend`] (building the filesystems), [`guard`] (the device's
-//! limits: read-only, no device nodes, no host privileges), [`metrics`] (counters).
+//! limits: read-only, no device nodes, no host privileges), [`open_flags`] (the flags of
+//! open handles, for the guard), [`metrics`] (counters).
 
 pub mod backend;
 pub mod device;
 pub mod event_handler;
 pub mod guard;
 pub mod metrics;
+pub mod open_flags;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;

@@ -37,6 +37,12 @@ pub mod opcode {
     pub const RENAME: u32 = 12;
     /// OPEN
     pub const OPEN: u32 = 14;
+    /// OPENDIR
+    pub const OPENDIR: u32 = 27;
+    /// READDIR
+    pub const READDIR: u32 = 28;
+    /// RELEASEDIR
+    pub const RELEASEDIR: u32 = 29;
     /// READ
     pub const READ: u32 = 15;
     /// WRITE
