@@ -21,3 +21,20 @@ impl InterruptTrigger for CountingInterrupt {
         Ok(())
     }
 }
+
+/// Opens copies of `/dev/null` until the process runs out of descriptors (`EMFILE`) and
+/// returns them, for tests that lower `RLIMIT_NOFILE` first and then need a full table.
+pub fn fill_descriptor_table() -> Vec<std::fs::File> {
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let mut fillers = Vec::new();
+    loop {
+        match null.try_clone() {
+            Ok(f) => fillers.push(f),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(e) => panic!("filling the descriptor table: {e}"),
+        }
+    }
+    drop(null);
+    fillers.push(std::fs::File::open("/dev/null").expect("the descriptor just freed"));
+    fillers
+}

@@ -80,15 +80,7 @@ fn running_out_of_descriptors_neither_spins_nor_stalls_the_device() {
     let mut stat = schedstat_of("vsock");
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     setrlimit(Resource::RLIMIT_NOFILE, soft.min(256), hard).expect("lower the soft limit");
-    let null = File::open("/dev/null").expect("/dev/null");
-    let mut fillers = Vec::new();
-    loop {
-        match null.try_clone() {
-            Ok(f) => fillers.push(f),
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
-            Err(e) => panic!("filling the descriptor table: {e}"),
-        }
-    }
+    let mut fillers = msb_devices::testing::fill_descriptor_table();
     // One descriptor back, for the client's own end; the device has none to accept it.
     drop(fillers.pop());
     let mut waiting = UnixStream::connect(&g.uds).expect("connect into the backlog");

@@ -95,15 +95,7 @@ fn running_out_of_descriptors_does_not_spin_the_accept_thread() {
         maximum: saved.maximum,
     };
     setrlimit(Resource::Nofile, low).expect("lower the soft limit");
-    let null = File::open("/dev/null").expect("/dev/null");
-    let mut fillers = Vec::new();
-    loop {
-        match null.try_clone() {
-            Ok(f) => fillers.push(f),
-            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => break,
-            Err(e) => panic!("filling the descriptor table: {e}"),
-        }
-    }
+    let mut fillers = msb_devices::testing::fill_descriptor_table();
     // One descriptor back, for a client's own end: it takes the descriptor the waiting
     // accept held, and from then on every accept fails.
     drop(fillers.pop());
