@@ -19,6 +19,7 @@ pub mod link;
 pub mod policy;
 mod proxy;
 pub mod stats;
+pub mod tls;
 
 pub use proxy::{Proxy, ProxyConfig, GATEWAY_MAC, GUEST_MAC};
 pub use stats::{NetStats, NetStatsSnapshot};

@@ -18,7 +18,9 @@ use std::str::FromStr;
 pub use ipnet::{IpNet, Ipv4Net};
 
 mod builder;
+pub mod tls;
 pub use builder::{NetworkPolicyBuilder, RuleBuilder, RuleTarget};
+pub use tls::{HostPattern, SecretSpec, TlsSettings};
 
 /// What a rule (or a default) does with a matching connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -769,6 +771,9 @@ pub struct NetworkConfig {
     pub mtu: u16,
     /// Most TCP connections plus UDP flows at once.
     pub max_connections: usize,
+    /// TLS interception.
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 impl Default for NetworkConfig {
@@ -781,6 +786,7 @@ impl Default for NetworkConfig {
             subnet: DEFAULT_SUBNET,
             mtu: DEFAULT_MTU,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -835,7 +841,7 @@ impl NetworkConfig {
         if self.dns.query_timeout_ms == 0 {
             return Err(bad("the DNS query timeout must be above 0 ms"));
         }
-        Ok(())
+        self.tls.validate()
     }
 }
 
