@@ -14,10 +14,11 @@ pub mod net_frame;
 pub mod net_policy;
 pub mod protocol_frame;
 pub mod ring;
+pub mod tls_hello;
 pub mod vsock_tx;
 
 /// The targets, by name.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "mmio",
     "vsock_tx",
     "fuse",
@@ -26,6 +27,7 @@ pub const TARGETS: [&str; 8] = [
     "protocol_frame",
     "layer",
     "archive",
+    "tls_hello",
 ];
 
 /// Runs one input of target `name`; panics on a target it does not know.
@@ -39,6 +41,7 @@ pub fn run(name: &str, data: &[u8]) {
         "protocol_frame" => protocol_frame::run(data),
         "layer" => layer::run(data),
         "archive" => archive::run(data),
+        "tls_hello" => tls_hello::run(data),
         other => panic!("no fuzz target {other:?}"),
     }
 }
@@ -54,6 +57,7 @@ pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
         "protocol_frame" => protocol_frame::seeds(),
         "layer" => images::layer_seeds(),
         "archive" => images::archive_seeds(),
+        "tls_hello" => tls_hello::seeds(),
         other => panic!("no fuzz target {other:?}"),
     }
 }

@@ -226,6 +226,38 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_fragmented_over_records() -> TestResult {
+        let a = authority()?;
+        let config = client_trusting(&[a.cert_der().clone()], &[b"h2", b"http/1.1"])?;
+        let (mut client, hello) = client_hello(config, "api.example.test")?;
+        // The same handshake message in records of 50 bytes (allowed, and rare).
+        let (header, body) = hello.split_at(5);
+        let mut wire = Vec::new();
+        for piece in body.chunks(50) {
+            wire.extend_from_slice(&header[..3]);
+            wire.extend_from_slice(&u16::try_from(piece.len())?.to_be_bytes());
+            wire.extend_from_slice(piece);
+        }
+        for step in [wire.len(), 7, 1] {
+            let mut s = Sniffer::new();
+            let mut answer = Sniff::NeedMore;
+            for piece in wire.chunks(step) {
+                assert!(matches!(answer, Sniff::NeedMore));
+                answer = s.feed(piece);
+            }
+            check(&*expect_hello(answer)?);
+            assert_eq!(s.raw(), wire.as_slice());
+        }
+        let h = expect_hello(Sniffer::new().feed(&wire))?;
+        let mut server = h
+            .accepted
+            .into_connection(a.server_config(&h.alpn))
+            .map_err(|(e, _)| e)?;
+        handshake(&mut client, &mut server)?;
+        Ok(())
+    }
+
+    #[test]
     fn a_hello_without_sni() -> TestResult {
         // A rustls client connecting to an IP address sends no SNI.
         let (_, hello) = client_hello(client_trusting(&[], &[])?, "10.0.0.1")?;
