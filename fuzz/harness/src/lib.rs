@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod bytes;
 pub mod fuse;
+pub mod http_rewrite;
 pub mod images;
 pub mod jail;
 pub mod layer;
@@ -17,7 +18,7 @@ pub mod ring;
 pub mod vsock_tx;
 
 /// The targets, by name.
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "mmio",
     "vsock_tx",
     "fuse",
@@ -26,6 +27,7 @@ pub const TARGETS: [&str; 8] = [
     "protocol_frame",
     "layer",
     "archive",
+    "http_rewrite",
 ];
 
 /// Runs one input of target `name`; panics on a target it does not know.
@@ -39,6 +41,7 @@ pub fn run(name: &str, data: &[u8]) {
         "protocol_frame" => protocol_frame::run(data),
         "layer" => layer::run(data),
         "archive" => archive::run(data),
+        "http_rewrite" => http_rewrite::run(data),
         other => panic!("no fuzz target {other:?}"),
     }
 }
@@ -54,6 +57,7 @@ pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
         "protocol_frame" => protocol_frame::seeds(),
         "layer" => images::layer_seeds(),
         "archive" => images::archive_seeds(),
+        "http_rewrite" => http_rewrite::seeds(),
         other => panic!("no fuzz target {other:?}"),
     }
 }
