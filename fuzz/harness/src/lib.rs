@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod bytes;
 pub mod fuse;
+pub mod http_rewrite;
 pub mod images;
 pub mod jail;
 pub mod layer;
@@ -28,6 +29,7 @@ pub const TARGETS: [&str; 9] = [
     "layer",
     "archive",
     "tls_hello",
+    "http_rewrite",
 ];
 
 /// Runs one input of target `name`; panics on a target it does not know.
@@ -42,6 +44,7 @@ pub fn run(name: &str, data: &[u8]) {
         "layer" => layer::run(data),
         "archive" => archive::run(data),
         "tls_hello" => tls_hello::run(data),
+        "http_rewrite" => http_rewrite::run(data),
         other => panic!("no fuzz target {other:?}"),
     }
 }
@@ -58,6 +61,7 @@ pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
         "layer" => images::layer_seeds(),
         "archive" => images::archive_seeds(),
         "tls_hello" => tls_hello::seeds(),
+        "http_rewrite" => http_rewrite::seeds(),
         other => panic!("no fuzz target {other:?}"),
     }
 }
