@@ -53,6 +53,8 @@ pub struct Env {
     /// The restricted security profile: commands get `no_new_privs` and lose
     /// `CAP_SYS_ADMIN` from their bounding set.
     pub restricted: bool,
+    /// Variables every command gets before its own (the TLS interception CA's).
+    pub extra: Vec<(String, String)>,
 }
 
 /// Looks `user` up in the guest's `/etc/passwd`: (uid, gid).
@@ -159,7 +161,7 @@ fn command_env(base: &Env, extra: &[(String, String)]) -> Vec<(String, String)> 
     if let Some(t) = base.tunables {
         envs.push(("GLIBC_TUNABLES".into(), t.into()));
     }
-    for (k, v) in extra {
+    for (k, v) in base.extra.iter().chain(extra) {
         let v = if k == "PATH" {
             with_scripts(v)
         } else {

@@ -22,6 +22,7 @@ mod sessions;
 mod spawn;
 #[allow(unsafe_code)]
 mod sys;
+mod tls;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -149,6 +150,17 @@ fn main() {
     if let Err(e) = net::setup(&cmdline) {
         log(&format!("network: {e}"));
     }
+    let bundle = std::path::Path::new(msb_protocol::network::tls::GUEST_BUNDLE_PATH);
+    let extra = match tls::install(std::path::Path::new("/"), bundle) {
+        Ok(true) => tls::ca_env(),
+        Ok(false) => Vec::new(),
+        Err(e) => {
+            log(&format!(
+                "cannot add the TLS interception CA to the guest's trust: {e}"
+            ));
+            Vec::new()
+        }
+    };
 
     // The image's own init as PID 1, the agent as its child (before any thread starts).
     match bootcmd::InitSpec::from_cmdline(&cmdline) {
@@ -173,6 +185,7 @@ fn main() {
         path: PATH,
         tunables,
         restricted,
+        extra,
     }));
     let ready = || {
         if let Some(d) = sysdev {

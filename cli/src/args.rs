@@ -14,7 +14,7 @@ use microsandbox::{
 use crate::error::say;
 use crate::parse::{
     parse_bind, parse_duration, parse_env, parse_interval, parse_label, parse_mib, parse_named,
-    parse_secs, parse_time, parse_tmpfs, BindSpec, NamedSpec, TmpfsSpec,
+    parse_secret, parse_secs, parse_time, parse_tmpfs, BindSpec, NamedSpec, SecretArg, TmpfsSpec,
 };
 
 #[derive(Debug, Parser)]
@@ -286,6 +286,27 @@ pub(crate) struct CreateOpts {
     /// No network at all (the guest has only lo)
     #[arg(long = "no-net")]
     pub(crate) no_net: bool,
+    /// A secret the guest can use but never read: ENV=VALUE@HOST[,HOST], or ENV@HOST to
+    /// take the value from this shell's $ENV. The guest's $ENV holds $MSB_ENV; the proxy
+    /// puts the value in its place in HTTPS requests to the hosts (`*.domain` allowed)
+    /// (repeatable; turns TLS interception on)
+    #[arg(long = "secret", value_name = "ENV[=VALUE]@HOSTS", value_parser = parse_secret, conflicts_with = "no_net")]
+    pub(crate) secrets: Vec<SecretArg>,
+    /// Intercept TLS (on port 443) even without a secret
+    #[arg(long = "tls-intercept", conflicts_with = "no_net")]
+    pub(crate) tls_intercept: bool,
+    /// A server name TLS interception passes through untouched, NAME or *.DOMAIN
+    /// (repeatable)
+    #[arg(long = "tls-bypass", value_name = "PATTERN", conflicts_with = "no_net")]
+    pub(crate) tls_bypass: Vec<String>,
+    /// A PEM file of CA certificates the proxy trusts for upstream servers, besides the
+    /// host's roots (repeatable)
+    #[arg(
+        long = "tls-upstream-ca",
+        value_name = "PATH",
+        conflicts_with = "no_net"
+    )]
+    pub(crate) tls_upstream_ca: Vec<PathBuf>,
     /// Argument of the --init (repeatable)
     #[arg(
         long = "init-arg",
@@ -669,5 +690,36 @@ mod tests {
             panic!("not create")
         };
         assert!(c.create.no_net);
+    }
+
+    #[test]
+    fn secret_flags_parse_and_hide_their_values() {
+        let cli = Cli::try_parse_from([
+            "msb",
+            "create",
+            "--secret",
+            "API_KEY=sk-a@b=c@api.test,*.api.test",
+            "--secret",
+            "GITHUB_TOKEN@github.com",
+            "--tls-bypass",
+            "*.internal.test",
+            "web",
+        ])
+        .expect("parses");
+        let Command::Create(c) = cli.command else {
+            panic!("not create")
+        };
+        let s = &c.create.secrets;
+        assert_eq!(s[0].env, "API_KEY");
+        assert_eq!(s[0].value.as_deref(), Some("sk-a@b=c"));
+        assert_eq!(s[0].hosts, ["api.test", "*.api.test"]);
+        assert!(!format!("{:?}", s[0]).contains("sk-a"));
+        assert_eq!(s[1].value, None);
+        for bad in ["API_KEY=v", "=v@a.test", "K=v@", "K=v@a.test,"] {
+            assert!(
+                Cli::try_parse_from(["msb", "create", "--secret", bad, "web"]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

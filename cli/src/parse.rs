@@ -37,6 +37,47 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// `30` (seconds), or numbers with units `ms`, `s`, `m`, `h`, `d`: `500ms`, `10m`, `1h30m`.
+/// `--secret`'s value: `ENV=VALUE@HOST[,HOST...]`, or `ENV@HOST[,...]` to take the value
+/// from the host's environment variable `ENV` (so it never sits in a shell history).
+#[derive(Clone)]
+pub(crate) struct SecretArg {
+    pub env: String,
+    /// `None`: the host's `$ENV`.
+    pub value: Option<String>,
+    pub hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretArg")
+            .field("env", &self.env)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn parse_secret(s: &str) -> Result<SecretArg, String> {
+    let (spec, hosts) = s
+        .rsplit_once('@')
+        .ok_or("expected ENV=VALUE@HOST[,HOST] or ENV@HOST[,HOST]")?;
+    let hosts: Vec<String> = hosts.split(',').map(str::to_string).collect();
+    if hosts.iter().any(String::is_empty) {
+        return Err("an allowed host is empty".into());
+    }
+    let (env, value) = match spec.split_once('=') {
+        Some((e, v)) => (e, Some(v.to_string())),
+        None => (spec, None),
+    };
+    if env.is_empty() {
+        return Err("the variable name is empty".into());
+    }
+    Ok(SecretArg {
+        env: env.to_string(),
+        value,
+        hosts,
+    })
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad =
         || format!("invalid duration {s:?}: use seconds (30) or units (500ms, 30s, 10m, 2h, 1d)");

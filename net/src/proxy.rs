@@ -19,6 +19,8 @@ use crate::dns::{self, Client, Dns, Reply};
 use crate::link::{self, Link, Parsed};
 use crate::policy::{Flow, Policy};
 use crate::stats::{bump, NetStats};
+use crate::tls::tap::{HostSide, Step, Tap};
+use crate::tls::{Interception, NetEvent, NetEvents};
 use crate::NetError;
 
 /// The gateway's MAC address (locally administered).
@@ -64,6 +66,11 @@ pub struct ProxyConfig {
     pub host_loopback: Ipv4Addr,
     /// Nameservers used when `network.dns` names none.
     pub fallback_nameservers: Vec<SocketAddr>,
+    /// TLS interception and secrets (loaded before the proxy's thread starts; `None`:
+    /// nothing is intercepted).
+    pub tls: Option<Arc<Interception>>,
+    /// Where secret violations are reported.
+    pub events: Option<NetEvents>,
 }
 
 impl ProxyConfig {
@@ -74,6 +81,8 @@ impl ProxyConfig {
             network,
             host_loopback: Ipv4Addr::LOCALHOST,
             fallback_nameservers: dns::host_nameservers(),
+            tls: None,
+            events: None,
         }
     }
 }
@@ -118,6 +127,8 @@ struct Conn {
     /// The connection was established at some point.
     established: bool,
     egress: bool,
+    /// TLS interception's hold on the connection (an intercepted port).
+    tap: Option<Box<Tap>>,
 }
 
 #[derive(Debug)]
@@ -182,6 +193,8 @@ pub struct Proxy {
     buf: Vec<u8>,
     /// Closed connection sockets for the next connections (at most [`SPARE_SOCKETS`]).
     spare: Vec<tcp::Socket<'static>>,
+    tls: Option<Arc<Interception>>,
+    net_events: Option<NetEvents>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -318,6 +331,8 @@ impl Proxy {
             stats: Arc::default(),
             buf: vec![0; MAX_DATAGRAM],
             spare: Vec::new(),
+            tls: cfg.tls.filter(|t| t.settings.enabled),
+            net_events: cfg.events,
         };
         proxy.ensure_dns_listener();
         Ok(proxy)
@@ -554,6 +569,11 @@ impl Proxy {
                 host_shut: false,
                 established: false,
                 egress: true,
+                tap: self
+                    .tls
+                    .as_ref()
+                    .filter(|t| t.intercepts(dst.port()))
+                    .map(|_| Box::new(Tap::new())),
             },
         );
         self.by_tuple.insert((src, dst), id);
@@ -587,6 +607,12 @@ impl Proxy {
                     return;
                 }
             }
+        }
+        if self.tls.as_ref().is_some_and(|t| t.blocks_udp(dst.port())) {
+            // QUIC would carry the guest's TLS past the interception: without an answer,
+            // clients fall back to TCP.
+            bump(&self.stats.quic_blocked);
+            return;
         }
         let now = Instant::now();
         if let Some(id) = self.flow_by_tuple.get(&(src, dst)) {
@@ -893,11 +919,41 @@ impl Proxy {
     /// Moves bytes between the stack and the host sockets; true when any moved.
     fn pump(&mut self) -> bool {
         let mut moved = false;
+        let events = self.net_events.clone();
+        let emit = move |e: &NetEvent| {
+            if let Some(ev) = &events {
+                (ev.0)(e);
+            }
+        };
         for c in self.conns.values_mut() {
             let Some(h) = c.socket else { continue };
             let s = self.sockets.get_mut::<tcp::Socket>(h);
             if s.may_send() || s.may_recv() {
                 c.established = true;
+            }
+            if let (Some(tap), Some(tls)) = (&mut c.tap, &self.tls) {
+                if !c.established {
+                    continue;
+                }
+                let host = HostSide {
+                    stream: &mut c.host,
+                    readable: &mut c.readable,
+                    writable: &mut c.writable,
+                    shut: &mut c.host_shut,
+                    eof: &mut c.host_eof,
+                };
+                match tap.pump(s, host, tls, &self.stats, &emit) {
+                    Step::Tapped(m) => {
+                        moved |= m;
+                        continue;
+                    }
+                    Step::Plain => c.tap = None,
+                    Step::Reset => {
+                        s.abort();
+                        moved = true;
+                        continue;
+                    }
+                }
             }
             // Guest -> host.
             while c.writable && s.can_recv() {
@@ -1059,6 +1115,7 @@ impl Proxy {
                     host_shut: false,
                     established: false,
                     egress: false,
+                    tap: None,
                 },
             );
         }

@@ -33,6 +33,22 @@ pub struct NetStats {
     pub frames_dropped: AtomicU64,
     /// Datagrams for the guest dropped (queue full, larger than the MTU).
     pub udp_dropped: AtomicU64,
+    /// TLS connections intercepted (terminated with our certificate).
+    pub tls_intercepted: AtomicU64,
+    /// Connections to an intercepted port passed through untouched (no server name, a
+    /// bypassed name, not TLS).
+    pub tls_passed_through: AtomicU64,
+    /// Intercepted connections whose upstream TLS failed (certificate not trusted,
+    /// handshake refused).
+    pub tls_upstream_failed: AtomicU64,
+    /// Intercepted connections the guest's TLS broke (a bad record, a refused certificate).
+    pub tls_guest_failed: AtomicU64,
+    /// Requests that had placeholders replaced by secret values.
+    pub secrets_injected: AtomicU64,
+    /// Requests blocked for sending a placeholder to a host not allowed.
+    pub secret_violations: AtomicU64,
+    /// UDP datagrams to intercepted ports dropped (QUIC) while intercepting.
+    pub quic_blocked: AtomicU64,
 }
 
 /// Adds one.
@@ -75,4 +91,11 @@ snapshot!(
     dns_malformed,
     frames_dropped,
     udp_dropped,
+    tls_intercepted,
+    tls_passed_through,
+    tls_upstream_failed,
+    tls_guest_failed,
+    secrets_injected,
+    secret_violations,
+    quic_blocked,
 );

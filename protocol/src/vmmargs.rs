@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 #[cfg(feature = "clap")]
 use crate::network::parse_nameserver;
+use crate::network::tls::{HostPattern, TlsSettings};
 use crate::network::{
     Action, Ipv4Net, NetworkConfig, NetworkPreset, NetworkSyntaxError, PublishedPort, Rule,
 };
@@ -91,6 +92,35 @@ impl fmt::Display for Security {
 #[cfg(feature = "clap")]
 fn nameserver(s: &str) -> Result<SocketAddr, String> {
     parse_nameserver(s).map_err(|e| e.0)
+}
+
+/// `PATTERN=VALUE` of `--tls-verify-for` and `--tls-upstream-ca-for`.
+fn pattern_pair(s: &str) -> Result<(HostPattern, &str), String> {
+    let (p, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PATTERN=VALUE, got {s:?}"))?;
+    Ok((p.parse().map_err(|e: NetworkSyntaxError| e.0)?, v))
+}
+
+/// `--tls-verify-for`'s value: `PATTERN=on|off`.
+#[cfg_attr(not(feature = "clap"), allow(dead_code))]
+fn verify_for(s: &str) -> Result<(HostPattern, bool), String> {
+    let (p, v) = pattern_pair(s)?;
+    match v {
+        "on" => Ok((p, true)),
+        "off" => Ok((p, false)),
+        _ => Err(format!("expected PATTERN=on|off, got {s:?}")),
+    }
+}
+
+/// `--tls-upstream-ca-for`'s value: `PATTERN=PATH`.
+#[cfg_attr(not(feature = "clap"), allow(dead_code))]
+fn ca_for(s: &str) -> Result<(HostPattern, PathBuf), String> {
+    let (p, v) = pattern_pair(s)?;
+    if v.is_empty() {
+        return Err(format!("expected PATTERN=PATH, got {s:?}"));
+    }
+    Ok((p, PathBuf::from(v)))
 }
 
 /// `--memory`'s value.
@@ -320,6 +350,42 @@ pub struct VmmArgs {
     /// Most TCP connections plus UDP flows at once [default: 1024].
     #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub net_max_connections: Option<usize>,
+    /// Intercept TLS on the intercepted ports (needs `--tls-ca-cert` and `--tls-ca-key`).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub tls: bool,
+    /// A destination port whose TCP connections are intercepted (repeatable) [default: 443].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PORT"))]
+    pub tls_port: Vec<u16>,
+    /// A server name passed through untouched, `name` or `*.domain` (repeatable).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATTERN"))]
+    pub tls_bypass: Vec<HostPattern>,
+    /// Do not verify upstream certificates.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub tls_no_verify: bool,
+    /// Verify upstream certificates of matching names or not, `PATTERN=on|off`
+    /// (repeatable, first match wins).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATTERN=on|off", value_parser = verify_for))]
+    pub tls_verify_for: Vec<(HostPattern, bool)>,
+    /// Let UDP to the intercepted ports (QUIC) through.
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub tls_allow_quic: bool,
+    /// A PEM file of CA certificates trusted for every upstream, besides the host's roots
+    /// (repeatable).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub tls_upstream_ca: Vec<PathBuf>,
+    /// CA certificates trusted only for matching names, `PATTERN=PATH` (repeatable).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATTERN=PATH", value_parser = ca_for))]
+    pub tls_upstream_ca_for: Vec<(HostPattern, PathBuf)>,
+    /// The interception CA's certificate (PEM).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub tls_ca_cert: Option<PathBuf>,
+    /// The interception CA's private key (PEM).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub tls_ca_key: Option<PathBuf>,
+    /// The sandbox's secrets (JSON, readable by its owner only); read before the guest
+    /// boots.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
+    pub secrets_file: Option<PathBuf>,
     /// The command to run in the guest (after the options, with or without `--`).
     #[cfg_attr(feature = "clap", arg(value_name = "CMD", trailing_var_arg = true))]
     pub command: Vec<OsString>,
@@ -373,6 +439,22 @@ impl VmmArgs {
         if let Some(m) = self.net_max_connections {
             cfg.max_connections = m;
         }
+        cfg.tls = TlsSettings {
+            enabled: self.tls,
+            intercepted_ports: if self.tls_port.is_empty() {
+                cfg.tls.intercepted_ports.clone()
+            } else {
+                self.tls_port.clone()
+            },
+            bypass: self.tls_bypass.clone(),
+            verify_upstream: !self.tls_no_verify,
+            verify_upstream_for: self.tls_verify_for.clone(),
+            block_quic: !self.tls_allow_quic,
+            upstream_ca_certs: self.tls_upstream_ca.clone(),
+            upstream_ca_certs_for: self.tls_upstream_ca_for.clone(),
+            intercept_ca_cert: self.tls_ca_cert.clone(),
+            intercept_ca_key: self.tls_ca_key.clone(),
+        };
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -395,6 +477,21 @@ impl VmmArgs {
         self.mtu = (cfg.mtu != defaults.mtu).then_some(cfg.mtu);
         self.net_max_connections =
             (cfg.max_connections != defaults.max_connections).then_some(cfg.max_connections);
+        let tls = &cfg.tls;
+        self.tls = tls.enabled;
+        self.tls_port = if tls.intercepted_ports == defaults.tls.intercepted_ports {
+            Vec::new()
+        } else {
+            tls.intercepted_ports.clone()
+        };
+        self.tls_bypass = tls.bypass.clone();
+        self.tls_no_verify = !tls.verify_upstream;
+        self.tls_verify_for = tls.verify_upstream_for.clone();
+        self.tls_allow_quic = !tls.block_quic;
+        self.tls_upstream_ca = tls.upstream_ca_certs.clone();
+        self.tls_upstream_ca_for = tls.upstream_ca_certs_for.clone();
+        self.tls_ca_cert = tls.intercept_ca_cert.clone();
+        self.tls_ca_key = tls.intercept_ca_key.clone();
     }
 
     /// The command line that `msb-vmm` parses back into these arguments (the command, if
@@ -546,6 +643,42 @@ impl VmmArgs {
         if let Some(v) = self.net_max_connections {
             flag("net-max-connections", &text(&v));
         }
+        if self.tls {
+            flag("tls", &[]);
+        }
+        for v in &self.tls_port {
+            flag("tls-port", &text(v));
+        }
+        for v in &self.tls_bypass {
+            flag("tls-bypass", &text(v));
+        }
+        if self.tls_no_verify {
+            flag("tls-no-verify", &[]);
+        }
+        for (p, on) in &self.tls_verify_for {
+            let v = format!("{p}={}", if *on { "on" } else { "off" });
+            flag("tls-verify-for", &text(&v));
+        }
+        if self.tls_allow_quic {
+            flag("tls-allow-quic", &[]);
+        }
+        for v in &self.tls_upstream_ca {
+            flag("tls-upstream-ca", &one(v));
+        }
+        for (p, path) in &self.tls_upstream_ca_for {
+            let mut v = OsString::from(format!("{p}="));
+            v.push(path);
+            flag("tls-upstream-ca-for", &[v]);
+        }
+        if let Some(v) = &self.tls_ca_cert {
+            flag("tls-ca-cert", &one(v));
+        }
+        if let Some(v) = &self.tls_ca_key {
+            flag("tls-ca-key", &one(v));
+        }
+        if let Some(v) = &self.secrets_file {
+            flag("secrets-file", &one(v));
+        }
         if !self.command.is_empty() {
             out.push("--".into());
             out.extend(self.command.iter().cloned());
@@ -622,10 +755,25 @@ mod tests {
             .insert(0, "deny egress suffix=evil.com".parse().unwrap());
         cfg.dns.nameservers = vec!["127.0.0.1:5300".parse().unwrap()];
         cfg.dns.rebind_protection = false;
+        cfg.tls.enabled = true;
+        cfg.tls.intercepted_ports = vec![443, 8443];
+        cfg.tls.bypass = vec!["*.internal.test".parse().unwrap()];
+        cfg.tls.verify_upstream_for = vec![("self.test".parse().unwrap(), false)];
+        cfg.tls.upstream_ca_certs = vec!["/ca/test.pem".into()];
+        cfg.tls.upstream_ca_certs_for = vec![("api.test".parse().unwrap(), "/ca/api.pem".into())];
+        cfg.tls.intercept_ca_cert = Some("/home/tls/ca.pem".into());
+        cfg.tls.intercept_ca_key = Some("/home/tls/ca.key".into());
         let mut a = VmmArgs::default();
         a.set_network(&cfg);
         assert_eq!(a.network().unwrap(), Some(cfg.clone()));
         assert!(a.to_args().iter().any(|w| w == "--net-rule"));
+        assert!(a.to_args().iter().any(|w| w == "api.test=/ca/api.pem"));
+        assert_eq!(
+            verify_for("self.test=off"),
+            Ok(("self.test".parse().unwrap(), false))
+        );
+        assert!(verify_for("self.test=maybe").is_err());
+        assert!(ca_for("*.x.test=").is_err());
         a.set_network(&NetworkConfig::disabled());
         assert_eq!(a.network().unwrap(), None);
         // No flags: the default network, public only.

@@ -341,6 +341,25 @@ impl SandboxBuilder {
         self
     }
 
+    /// A secret (see [`crate::SecretBuilder`]): the guest's environment holds its
+    /// placeholder, never the value; the network proxy puts the value in its place in
+    /// intercepted requests to the allowed hosts. Turns TLS interception on.
+    pub fn secret(mut self, f: impl FnOnce(crate::SecretBuilder) -> crate::SecretBuilder) -> Self {
+        self.network = self.network.secret(f);
+        self
+    }
+
+    /// `.secret(|s| s.env(env_var).value(value).allow_host(allowed_host))`.
+    pub fn secret_env(
+        mut self,
+        env_var: impl Into<String>,
+        value: impl Into<String>,
+        allowed_host: impl Into<String>,
+    ) -> Self {
+        self.network = self.network.secret_env(env_var, value, allowed_host);
+        self
+    }
+
     /// Boots the sandbox and returns once its agent answers. The sandbox is attached: it
     /// stops when the returned [`Sandbox`] is dropped or this process exits; its state
     /// (configuration, writable layer, logs) stays until [`Sandbox::remove`].
@@ -400,12 +419,26 @@ impl SandboxBuilder {
         check_kernel()?;
         find_vmm()?;
         let paths = Paths::for_name(&self.name)?;
+        let (mut network, secrets) = self.network.build_with_secrets()?;
+        let mut env = self.defaults.env;
+        for s in &secrets {
+            if env.iter().any(|(k, _)| *k == s.env_var) {
+                return Err(MicrosandboxError::InvalidConfig(format!(
+                    "{} is both an environment variable and a secret",
+                    s.env_var
+                )));
+            }
+            env.push((s.env_var.clone(), s.placeholder.clone()));
+        }
+        if network.enabled && network.tls.enabled {
+            crate::secrets::interception_ca(&mut network.tls)?;
+        }
         let config = SandboxConfig {
             name: self.name.clone(),
             cpus: self.cpus,
             memory_mib: self.memory.0,
             image: self.image,
-            env: self.defaults.env,
+            env,
             workdir: self.defaults.workdir,
             user: self.defaults.user,
             shell: Some(self.shell),
@@ -423,13 +456,15 @@ impl SandboxBuilder {
             security_profile: self.security_profile,
             init: self.init,
             pull_policy: self.pull.pull_policy(),
-            network: self.network.build()?,
+            network,
+            secrets: secrets.iter().map(|s| s.env_var.clone()).collect(),
         };
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))
         })?;
         Ok(Plan {
             config,
+            secrets,
             config_json,
             paths,
             pull: self.pull,
@@ -498,6 +533,8 @@ fn check_scripts(scripts: &[(String, String)]) -> MicrosandboxResult<()> {
 /// What a create works from once the builder's options are checked.
 struct Plan {
     config: SandboxConfig,
+    /// The secrets' values: in `secrets.json` (owner only), never in the config.
+    secrets: Vec<msb_protocol::network::SecretSpec>,
     /// The configuration as the state row keeps it.
     config_json: String,
     paths: Paths,
@@ -623,9 +660,12 @@ async fn prepare_root(
     let config = plan.config.clone();
     let rw = plan.paths.rw();
     let config_path = plan.paths.config();
+    let secrets_path = plan.paths.secrets();
+    let secrets = plan.secrets.clone();
     let (claim, prepared) = tokio::task::spawn_blocking(move || {
         let _held = store_lock;
-        let prepared = config::prepare(&home, &config, &rw, pulled)
+        let prepared = crate::secrets::save(&secrets_path, &secrets)
+            .and_then(|()| config::prepare(&home, &config, &rw, pulled))
             .and_then(|p| config::save(&config_path, &p).map(|()| p));
         (claim, prepared)
     })

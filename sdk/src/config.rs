@@ -154,6 +154,10 @@ pub struct SandboxConfig {
     /// The network: device or not, policy, DNS, published ports.
     #[serde(default)]
     pub network: crate::network::NetworkConfig,
+    /// The variables of the sandbox's secrets (their values are in `secrets.json`, never
+    /// here).
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl SandboxConfig {
@@ -183,6 +187,7 @@ impl SandboxConfig {
             init: None,
             pull_policy: crate::PullPolicy::IfMissing,
             network: crate::network::NetworkConfig::default(),
+            secrets: Vec::new(),
         }
     }
 }
@@ -312,13 +317,38 @@ pub(crate) fn prepare(
     std::fs::create_dir_all(&upper)?;
     std::fs::create_dir_all(rw.join("work"))?;
     let patcher = Patcher::new(&upper, &layers);
+    // The interception CA, where the agent finds it to add it to the guest's trust.
+    let ca = match (
+        &config.network.tls.intercept_ca_cert,
+        config.network.tls.enabled,
+    ) {
+        (Some(path), true) => Some(Patch::File {
+            path: msb_protocol::network::tls::GUEST_CA_PATH.into(),
+            content: std::fs::read(path).map_err(|e| {
+                MicrosandboxError::InvalidConfig(format!(
+                    "the interception CA {}: {e}",
+                    path.display()
+                ))
+            })?,
+            mode: Some(0o644),
+            replace: true,
+        }),
+        _ => None,
+    };
     let scripts = config.scripts.iter().map(|(name, content)| Patch::File {
         path: format!("/.msb/scripts/{name}"),
         content: content.as_bytes().to_vec(),
         mode: Some(0o755),
         replace: true,
     });
-    for (index, patch) in config.patches.iter().cloned().chain(scripts).enumerate() {
+    for (index, patch) in config
+        .patches
+        .iter()
+        .cloned()
+        .chain(scripts)
+        .chain(ca)
+        .enumerate()
+    {
         patcher.apply(&patch).map_err(|e| match e {
             PatchFailure::Exists => MicrosandboxError::PatchTargetExists {
                 index,

@@ -128,6 +128,11 @@ impl Paths {
         self.dir.join("rw")
     }
 
+    /// The secrets' values (owner only), read by the VMM at each start.
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.join("secrets.json")
+    }
+
     /// The persisted configuration.
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")

@@ -54,6 +54,7 @@ mod output;
 mod reconcile;
 mod rootfs;
 mod sandbox;
+mod secrets;
 mod state;
 mod vmm;
 mod volume;
@@ -76,12 +77,13 @@ pub use logs::{LogEntry, LogOptions, LogSource, LogStream, LogStreamOptions};
 pub use metrics::{all_sandbox_metrics, boot_stage, BootStage, SandboxMetrics};
 pub use network::{
     Action, DestinationGroup, DnsBuilder, NetworkBuilder, NetworkPolicy, NetworkPolicyBuilder,
-    NetworkProfile, RuleBuilder, RuleTarget,
+    NetworkProfile, RuleBuilder, RuleTarget, TlsBuilder, ViolationAction,
 };
 pub use options::{Init, LogLevel, SecurityProfile};
 pub use output::{ExecOutput, ExecStatus};
 pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::Sandbox;
+pub use secrets::{SecretBuilder, SecretSource};
 pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};
 

@@ -23,13 +23,19 @@
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 
+pub use msb_protocol::network::tls::{HostPattern, TlsSettings, ViolationAction};
 pub use msb_protocol::network::{
     Action, Destination, DestinationGroup, Direction, DnsSettings, NetworkConfig, NetworkPolicy,
     NetworkPolicyBuilder, NetworkPreset, NetworkProfile, NetworkSyntaxError, PortProtocol,
     PortRange, Protocol, PublishedPort, Rule, RuleBuilder, RuleTarget, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MTU, DEFAULT_SUBNET, HOST_NAME,
 };
+
+use msb_protocol::network::tls::{validate_secrets, SecretSpec};
+
+use crate::secrets::SecretBuilder;
 
 use crate::{MicrosandboxError, MicrosandboxResult};
 
@@ -43,6 +49,9 @@ impl From<NetworkSyntaxError> for MicrosandboxError {
 #[derive(Debug, Clone)]
 pub struct NetworkBuilder {
     config: NetworkConfig,
+    /// Each secret, and whether it chose its violation action itself.
+    secrets: Vec<(SecretSpec, bool)>,
+    violation: Option<ViolationAction>,
     errors: Vec<String>,
 }
 
@@ -56,17 +65,83 @@ impl NetworkBuilder {
     pub(crate) fn from_config(config: NetworkConfig) -> Self {
         NetworkBuilder {
             config,
+            secrets: Vec::new(),
+            violation: None,
             errors: Vec::new(),
         }
     }
 
     /// The network as built, or the first value that was not valid.
+    #[cfg(test)]
     pub(crate) fn build(self) -> MicrosandboxResult<NetworkConfig> {
+        self.build_with_secrets().map(|(c, _)| c)
+    }
+
+    /// The network and its secrets as built: any secret turns TLS interception on.
+    pub(crate) fn build_with_secrets(
+        mut self,
+    ) -> MicrosandboxResult<(NetworkConfig, Vec<SecretSpec>)> {
         if let Some(e) = self.errors.into_iter().next() {
             return Err(MicrosandboxError::InvalidConfig(format!("network: {e}")));
         }
+        if !self.secrets.is_empty() {
+            if !self.config.enabled {
+                return Err(MicrosandboxError::InvalidConfig(
+                    "secrets need the network: they are put in place by its proxy".into(),
+                ));
+            }
+            self.config.tls.enabled = true;
+        }
         self.config.validate()?;
-        Ok(self.config)
+        let secrets: Vec<SecretSpec> = self.secrets.into_iter().map(|(s, _)| s).collect();
+        validate_secrets(&secrets)
+            .map_err(|e| MicrosandboxError::InvalidConfig(format!("secrets: {e}")))?;
+        Ok((self.config, secrets))
+    }
+
+    /// TLS interception (off unless turned on here or by a secret).
+    pub fn tls(mut self, f: impl FnOnce(TlsBuilder) -> TlsBuilder) -> Self {
+        let t = f(TlsBuilder {
+            settings: self.config.tls.clone(),
+            errors: Vec::new(),
+        });
+        self.errors.extend(t.errors);
+        self.config.tls = t.settings;
+        self
+    }
+
+    /// A secret (see [`SecretBuilder`]): the guest's environment holds its placeholder, and
+    /// the proxy puts the value in its place in intercepted requests to the allowed hosts.
+    /// Turns TLS interception on.
+    pub fn secret(mut self, f: impl FnOnce(SecretBuilder) -> SecretBuilder) -> Self {
+        match f(SecretBuilder::default()).build(self.violation) {
+            Ok(built) => self.secrets.push(built),
+            Err(e) => self.errors.push(e),
+        }
+        self
+    }
+
+    /// `.secret(|s| s.env(env_var).value(value).allow_host(allowed_host))`.
+    pub fn secret_env(
+        self,
+        env_var: impl Into<String>,
+        value: impl Into<String>,
+        allowed_host: impl Into<String>,
+    ) -> Self {
+        let (e, v, h) = (env_var.into(), value.into(), allowed_host.into());
+        self.secret(|s| s.env(e).value(v).allow_host(h))
+    }
+
+    /// What a secret sent to a host it is not allowed for does, for the secrets that do not
+    /// say (default [`ViolationAction::BlockAndLog`]).
+    pub fn on_secret_violation(mut self, action: ViolationAction) -> Self {
+        self.violation = Some(action);
+        for (s, chose) in &mut self.secrets {
+            if !*chose {
+                s.on_violation = action;
+            }
+        }
+        self
     }
 
     /// With `false`, no network device at all (the guest has only `lo`).
@@ -151,6 +226,97 @@ impl NetworkBuilder {
     /// The guest link's MTU (default 65520: the link never touches a wire).
     pub fn mtu(mut self, mtu: u16) -> Self {
         self.config.mtu = mtu;
+        self
+    }
+}
+
+/// TLS interception: the proxy terminates the guest's TLS on the intercepted ports with a
+/// certificate for the name the guest asked for, signed by the interception CA the guest
+/// trusts (by default one made once per `$MSB_HOME`, in `tls/`), and opens its own TLS
+/// connection upstream, verifying the server. A guest that sends no server name, and the
+/// bypassed names, are passed through untouched.
+#[derive(Debug, Clone)]
+pub struct TlsBuilder {
+    settings: TlsSettings,
+    errors: Vec<String>,
+}
+
+impl TlsBuilder {
+    fn pattern(&mut self, p: &str) -> Option<HostPattern> {
+        p.parse()
+            .map_err(|e: NetworkSyntaxError| self.errors.push(format!("tls: {e}")))
+            .ok()
+    }
+
+    /// Intercept or not (default off; a secret turns it on).
+    pub fn enabled(mut self, on: bool) -> Self {
+        self.settings.enabled = on;
+        self
+    }
+
+    /// Pass `pattern` (`api.example.com` or `*.example.com`) through untouched.
+    pub fn bypass(mut self, pattern: impl AsRef<str>) -> Self {
+        if let Some(p) = self.pattern(pattern.as_ref()) {
+            self.settings.bypass.push(p);
+        }
+        self
+    }
+
+    /// Verify upstream certificates (default on): the host's roots plus
+    /// [`TlsBuilder::upstream_ca_cert`]s.
+    pub fn verify_upstream(mut self, on: bool) -> Self {
+        self.settings.verify_upstream = on;
+        self
+    }
+
+    /// Verify upstream certificates of names matching `pattern` or not (first match wins).
+    pub fn verify_upstream_for(mut self, pattern: impl AsRef<str>, on: bool) -> Self {
+        if let Some(p) = self.pattern(pattern.as_ref()) {
+            self.settings.verify_upstream_for.push((p, on));
+        }
+        self
+    }
+
+    /// The destination ports intercepted (default `[443]`).
+    pub fn intercepted_ports(mut self, ports: Vec<u16>) -> Self {
+        self.settings.intercepted_ports = ports;
+        self
+    }
+
+    /// Drop UDP to the intercepted ports (QUIC), so clients fall back to TCP (default on).
+    pub fn block_quic(mut self, on: bool) -> Self {
+        self.settings.block_quic = on;
+        self
+    }
+
+    /// A PEM file of CA certificates trusted for every upstream, besides the host's roots.
+    pub fn upstream_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.upstream_ca_certs.push(path.into());
+        self
+    }
+
+    /// A PEM file of CA certificates trusted only for names matching `pattern`.
+    pub fn upstream_ca_cert_for(
+        mut self,
+        pattern: impl AsRef<str>,
+        path: impl Into<PathBuf>,
+    ) -> Self {
+        if let Some(p) = self.pattern(pattern.as_ref()) {
+            self.settings.upstream_ca_certs_for.push((p, path.into()));
+        }
+        self
+    }
+
+    /// The interception CA's certificate (PEM), instead of the one of `$MSB_HOME`; give
+    /// its key too.
+    pub fn intercept_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.intercept_ca_cert = Some(path.into());
+        self
+    }
+
+    /// The interception CA's private key (PEM).
+    pub fn intercept_ca_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.intercept_ca_key = Some(path.into());
         self
     }
 }

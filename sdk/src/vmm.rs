@@ -153,6 +153,17 @@ pub(crate) fn spawn(
         }
     }
     args.set_network(&config.network);
+    if !config.secrets.is_empty() {
+        let secrets = paths.secrets();
+        if !secrets.is_file() {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "the sandbox has secrets ({}) but {} is gone: create it again",
+                config.secrets.join(", "),
+                secrets.display()
+            )));
+        }
+        args.secrets_file = Some(secrets);
+    }
     let mut cmd = Command::new(&vmm);
     cmd.args(args.to_args());
     let vmm_log = std::fs::File::create(paths.vmm_log())?;

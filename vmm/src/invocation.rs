@@ -39,6 +39,8 @@ pub struct Invocation {
     pub seccomp: bool,
     /// Test hook: the thread kind that makes a denied syscall.
     pub test_seccomp_violation: Option<String>,
+    /// The sandbox's secrets (read before the jail).
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// `on` or `off` of `flag` (default on).
@@ -202,6 +204,7 @@ impl Invocation {
             log_level: args.log_level,
             jail: switch(args.jail.as_deref(), "--jail")?,
             seccomp: switch(args.seccomp.as_deref(), "--seccomp")?,
+            secrets_file: args.secrets_file,
             test_seccomp_violation: match args.test_seccomp_violation {
                 Some(k) if crate::seccomp::ThreadKind::from_name(&k).is_none() => {
                     return Err(format!("--test-seccomp-violation: no thread kind {k:?}"))

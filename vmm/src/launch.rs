@@ -500,6 +500,8 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         }),
         fs: Vec::new(),
         net: launch.network.clone(),
+        net_tls: None,
+        net_events: None,
         ready_gate: None,
         fs_limits: Default::default(),
         boot_ram_limit: launch.boot_memory.limit(profile),

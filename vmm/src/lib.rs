@@ -33,5 +33,6 @@ pub mod net;
 pub mod relay;
 pub mod runner;
 pub mod seccomp;
+pub mod tls;
 pub mod vcpu;
 pub mod vm;

@@ -104,6 +104,10 @@ pub struct VmConfig {
     pub fs_limits: FsLimits,
     /// A virtio-net device and the proxy behind it (`None`: no network device).
     pub net: Option<NetworkConfig>,
+    /// The proxy's TLS interception and secrets (loaded before the jail).
+    pub net_tls: Option<Arc<msb_net::tls::Interception>>,
+    /// Where the proxy reports secret violations.
+    pub net_events: Option<msb_net::tls::NetEvents>,
     /// Opened when the agent reports ready (for those who wait to talk to it).
     pub ready_gate: Option<ReadyGate>,
     /// RAM above this guest-physical address is held back from the boot e820 map in whole
@@ -389,7 +393,13 @@ impl Vm {
         let proxy = cfg
             .net
             .as_ref()
-            .map(|n| Proxy::new(ProxyConfig::new(n.clone())))
+            .map(|n| {
+                Proxy::new(ProxyConfig {
+                    tls: cfg.net_tls.clone(),
+                    events: cfg.net_events.clone(),
+                    ..ProxyConfig::new(n.clone())
+                })
+            })
             .transpose()?;
         let vm = hv.create_vm()?;
 

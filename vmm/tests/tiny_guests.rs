@@ -37,6 +37,8 @@ fn config(boot: BootSource) -> VmConfig {
         vsock: None,
         fs: Vec::new(),
         net: None,
+        net_tls: None,
+        net_events: None,
         ready_gate: None,
         fs_limits: Default::default(),
         boot_ram_limit: None,

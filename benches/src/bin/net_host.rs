@@ -118,6 +118,8 @@ impl Nic {
             host_loopback: Ipv4Addr::LOCALHOST,
             // The guest resolves nothing: no nameserver at all.
             fallback_nameservers: Vec::new(),
+            tls: None,
+            events: None,
         })
         .expect("proxy");
         let mut dev = VirtioNet::new(

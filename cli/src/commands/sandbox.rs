@@ -7,7 +7,7 @@ use chrono::Utc;
 use microsandbox::network::{NetworkPolicy, NetworkPreset, PortProtocol};
 use microsandbox::{
     error_chain, ExecOptions, Init, MicrosandboxError, Sandbox, SandboxBuilder, SandboxFilter,
-    SecurityProfile,
+    SecretSource, SecurityProfile,
 };
 use serde_json::{json, Value};
 
@@ -126,6 +126,33 @@ impl CreateOpts {
                 }
                 if !self.dns.is_empty() {
                     n = n.dns(|d| d.nameservers(&self.dns));
+                }
+                if self.tls_intercept
+                    || !self.tls_bypass.is_empty()
+                    || !self.tls_upstream_ca.is_empty()
+                {
+                    n = n.tls(|mut t| {
+                        t = t.enabled(self.tls_intercept || !self.secrets.is_empty());
+                        for b in &self.tls_bypass {
+                            t = t.bypass(b);
+                        }
+                        for c in &self.tls_upstream_ca {
+                            t = t.upstream_ca_cert(c);
+                        }
+                        t
+                    });
+                }
+                for s in &self.secrets {
+                    n = n.secret(|mut b| {
+                        b = b.env(&s.env).source(match &s.value {
+                            Some(v) => SecretSource::Value(v.clone()),
+                            None => SecretSource::HostEnv(s.env.clone()),
+                        });
+                        for h in &s.hosts {
+                            b = b.allow_host_pattern(h);
+                        }
+                        b
+                    });
                 }
                 n
             });

@@ -212,6 +212,8 @@ fn config(policy: NetworkPolicy) -> ProxyConfig {
         host_loopback: Ipv4Addr::LOCALHOST,
         // Never the host's resolvers: a test names its own server or none.
         fallback_nameservers: Vec::new(),
+        tls: None,
+        events: None,
     }
 }
 

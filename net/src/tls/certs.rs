@@ -101,6 +101,9 @@ pub enum TlsError {
         /// Its permission bits.
         mode: u32,
     },
+    /// Interception is on but no CA was given (its certificate and key).
+    #[error("TLS interception needs a CA certificate and key")]
+    NoCa,
     /// Not a DNS name or an IP address (a leaf cannot be made for it).
     #[error("not a DNS name or an IP address: {0:?}")]
     BadName(String),

@@ -40,9 +40,11 @@ impl HostPattern {
         let h = host.trim_end_matches('.').to_ascii_lowercase();
         match self {
             HostPattern::Exact(n) => h == *n,
-            HostPattern::Suffix(d) => h.len() > d.len() + 1 && h.ends_with(d.as_str()) && {
-                h.as_bytes()[h.len() - d.len() - 1] == b'.'
-            },
+            HostPattern::Suffix(d) => {
+                h.len() > d.len() + 1 && h.ends_with(d.as_str()) && {
+                    h.as_bytes()[h.len() - d.len() - 1] == b'.'
+                }
+            }
         }
     }
 }
@@ -206,7 +208,9 @@ impl Default for Injection {
 }
 
 /// What happens when a placeholder is sent to a host the secret is not allowed for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ViolationAction {
     /// The connection is reset.
@@ -326,7 +330,10 @@ impl SecretSpec {
             )));
         }
         let what = format!("secret {}", self.env_var);
-        for (field, v) in [("value", self.value.expose()), ("placeholder", &self.placeholder)] {
+        for (field, v) in [
+            ("value", self.value.expose()),
+            ("placeholder", &self.placeholder),
+        ] {
             if v.is_empty() || v.len() > MAX_SECRET_LEN {
                 return Err(bad(format!(
                     "{what}: the {field} must be 1 to {MAX_SECRET_LEN} bytes"
@@ -362,8 +369,7 @@ pub fn validate_secrets(secrets: &[SecretSpec]) -> Result<(), NetworkSyntaxError
             if t.env_var == s.env_var {
                 return Err(bad(format!("two secrets for {}", s.env_var)));
             }
-            if t.placeholder.contains(&s.placeholder) || s.placeholder.contains(&t.placeholder)
-            {
+            if t.placeholder.contains(&s.placeholder) || s.placeholder.contains(&t.placeholder) {
                 return Err(bad(format!(
                     "the placeholders of {} and {} overlap",
                     t.env_var, s.env_var
@@ -429,7 +435,10 @@ mod tests {
         assert!(t.validate().is_err());
         let mut two = s.clone();
         two.env_var = "OTHER".into();
-        assert!(validate_secrets(&[s.clone(), two.clone()]).is_err(), "same placeholder");
+        assert!(
+            validate_secrets(&[s.clone(), two.clone()]).is_err(),
+            "same placeholder"
+        );
         two.placeholder = "$MSB_OTHER".into();
         validate_secrets(&[s, two]).expect("distinct");
     }
@@ -459,6 +468,12 @@ mod tests {
         ciborium::into_writer(t, &mut out).expect("encode");
         let back: TlsSettings = ciborium::from_reader(out.as_slice()).expect("decode");
         assert_eq!(&back, t);
-        format!("{:?}", back.bypass.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+        format!(
+            "{:?}",
+            back.bypass
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        )
     }
 }

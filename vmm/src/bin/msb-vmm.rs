@@ -251,6 +251,36 @@ fn jail_plan(args: &Invocation, cfg: &VmConfig) -> jail::JailPlan {
     plan
 }
 
+/// Where the proxy's secret violations go: the sandbox's log (unless the secret says only
+/// block) and, for block-and-terminate, the VM's end. Filled in once the relay and the VM
+/// exist; the proxy reports only after the guest runs.
+#[derive(Default)]
+struct Violations {
+    relay: OnceLock<Option<Arc<Relay>>>,
+    stopper: OnceLock<msb_vmm::vm::VmStopper>,
+}
+
+impl Violations {
+    fn sink(self: &Arc<Self>) -> msb_net::tls::NetEvents {
+        let me = self.clone();
+        msb_net::tls::NetEvents(Arc::new(move |event| {
+            let msb_net::tls::NetEvent::SecretViolation { action, .. } = event;
+            use msb_protocol::network::tls::ViolationAction;
+            if *action == ViolationAction::Block {
+                return;
+            }
+            if let Some(Some(r)) = me.relay.get() {
+                r.log_system(&event.to_string());
+            }
+            if *action == ViolationAction::BlockAndTerminate {
+                if let Some(s) = me.stopper.get() {
+                    s.stop(format!("{event}; the sandbox was stopped"));
+                }
+            }
+        }))
+    }
+}
+
 /// Prints what clap found wrong (or the help it was asked for) and the exit status.
 fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
@@ -337,9 +367,19 @@ fn main() -> ExitCode {
         .network
         .as_ref()
         .map_or(0, |n| n.max_connections);
+    // Files the proxy's thread may not open later: the CA, the roots, the secrets.
+    let net_tls =
+        match msb_vmm::tls::load(args.launch.network.as_ref(), args.secrets_file.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return fail(&error_chain(&e), &[]),
+        };
+    // Secret violations go to the sandbox's log; block-and-terminate also stops the VM.
+    let violations = Arc::new(Violations::default());
     let cfg = VmConfig {
         ready_gate: Some(ReadyGate::new()),
         fs_limits: plan_fds(net_connections),
+        net_events: net_tls.as_ref().map(|_| violations.sink()),
+        net_tls,
         ..cfg
     };
     // Into the jail while this is the only thread: every thread made later is in it.
@@ -390,6 +430,8 @@ fn main() -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(&error_chain(&e), &[]),
     };
+    let _ = violations.relay.set(relay.clone());
+    let _ = violations.stopper.set(vm.stopper());
     if args.exit_with_stdin {
         let sockets = [args.launch.control_socket.clone(), args.launch.vsock_path()];
         watch_stdin(
