@@ -879,3 +879,7 @@ fn a_malformed_frame_storm_leaves_the_proxy_serving() {
     assert_eq!(g.read_to_end(&mut proxy, h), b"alive");
     t.join().unwrap();
 }
+
+/// TLS interception through the proxy, with this module's guest.
+#[path = "tls_tests.rs"]
+mod tls_tests;

@@ -67,6 +67,9 @@ pub(crate) struct Mitm {
     down_plain: Vec<u8>,
     /// The guest ended its TLS (close_notify or TCP FIN): passed upstream once.
     guest_done: bool,
+    /// The guest's FIN came (without a close_notify): its TLS is done once the plaintext
+    /// rustls holds was taken.
+    guest_eof: bool,
     upstream_closed: bool,
     /// The server ended (close_notify or EOF): passed to the guest once drained.
     upstream_done: bool,
@@ -200,6 +203,18 @@ impl Tap {
         }
     }
 
+    /// Plaintext from the guest that its rustls connection holds, not taken yet (tests).
+    #[cfg(test)]
+    pub(crate) fn guest_plaintext_held(&mut self) -> usize {
+        match self {
+            Tap::Mitm(m) => m
+                .guest
+                .process_new_packets()
+                .map_or(0, |s| s.plaintext_bytes_to_read()),
+            _ => 0,
+        }
+    }
+
     /// Intercept `hello`, or `None` to pass it through: no server name, a bypassed one, or
     /// one we cannot make a certificate for.
     fn decide(&mut self, hello: Hello, ctx: &Interception, stats: &NetStats) -> Option<Mitm> {
@@ -245,6 +260,7 @@ impl Tap {
             up_plain: Vec::new(),
             down_plain: Vec::new(),
             guest_done: false,
+            guest_eof: false,
             upstream_closed: false,
             upstream_done: false,
             guest_closed: false,
@@ -307,13 +323,22 @@ impl Mitm {
                             }
                         }
                     }
-                    Err(e) if would_block(&e) => break,
+                    Err(e) if would_block(&e) => {
+                        if self.guest_eof {
+                            // FIN without close_notify, and everything before it taken.
+                            self.guest_done = true;
+                        }
+                        break;
+                    }
                     Err(_) => self.guest_done = true,
                 }
             }
-            if !self.guest_done && !s.may_recv() && s.recv_queue() == 0 {
-                // The guest's FIN without a close_notify.
-                self.guest_done = true;
+            if !self.guest_eof && !s.may_recv() && s.recv_queue() == 0 {
+                // The guest's FIN without a close_notify: done once what rustls still
+                // holds (the reads above stop at PLAIN_CAP) went the same way, in the next
+                // rounds.
+                self.guest_eof = true;
+                progress = true;
             }
             // Into the client connection.
             if !self.up_plain.is_empty() {
