@@ -226,6 +226,19 @@ fn new_tcp_socket(rx: usize, tx: usize) -> tcp::Socket<'static> {
     s
 }
 
+/// smoltcp's delay of ACKs (its default), set again on a socket taken from the spares.
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
+
+/// Ends the stack's side of a guest connection after the host's end (FIN to the guest).
+///
+/// ACKs go out at once from now on: the guest's FIN that answers ours puts the socket in
+/// TimeWait, which `reap` removes in the same round; a delayed ACK of that FIN would never
+/// be sent, and the guest, left in LAST-ACK, would retransmit its FIN into a reset.
+pub(crate) fn close_after_host(s: &mut tcp::Socket<'_>) {
+    s.set_ack_delay(None);
+    s.close();
+}
+
 /// Resets a host connection (RST, not FIN) as it is dropped.
 fn reset_on_close(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
@@ -909,8 +922,10 @@ impl Proxy {
                 (removed, self.spare.len() < SPARE_SOCKETS)
             {
                 // Out of the set, it sends nothing more; `listen` and `connect` reset it
-                // (state, sequence numbers, timers, buffers emptied) for its next use.
+                // (state, sequence numbers, timers, buffers emptied) for its next use, but
+                // not its ACK delay.
                 s.abort();
+                s.set_ack_delay(Some(ACK_DELAY));
                 self.spare.push(s);
             }
         }
@@ -986,7 +1001,7 @@ impl Proxy {
                 match r {
                     Ok(Ok(0)) => {
                         c.host_eof = true;
-                        s.close();
+                        close_after_host(s);
                     }
                     Ok(Ok(_)) => moved = true,
                     Ok(Err(e)) if would_block(&e) => c.readable = false,

@@ -70,6 +70,24 @@ struct Guest {
     sockets: Set<'static>,
     start: Instant,
     buf: Vec<u8>,
+    /// TCP resets the proxy sent the guest.
+    resets: usize,
+}
+
+/// Whether an Ethernet frame carries a TCP segment with RST.
+fn is_reset(frame: &[u8]) -> bool {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+    let Ok(e) = EthernetFrame::new_checked(frame) else {
+        return false;
+    };
+    if e.ethertype() != EthernetProtocol::Ipv4 {
+        return false;
+    }
+    let Ok(ip) = Ipv4Packet::new_checked(e.payload()) else {
+        return false;
+    };
+    ip.next_header() == IpProtocol::Tcp
+        && TcpPacket::new_checked(ip.payload()).is_ok_and(|t| t.rst())
 }
 
 impl Guest {
@@ -90,6 +108,7 @@ impl Guest {
             sockets: Set::new(Vec::new()),
             start: Instant::now(),
             buf: vec![0; 70000],
+            resets: 0,
         }
     }
 
@@ -109,6 +128,7 @@ impl Guest {
         }
         proxy.poll();
         while let Some(n) = proxy.recv_frame(&mut self.buf) {
+            self.resets += usize::from(is_reset(&self.buf[..n]));
             self.nic.rx.push_back(self.buf[..n].to_vec());
         }
         let now = self.now();
@@ -365,6 +385,9 @@ fn host_half_close_reaches_the_guest_and_the_guest_can_still_send() {
             gtcp::State::Closed | gtcp::State::TimeWait
         )
     });
+    // The proxy acknowledged the guest's FIN (which ends its TimeWait socket at once):
+    // the guest did not have to send it again into a reset.
+    assert_eq!(g.resets, 0);
     t.join().unwrap();
     // Both sides closed: the proxy forgets the connection.
     g.run_until(&mut proxy, |_| true);

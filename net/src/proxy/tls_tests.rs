@@ -557,6 +557,14 @@ fn an_intercepted_request_carries_the_secret_and_its_echo_comes_back_masked() {
         request("api.test", "/echo").as_bytes(),
     );
     c.finish(&mut t.g, &mut t.proxy);
+    // The server closed first, then the guest: its FIN is acknowledged, never reset.
+    g_run(&mut t, |g| {
+        matches!(
+            g.sock(c.h).state(),
+            gtcp::State::Closed | gtcp::State::TimeWait
+        )
+    });
+    assert_eq!(t.g.resets, 0);
     // The server got the value, over a connection to the right name.
     let seen = t.server.seen();
     assert_eq!(seen.len(), 1);

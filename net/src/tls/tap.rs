@@ -436,7 +436,7 @@ impl Mitm {
                 }
             }
             if self.guest_closed && !self.guest.wants_write() && !*host.eof {
-                s.close();
+                crate::proxy::close_after_host(s);
                 *host.eof = true;
             }
             moved |= progress;
