@@ -1115,6 +1115,10 @@ pub struct ResponseMask {
     states: Vec<usize>,
     /// The held tail, already masked where a match covered it.
     held: Vec<u8>,
+    /// Bytes that begin some value.
+    starts: [bool; 256],
+    /// The one byte that begins every value, when there is one (memchr finds it fast).
+    only: Option<u8>,
 }
 
 impl fmt::Debug for ResponseMask {
@@ -1136,11 +1140,36 @@ impl ResponseMask {
             .collect();
         values.sort_unstable();
         values.dedup();
+        let mut starts = [false; 256];
+        for v in &values {
+            if let Some(&b) = v.first() {
+                starts[usize::from(b)] = true;
+            }
+        }
+        let mut firsts = (0..=255u8).filter(|b| starts[usize::from(*b)]);
+        let only = match (firsts.next(), firsts.next()) {
+            (Some(b), None) => Some(b),
+            _ => None,
+        };
         let values: Vec<Kmp> = values.into_iter().map(Kmp::new).collect();
         ResponseMask {
             states: vec![0; values.len()],
             values,
             held: Vec::new(),
+            starts,
+            only,
+        }
+    }
+
+    /// Where in `input` a value could start: the first byte that begins one (all matchers
+    /// are at their start, so nothing before it can be part of a value).
+    fn next_start(&self, input: &[u8]) -> usize {
+        match self.only {
+            Some(b) => memchr::memchr(b, input).unwrap_or(input.len()),
+            None => input
+                .iter()
+                .position(|b| self.starts[usize::from(*b)])
+                .unwrap_or(input.len()),
         }
     }
 
@@ -1150,8 +1179,17 @@ impl ResponseMask {
         out.append(&mut self.held);
         let base = out.len();
         out.extend_from_slice(input);
-        for (k, &b) in input.iter().enumerate() {
-            let end = base + k + 1;
+        let mut k = 0;
+        while k < input.len() {
+            if self.states.iter().all(|s| *s == 0) {
+                k += self.next_start(input.get(k..).unwrap_or_default());
+                if k >= input.len() {
+                    break;
+                }
+            }
+            let b = input.get(k).copied().unwrap_or(0);
+            k += 1;
+            let end = base + k;
             let mut masked = 0;
             for (kmp, state) in self.values.iter().zip(self.states.iter_mut()) {
                 *state = kmp.step(*state, b);

@@ -25,6 +25,9 @@ use msb_protocol::network::tls::{SecretSpec, TlsSettings, ViolationAction};
 pub use certs::TlsError;
 use certs::{Authority, Upstream};
 
+/// The name of the leaf made while loading (in the reserved `.invalid` domain).
+const WARM_UP_NAME: &str = "warm-up.invalid";
+
 /// What interception needs, loaded once before the guest boots and shared by the proxy.
 pub struct Interception {
     /// The settings.
@@ -73,6 +76,10 @@ impl Interception {
             extra_for.push((pattern.clone(), certs::load_pem_certs(p)?));
         }
         let upstream = Upstream::new(certs::host_roots(), extra, extra_for)?;
+        // aws-lc's first random draw looks for a snapshot-safety device (`/dev/sysgenid`),
+        // once per process: done here, before the proxy's thread (which may not look at
+        // files) makes its first key.
+        authority.leaf(WARM_UP_NAME)?;
         Ok(Interception {
             settings: settings.clone(),
             authority,
