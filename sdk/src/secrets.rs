@@ -221,6 +221,21 @@ pub(crate) fn interception_ca(tls: &mut TlsSettings) -> MicrosandboxResult<()> {
         tls.intercept_ca_cert = Some(cert);
         tls.intercept_ca_key = Some(key);
     }
+    // Absolute: the sandbox may start again from another directory.
+    let absolute = |p: &mut PathBuf| -> MicrosandboxResult<()> {
+        *p = std::fs::canonicalize(&*p)
+            .map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;
+        Ok(())
+    };
+    for p in tls
+        .intercept_ca_cert
+        .iter_mut()
+        .chain(tls.intercept_ca_key.iter_mut())
+        .chain(tls.upstream_ca_certs.iter_mut())
+        .chain(tls.upstream_ca_certs_for.iter_mut().map(|(_, p)| p))
+    {
+        absolute(p)?;
+    }
     let (Some(cert), Some(key)) = (&tls.intercept_ca_cert, &tls.intercept_ca_key) else {
         return Err(bad(
             "an interception CA needs both its certificate and its key".into(),
@@ -231,6 +246,14 @@ pub(crate) fn interception_ca(tls: &mut TlsSettings) -> MicrosandboxResult<()> {
     };
     msb_net::tls::certs::Authority::from_pem(&read(cert)?, &read(key)?)
         .map_err(|e| bad(msb_protocol::error_chain(&e)))?;
+    // The upstream CAs are read at every start; a file that holds none fails here, not then.
+    for p in tls
+        .upstream_ca_certs
+        .iter()
+        .chain(tls.upstream_ca_certs_for.iter().map(|(_, p)| p))
+    {
+        msb_net::tls::certs::load_pem_certs(p).map_err(|e| bad(msb_protocol::error_chain(&e)))?;
+    }
     Ok(())
 }
 
@@ -316,6 +339,35 @@ mod tests {
             let e = b.build(None).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn interception_cas_are_checked_and_made_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = msb_net::tls::certs::Authority::generate("test CA").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &cert).unwrap();
+        std::fs::write(dir.path().join("ca.key"), &key).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+        let mut tls = TlsSettings {
+            enabled: true,
+            intercept_ca_cert: Some(dir.path().join("./ca.pem")),
+            intercept_ca_key: Some(dir.path().join("ca.key")),
+            upstream_ca_certs: vec![dir.path().join("ca.pem")],
+            ..TlsSettings::default()
+        };
+        interception_ca(&mut tls).unwrap();
+        let cert_path = tls.intercept_ca_cert.clone().unwrap();
+        assert!(cert_path.is_absolute() && !cert_path.to_string_lossy().contains("/./"));
+        let mut bad = tls.clone();
+        bad.upstream_ca_certs = vec![dir.path().join("junk.pem")];
+        let e = interception_ca(&mut bad).unwrap_err().to_string();
+        assert!(e.contains("junk.pem"), "{e}");
+        let mut missing = tls.clone();
+        missing.upstream_ca_certs = vec![dir.path().join("gone.pem")];
+        assert!(interception_ca(&mut missing).is_err());
+        let mut mismatched = tls;
+        mismatched.intercept_ca_key = None;
+        assert!(interception_ca(&mut mismatched).is_err());
     }
 
     #[test]
