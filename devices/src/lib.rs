@@ -8,7 +8,7 @@
 //! - [`legacy`]: the serial port and the i8042 reset line the boot path needs;
 //! - [`system`]: the VMM's system device (boot timer, boot phases, exit status, the ready
 //!   gate);
-//! - [`virtio`]: the virtio-mmio transport and the vsock, fs and net devices;
+//! - [`virtio`]: the virtio-mmio transport and the vsock, fs, net and block devices;
 //! - `testing` (feature `testing`): mock guest memory and virtqueues for device tests.
 #![forbid(unsafe_code)]
 

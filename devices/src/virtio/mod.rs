@@ -4,6 +4,7 @@
 //! virtio-mmio (version 2) device, negotiates features, collects the queue configuration
 //! and activates the device with its queues, guest memory and a [`VirtioInterrupt`].
 
+pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod net;
