@@ -19,7 +19,7 @@ pub mod tls_hello;
 pub mod vsock_tx;
 
 /// The targets, by name.
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "mmio",
     "vsock_tx",
     "fuse",
