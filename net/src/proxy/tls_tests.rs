@@ -914,3 +914,64 @@ fn every_byte_sent_before_the_guests_fin_reaches_the_server() {
         "what the server read of the body (sent {sent})"
     );
 }
+
+#[test]
+fn a_server_that_speaks_first_on_an_intercepted_port_is_passed_through() {
+    // An SSH-like server: its banner first, then it echoes one read.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"SSH-2.0-test\r\n");
+            let mut b = [0u8; 64];
+            let n = s.read(&mut b).unwrap_or(0);
+            let _ = s.write_all(&b[..n]);
+        }
+    });
+    let (cert, key) = Authority::generate(INTERCEPT_CN).unwrap();
+    let authority = Arc::new(Authority::from_pem(&cert, &key).unwrap());
+    let settings = TlsSettings {
+        enabled: true,
+        intercepted_ports: vec![port],
+        ..TlsSettings::default()
+    };
+    let mut cfg = config(host_policy());
+    cfg.tls = Some(interception(
+        &authority,
+        TestCa::new("unused").der,
+        settings,
+    ));
+    let mut proxy = Proxy::new(cfg).unwrap();
+    let mut g = Guest::new(&proxy);
+    let h = g.connect(SocketAddrV4::new(proxy.gateway(), port), 40123);
+    let mut got = Vec::new();
+    g.run_until(&mut proxy, |g| {
+        let s = g.sock(h);
+        if s.can_recv() {
+            s.recv(|b| {
+                got.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        got.ends_with(b"\r\n")
+    });
+    assert_eq!(got, b"SSH-2.0-test\r\n");
+    g.sock(h).send_slice(b"hello").unwrap();
+    let mut echo = Vec::new();
+    g.run_until(&mut proxy, |g| {
+        let s = g.sock(h);
+        if s.can_recv() {
+            s.recv(|b| {
+                echo.extend_from_slice(b);
+                (b.len(), ())
+            })
+            .unwrap();
+        }
+        echo.len() >= 5
+    });
+    assert_eq!(echo, b"hello");
+    let stats = proxy.stats().snapshot();
+    assert_eq!(stats.tls_passed_through, 1);
+    assert_eq!(stats.tls_intercepted, 0);
+}

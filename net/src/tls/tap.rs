@@ -197,6 +197,11 @@ impl Tap {
                     Err(_) => return Step::Reset,
                 }
             }
+            // A server that speaks before the guest (SSH, SMTP) is not a TLS server: the
+            // connection goes through as is, or it would wait for the guest forever.
+            if outcome.is_none() && sniffer.raw().is_empty() && *host.readable {
+                outcome = Some(Sniff::NotTls);
+            }
             // The guest closed before a whole hello: what it sent goes through as is.
             let guest_done = !s.may_recv() && s.recv_queue() == 0;
             let next = match outcome {
