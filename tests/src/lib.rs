@@ -6,6 +6,7 @@
 //! PVM host a boot takes tens of seconds, so timeouts are long and each test boots once.
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod registry;
 
 use std::path::{Path, PathBuf};

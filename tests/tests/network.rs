@@ -15,9 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
 use microsandbox::{MicrosandboxError, NetworkPolicy, Sandbox};
 use msb_e2e::registry::free_port;
 use msb_e2e::{host_kind, sdk_env};
@@ -75,41 +72,10 @@ fn http_server() -> (u16, Arc<AtomicUsize>, String) {
 /// A nameserver on 127.0.0.1: `files.test` is the gateway, `pub.test` a public address,
 /// everything else NXDOMAIN.
 fn dns_server() -> SocketAddr {
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let mut b = [0u8; 4096];
-        while let Ok((n, from)) = sock.recv_from(&mut b) {
-            let Ok(q) = Message::from_vec(&b[..n]) else {
-                continue;
-            };
-            let Some(query) = q.queries.first() else {
-                continue;
-            };
-            let mut r = Message::response(q.metadata.id, OpCode::Query);
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            r.metadata.recursion_available = true;
-            r.queries = q.queries.clone();
-            let name = query.name.to_ascii().trim_end_matches('.').to_string();
-            let ip = match name.as_str() {
-                "files.test" => Some(GATEWAY),
-                "pub.test" => Some(Ipv4Addr::new(93, 184, 216, 34)),
-                _ => None,
-            };
-            match ip {
-                Some(ip) if query.query_type == RecordType::A => {
-                    r.answers
-                        .push(Record::from_rdata(query.name.clone(), 60, RData::A(A(ip))));
-                }
-                Some(_) => {}
-                None => r.metadata.response_code = ResponseCode::NXDomain,
-            }
-            if let Ok(bytes) = r.to_vec() {
-                let _ = sock.send_to(&bytes, from);
-            }
-        }
-    });
-    addr
+    msb_e2e::dns::nameserver(&[
+        ("files.test", GATEWAY),
+        ("pub.test", Ipv4Addr::new(93, 184, 216, 34)),
+    ])
 }
 
 /// `tests/guest/netprobe.c`, built static into `dir`.

@@ -12,14 +12,11 @@
 //! back after a stop and start.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
 use microsandbox::{LogOptions, LogSource, NetworkPolicy, Sandbox, SandboxStatus, ViolationAction};
 use msb_e2e::{host_kind, sdk_env};
 
@@ -114,39 +111,11 @@ fn serve_one(s: std::net::TcpStream, config: Arc<rustls::ServerConfig>, seen: Se
 
 /// A nameserver on 127.0.0.1: the test's names are the gateway, the rest NXDOMAIN.
 fn dns_server() -> SocketAddr {
-    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let mut b = [0u8; 4096];
-        while let Ok((n, from)) = sock.recv_from(&mut b) {
-            let Ok(q) = Message::from_vec(&b[..n]) else {
-                continue;
-            };
-            let Some(query) = q.queries.first() else {
-                continue;
-            };
-            let mut r = Message::response(q.metadata.id, OpCode::Query);
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            r.metadata.recursion_available = true;
-            r.queries = q.queries.clone();
-            let name = query.name.to_ascii().trim_end_matches('.').to_string();
-            if ["api.test", "other.test", "bypass.test"].contains(&name.as_str()) {
-                if query.query_type == RecordType::A {
-                    r.answers.push(Record::from_rdata(
-                        query.name.clone(),
-                        60,
-                        RData::A(A(GATEWAY)),
-                    ));
-                }
-            } else {
-                r.metadata.response_code = ResponseCode::NXDomain;
-            }
-            if let Ok(bytes) = r.to_vec() {
-                let _ = sock.send_to(&bytes, from);
-            }
-        }
-    });
-    addr
+    msb_e2e::dns::nameserver(&[
+        ("api.test", GATEWAY),
+        ("other.test", GATEWAY),
+        ("bypass.test", GATEWAY),
+    ])
 }
 
 /// `tests/guest/tlsprobe.c`, built static (with OpenSSL) into `dir`.

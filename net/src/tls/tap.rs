@@ -100,6 +100,16 @@ impl Pending {
         self.len() == 0
     }
 
+    /// Writes what waits into `w` (one write, as much as it takes); whether any went.
+    fn write_to(&mut self, w: &mut impl Write) -> io::Result<bool> {
+        if self.is_empty() {
+            return Ok(false);
+        }
+        let n = w.write(self.bytes())?;
+        self.consume(n);
+        Ok(n > 0)
+    }
+
     /// `n` bytes were taken.
     fn consume(&mut self, n: usize) {
         self.at = (self.at + n).min(self.buf.len());
@@ -246,7 +256,7 @@ impl Tap {
                     Step::Tapped(moved)
                 }
             }
-            Tap::Mitm(m) => m.pump(s, host, ctx, stats, emit),
+            Tap::Mitm(m) => m.pump(s, host, stats, emit),
         }
     }
 
@@ -325,11 +335,9 @@ impl Mitm {
         &mut self,
         s: &mut tcp::Socket<'_>,
         host: HostSide<'_>,
-        ctx: &Interception,
         stats: &NetStats,
         emit: &dyn Fn(&NetEvent),
     ) -> Step {
-        let _ = ctx;
         let mut moved = false;
         let mut buf = [0u8; CHUNK];
         for _ in 0..MAX_ROUNDS {
@@ -388,15 +396,9 @@ impl Mitm {
                 progress = true;
             }
             // Into the client connection.
-            if !self.up_plain.is_empty() {
-                match self.upstream.writer().write(self.up_plain.bytes()) {
-                    Ok(n) if n > 0 => {
-                        self.up_plain.consume(n);
-                        progress = true;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Step::Reset,
-                }
+            match self.up_plain.write_to(&mut self.upstream.writer()) {
+                Ok(moved) => progress |= moved,
+                Err(_) => return Step::Reset,
             }
             if self.guest_done && self.up_plain.is_empty() && !self.upstream_closed {
                 self.upstream.send_close_notify();
@@ -460,15 +462,9 @@ impl Mitm {
                 }
             }
             // Into the server connection.
-            if !self.down_plain.is_empty() {
-                match self.guest.writer().write(self.down_plain.bytes()) {
-                    Ok(n) if n > 0 => {
-                        self.down_plain.consume(n);
-                        progress = true;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Step::Reset,
-                }
+            match self.down_plain.write_to(&mut self.guest.writer()) {
+                Ok(moved) => progress |= moved,
+                Err(_) => return Step::Reset,
             }
             if self.upstream_done && self.down_plain.is_empty() && !self.guest_closed {
                 self.guest.send_close_notify();
