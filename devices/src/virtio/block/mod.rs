@@ -1,5 +1,5 @@
 //! virtio-blk (virtio 1.2, section 5.2): a disk for the guest, backed by a [`DiskBackend`]
-//! in the VMM (a raw image file, [`RawFile`]; qcow2 later).
+//! in the VMM (a raw image file, [`RawFile`]; qcow2 and vmdk images, [`image`]).
 //!
 //! One request queue, no multi-queue, no configuration writes. Requests: read (`IN`),
 //! write (`OUT`), `FLUSH`, `GET_ID` (the 20-byte serial), `DISCARD` and `WRITE_ZEROES`
@@ -39,6 +39,7 @@
 pub mod backend;
 pub mod device;
 pub mod event_handler;
+pub mod image;
 pub mod metrics;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
@@ -46,6 +47,7 @@ pub mod testing;
 
 pub use backend::{DiskBackend, RawFile};
 pub use device::VirtioBlock;
+pub use image::{open_disk, DiskFormat, DiskLock, OpenedDisk};
 pub use metrics::BlockMetrics;
 
 use super::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -142,6 +144,28 @@ pub enum BlockError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The image's format (or this use of it) is not one the VMM serves.
+    #[error(
+        "cannot use the disk image {path}: {why}; supported: {}",
+        image::DiskFormat::supported()
+    )]
+    UnsupportedDiskFormat {
+        /// The image.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Another sandbox holds the image (writes it, or reads it while this one would write).
+    #[error(
+        "the disk image {path} is in use by another sandbox{}",
+        if *readonly { " that writes it" } else { "" }
+    )]
+    InUse {
+        /// The image.
+        path: std::path::PathBuf,
+        /// This one wanted it read-only.
+        readonly: bool,
     },
 }
 
