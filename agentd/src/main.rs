@@ -208,6 +208,7 @@ static SYSDEV: std::sync::OnceLock<Option<sys::SystemDevice>> = std::sync::OnceL
 /// Ends the VM reporting `status`. PID 1 never returns from here.
 pub(crate) fn shutdown(status: ExitStatus) -> ! {
     nix::unistd::sync();
+    rootfs::settle_disks();
     match SYSDEV.get().and_then(Option::as_ref) {
         Some(d) => d.exit(status),
         None => log(&format!(

@@ -82,6 +82,55 @@ pub(crate) enum Command {
     /// Manage the local image store
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Snapshots of stopped sandboxes: create, list, remove, export, import
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SnapshotCommand {
+    /// Snapshot a stopped sandbox (into $MSB_HOME/snapshots/NAME, or --to a directory)
+    Create {
+        /// The stopped sandbox
+        sandbox: String,
+        /// The snapshot's name
+        name: Option<String>,
+        /// Write the artifact to this directory instead (it must not exist)
+        #[arg(long, value_name = "PATH")]
+        to: Option<std::path::PathBuf>,
+    },
+    /// List the snapshots in $MSB_HOME/snapshots
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshots (sandboxes booted from them keep running)
+    #[command(alias = "remove")]
+    Rm {
+        /// Names or paths
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Pack a snapshot into one .tar.zst file
+    Export {
+        /// Name or path
+        snapshot: String,
+        /// The file to write
+        file: std::path::PathBuf,
+        /// Carry the image's blobs too, so it boots where the image was never pulled
+        #[arg(long)]
+        with_image: bool,
+    },
+    /// Unpack an exported snapshot into $MSB_HOME/snapshots (its digests checked first)
+    Import {
+        /// The .tar.zst file
+        file: std::path::PathBuf,
+        /// Name it this instead of the name it was exported with
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,8 +238,12 @@ pub(crate) struct CreateOpts {
     /// Root filesystem: an image reference (pulled as --pull says), an image archive
     /// (docker save or OCI archive), an OCI image layout directory or a plain directory
     /// [default: the built-in busybox image]
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", conflicts_with = "snapshot")]
     pub(crate) image: Option<String>,
+    /// Boot from this snapshot (a name in $MSB_HOME/snapshots, or a path) instead of an
+    /// image
+    #[arg(long, value_name = "NAME|PATH")]
+    pub(crate) snapshot: Option<String>,
     /// When to pull a registry image: always, if-missing or never
     #[arg(long = "pull", value_name = "POLICY", default_value = "if-missing", value_parser = parse_policy)]
     pub(crate) pull: PullPolicy,
@@ -228,6 +281,16 @@ pub(crate) struct CreateOpts {
     /// e.g. /cache=pip-cache (repeatable)
     #[arg(long = "named-volume", value_name = "GUEST=NAME[:ro]", value_parser = parse_named)]
     pub(crate) named_volumes: Vec<NamedSpec>,
+    /// Mount the disk image IMAGE (.raw, .img, .qcow2, or a read-only .vmdk) at GUEST,
+    /// e.g. /data=./data.qcow2 (repeatable; the sandbox holds a lock on it while it runs)
+    #[arg(long = "disk-volume", value_name = "GUEST=IMAGE[:ro]", value_parser = parse_bind)]
+    pub(crate) disk_volumes: Vec<BindSpec>,
+    /// The filesystem of a disk image root (ext4, xfs) [default: read off the disk]
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) fstype: Option<String>,
+    /// Limit the writable layer of an image root to MiB (the guest gets ENOSPC past it)
+    #[arg(long, value_name = "MiB")]
+    pub(crate) upper_size: Option<u32>,
     /// Mount a tmpfs at GUEST, limited to MiB [default: half the guest memory], e.g.
     /// /scratch=64 (repeatable)
     #[arg(long = "tmpfs", value_name = "GUEST[=MiB]", value_parser = parse_tmpfs)]

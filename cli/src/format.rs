@@ -79,6 +79,13 @@ fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Prints `v` as pretty JSON on stdout.
+pub(crate) fn print_json(v: &Value) -> crate::error::CliResult<()> {
+    crate::error::out(
+        format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()).as_bytes(),
+    )
+}
+
 pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }

@@ -44,7 +44,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
-use crate::commands::{cp, exec, image, logs, metrics, sandbox};
+use crate::commands::{cp, exec, image, logs, metrics, sandbox, snapshot};
 use crate::error::{report, say, CliResult};
 
 /// `SIGINT`, as the guest numbers it.
@@ -97,5 +97,6 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
         Command::Cp(a) => cp::cmd_cp(a).await,
         Command::Pull(a) => image::cmd_pull(a).await,
         Command::Image(c) => image::cmd_image(c).await,
+        Command::Snapshot(c) => snapshot::cmd_snapshot(c).await,
     }
 }

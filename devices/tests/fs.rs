@@ -395,6 +395,7 @@ fn the_root_shows_read_only_layers_and_a_writable_layer() {
     let vfs = root(
         &[lower.path().to_path_buf()],
         rw.path(),
+        None,
         &Budget::of(FsLimits::default()),
     )
     .expect("root");
@@ -648,4 +649,76 @@ fn header_bytes(len: u32, op: u32) -> Vec<u8> {
     }
     .as_slice()
     .to_vec()
+}
+
+/// Allocated bytes under `dir` (what the host holds), as `du` counts them.
+fn allocated(dir: &Path) -> u64 {
+    let q = msb_devices::virtio::fs::Quota::new(None);
+    q.scan(dir).expect("scan")
+}
+
+#[test]
+fn a_writable_layer_with_a_quota_refuses_what_does_not_fit() {
+    const LIMIT: u64 = 1 << 20;
+    let d = tempfile::tempdir().expect("tempdir");
+    let quota = Arc::new(msb_devices::virtio::fs::Quota::new(Some(LIMIT)));
+    quota.scan(d.path()).expect("scan");
+    let mut g = FuseDriver::new(
+        Guard::new(
+            passthrough(d.path(), LONG).expect("share"),
+            Policy::Private,
+            Budget::of(FsLimits::default()),
+        )
+        .with_quota(quota.clone()),
+    );
+    g.init();
+    let (e, fh) = g
+        .create(ROOT, "big", 0o644, libc::O_RDWR as u32)
+        .expect("create");
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut written = 0u64;
+    let mut refused = None;
+    for i in 0..32u64 {
+        match g.write(e.nodeid, fh, i * chunk.len() as u64, &chunk) {
+            Ok(n) => written += u64::from(n),
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, Some(-libc::ENOSPC), "written {written}");
+    assert!(
+        (LIMIT - (128 << 10)..=LIMIT).contains(&written),
+        "{written}"
+    );
+    assert!(
+        allocated(d.path()) <= LIMIT + (64 << 10),
+        "{}",
+        allocated(d.path())
+    );
+    assert!(quota.used() <= LIMIT);
+    // Overwriting what the file already has still works when full; growing does not.
+    assert_eq!(g.write(e.nodeid, fh, 0, &chunk), Ok(chunk.len() as u32));
+    assert_eq!(g.mkdir(ROOT, "more", 0o755).err(), Some(-libc::ENOSPC));
+    // The guest's df sees the limit.
+    let st = g.call(opcode::STATFS, ROOT, &[], 256);
+    assert_eq!(st.error, 0);
+    // fuse_kstatfs: blocks at 0, frsize at 48.
+    let blocks = u64::from_le_bytes(st.payload[..8].try_into().expect("8 bytes"));
+    let frsize = u32::from_le_bytes(st.payload[48..52].try_into().expect("4 bytes"));
+    assert_eq!(blocks * u64::from(frsize), LIMIT);
+
+    // Removed while open: the blocks stay counted until the handle closes.
+    let mut name = b"big".to_vec();
+    name.push(0);
+    assert_eq!(g.call(opcode::UNLINK, ROOT, &name, 64).error, 0);
+    assert!(quota.used() >= written - (64 << 10));
+    g.release(e.nodeid, fh);
+    assert!(quota.used() < 64 << 10, "{}", quota.used());
+    let (e2, fh2) = g
+        .create(ROOT, "again", 0o644, libc::O_RDWR as u32)
+        .expect("room again");
+    assert_eq!(g.write(e2.nodeid, fh2, 0, &chunk), Ok(chunk.len() as u32));
+    g.release(e2.nodeid, fh2);
 }

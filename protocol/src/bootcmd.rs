@@ -223,6 +223,17 @@ pub enum GuestMount {
         /// Mounted read-only (the device enforces it too).
         readonly: bool,
     },
+    /// A virtio-blk disk (found by its serial) at `path`.
+    Disk {
+        /// The disk's serial (`/sys/block/vdX/serial` in the guest).
+        serial: String,
+        /// Its filesystem (`None`: the agent reads it off the disk).
+        fstype: Option<String>,
+        /// Absolute guest path.
+        path: String,
+        /// Mounted read-only (the device refuses writes too).
+        readonly: bool,
+    },
     /// A tmpfs at `path`, limited to `size_mib` (the kernel's default, half of RAM, when
     /// `None`).
     Tmpfs {
@@ -239,12 +250,15 @@ impl GuestMount {
     /// The guest path.
     pub fn path(&self) -> &str {
         match self {
-            GuestMount::Virtiofs { path, .. } | GuestMount::Tmpfs { path, .. } => path,
+            GuestMount::Virtiofs { path, .. }
+            | GuestMount::Disk { path, .. }
+            | GuestMount::Tmpfs { path, .. } => path,
         }
     }
 
-    /// The value of a `msb.mnt=` word: `virtiofs,TAG,PATH,ro|rw` or
-    /// `tmpfs,SIZE|-,PATH,ro|rw`, with the path percent-encoded so any path fits one word.
+    /// The value of a `msb.mnt=` word: `virtiofs,TAG,PATH,ro|rw`,
+    /// `disk,SERIAL[:FSTYPE],PATH,ro|rw` or `tmpfs,SIZE|-,PATH,ro|rw`, with the path
+    /// percent-encoded so any path fits one word.
     pub fn encode(&self) -> String {
         let rw = |ro: bool| if ro { "ro" } else { "rw" };
         match self {
@@ -255,6 +269,20 @@ impl GuestMount {
             } => format!(
                 "virtiofs,{},{},{}",
                 encode_component(tag),
+                encode_component(path),
+                rw(*readonly)
+            ),
+            GuestMount::Disk {
+                serial,
+                fstype,
+                path,
+                readonly,
+            } => format!(
+                "disk,{}{},{},{}",
+                encode_component(serial),
+                fstype
+                    .as_deref()
+                    .map_or_else(String::new, |f| format!(":{}", encode_component(f))),
                 encode_component(path),
                 rw(*readonly)
             ),
@@ -289,6 +317,18 @@ impl GuestMount {
                 path,
                 readonly,
             }),
+            "disk" => {
+                let (serial, fstype) = match arg.split_once(':') {
+                    Some((s, f)) => (s, Some(decode_fstype(f)?)),
+                    None => (*arg, None),
+                };
+                Some(GuestMount::Disk {
+                    serial: decode_component(serial)?,
+                    fstype,
+                    path,
+                    readonly,
+                })
+            }
             "tmpfs" => Some(GuestMount::Tmpfs {
                 path,
                 size_mib: match *arg {
@@ -299,6 +339,68 @@ impl GuestMount {
             }),
             _ => None,
         }
+    }
+}
+
+/// A filesystem type as the command line carries it: lowercase letters and digits, at most
+/// 16 of them (`ext4`, `xfs`, `vfat`).
+pub fn valid_fstype(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 16
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+fn decode_fstype(s: &str) -> Option<String> {
+    valid_fstype(s).then(|| s.to_string())
+}
+
+/// Kernel command-line key of a disk root: `SERIAL,FSTYPE|auto,ro|rw` (see [`DiskRoot`]).
+/// With it the root is that virtio-blk disk, mounted as it is (no overlay, no layers).
+pub const ROOT_DISK_KEY: &str = "msb.rootdisk";
+/// The serial of the root disk.
+pub const ROOT_DISK_SERIAL: &str = "msb-root";
+
+/// A root filesystem on a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRoot {
+    /// The disk's serial.
+    pub serial: String,
+    /// Its filesystem (`None`: read off the disk).
+    pub fstype: Option<String>,
+    /// Mounted read-only.
+    pub readonly: bool,
+}
+
+impl DiskRoot {
+    /// The kernel command-line word.
+    pub fn encode(&self) -> String {
+        format!(
+            "{ROOT_DISK_KEY}={},{},{}",
+            encode_component(&self.serial),
+            self.fstype.as_deref().unwrap_or("auto"),
+            if self.readonly { "ro" } else { "rw" }
+        )
+    }
+
+    /// Reads the value of [`ROOT_DISK_KEY`]; `None` when malformed.
+    pub fn decode(value: &str) -> Option<DiskRoot> {
+        let parts: Vec<&str> = value.split(',').collect();
+        let [serial, fstype, mode] = parts.as_slice() else {
+            return None;
+        };
+        Some(DiskRoot {
+            serial: decode_component(serial)?,
+            fstype: match *fstype {
+                "auto" => None,
+                f => Some(decode_fstype(f)?),
+            },
+            readonly: match *mode {
+                "ro" => true,
+                "rw" => false,
+                _ => return None,
+            },
+        })
     }
 }
 
@@ -390,6 +492,47 @@ mod tests {
         assert!(InitSpec::from_cmdline("msb.init=").is_err());
         assert!(InitSpec::from_cmdline("msb.init=/x,%zz").is_err());
         assert!(InitSpec::from_cmdline("msb.init=auto msb.init.env=novalue").is_err());
+    }
+
+    #[test]
+    fn disk_mounts_and_roots_round_trip() {
+        for m in [
+            GuestMount::Disk {
+                serial: "msb-disk-0".into(),
+                fstype: None,
+                path: "/data dir".into(),
+                readonly: false,
+            },
+            GuestMount::Disk {
+                serial: "msb-disk-1".into(),
+                fstype: Some("xfs".into()),
+                path: "/d".into(),
+                readonly: true,
+            },
+        ] {
+            assert_eq!(GuestMount::decode(&m.encode()), Some(m));
+        }
+        assert_eq!(GuestMount::decode("disk,x:EXT4,/d,rw"), None);
+        assert_eq!(GuestMount::decode("disk,x:a%2Cb,/d,rw"), None);
+        for r in [
+            DiskRoot {
+                serial: ROOT_DISK_SERIAL.into(),
+                fstype: None,
+                readonly: false,
+            },
+            DiskRoot {
+                serial: ROOT_DISK_SERIAL.into(),
+                fstype: Some("ext4".into()),
+                readonly: true,
+            },
+        ] {
+            let word = r.encode();
+            let value = find_param(&word, ROOT_DISK_KEY).unwrap_or_default();
+            assert_eq!(DiskRoot::decode(value), Some(r));
+        }
+        assert_eq!(DiskRoot::decode("msb-root,ext4"), None);
+        assert_eq!(DiskRoot::decode("msb-root,../x,rw"), None);
+        assert!(valid_fstype("ext4") && !valid_fstype("") && !valid_fstype("ext4,ro"));
     }
 
     #[test]

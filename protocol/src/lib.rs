@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bootcmd;
+pub mod disk;
 pub mod execlog;
 pub mod frame;
 pub mod message;

@@ -139,14 +139,15 @@ fn cpu_count(s: &str) -> Result<u8, String> {
     u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))
 }
 
-/// A number of seconds above 0 (`--idle-timeout`, `--max-duration`).
+/// A number above 0 (`--idle-timeout`, `--max-duration` in seconds, `--upper-size` in
+/// MiB).
 #[cfg(feature = "clap")]
 fn limit_secs(flag: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clone {
     move |s: &str| {
         s.parse::<u64>()
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{flag} needs seconds above 0, got {s:?}"))
+            .ok_or_else(|| format!("{flag} needs a number above 0, got {s:?}"))
     }
 }
 
@@ -232,6 +233,12 @@ pub struct VmmArgs {
     /// The writable layer [default: a temporary directory removed at exit].
     #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub rw: Option<PathBuf>,
+    /// The writable layer's size limit in MiB: past it the guest gets `ENOSPC`.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "MiB", value_parser = limit_secs("--upper-size"))
+    )]
+    pub upper_size: Option<u64>,
     /// Share a host directory at a guest path (repeatable).
     #[cfg_attr(
         feature = "clap",
@@ -244,6 +251,14 @@ pub struct VmmArgs {
         arg(long = "ro-volume", num_args = 2, value_names = ["GUEST", "HOST"])
     )]
     pub ro_volumes: Vec<OsString>,
+    /// A disk image at a guest path (`/`: the root, instead of the layers), with its
+    /// format, `ro` or `rw`, and optionally its filesystem (`raw,rw`, `qcow2,ro,ext4`;
+    /// the format is never read off the file); the VMM holds a lock on it (repeatable).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "disk", num_args = 3, value_names = ["GUEST", "FORMAT,ro|rw[,FSTYPE]", "IMAGE"])
+    )]
+    pub disks: Vec<OsString>,
     /// Mount a tmpfs of MiB (`-`: the kernel's default size) at a guest path (repeatable).
     #[cfg_attr(
         feature = "clap",
@@ -402,6 +417,12 @@ impl VmmArgs {
         list.extend([OsString::from(guest), host.into()]);
     }
 
+    /// Adds a disk image at `guest` (`/`: the root): `spec` is `FORMAT,ro|rw[,FSTYPE]`.
+    pub fn disk(&mut self, guest: &str, spec: &str, image: impl Into<OsString>) {
+        self.disks
+            .extend([OsString::from(guest), OsString::from(spec), image.into()]);
+    }
+
     /// Adds a tmpfs at `guest` of `size_mib` (`None`: the kernel's default).
     pub fn tmpfs(&mut self, guest: &str, size_mib: Option<u32>) {
         let size = size_mib.map_or_else(|| "-".to_string(), |s| s.to_string());
@@ -558,11 +579,17 @@ impl VmmArgs {
         if let Some(v) = &self.rw {
             flag("rw", &one(v));
         }
+        if let Some(v) = self.upper_size {
+            flag("upper-size", &text(&v));
+        }
         for v in self.volumes.chunks(2) {
             flag("volume", v);
         }
         for v in self.ro_volumes.chunks(2) {
             flag("ro-volume", v);
+        }
+        for v in self.disks.chunks(3) {
+            flag("disk", v);
         }
         for v in self.tmpfs.chunks(2) {
             let v: Vec<OsString> = v.iter().map(OsString::from).collect();
@@ -714,6 +741,7 @@ mod tests {
         };
         a.volume("/data", "/srv/data", true);
         a.tmpfs("/scratch", None);
+        a.disk("/", "qcow2,rw,ext4", "/img/root.qcow2");
         let words: Vec<String> = a
             .to_args()
             .into_iter()
@@ -728,6 +756,10 @@ mod tests {
                 "--ro-volume",
                 "/data",
                 "/srv/data",
+                "--disk",
+                "/",
+                "qcow2,rw,ext4",
+                "/img/root.qcow2",
                 "--tmpfs",
                 "/scratch",
                 "-",

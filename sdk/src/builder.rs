@@ -36,6 +36,8 @@ impl Sandbox {
             hostname: None,
             defaults: ExecDefaults::default(),
             image: RootfsSource::Default,
+            upper_size_mib: None,
+            image_error: None,
             patches: PatchBuilder::default(),
             scripts: Vec::new(),
             volumes: Vec::new(),
@@ -65,6 +67,9 @@ pub struct SandboxBuilder {
     hostname: Option<String>,
     defaults: ExecDefaults,
     image: RootfsSource,
+    upper_size_mib: Option<u32>,
+    /// What [`SandboxBuilder::image_with`] found wrong (reported by `create`).
+    image_error: Option<String>,
     patches: PatchBuilder,
     scripts: Vec<(String, String)>,
     volumes: Vec<(String, MountBuilder)>,
@@ -243,8 +248,52 @@ impl SandboxBuilder {
     /// existing path is an image reference (`"python:3.12"`, with Docker's defaults): it
     /// comes from the local image store, pulled from its registry first as the
     /// [`pull_policy`](SandboxBuilder::pull_policy) says (see [`crate::Image`]).
+    ///
+    /// A path ending in `.raw`, `.img`, `.qcow2` or `.vmdk` is a disk image, mounted as
+    /// the root as it is (its filesystem read off it; see
+    /// [`image_with`](SandboxBuilder::image_with) to name it): writes go to the image, the
+    /// sandbox holds a lock on it while it runs, and patches and scripts (which need the
+    /// overlay root) are refused.
     pub fn image(mut self, image: impl config::IntoImage) -> Self {
+        if matches!(self.image, RootfsSource::Snapshot(_)) {
+            self.image_error = Some("snapshot() and image() are mutually exclusive".into());
+        }
         self.image = image.into_image();
+        self
+    }
+
+    /// Boots from the snapshot artifact `name_or_path` (a bare name in
+    /// `$MSB_HOME/snapshots`, or a path): its image, its files, and a writable layer of
+    /// this sandbox's own. Mutually exclusive with [`image`](SandboxBuilder::image). The
+    /// artifact's digests are checked first.
+    pub fn snapshot(mut self, name_or_path: impl AsRef<str>) -> Self {
+        match crate::snapshot::locate(&crate::home::msb_home(), name_or_path.as_ref()) {
+            Ok(dir) => {
+                if !matches!(self.image, RootfsSource::Default) {
+                    self.image_error = Some("snapshot() and image() are mutually exclusive".into());
+                }
+                self.image = RootfsSource::Snapshot(dir);
+            }
+            Err(e) => self.image_error = Some(e.to_string()),
+        }
+        self
+    }
+
+    /// Configures the root filesystem: a disk image with an explicit filesystem type, or
+    /// a size for an image's writable layer (see [`config::ImageBuilder`]).
+    pub fn image_with(
+        mut self,
+        f: impl FnOnce(config::ImageBuilder) -> config::ImageBuilder,
+    ) -> Self {
+        match f(config::ImageBuilder::default()).build(self.image.clone()) {
+            Ok((image, upper)) => {
+                self.image = image;
+                if upper.is_some() {
+                    self.upper_size_mib = upper;
+                }
+            }
+            Err(e) => self.image_error = Some(e),
+        }
         self
     }
 
@@ -412,8 +461,18 @@ impl SandboxBuilder {
 
     /// Checks every option, and that a kernel and `msb-vmm` are there, and turns the
     /// builder into the sandbox's configuration: nothing is created yet.
-    fn plan(self) -> MicrosandboxResult<Plan> {
+    fn plan(mut self) -> MicrosandboxResult<Plan> {
         self.check()?;
+        if let Some(e) = self.image_error.take() {
+            return Err(MicrosandboxError::InvalidConfig(e));
+        }
+        // A disk root is checked (and its path made absolute) now.
+        if let RootfsSource::Disk(d) = &self.image {
+            self.image = RootfsSource::Disk(
+                config::DiskImage::check(&d.path, d.fstype.clone())
+                    .map_err(MicrosandboxError::ImageNotFound)?,
+            );
+        }
         let volumes = build_volumes(self.volumes)?;
         check_scripts(&self.scripts)?;
         check_kernel()?;
@@ -458,6 +517,7 @@ impl SandboxBuilder {
             pull_policy: self.pull.pull_policy(),
             network,
             secrets: secrets.iter().map(|s| s.env_var.clone()).collect(),
+            upper_size_mib: self.upper_size_mib,
         };
         let config_json = serde_json::to_string(&config).map_err(|e| {
             MicrosandboxError::InvalidConfig(format!("cannot encode the config: {e}"))

@@ -36,6 +36,61 @@ pub enum RootfsSource {
     Archive(PathBuf),
     /// An image reference such as `python:3.12`.
     Oci(String),
+    /// A disk image mounted as the root as it is (no overlay: writes go to the image).
+    Disk(DiskImage),
+    /// A snapshot artifact (its directory): the image it was taken on, its frozen writable
+    /// layer on top, and a new writable layer.
+    Snapshot(PathBuf),
+}
+
+/// A disk image root or volume: the image, its format (from the extension) and filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskImage {
+    /// The image (absolute once checked).
+    pub path: PathBuf,
+    /// Its format.
+    pub format: msb_protocol::disk::DiskFormat,
+    /// The filesystem on it (`None`: the agent reads it off the disk).
+    pub fstype: Option<String>,
+}
+
+impl DiskImage {
+    /// A disk image at `path` whose extension names its format, unchecked.
+    pub(crate) fn from_path(path: &Path) -> Option<DiskImage> {
+        Some(DiskImage {
+            path: path.to_path_buf(),
+            format: msb_protocol::disk::DiskFormat::from_extension(path)?,
+            fstype: None,
+        })
+    }
+
+    /// Checks a disk image: an existing regular file, a format its extension names, a
+    /// valid filesystem type; the path made absolute.
+    pub(crate) fn check(path: &Path, fstype: Option<String>) -> Result<DiskImage, String> {
+        let format = msb_protocol::disk::DiskFormat::from_extension(path).ok_or_else(|| {
+            format!(
+                "{}: the disk format is read from the extension; supported: {}",
+                path.display(),
+                msb_protocol::disk::DiskFormat::supported()
+            )
+        })?;
+        let abs = std::fs::canonicalize(path)
+            .ok()
+            .filter(|p| p.is_file())
+            .ok_or_else(|| format!("{}: no such disk image", path.display()))?;
+        if let Some(f) = &fstype {
+            if !msb_protocol::bootcmd::valid_fstype(f) {
+                return Err(format!(
+                    "invalid filesystem type {f:?} (ext4, xfs: lowercase letters and digits)"
+                ));
+            }
+        }
+        Ok(DiskImage {
+            path: abs,
+            format,
+            fstype,
+        })
+    }
 }
 
 /// Anything [`SandboxBuilder::image`](crate::SandboxBuilder::image) accepts: a path (an
@@ -52,8 +107,12 @@ impl IntoImage for RootfsSource {
 }
 
 impl IntoImage for &Path {
+    /// A path whose extension names a disk format (`.raw`, `.img`, `.qcow2`, `.vmdk`) is a
+    /// disk image; another file an image tarball; anything else a directory.
     fn into_image(self) -> RootfsSource {
-        if self.is_file() {
+        if let Some(d) = DiskImage::from_path(self) {
+            RootfsSource::Disk(d)
+        } else if self.is_file() {
             RootfsSource::Archive(self.to_path_buf())
         } else {
             RootfsSource::Directory(self.to_path_buf())
@@ -74,11 +133,15 @@ impl IntoImage for &PathBuf {
 }
 
 impl IntoImage for &str {
-    /// A string that names an existing path, or starts with `/` or `.`, is a path;
-    /// anything else is an image reference.
+    /// A string that names an existing path, starts with `/` or `.`, or ends with a disk
+    /// image's extension is a path; anything else is an image reference.
     fn into_image(self) -> RootfsSource {
         let p = Path::new(self);
-        if p.exists() || self.starts_with('/') || self.starts_with('.') {
+        if p.exists()
+            || self.starts_with('/')
+            || self.starts_with('.')
+            || DiskImage::from_path(p).is_some()
+        {
             p.into_image()
         } else {
             RootfsSource::Oci(self.to_string())
@@ -89,6 +152,110 @@ impl IntoImage for &str {
 impl IntoImage for String {
     fn into_image(self) -> RootfsSource {
         self.as_str().into_image()
+    }
+}
+
+/// Configures the root filesystem for
+/// [`SandboxBuilder::image_with`](crate::SandboxBuilder::image_with): a disk image with an
+/// explicit filesystem type, or any image with a size for its writable layer.
+///
+/// ```no_run
+/// # async fn demo() -> microsandbox::MicrosandboxResult<()> {
+/// let sb = microsandbox::Sandbox::builder("disk")
+///     .image_with(|i| i.disk("./root.qcow2").fstype("ext4"))
+///     .create()
+///     .await?;
+/// let sized = microsandbox::Sandbox::builder("sized")
+///     .image_with(|i| i.oci("python:3.12").upper_size_mib(8192))
+///     .create()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ImageBuilder {
+    source: Option<RootfsSource>,
+    disk: Option<PathBuf>,
+    fstype: Option<String>,
+    upper_size_mib: Option<u32>,
+}
+
+impl ImageBuilder {
+    /// A disk image root (`.raw`/`.img`, `.qcow2`, `.vmdk`: the format comes from the
+    /// extension), mounted as it is: writes go to the image.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disk = Some(path.into());
+        self
+    }
+
+    /// The filesystem on the disk image (`ext4`, `xfs`); read off the disk when not given.
+    pub fn fstype(mut self, fstype: impl Into<String>) -> Self {
+        self.fstype = Some(fstype.into());
+        self
+    }
+
+    /// An image reference (`python:3.12`).
+    pub fn oci(mut self, reference: impl Into<String>) -> Self {
+        self.source = Some(RootfsSource::Oci(reference.into()));
+        self
+    }
+
+    /// Any source [`SandboxBuilder::image`](crate::SandboxBuilder::image) takes.
+    pub fn source(mut self, image: impl IntoImage) -> Self {
+        self.source = Some(image.into_image());
+        self
+    }
+
+    /// The writable layer's size limit in MiB (image roots, not disk images): the guest
+    /// gets `ENOSPC` there, and the host holds at most that much of its writes.
+    pub fn upper_size_mib(mut self, mib: u32) -> Self {
+        self.upper_size_mib = Some(mib);
+        self
+    }
+
+    /// The root filesystem and the writable layer's size.
+    pub(crate) fn build(
+        self,
+        current: RootfsSource,
+    ) -> Result<(RootfsSource, Option<u32>), String> {
+        if self.upper_size_mib == Some(0) {
+            return Err("upper_size_mib must be at least 1".into());
+        }
+        let source = match (self.disk, self.source) {
+            (Some(_), Some(_)) => {
+                return Err("image_with: give disk() or an image, not both".into())
+            }
+            (Some(disk), None) => {
+                let format =
+                    msb_protocol::disk::DiskFormat::from_extension(&disk).ok_or_else(|| {
+                        format!(
+                            "{}: the disk format is read from the extension; supported: {}",
+                            disk.display(),
+                            msb_protocol::disk::DiskFormat::supported()
+                        )
+                    })?;
+                RootfsSource::Disk(DiskImage {
+                    path: disk,
+                    format,
+                    fstype: None,
+                })
+            }
+            (None, Some(s)) => s,
+            (None, None) => current,
+        };
+        let source = match (source, self.fstype) {
+            (RootfsSource::Disk(mut d), Some(f)) => {
+                d.fstype = Some(f);
+                RootfsSource::Disk(d)
+            }
+            (_, Some(_)) => return Err("fstype() applies to disk images only".into()),
+            (s, None) => s,
+        };
+        if self.upper_size_mib.is_some() && matches!(source, RootfsSource::Disk(_)) {
+            return Err(
+                "upper_size_mib applies to image roots with an overlay, not disk images".into(),
+            );
+        }
+        Ok((source, self.upper_size_mib))
     }
 }
 
@@ -158,6 +325,10 @@ pub struct SandboxConfig {
     /// here).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// The writable layer's size limit in MiB (image roots only; `None`: the host's disk
+    /// is the limit).
+    #[serde(default)]
+    pub upper_size_mib: Option<u32>,
 }
 
 impl SandboxConfig {
@@ -188,6 +359,7 @@ impl SandboxConfig {
             pull_policy: crate::PullPolicy::IfMissing,
             network: crate::network::NetworkConfig::default(),
             secrets: Vec::new(),
+            upper_size_mib: None,
         }
     }
 }
@@ -201,6 +373,9 @@ pub(crate) struct Persisted {
     pub layers: Vec<PathBuf>,
     /// The image's runtime configuration.
     pub image: ImageConfig,
+    /// The image's digest (a registry image's manifest digest), when known.
+    #[serde(default)]
+    pub image_digest: Option<String>,
 }
 
 impl Persisted {
@@ -249,7 +424,7 @@ fn resolve_image(
     home: &Path,
     source: &RootfsSource,
     pulled: Option<image::ResolvedImage>,
-) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig)> {
+) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig, Option<String>)> {
     // Layers keep images' setuid files and owners: private to this user.
     private_dir(&home.join("layers"))?;
     let store = LayerStore::new(home);
@@ -260,7 +435,7 @@ fn resolve_image(
                     .map_err(|e| {
                         MicrosandboxError::ImageNotFound(format!("the default image: {e}"))
                     })?;
-            Ok((vec![dir], ImageConfig::default()))
+            Ok((vec![dir], ImageConfig::default(), None))
         }
         RootfsSource::Directory(d) => {
             let shown = d.display().to_string();
@@ -272,9 +447,9 @@ fn resolve_image(
                 })?;
             if dir.join("oci-layout").is_file() {
                 let img = image::load_layout(&dir, &store).map_err(|e| image_error(&shown, e))?;
-                return Ok((img.layers, img.config));
+                return Ok((img.layers, img.config, Some(img.digest)));
             }
-            Ok((vec![dir], ImageConfig::default()))
+            Ok((vec![dir], ImageConfig::default(), None))
         }
         RootfsSource::Archive(f) => {
             let shown = f.display().to_string();
@@ -284,15 +459,44 @@ fn resolve_image(
                 )));
             }
             let img = image::load_archive(f, &store).map_err(|e| image_error(&shown, e))?;
-            Ok((img.layers, img.config))
+            Ok((img.layers, img.config, Some(img.digest)))
         }
+        // Mounted as it is: no layers (checked again here: it may have gone since).
+        RootfsSource::Disk(d) => {
+            DiskImage::check(&d.path, d.fstype.clone())
+                .map_err(MicrosandboxError::ImageNotFound)?;
+            Ok((Vec::new(), ImageConfig::default(), None))
+        }
+        RootfsSource::Snapshot(dir) => crate::snapshot::resolve_for_boot(home, dir),
         RootfsSource::Oci(reference) => match pulled {
-            Some(img) => Ok((img.layers, img.config)),
+            Some(img) => Ok((img.layers, img.config, Some(img.digest))),
             None => Err(MicrosandboxError::ImageNotFound(format!(
                 "{reference}: not pulled"
             ))),
         },
     }
+}
+
+/// What a disk root cannot have: patches and scripts (written into the overlay's upper
+/// layer, which a disk root has not), TLS interception (its CA is put there too), a
+/// writable-layer size (the disk's own size is the limit).
+fn check_disk_root(config: &SandboxConfig, d: &DiskImage) -> MicrosandboxResult<()> {
+    let what = if !config.patches.is_empty() {
+        "patches"
+    } else if !config.scripts.is_empty() {
+        "scripts"
+    } else if config.network.tls.enabled {
+        "TLS interception (its CA is written into the writable layer)"
+    } else if config.upper_size_mib.is_some() {
+        "upper_size_mib (the disk's own size is the limit)"
+    } else {
+        return Ok(());
+    };
+    Err(MicrosandboxError::InvalidConfig(format!(
+        "{what} need an image root with an overlay; the root {} is a disk image, mounted \
+         as it is",
+        d.path.display()
+    )))
 }
 
 /// Resolves the image (a registry image was pulled before: `pulled`) and writes the patches and scripts into `rw/upper` (creating it):
@@ -303,7 +507,17 @@ pub(crate) fn prepare(
     rw: &Path,
     pulled: Option<image::ResolvedImage>,
 ) -> MicrosandboxResult<Persisted> {
-    let (layers, image) = resolve_image(home, &config.image, pulled)?;
+    let (layers, image, image_digest) = resolve_image(home, &config.image, pulled)?;
+    if let RootfsSource::Disk(d) = &config.image {
+        check_disk_root(config, d)?;
+        // No writable layer: the disk is written in place.
+        return Ok(Persisted {
+            config: config.clone(),
+            layers,
+            image,
+            image_digest,
+        });
+    }
     if layers.len() > MAX_LAYERS {
         return Err(MicrosandboxError::InvalidImage {
             image: format!("{:?}", config.image),
@@ -365,6 +579,7 @@ pub(crate) fn prepare(
         config: config.clone(),
         layers,
         image,
+        image_digest,
     })
 }
 
@@ -410,6 +625,7 @@ mod tests {
                 user: Some("1000".into()),
                 ..ImageConfig::default()
             },
+            image_digest: None,
         };
         p.config.env = vec![("B".into(), "sandbox".into())];
         p.config.user = Some("root".into());

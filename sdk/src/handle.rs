@@ -142,6 +142,65 @@ impl SandboxHandle {
         remove_by_name(&self.row.name)
     }
 
+    /// Takes a snapshot of this stopped sandbox as `$MSB_HOME/snapshots/<name>` (see
+    /// [`SnapshotArtifact`](crate::SnapshotArtifact)). A running sandbox is refused
+    /// (`StillRunning`: stop it first); so is a sandbox booted from a disk image.
+    pub async fn snapshot(&self, name: &str) -> MicrosandboxResult<crate::SnapshotArtifact> {
+        validate_name(name)?;
+        let home = crate::home::msb_home();
+        let dest = home.join("snapshots").join(name);
+        crate::home::private_dir(&home.join("snapshots"))?;
+        self.snapshot_into(dest, name.to_string()).await
+    }
+
+    /// Takes a snapshot of this stopped sandbox into the directory `path` (which must not
+    /// exist); its name is the path's last component.
+    pub async fn snapshot_to(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> MicrosandboxResult<crate::SnapshotArtifact> {
+        let path = path.as_ref().to_path_buf();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                MicrosandboxError::InvalidConfig(format!("{} names no directory", path.display()))
+            })?;
+        self.snapshot_into(path, name).await
+    }
+
+    async fn snapshot_into(
+        &self,
+        dest: std::path::PathBuf,
+        name: String,
+    ) -> MicrosandboxResult<crate::SnapshotArtifact> {
+        let sandbox = self.row.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let paths = Paths::for_name(&sandbox)?;
+            let db = open_db()?;
+            let row = match db.get(&sandbox)? {
+                Some(row) => reconcile(&db, row)?,
+                None => None,
+            };
+            let row = row.ok_or_else(|| MicrosandboxError::NotFound(sandbox.clone()))?;
+            if !row.status.is_terminal() {
+                return Err(MicrosandboxError::StillRunning(format!(
+                    "{sandbox}: stop it before taking a snapshot"
+                )));
+            }
+            // Held while copying: nobody starts it meanwhile.
+            let (Some(_starting), Some(_held)) = (start_lock(&paths)?, lock_exclusive(&paths)?)
+            else {
+                return Err(MicrosandboxError::StillRunning(format!(
+                    "{sandbox}: stop it before taking a snapshot"
+                )));
+            };
+            crate::snapshot::take(&crate::home::msb_home(), &sandbox, &paths, &dest, &name)
+        })
+        .await
+        .map_err(|e| MicrosandboxError::State(format!("snapshot task: {e}")))?
+    }
+
     /// Its captured output (works whether or not it runs).
     pub fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
         logs::read_logs(&self.paths()?.dir, opts)

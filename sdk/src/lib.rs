@@ -55,12 +55,13 @@ mod reconcile;
 mod rootfs;
 mod sandbox;
 mod secrets;
+mod snapshot;
 mod state;
 mod vmm;
 mod volume;
 
 pub use builder::SandboxBuilder;
-pub use config::{IntoImage, RootfsSource, SandboxConfig};
+pub use config::{DiskImage, ImageBuilder, IntoImage, RootfsSource, SandboxConfig};
 pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
 pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
@@ -84,6 +85,7 @@ pub use output::{ExecOutput, ExecStatus};
 pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::Sandbox;
 pub use secrets::{SecretBuilder, SecretSource};
+pub use snapshot::{ExportOptions, Snapshot, SnapshotArtifact};
 pub use state::SandboxStatus;
 pub use volume::{MountBuilder, VolumeMount};
 

@@ -41,6 +41,16 @@ pub struct SandboxMetrics {
     pub net_rx_bytes: u64,
     /// Network bytes sent since boot (0: the network is not built yet).
     pub net_tx_bytes: u64,
+    /// What the writable layer holds: the bytes counted against its limit (an image root;
+    /// `None` for a disk root or a sandbox that is not running).
+    pub upper_used_bytes: Option<u64>,
+    /// What is left under the writable layer's limit (`upper_size_mib`; `None` without
+    /// one).
+    pub upper_free_bytes: Option<u64>,
+    /// What the writable layer takes on the host's disk (blocks allocated). The device
+    /// counts the layer by its host allocation, so this is the same figure as
+    /// `upper_used_bytes`.
+    pub upper_host_allocated_bytes: Option<u64>,
     /// When the VMM took the snapshot.
     pub timestamp: DateTime<Utc>,
     /// Time since the VM started.
@@ -149,6 +159,11 @@ pub(crate) async fn read(
         disk_write_bytes: snap.disk_write_bytes,
         net_rx_bytes: snap.net_rx_bytes,
         net_tx_bytes: snap.net_tx_bytes,
+        upper_used_bytes: snap.upper_used_bytes,
+        upper_free_bytes: snap
+            .upper_limit_bytes
+            .map(|l| l.saturating_sub(snap.upper_used_bytes.unwrap_or(0))),
+        upper_host_allocated_bytes: snap.upper_used_bytes,
         timestamp: ts(snap.timestamp_ms),
         uptime: Duration::from_millis(snap.timestamp_ms.saturating_sub(snap.started_at_ms)),
     })

@@ -118,6 +118,7 @@ pub(crate) fn spawn(
         },
         idle_timeout: config.idle_timeout_secs,
         max_duration: config.max_duration_secs,
+        upper_size: config.upper_size_mib.map(u64::from),
         layers: prepared.layers.clone(),
         kernel: std::env::var_os("MSB_KERNEL").map(PathBuf::from),
         initrd: std::env::var_os("MSB_INITRD").map(PathBuf::from),
@@ -149,8 +150,33 @@ pub(crate) fn spawn(
                 std::fs::create_dir_all(&dir)?;
                 args.volume(guest, dir, *readonly);
             }
+            VolumeMount::Disk {
+                guest,
+                image,
+                format,
+                fstype,
+                readonly,
+            } => {
+                let o = msb_protocol::disk::DiskOptions {
+                    format: *format,
+                    readonly: *readonly,
+                    fstype: fstype.clone(),
+                };
+                args.disk(guest, &o.to_string(), image);
+            }
             VolumeMount::Tmpfs { guest, size_mib } => args.tmpfs(guest, *size_mib),
         }
+    }
+    if let crate::config::RootfsSource::Disk(d) = &config.image {
+        // The disk is the root: no layers, no writable layer.
+        let o = msb_protocol::disk::DiskOptions {
+            format: d.format,
+            readonly: false,
+            fstype: d.fstype.clone(),
+        };
+        args.disk("/", &o.to_string(), &d.path);
+        args.layers.clear();
+        args.rw = None;
     }
     args.set_network(&config.network);
     if !config.secrets.is_empty() {

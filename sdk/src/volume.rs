@@ -33,6 +33,20 @@ pub enum VolumeMount {
         /// The guest may only read.
         readonly: bool,
     },
+    /// A disk image (raw, qcow2 or read-only vmdk) on its own virtio-blk device; the
+    /// sandbox holds a lock on it while it runs (one writer at a time).
+    Disk {
+        /// Absolute guest path.
+        guest: String,
+        /// The image (absolute).
+        image: PathBuf,
+        /// Its format (from the file name's extension).
+        format: msb_protocol::disk::DiskFormat,
+        /// The filesystem on it (`None`: read off the disk by the agent).
+        fstype: Option<String>,
+        /// The guest may only read.
+        readonly: bool,
+    },
     /// A tmpfs in guest memory, gone when the sandbox stops.
     Tmpfs {
         /// Absolute guest path.
@@ -48,6 +62,7 @@ impl VolumeMount {
         match self {
             VolumeMount::Bind { guest, .. }
             | VolumeMount::Named { guest, .. }
+            | VolumeMount::Disk { guest, .. }
             | VolumeMount::Tmpfs { guest, .. } => guest,
         }
     }
@@ -59,6 +74,7 @@ enum Kind {
     Unset,
     Bind(PathBuf),
     Named(String),
+    Disk(PathBuf),
     Tmpfs,
 }
 
@@ -68,6 +84,7 @@ pub struct MountBuilder {
     kind: Kind,
     readonly: bool,
     size: Option<Mebibytes>,
+    fstype: Option<String>,
 }
 
 impl MountBuilder {
@@ -81,6 +98,20 @@ impl MountBuilder {
     /// Mounts the named volume `name` (created empty on first use).
     pub fn named(mut self, name: impl Into<String>) -> Self {
         self.kind = Kind::Named(name.into());
+        self
+    }
+
+    /// Mounts the disk image `path` (`.raw`/`.img`, `.qcow2`, or a read-only `.vmdk`;
+    /// the format comes from the extension). The sandbox holds a lock on it while it runs:
+    /// one sandbox writes an image at a time.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kind = Kind::Disk(path.into());
+        self
+    }
+
+    /// The filesystem on a disk volume (`ext4`, `xfs`); read off the disk when not given.
+    pub fn fstype(mut self, fstype: impl Into<String>) -> Self {
+        self.fstype = Some(fstype.into());
         self
     }
 
@@ -118,8 +149,11 @@ impl MountBuilder {
         if self.size.is_some() && !matches!(self.kind, Kind::Tmpfs) {
             return bad("a size limit applies to tmpfs mounts only".into());
         }
+        if self.fstype.is_some() && !matches!(self.kind, Kind::Disk(_)) {
+            return bad("a filesystem type applies to disk volumes only".into());
+        }
         match self.kind {
-            Kind::Unset => bad("choose bind(), named() or tmpfs()".into()),
+            Kind::Unset => bad("choose bind(), named(), disk() or tmpfs()".into()),
             Kind::Bind(host) => {
                 let host = match std::fs::canonicalize(&host) {
                     Ok(h) if h.is_dir() => h,
@@ -143,6 +177,18 @@ impl MountBuilder {
                     readonly: self.readonly,
                 })
             }
+            Kind::Disk(image) => {
+                let d = crate::config::DiskImage::check(&image, self.fstype).map_err(|why| {
+                    MicrosandboxError::InvalidConfig(format!("volume {guest}: {why}"))
+                })?;
+                Ok(VolumeMount::Disk {
+                    guest,
+                    image: d.path,
+                    format: d.format,
+                    fstype: d.fstype,
+                    readonly: self.readonly,
+                })
+            }
             Kind::Tmpfs if self.readonly => bad("a read-only tmpfs would always be empty".into()),
             Kind::Tmpfs => match self.size {
                 Some(Mebibytes(0)) => bad("a tmpfs needs a size above 0 MiB".into()),
@@ -160,7 +206,9 @@ pub(crate) fn check_nesting(volumes: &[VolumeMount]) -> MicrosandboxResult<()> {
     for outer in volumes {
         let ro = matches!(
             outer,
-            VolumeMount::Bind { readonly: true, .. } | VolumeMount::Named { readonly: true, .. }
+            VolumeMount::Bind { readonly: true, .. }
+                | VolumeMount::Named { readonly: true, .. }
+                | VolumeMount::Disk { readonly: true, .. }
         );
         if !ro {
             continue;
@@ -202,7 +250,9 @@ pub(crate) fn check_host_overlap(volumes: &[VolumeMount], home: &Path) -> Micros
             VolumeMount::Named { guest, name, .. } => {
                 hosts.push((guest, named_volume_dir(&home, name)));
             }
-            VolumeMount::Tmpfs { .. } => {}
+            // A file, opened by the VMM before its jail; two uses of one image are refused
+            // by its lock.
+            VolumeMount::Tmpfs { .. } | VolumeMount::Disk { .. } => {}
         }
     }
     for (i, (ga, a)) in hosts.iter().enumerate() {

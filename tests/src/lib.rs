@@ -143,6 +143,17 @@ pub fn check(suite: &str, name: &str, start: std::time::Instant) {
     );
 }
 
+/// Runs `script` with the sandbox's shell: its exit code and its stdout then stderr.
+pub async fn sh(sb: &microsandbox::Sandbox, script: &str) -> (i32, String) {
+    let out = sb.shell(script).await.expect("shell runs");
+    let text = format!(
+        "{}{}",
+        out.stdout().unwrap_or_default(),
+        out.stderr().unwrap_or_default()
+    );
+    (out.exit_code(), text)
+}
+
 /// Runs `fut` to completion on a two-thread runtime; panics if it takes longer than
 /// `limit`.
 pub fn block_on_within<F: std::future::Future>(limit: std::time::Duration, fut: F) -> F::Output {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use microsandbox::{MicrosandboxError, NetworkPolicy, Sandbox};
 use msb_e2e::registry::free_port;
-use msb_e2e::{host_kind, sdk_env};
+use msb_e2e::{host_kind, sdk_env, sh};
 use sha2::{Digest, Sha256};
 
 const BLOB: usize = 20 << 20;
@@ -88,16 +88,6 @@ fn build_probe(dir: &Path) {
         .status()
         .expect("gcc runs");
     assert!(status.success(), "building {} failed", src.display());
-}
-
-async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
-    let out = sb.shell(script).await.expect("shell runs");
-    let text = format!(
-        "{}{}",
-        out.stdout().unwrap_or_default(),
-        out.stderr().unwrap_or_default()
-    );
-    (out.exit_code(), text)
 }
 
 #[test]

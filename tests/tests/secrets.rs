@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use microsandbox::{LogOptions, LogSource, NetworkPolicy, Sandbox, SandboxStatus, ViolationAction};
-use msb_e2e::{host_kind, sdk_env};
+use msb_e2e::{host_kind, sdk_env, sh};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 200, 200, 1);
 const VALUE: &str = "sk-live-5ecret-Value-0123456789";
@@ -134,16 +134,6 @@ fn build_probe(dir: &Path) {
         src.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
-    let out = sb.shell(script).await.expect("shell runs");
-    let text = format!(
-        "{}{}",
-        out.stdout().unwrap_or_default(),
-        out.stderr().unwrap_or_default()
-    );
-    (out.exit_code(), text)
 }
 
 fn heads_for(seen: &Seen, name: &str) -> Vec<String> {

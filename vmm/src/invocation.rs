@@ -9,7 +9,7 @@ use std::time::Duration;
 use msb_protocol::bootcmd::InitSpec;
 use msb_protocol::vmmargs::{BootMemoryArg, Security, VmmArgs};
 
-use crate::launch::{BootMemory, Launch, MountSpec};
+use crate::launch::{BootMemory, DiskSpec, Launch, MountSpec};
 use crate::lifecycle::Limits;
 
 /// A checked command line.
@@ -84,6 +84,7 @@ impl Invocation {
             control_socket: args.control_socket,
             exec_log: args.exec_log,
             layers: args.layers,
+            upper_size_mib: args.upper_size,
             rw: args.rw,
             network,
             ..Launch::default()
@@ -114,6 +115,21 @@ impl Invocation {
                     host: host.into(),
                     readonly,
                 });
+            }
+        }
+        for d in args.disks.chunks(3) {
+            let [guest, spec, image] = d else {
+                return Err("--disk needs three values".into());
+            };
+            let guest = utf8(guest.clone(), "--disk's guest path")?;
+            let spec = utf8(spec.clone(), "--disk's FORMAT,ro|rw[,FSTYPE]")?;
+            let disk = DiskSpec::parse(&spec, PathBuf::from(image))?;
+            if guest == "/" {
+                if launch.root_disk.replace(disk).is_some() {
+                    return Err("two --disk / (one root disk at most)".into());
+                }
+            } else {
+                launch.mounts.push(MountSpec::Disk { guest, disk });
             }
         }
         for (guest, size) in pairs(&args.tmpfs, "--tmpfs")? {

@@ -4,12 +4,15 @@
 use std::ffi::OsString;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use msb_devices::virtio::fs::{FsLimits, Share, ShareSource};
+use msb_devices::virtio::block::{BlockError, DiskFormat};
+use msb_devices::virtio::fs::{FsLimits, Quota, Share, ShareSource};
 use msb_devices::virtio::vsock::VsockConfig;
 use msb_guest_kernel::{Flavour, GuestBuildError, Progress};
 use msb_protocol::bootcmd::{self, GuestMount};
+use msb_protocol::disk::DiskOptions;
 
 use crate::arch::split_ram;
 use crate::arch::CpuProfile;
@@ -70,8 +73,13 @@ pub struct Launch {
     /// Read-only image layers of the root filesystem, bottom first (empty: the default
     /// root filesystem, built if missing).
     pub layers: Vec<PathBuf>,
+    /// A disk image as the root instead of the layers and the writable layer.
+    pub root_disk: Option<DiskSpec>,
+    /// The writable layer's size limit in MiB (`ENOSPC` in the guest past it).
+    pub upper_size_mib: Option<u64>,
     /// The writable layer: a host directory holding `upper/` and `work/` (created when
-    /// missing). Required by [`resolve`]; `msb-vmm` makes a temporary one when not given.
+    /// missing). Required by [`resolve`] unless the root is a disk; `msb-vmm` makes a
+    /// temporary one when not given.
     pub rw: Option<PathBuf>,
     /// Volumes and tmpfs mounts, in the order given (parents are mounted before children).
     pub mounts: Vec<MountSpec>,
@@ -91,6 +99,13 @@ pub enum MountSpec {
         /// The guest may only read (enforced by the device).
         readonly: bool,
     },
+    /// A disk image (its own virtio-blk device).
+    Disk {
+        /// Absolute guest path.
+        guest: String,
+        /// The image.
+        disk: DiskSpec,
+    },
     /// A tmpfs.
     Tmpfs {
         /// Absolute guest path.
@@ -104,9 +119,51 @@ impl MountSpec {
     /// The guest path.
     pub fn guest(&self) -> &str {
         match self {
-            MountSpec::Dir { guest, .. } | MountSpec::Tmpfs { guest, .. } => guest,
+            MountSpec::Dir { guest, .. }
+            | MountSpec::Disk { guest, .. }
+            | MountSpec::Tmpfs { guest, .. } => guest,
         }
     }
+}
+
+/// A disk image the guest mounts (as its root or at a path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image on the host.
+    pub path: PathBuf,
+    /// Its format (the caller's word, never read off the file).
+    pub format: DiskFormat,
+    /// The guest may only read (the device refuses writes too).
+    pub readonly: bool,
+    /// The filesystem on it (`None`: the agent reads it off the disk).
+    pub fstype: Option<String>,
+}
+
+impl DiskSpec {
+    /// Reads `--disk`'s middle value, `FORMAT,ro|rw[,FSTYPE]`, for the image at `path`.
+    pub fn parse(spec: &str, path: PathBuf) -> Result<DiskSpec, String> {
+        let o: DiskOptions = spec.parse().map_err(|e| format!("--disk: {e}"))?;
+        Ok(DiskSpec {
+            path,
+            format: o.format,
+            readonly: o.readonly,
+            fstype: o.fstype,
+        })
+    }
+}
+
+/// A disk the VM gets: its serial (how the agent finds it) and the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// The virtio-blk serial.
+    pub serial: String,
+    /// The image.
+    pub spec: DiskSpec,
+}
+
+/// The serial of the `i`-th disk volume.
+pub fn disk_serial(i: usize) -> String {
+    format!("msb-disk-{i}")
 }
 
 impl Default for Launch {
@@ -130,6 +187,8 @@ impl Default for Launch {
             exec_log: None,
             command: Vec::new(),
             layers: Vec::new(),
+            root_disk: None,
+            upper_size_mib: None,
             rw: None,
             mounts: Vec::new(),
             network: None,
@@ -223,6 +282,12 @@ pub enum LaunchError {
         /// The one inside it.
         inner: PathBuf,
     },
+    /// A disk image could not be opened (missing, in use, unsupported).
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// A disk root with image layers or patches of the overlay root.
+    #[error("a disk root replaces the image layers: give --disk / or --layer, not both")]
+    DiskRootWithLayers,
     /// The writable layer could not be prepared.
     #[error("cannot prepare the writable layer {path}")]
     Rw {
@@ -253,8 +318,115 @@ pub fn valid_guest_path(p: &str) -> bool {
 fn shares(
     launch: &Launch,
     layers: Vec<PathBuf>,
+    rw: Option<&std::path::Path>,
+) -> Result<Mounts, LaunchError> {
+    let mut out = Mounts::default();
+    match &launch.root_disk {
+        Some(root) => {
+            out.words.push(
+                bootcmd::DiskRoot {
+                    serial: bootcmd::ROOT_DISK_SERIAL.into(),
+                    fstype: root.fstype.clone(),
+                    readonly: root.readonly,
+                }
+                .encode(),
+            );
+            out.disks.push(DiskPlan {
+                serial: bootcmd::ROOT_DISK_SERIAL.into(),
+                spec: root.clone(),
+            });
+        }
+        None => {
+            let limit = launch.upper_size_mib.map(|m| m.saturating_mul(1 << 20));
+            let (share, word) = overlay_root(layers, rw.ok_or(LaunchError::NoRw)?, limit)?;
+            out.shares.push(share);
+            out.words.push(word);
+        }
+    }
+    // Parents before children, otherwise in the order given.
+    let mut mounts: Vec<&MountSpec> = launch.mounts.iter().collect();
+    mounts.sort_by_key(|m| m.guest().matches('/').count());
+    let mut seen = std::collections::HashSet::new();
+    for m in mounts {
+        let guest = m.guest();
+        if !valid_guest_path(guest) {
+            return Err(LaunchError::GuestPath(guest.into()));
+        }
+        if !seen.insert(guest.to_string()) {
+            return Err(LaunchError::DuplicateMount(guest.into()));
+        }
+        let mount = match m {
+            MountSpec::Dir {
+                guest,
+                host,
+                readonly,
+            } => {
+                if !host.is_dir() {
+                    return Err(LaunchError::HostDir { path: host.clone() });
+                }
+                let volumes = out
+                    .shares
+                    .iter()
+                    .filter(|s| s.tag != bootcmd::ROOT_TAG)
+                    .count();
+                let tag = volume_tag(volumes);
+                out.shares.push(Share {
+                    tag: tag.clone(),
+                    source: ShareSource::Dir {
+                        path: host.clone(),
+                        readonly: *readonly,
+                    },
+                });
+                GuestMount::Virtiofs {
+                    tag,
+                    path: guest.clone(),
+                    readonly: *readonly,
+                }
+            }
+            MountSpec::Disk { guest, disk } => {
+                let volumes = out
+                    .disks
+                    .iter()
+                    .filter(|d| d.serial != bootcmd::ROOT_DISK_SERIAL)
+                    .count();
+                let serial = disk_serial(volumes);
+                out.disks.push(DiskPlan {
+                    serial: serial.clone(),
+                    spec: disk.clone(),
+                });
+                GuestMount::Disk {
+                    serial,
+                    fstype: disk.fstype.clone(),
+                    path: guest.clone(),
+                    readonly: disk.readonly,
+                }
+            }
+            MountSpec::Tmpfs { guest, size_mib } => GuestMount::Tmpfs {
+                path: guest.clone(),
+                size_mib: *size_mib,
+                readonly: false,
+            },
+        };
+        out.words
+            .push(format!("{}={}", bootcmd::MOUNT_KEY, mount.encode()));
+    }
+    Ok(out)
+}
+
+/// What [`shares`] plans: virtio-fs devices, disks and the command-line words.
+#[derive(Debug, Default)]
+pub(crate) struct Mounts {
+    pub(crate) shares: Vec<Share>,
+    pub(crate) disks: Vec<DiskPlan>,
+    pub(crate) words: Vec<String>,
+}
+
+/// The overlay root: its share (layers and the writable layer) and its command-line word.
+fn overlay_root(
+    layers: Vec<PathBuf>,
     rw: &std::path::Path,
-) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
+    upper_limit: Option<u64>,
+) -> Result<(Share, String), LaunchError> {
     // The guest writes inside `rw`: never follow what it may have put there.
     let rw_err = |path: &std::path::Path, source| LaunchError::Rw {
         path: path.to_path_buf(),
@@ -285,58 +457,20 @@ fn shares(
             return Err(LaunchError::HostDir { path: l.clone() });
         }
     }
-    let mut words = vec![format!("{}={}", bootcmd::ROOT_KEY, layers.len())];
-    let mut shares = vec![Share {
+    // What the writable layer holds now (kept up to date by the device from here on),
+    // against its limit, if any.
+    let quota = Quota::new(upper_limit);
+    quota.scan(rw).map_err(|e| rw_err(rw, e))?;
+    let word = format!("{}={}", bootcmd::ROOT_KEY, layers.len());
+    let share = Share {
         tag: bootcmd::ROOT_TAG.into(),
         source: ShareSource::Root {
             layers,
             rw: rw.to_path_buf(),
+            quota: Some(Arc::new(quota)),
         },
-    }];
-    // Parents before children, otherwise in the order given.
-    let mut mounts: Vec<&MountSpec> = launch.mounts.iter().collect();
-    mounts.sort_by_key(|m| m.guest().matches('/').count());
-    let mut seen = std::collections::HashSet::new();
-    for m in mounts {
-        let guest = m.guest();
-        if !valid_guest_path(guest) {
-            return Err(LaunchError::GuestPath(guest.into()));
-        }
-        if !seen.insert(guest.to_string()) {
-            return Err(LaunchError::DuplicateMount(guest.into()));
-        }
-        let mount = match m {
-            MountSpec::Dir {
-                guest,
-                host,
-                readonly,
-            } => {
-                if !host.is_dir() {
-                    return Err(LaunchError::HostDir { path: host.clone() });
-                }
-                let tag = volume_tag(shares.len() - 1);
-                shares.push(Share {
-                    tag: tag.clone(),
-                    source: ShareSource::Dir {
-                        path: host.clone(),
-                        readonly: *readonly,
-                    },
-                });
-                GuestMount::Virtiofs {
-                    tag,
-                    path: guest.clone(),
-                    readonly: *readonly,
-                }
-            }
-            MountSpec::Tmpfs { guest, size_mib } => GuestMount::Tmpfs {
-                path: guest.clone(),
-                size_mib: *size_mib,
-                readonly: false,
-            },
-        };
-        words.push(format!("{}={}", bootcmd::MOUNT_KEY, mount.encode()));
-    }
-    Ok((shares, words))
+    };
+    Ok((share, word))
 }
 
 /// Refuses shares whose host directories overlap (one contains the other): with two, a
@@ -348,7 +482,7 @@ pub fn check_overlaps(shares: &[Share]) -> Result<(), LaunchError> {
     for s in shares {
         match &s.source {
             ShareSource::Dir { path, .. } => dirs.push(path.clone()),
-            ShareSource::Root { layers, rw } => {
+            ShareSource::Root { layers, rw, .. } => {
                 dirs.extend(layers.iter().cloned());
                 dirs.push(rw.clone());
             }
@@ -499,6 +633,7 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             uds_path: launch.vsock_path().ok_or(LaunchError::NoVsock)?,
         }),
         fs: Vec::new(),
+        disks: Vec::new(),
         net: launch.network.clone(),
         net_tls: None,
         net_events: None,
@@ -506,7 +641,10 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
         fs_limits: Default::default(),
         boot_ram_limit: launch.boot_memory.limit(profile),
     };
-    let rw = launch.rw.as_deref().ok_or(LaunchError::NoRw)?;
+    let rw = launch.rw.as_deref();
+    if launch.root_disk.is_some() && !launch.layers.is_empty() {
+        return Err(LaunchError::DiskRootWithLayers);
+    }
     // Cheap checks first: bad input fails before any build.
     crate::vm::validate_basic(&cfg)?;
     if let Some(k) = &launch.kernel {
@@ -535,14 +673,26 @@ pub fn resolve(launch: &Launch, host: HostKind) -> Result<VmConfig, LaunchError>
             ))?),
         ),
     };
-    let layers = if launch.layers.is_empty() {
+    let layers = if launch.root_disk.is_some() {
+        Vec::new()
+    } else if launch.layers.is_empty() {
         vec![msb_guest_kernel::ensure_rootfs(&mut Progress::new(
             "rootfs",
         ))?]
     } else {
         launch.layers.clone()
     };
-    let (mut fs, words) = shares(launch, layers, rw)?;
+    let Mounts {
+        shares: mut fs,
+        disks,
+        words,
+    } = shares(launch, layers, rw)?;
+    // Opened (and locked) here, before the jail: the VMM's threads never open them by path.
+    for d in disks {
+        let opened =
+            msb_devices::virtio::block::open_disk(&d.spec.path, d.spec.format, d.spec.readonly)?;
+        cfg.disks.push(crate::vm::DiskDevice::new(d.serial, opened));
+    }
     if let Some(dir) = agent_dir {
         fs.push(Share {
             tag: bootcmd::INIT_TAG.into(),
@@ -779,7 +929,7 @@ mod tests {
                 readonly: false,
             },
         ];
-        let (devs, words) = shares(&l, vec![layer.clone()], &rw).expect("valid");
+        let (devs, words) = two(shares(&l, vec![layer.clone()], Some(&rw))).expect("valid");
         assert!(rw.join("upper").is_dir() && rw.join("work").is_dir());
         assert_eq!(devs.len(), 3);
         assert_eq!(devs[0].tag, bootcmd::ROOT_TAG);
@@ -846,7 +996,11 @@ mod tests {
             Err(LaunchError::HostDir { .. })
         ));
         assert!(matches!(
-            shares(&launch(), vec![dir.path().join("nolayer")], &rw),
+            two(shares(
+                &launch(),
+                vec![dir.path().join("nolayer")],
+                Some(&rw)
+            )),
             Err(LaunchError::HostDir { .. })
         ));
         // A guest that swapped its upper for a symlink gets no directory made through it.
@@ -854,7 +1008,7 @@ mod tests {
         std::fs::remove_dir(rw.join("work")).expect("rmdir");
         std::os::unix::fs::symlink(&target, rw.join("work")).expect("symlink");
         assert!(matches!(
-            shares(&launch(), vec![layer.clone()], &rw),
+            two(shares(&launch(), vec![layer.clone()], Some(&rw))),
             Err(LaunchError::Rw { .. })
         ));
         assert!(!target.exists());
@@ -904,7 +1058,7 @@ mod tests {
         };
         let mut l = launch();
         l.mounts = vec![vol("/d", &data)];
-        let (fs, _) = shares(&l, vec![layer.clone()], &rw).expect("disjoint shares");
+        let (fs, _) = two(shares(&l, vec![layer.clone()], Some(&rw))).expect("disjoint shares");
         check_overlaps(&fs).expect("disjoint shares");
         let mode = std::fs::metadata(&rw).expect("rw").permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "the writable layer is made private");
@@ -912,7 +1066,7 @@ mod tests {
         let refused = |mounts: Vec<MountSpec>, layers: Vec<PathBuf>, rw: &std::path::Path| {
             let mut l = launch();
             l.mounts = mounts;
-            let (fs, _) = shares(&l, layers, rw).expect("shares");
+            let (fs, _) = two(shares(&l, layers, Some(rw))).expect("shares");
             check_overlaps(&fs)
         };
         // A volume inside another, the same directory twice, a volume holding a layer or
@@ -945,7 +1099,11 @@ mod tests {
         layer: &std::path::Path,
         rw: &std::path::Path,
     ) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
-        shares(l, vec![layer.to_path_buf()], rw)
+        two(shares(l, vec![layer.to_path_buf()], Some(rw)))
+    }
+
+    fn two(m: Result<Mounts, LaunchError>) -> Result<(Vec<Share>, Vec<String>), LaunchError> {
+        m.map(|m| (m.shares, m.words))
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use msb_devices::system::BootTimes;
+use msb_devices::virtio::block::BlockMetrics;
 use msb_devices::virtio::fs::FsMetrics;
 use msb_protocol::vmmfiles::BootStage;
 
@@ -24,6 +25,10 @@ pub struct MonitorSetup {
     pub metrics: Option<PathBuf>,
     pub mem: vm_memory::GuestMemoryMmap,
     pub fs: Vec<(String, Arc<FsMetrics>)>,
+    /// The writable layer's count and limit (an overlay root).
+    pub upper: Option<Arc<msb_devices::virtio::fs::Quota>>,
+    /// The virtio-blk devices' counters.
+    pub disks: Vec<(String, Arc<BlockMetrics>)>,
     pub net: Option<crate::vm::NetCounters>,
     pub memory_limit: u64,
     pub times: Arc<Mutex<BootTimes>>,
@@ -114,6 +119,12 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
             last_cpu = (now, cpu);
             let (guest_kib, vmm_kib) = crate::memory::own_rss_split_kib(&m.mem).unwrap_or((0, 0));
             let sum = |f: fn(&FsMetrics) -> u64| m.fs.iter().map(|(_, x)| f(x)).sum::<u64>();
+            let blk = |f: fn(&BlockMetrics) -> &std::sync::atomic::AtomicU64| {
+                m.disks
+                    .iter()
+                    .map(|(_, x)| BlockMetrics::get(f(x)))
+                    .sum::<u64>()
+            };
             let snap = MetricsSnapshot {
                 timestamp_ms: lifecycle::epoch_ms(),
                 started_at_ms: started_ms,
@@ -122,8 +133,8 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                 guest_rss_bytes: guest_kib << 10,
                 vmm_rss_bytes: vmm_kib << 10,
                 memory_limit_bytes: m.memory_limit,
-                disk_read_bytes: sum(|x| FsMetrics::get(&x.read_bytes)),
-                disk_write_bytes: sum(|x| FsMetrics::get(&x.write_bytes)),
+                disk_read_bytes: sum(|x| FsMetrics::get(&x.read_bytes)) + blk(|x| &x.read_bytes),
+                disk_write_bytes: sum(|x| FsMetrics::get(&x.write_bytes)) + blk(|x| &x.write_bytes),
                 // Frame bytes the guest received and sent.
                 net_rx_bytes: m
                     .net
@@ -133,6 +144,8 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                     .net
                     .as_ref()
                     .map_or(0, |n| n.device.tx_bytes.load(Relaxed)),
+                upper_used_bytes: m.upper.as_ref().map(|q| q.used()),
+                upper_limit_bytes: m.upper.as_ref().and_then(|q| q.limit()),
                 sessions: activity.sessions as u64,
                 draining: m.relay.is_draining(),
                 boot_stage: stage,

@@ -33,6 +33,8 @@ pub enum ThreadKind {
     Fs,
     /// The virtio-net worker and the proxy's host sockets.
     Net,
+    /// A virtio-blk worker: reads and writes of its disk image (opened before the jail).
+    Block,
     /// The control socket's relay (acceptor, clients, agent pumps).
     Relay,
     /// The lifecycle monitor: limits (asking the agent to power off), metrics file,
@@ -48,12 +50,13 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Vsock,
         ThreadKind::Fs,
         ThreadKind::Net,
+        ThreadKind::Block,
         ThreadKind::Relay,
         ThreadKind::Monitor,
         ThreadKind::Watch,
@@ -69,6 +72,7 @@ impl ThreadKind {
             ThreadKind::Vsock => "vsock",
             ThreadKind::Fs => "fs",
             ThreadKind::Net => "net",
+            ThreadKind::Block => "block",
             ThreadKind::Relay => "relay",
             ThreadKind::Monitor => "monitor",
             ThreadKind::Watch => "watch",
@@ -89,6 +93,7 @@ impl ThreadKind {
             "vsock" => ThreadKind::Vsock,
             "virtio-fs" => ThreadKind::Fs,
             "virtio-net" => ThreadKind::Net,
+            "virtio-blk" => ThreadKind::Block,
             "relay-accept" | "relay-client" | "relay-agent" => ThreadKind::Relay,
             "lifecycle" => ThreadKind::Monitor,
             "stdin-watch" => ThreadKind::Watch,
@@ -285,6 +290,25 @@ const FUSE: &[i64] = &[
     libc::SYS_dup3,
 ];
 
+/// Disk images: positioned I/O on descriptors opened before the jail, flushes, holes and
+/// zeroed ranges, and what imago asks of a file (its size, its flags).
+const DISK: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+];
+
 /// The syscalls a kind may make.
 pub fn syscalls(kind: ThreadKind) -> Vec<i64> {
     let parts: &[&[i64]] = match kind {
@@ -292,13 +316,14 @@ pub fn syscalls(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::Vsock => &[BASE, SOCKETS],
         ThreadKind::Fs => &[BASE, FUSE],
         ThreadKind::Net => &[BASE, SOCKETS, EVENTS],
+        ThreadKind::Block => &[BASE, DISK],
         ThreadKind::Relay => &[BASE, SPAWN, SOCKETS, FILES],
         // A limit or a drain ends the guest through the agent: a vsock connection.
         ThreadKind::Monitor => &[BASE, FILES, SOCKETS, &[libc::SYS_kill]],
         ThreadKind::Watch => &[BASE, FILES],
         ThreadKind::Runner => &[BASE, SPAWN, SOCKETS],
         // Its children are device workers: it carries what they need.
-        ThreadKind::Spawner => &[BASE, SPAWN, SOCKETS, EVENTS, FUSE],
+        ThreadKind::Spawner => &[BASE, SPAWN, SOCKETS, EVENTS, FUSE, DISK],
         // It starts the vCPUs, so it carries theirs.
         ThreadKind::Main => &[BASE, SPAWN, SOCKETS, EVENTS, FILES, &[libc::SYS_kill]],
     };
@@ -586,6 +611,9 @@ mod tests {
         assert!(has_all(ThreadKind::Main, ThreadKind::Vcpu));
         assert!(has_all(ThreadKind::Spawner, ThreadKind::Fs));
         assert!(has_all(ThreadKind::Spawner, ThreadKind::Net));
+        assert!(has_all(ThreadKind::Spawner, ThreadKind::Block));
+        assert!(!syscalls(ThreadKind::Block).contains(&libc::SYS_openat));
+        assert!(!syscalls(ThreadKind::Block).contains(&libc::SYS_socket));
     }
 
     #[test]

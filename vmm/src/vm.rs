@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use msb_devices::legacy::{ResetHandler, Serial, I8042};
 use msb_devices::system::{BootTimes, ReadyGate, SystemDevice, SystemEvent, SystemEventSink};
+use msb_devices::virtio::block::{
+    mmio_transport as block_transport, BlockError, BlockMetrics, OpenedDisk,
+};
 use msb_devices::virtio::fs::{
     mmio_transport as fs_transport, Budget, FsError, FsLimits, FsMetrics, Share,
 };
@@ -79,6 +82,37 @@ pub enum BootSource {
     },
 }
 
+/// A disk the VM gets: its serial and the image, opened (and locked) before the jail. The
+/// device takes the image when the VM is built; the locks go with it.
+#[derive(Clone)]
+pub struct DiskDevice {
+    /// The serial the guest finds it by.
+    pub serial: String,
+    disk: Arc<Mutex<Option<OpenedDisk>>>,
+}
+
+impl DiskDevice {
+    /// A disk with `serial` over the opened image.
+    pub fn new(serial: String, disk: OpenedDisk) -> Self {
+        DiskDevice {
+            serial,
+            disk: Arc::new(Mutex::new(Some(disk))),
+        }
+    }
+
+    fn take(&self) -> Option<OpenedDisk> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for DiskDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskDevice")
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Plain-data description of a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -102,6 +136,8 @@ pub struct VmConfig {
     pub fs: Vec<Share>,
     /// What the guest may make all of them hold at once (host descriptors).
     pub fs_limits: FsLimits,
+    /// virtio-blk devices (the root disk first, then disk volumes), opened before the jail.
+    pub disks: Vec<DiskDevice>,
     /// A virtio-net device and the proxy behind it (`None`: no network device).
     pub net: Option<NetworkConfig>,
     /// The proxy's TLS interception and secrets (loaded before the jail).
@@ -143,7 +179,7 @@ pub enum ConfigError {
     },
     /// More virtio-fs devices than interrupt lines.
     #[error(
-        "{requested} shared directories (root and volumes); at most {max} fit with these devices"
+        "{requested} shared directories and disks (root and volumes); at most {max} fit with these devices"
     )]
     TooManyShares {
         /// Requested.
@@ -189,6 +225,12 @@ pub enum VmmError {
     /// A virtio-fs device could not be created.
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// A virtio-blk device could not be made.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A disk's image was already given to another VM built from the same config.
+    #[error("the disk {0} was already used by a VM built from this configuration")]
+    DiskTaken(String),
     /// The network proxy could not start (a published port could not be bound, ...).
     #[error(transparent)]
     Net(#[from] NetError),
@@ -270,6 +312,8 @@ pub struct VmOutcome {
     pub unhandled_io: (u64, u64),
     /// Counters of each virtio-fs device, by tag.
     pub fs: Vec<(String, Arc<FsMetrics>)>,
+    /// Counters of each virtio-blk device, by serial.
+    pub disks: Vec<(String, Arc<BlockMetrics>)>,
     /// Counters of the network device and its proxy.
     pub net: Option<NetCounters>,
 }
@@ -325,6 +369,7 @@ pub struct Vm {
     console: Arc<Mutex<ConsoleLog>>,
     times: Arc<Mutex<BootTimes>>,
     fs_metrics: Vec<(String, Arc<FsMetrics>)>,
+    disk_metrics: Vec<(String, Arc<BlockMetrics>)>,
     net: Option<NetCounters>,
     _vm: Box<dyn HypervisorVm>,
     mem: GuestMemoryMmap,
@@ -362,9 +407,9 @@ pub fn validate_basic(cfg: &VmConfig) -> Result<(), VmmError> {
         return Err(ConfigError::VcpusZero.into());
     }
     let max_fs = MAX_FS_DEVICES - usize::from(cfg.net.is_some());
-    if cfg.fs.len() > max_fs {
+    if cfg.fs.len() + cfg.disks.len() > max_fs {
         return Err(ConfigError::TooManyShares {
-            requested: cfg.fs.len(),
+            requested: cfg.fs.len() + cfg.disks.len(),
             max: max_fs,
         }
         .into());
@@ -422,6 +467,8 @@ impl Vm {
                 if cfg.net.is_some() {
                     virtio.push(fs_slot(cfg.fs.len()));
                 }
+                let first_disk = cfg.fs.len() + usize::from(cfg.net.is_some());
+                virtio.extend((0..cfg.disks.len()).map(|j| fs_slot(first_disk + j)));
                 let (ram, _) = arch::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
                 arch::load_kernel(
                     &mem,
@@ -518,6 +565,18 @@ impl Vm {
                 proxy: stats,
             });
         }
+        let mut disk_metrics = Vec::with_capacity(cfg.disks.len());
+        let first_disk = cfg.fs.len() + usize::from(cfg.net.is_some());
+        for (j, d) in cfg.disks.iter().enumerate() {
+            let slot = fs_slot(first_disk + j);
+            let disk = d
+                .take()
+                .ok_or_else(|| VmmError::DiskTaken(d.serial.clone()))?;
+            let (transport, metrics) =
+                block_transport(disk, &d.serial, mem.clone(), vm.interrupt_line(slot.irq)?)?;
+            disk_metrics.push((d.serial.clone(), metrics));
+            buses.mmio.insert(slot.base, slot.size, transport)?;
+        }
         let buses = Arc::new(buses);
 
         // vCPUs.
@@ -538,6 +597,7 @@ impl Vm {
             console,
             times,
             fs_metrics,
+            disk_metrics,
             net,
             _vm: vm,
             mem,
@@ -562,6 +622,11 @@ impl Vm {
     /// Counters of each virtio-fs device, by tag (live while the VM runs).
     pub fn fs_metrics(&self) -> Vec<(String, Arc<FsMetrics>)> {
         self.fs_metrics.clone()
+    }
+
+    /// Counters of each virtio-blk device, by serial (live while the VM runs).
+    pub fn disk_metrics(&self) -> Vec<(String, Arc<BlockMetrics>)> {
+        self.disk_metrics.clone()
     }
 
     /// The guest memory (a cheap clone that keeps the mapping alive), for accounting its
@@ -661,6 +726,7 @@ impl Vm {
             rss,
             unhandled_io: (self.buses.pio.unhandled(), self.buses.mmio.unhandled()),
             fs: self.fs_metrics.clone(),
+            disks: self.disk_metrics.clone(),
             net: self.net.clone(),
         })
     }

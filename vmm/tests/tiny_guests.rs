@@ -41,6 +41,7 @@ fn config(boot: BootSource) -> VmConfig {
         net_events: None,
         ready_gate: None,
         fs_limits: Default::default(),
+        disks: Vec::new(),
         boot_ram_limit: None,
     }
 }

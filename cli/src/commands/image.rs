@@ -5,7 +5,7 @@ use microsandbox::{error_chain, Image};
 
 use crate::args::{ImageCommand, PullArgs};
 use crate::error::{out, say, CliError, CliResult};
-use crate::format::{human_bytes, relative_time, short_digest, table};
+use crate::format::{human_bytes, print_json, relative_time, short_digest, table};
 use crate::progress::show_progress;
 
 pub(crate) async fn cmd_pull(a: PullArgs) -> CliResult<u8> {
@@ -22,10 +22,7 @@ pub(crate) async fn cmd_image(c: ImageCommand) -> CliResult<u8> {
             if json {
                 let v =
                     serde_json::to_value(&images).map_err(|e| CliError::Failed(e.to_string()))?;
-                out(
-                    format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
-                        .as_bytes(),
-                )?;
+                print_json(&v)?;
                 return Ok(0);
             }
             let now = Utc::now();

@@ -6,3 +6,4 @@ pub(crate) mod image;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod sandbox;
+pub(crate) mod snapshot;

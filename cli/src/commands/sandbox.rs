@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use chrono::Utc;
 use microsandbox::network::{NetworkPolicy, NetworkPreset, PortProtocol};
 use microsandbox::{
-    error_chain, ExecOptions, Init, MicrosandboxError, Sandbox, SandboxBuilder, SandboxFilter,
-    SecretSource, SecurityProfile,
+    error_chain, ExecOptions, Init, MicrosandboxError, MountBuilder, Sandbox, SandboxBuilder,
+    SandboxFilter, SecretSource, SecurityProfile,
 };
 use serde_json::{json, Value};
 
@@ -23,6 +23,9 @@ impl CreateOpts {
         let mut b = Sandbox::builder(name);
         if let Some(image) = &self.image {
             b = b.image(image.clone());
+        }
+        if let Some(snapshot) = &self.snapshot {
+            b = b.snapshot(snapshot);
         }
         b = b.pull_options(self.registry.options(self.pull));
         if let Some(n) = self.cpus {
@@ -47,26 +50,29 @@ impl CreateOpts {
             b = b.shell(s.clone());
         }
         b = b.labels(self.labels.iter().cloned());
+        let ro = |m: MountBuilder, readonly: bool| if readonly { m.readonly() } else { m };
         for v in &self.volumes {
-            let (host, ro) = (v.host.clone(), v.readonly);
-            b = b.volume(v.guest.clone(), move |m| {
-                let m = m.bind(host);
-                if ro {
-                    m.readonly()
-                } else {
-                    m
-                }
-            });
+            let (host, readonly) = (v.host.clone(), v.readonly);
+            b = b.volume(v.guest.clone(), move |m| ro(m.bind(host), readonly));
         }
         for v in &self.named_volumes {
-            let (name, ro) = (v.name.clone(), v.readonly);
-            b = b.volume(v.guest.clone(), move |m| {
-                let m = m.named(name);
-                if ro {
-                    m.readonly()
-                } else {
-                    m
+            let (name, readonly) = (v.name.clone(), v.readonly);
+            b = b.volume(v.guest.clone(), move |m| ro(m.named(name), readonly));
+        }
+        for v in &self.disk_volumes {
+            let (image, readonly) = (v.host.clone(), v.readonly);
+            b = b.volume(v.guest.clone(), move |m| ro(m.disk(image), readonly));
+        }
+        if self.fstype.is_some() || self.upper_size.is_some() {
+            let (fstype, upper) = (self.fstype.clone(), self.upper_size);
+            b = b.image_with(move |mut i| {
+                if let Some(f) = fstype {
+                    i = i.fstype(f);
                 }
+                if let Some(u) = upper {
+                    i = i.upper_size_mib(u);
+                }
+                i
             });
         }
         for t in &self.tmpfs {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use msb_devices::system::ReadyGate;
+use msb_devices::virtio::block::BlockMetrics;
 use msb_devices::virtio::fs::FsMetrics;
 use msb_devices::virtio::fs::ShareSource;
 use msb_protocol::error_chain;
@@ -64,6 +65,16 @@ fn write_report(path: &PathBuf, host: HostKind, o: &VmOutcome, total: Duration) 
             "write_bytes": FsMetrics::get(&m.write_bytes),
             "errors": FsMetrics::get(&m.errors),
             "bad_requests": FsMetrics::get(&m.bad_requests),
+        }))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "disks": o.disks.iter().map(|(serial, m)| (serial.clone(), serde_json::json!({
+            "read_ops": BlockMetrics::get(&m.read_ops),
+            "read_bytes": BlockMetrics::get(&m.read_bytes),
+            "write_ops": BlockMetrics::get(&m.write_ops),
+            "write_bytes": BlockMetrics::get(&m.write_bytes),
+            "flushes": BlockMetrics::get(&m.flushes),
+            "errors": BlockMetrics::get(&m.errors),
+            "io_failures": BlockMetrics::get(&m.io_failures),
+            "malformed_chains": BlockMetrics::get(&m.malformed_chains),
         }))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "net": o.net.as_ref().map(|n| {
             let d = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -222,7 +233,7 @@ fn jail_plan(args: &Invocation, cfg: &VmConfig) -> jail::JailPlan {
     for share in &cfg.fs {
         match &share.source {
             ShareSource::Dir { path, readonly } => plan.add(path, *readonly),
-            ShareSource::Root { layers, rw } => {
+            ShareSource::Root { layers, rw, .. } => {
                 for l in layers {
                     plan.add(l, true);
                 }
@@ -452,6 +463,11 @@ fn main() -> ExitCode {
                 metrics: args.metrics.clone(),
                 mem: vm.guest_memory(),
                 fs: vm.fs_metrics(),
+                disks: vm.disk_metrics(),
+                upper: cfg.fs.iter().find_map(|s| match &s.source {
+                    ShareSource::Root { quota, .. } => quota.clone(),
+                    ShareSource::Dir { .. } => None,
+                }),
                 net: vm.net_counters(),
                 memory_limit: args.launch.memory_mib << 20,
                 times: vm.boot_times(),

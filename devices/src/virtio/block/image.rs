@@ -28,65 +28,7 @@ use super::BlockError;
 /// Most files an image may open besides itself (its backing chain, its extents).
 pub const MAX_IMPLICIT_OPENS: usize = 16;
 
-/// The format of a disk image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DiskFormat {
-    /// The file's bytes are the disk's bytes.
-    Raw,
-    /// QEMU's copy-on-write format (backing files, sparse allocation).
-    Qcow2,
-    /// VMware's format; read-only, flat extents only.
-    Vmdk,
-}
-
-impl DiskFormat {
-    /// Every format, as named on command lines.
-    pub const ALL: [DiskFormat; 3] = [DiskFormat::Raw, DiskFormat::Qcow2, DiskFormat::Vmdk];
-
-    /// The name used on command lines and in errors.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-            DiskFormat::Vmdk => "vmdk",
-        }
-    }
-
-    /// The format a file name's extension says: `.raw`/`.img` raw, `.qcow2`, `.vmdk`;
-    /// `None` for any other name.
-    pub fn from_extension(path: &Path) -> Option<DiskFormat> {
-        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-        match ext.as_str() {
-            "raw" | "img" => Some(DiskFormat::Raw),
-            "qcow2" => Some(DiskFormat::Qcow2),
-            "vmdk" => Some(DiskFormat::Vmdk),
-            _ => None,
-        }
-    }
-
-    /// What works, for error messages.
-    pub fn supported() -> &'static str {
-        "raw (.raw, .img), qcow2 (.qcow2: read-write, backing files), vmdk (.vmdk: read-only, \
-         flat extents)"
-    }
-}
-
-impl std::str::FromStr for DiskFormat {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DiskFormat::ALL
-            .into_iter()
-            .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown disk format {s:?}: use raw, qcow2 or vmdk"))
-    }
-}
-
-impl std::fmt::Display for DiskFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use msb_protocol::disk::DiskFormat;
 
 /// An opened disk and the locks that keep other sandboxes off it while it is held.
 pub struct OpenedDisk {
@@ -165,6 +107,37 @@ pub fn open_disk(
         locks.push(DiskLock::take(&file, true)?);
     }
     Ok(OpenedDisk { backend, locks })
+}
+
+/// The device owns the opened disk: the locks live as long as the device.
+impl DiskBackend for OpenedDisk {
+    fn capacity(&self) -> u64 {
+        self.backend.capacity()
+    }
+
+    fn readonly(&self) -> bool {
+        self.backend.readonly()
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.backend.read_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.backend.write_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.backend.flush()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.backend.discard(offset, len)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.backend.write_zeroes(offset, len, unmap)
+    }
 }
 
 /// A qcow2 or vmdk image as a [`DiskBackend`].
@@ -347,29 +320,31 @@ impl<S: Storage + 'static> ImplicitOpenGate<S> for ContainedGate {
 /// this lock is its own descriptor, beside whatever the backend opened.
 #[derive(Debug)]
 pub struct DiskLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
+    /// Locked; closing it (when the lock is dropped) releases the lock, with no `flock`
+    /// call a thread's syscall filter would have to allow.
+    _file: std::fs::File,
 }
 
 impl DiskLock {
     /// Takes the lock without waiting; [`BlockError::InUse`] when another holder has it.
     pub fn take(path: &Path, readonly: bool) -> Result<DiskLock, BlockError> {
-        use nix::fcntl::{Flock, FlockArg};
+        use rustix::fs::FlockOperation;
         let file = std::fs::File::open(path).map_err(|source| BlockError::Open {
             path: path.to_path_buf(),
             source,
         })?;
-        let arg = if readonly {
-            FlockArg::LockSharedNonblock
+        let op = if readonly {
+            FlockOperation::NonBlockingLockShared
         } else {
-            FlockArg::LockExclusiveNonblock
+            FlockOperation::NonBlockingLockExclusive
         };
-        match Flock::lock(file, arg) {
-            Ok(lock) => Ok(DiskLock { _lock: lock }),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(BlockError::InUse {
+        match rustix::fs::flock(&file, op) {
+            Ok(()) => Ok(DiskLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(BlockError::InUse {
                 path: path.to_path_buf(),
                 readonly,
             }),
-            Err((_, e)) => Err(BlockError::Open {
+            Err(e) => Err(BlockError::Open {
                 path: path.to_path_buf(),
                 source: e.into(),
             }),

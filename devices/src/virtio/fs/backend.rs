@@ -9,6 +9,7 @@ use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 use super::guard::{Budget, Guard, Policy};
+use super::quota::Quota;
 use super::FsError;
 
 /// How long the guest may cache names and attributes of files that only it changes (image
@@ -36,6 +37,8 @@ pub enum ShareSource {
         layers: Vec<PathBuf>,
         /// The writable layer.
         rw: PathBuf,
+        /// What the writable layer holds, and its limit.
+        quota: Option<Arc<Quota>>,
     },
 }
 
@@ -119,7 +122,9 @@ pub fn build(source: &ShareSource, budget: &Arc<Budget>) -> Result<Built, FsErro
                 budget.clone(),
             )))
         }
-        ShareSource::Root { layers, rw } => Built::Root(root(layers, rw, budget)?),
+        ShareSource::Root { layers, rw, quota } => {
+            Built::Root(root(layers, rw, quota.clone(), budget)?)
+        }
     })
 }
 
@@ -146,8 +151,14 @@ pub fn rw_policy(rw: &Path) -> Result<Policy, FsError> {
     }
 }
 
-/// The root: a Vfs with each layer read-only at `/l/<i>` and `rw` at `/rw`.
-pub fn root(layers: &[PathBuf], rw: &Path, budget: &Arc<Budget>) -> Result<Vfs, FsError> {
+/// The root: a Vfs with each layer read-only at `/l/<i>` and `rw` at `/rw` (counted
+/// against `quota`, when given).
+pub fn root(
+    layers: &[PathBuf],
+    rw: &Path,
+    quota: Option<Arc<Quota>>,
+    budget: &Arc<Budget>,
+) -> Result<Vfs, FsError> {
     if layers.is_empty() || layers.len() > MAX_LAYERS {
         return Err(FsError::LayerCount {
             got: layers.len(),
@@ -175,11 +186,14 @@ pub fn root(layers: &[PathBuf], rw: &Path, budget: &Arc<Budget>) -> Result<Vfs, 
         );
         mount(Box::new(fs), &format!("/l/{i}"))?;
     }
-    let rw = Guard::new(
+    let mut rw = Guard::new(
         passthrough(rw, STABLE_TIMEOUT)?,
         rw_policy(rw)?,
         budget.clone(),
     );
+    if let Some(q) = quota {
+        rw = rw.with_quota(q);
+    }
     mount(Box::new(rw), "/rw")?;
     Ok(vfs)
 }

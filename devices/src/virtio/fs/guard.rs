@@ -43,6 +43,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::api::BackendFileSystem;
 
 use super::open_flags::OpenFlags;
+use super::quota::Quota;
 
 fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
@@ -54,6 +55,10 @@ fn eperm<T>() -> io::Result<T> {
 
 fn enfile<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::ENFILE))
+}
+
+fn enospc<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 /// The root's node id in every backend.
@@ -135,7 +140,11 @@ impl Budget {
 #[derive(Debug, Default)]
 struct Held {
     inodes: HashMap<u64, u64>,
-    handles: HashSet<u64>,
+    /// Open handle -> its inode.
+    handles: HashMap<u64, u64>,
+    /// Inodes removed while open (with a quota): their blocks are subtracted when the
+    /// last handle closes.
+    orphans: HashSet<u64>,
 }
 
 /// Largest xattr value or list a guest may ask for (the kernel's own limit).
@@ -192,6 +201,7 @@ pub struct Guard<F> {
     budget: Arc<Budget>,
     held: Mutex<Held>,
     open_flags: OpenFlags,
+    quota: Option<Arc<Quota>>,
 }
 
 impl<F> Guard<F> {
@@ -203,7 +213,14 @@ impl<F> Guard<F> {
             budget,
             held: Mutex::new(Held::default()),
             open_flags: OpenFlags::default(),
+            quota: None,
         }
+    }
+
+    /// Counts what the share holds against `quota` and keeps it under its limit.
+    pub fn with_quota(mut self, quota: Arc<Quota>) -> Self {
+        self.quota = Some(quota);
+        self
     }
 
     fn held(&self) -> MutexGuard<'_, Held> {
@@ -275,7 +292,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
             return Ok(None);
         };
         if Budget::take(&self.budget.handles, self.budget.max_handles) {
-            self.held().handles.insert(h);
+            self.held().handles.insert(h, inode);
             return Ok(Some(h));
         }
         tracing::warn!(
@@ -291,8 +308,79 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
     }
 
     fn closed(&self, handle: u64) {
-        if self.held().handles.remove(&handle) {
+        if self.held().handles.remove(&handle).is_some() {
             Budget::give(&self.budget.handles);
+        }
+    }
+
+    /// Allocated bytes and size of `inode` (through `handle` when given); `None` when it
+    /// cannot be read (the count is then left as it is).
+    fn allocation(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> Option<(u64, u64)> {
+        let (st, _) = self.fs.getattr(ctx, inode, handle).ok()?;
+        Some(((st.st_blocks as u64).saturating_mul(512), st.st_size as u64))
+    }
+
+    /// Runs `op` on `inode` and counts the change of its allocation (when there is a
+    /// quota).
+    fn counting<T>(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let Some(q) = &self.quota else {
+            return op();
+        };
+        let before = self.allocation(ctx, inode, handle);
+        let result = op();
+        if let (Some((b, _)), Some((a, _))) = (before, self.allocation(ctx, inode, handle)) {
+            q.changed(b, a);
+        }
+        result
+    }
+
+    /// `ENOSPC` when the share is full (creating anything).
+    fn room(&self) -> io::Result<()> {
+        match &self.quota {
+            Some(q) if q.full() => enospc(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a new entry's blocks (a directory's first block, a symlink's target).
+    fn made(&self, entry: &Entry) {
+        if let Some(q) = &self.quota {
+            q.add((entry.attr.st_blocks as u64).saturating_mul(512));
+        }
+    }
+
+    /// Before `name` in `parent` goes (unlink, rmdir, rename over it): its inode and the
+    /// blocks that go with it when this is its last link; `None` without a quota.
+    fn going(&self, ctx: &Context, parent: u64, name: &CStr) -> Option<(u64, u64)> {
+        self.quota.as_ref()?;
+        let entry = self.fs.lookup(ctx, parent, name).ok()?;
+        self.fs.forget(ctx, entry.inode, 1);
+        let dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        (dir || entry.attr.st_nlink <= 1).then(|| {
+            (
+                entry.inode,
+                (entry.attr.st_blocks as u64).saturating_mul(512),
+            )
+        })
+    }
+
+    /// After `name` went: its blocks leave the count now, or when the guest closes its
+    /// last handle of it.
+    fn gone(&self, what: Option<(u64, u64)>) {
+        let (Some(q), Some((inode, bytes))) = (&self.quota, what) else {
+            return;
+        };
+        let mut held = self.held();
+        if held.handles.values().any(|i| *i == inode) {
+            held.orphans.insert(inode);
+        } else {
+            q.sub(bytes);
         }
     }
 }
@@ -347,6 +435,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = self.mode(attr.st_mode);
         }
+        if valid.contains(SetattrValid::SIZE) {
+            return self.counting(ctx, inode, handle, || {
+                self.fs.setattr(ctx, inode, attr, handle, valid)
+            });
+        }
         self.fs.setattr(ctx, inode, attr, handle, valid)
     }
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -362,7 +455,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
+        self.room()?;
         let entry = self.fs.symlink(ctx, linkname, parent, name)?;
+        self.made(&entry);
         self.counted(ctx, entry)
     }
     fn mknod(
@@ -381,9 +476,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             tracing::debug!("virtio-fs: refusing mknod of mode {mode:#o}, rdev {rdev:#x}");
             return eperm();
         }
+        self.room()?;
         let entry = self
             .fs
             .mknod(ctx, parent, name, self.mode(mode), rdev, umask)?;
+        self.made(&entry);
         self.counted(ctx, entry)
     }
     fn mkdir(
@@ -397,20 +494,28 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
+        self.room()?;
         let entry = self.fs.mkdir(ctx, parent, name, self.mode(mode), umask)?;
+        self.made(&entry);
         self.counted(ctx, entry)
     }
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.unlink(ctx, parent, name)
+        let going = self.going(ctx, parent, name);
+        self.fs.unlink(ctx, parent, name)?;
+        self.gone(going);
+        Ok(())
     }
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.rmdir(ctx, parent, name)
+        let going = self.going(ctx, parent, name);
+        self.fs.rmdir(ctx, parent, name)?;
+        self.gone(going);
+        Ok(())
     }
     fn rename(
         &self,
@@ -424,12 +529,22 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.rename(ctx, olddir, oldname, newdir, newname, flags)
+        // What the rename replaces goes (an exchange replaces nothing).
+        let going = if flags & libc::RENAME_EXCHANGE == 0 {
+            self.going(ctx, newdir, newname)
+        } else {
+            None
+        };
+        self.fs
+            .rename(ctx, olddir, oldname, newdir, newname, flags)?;
+        self.gone(going);
+        Ok(())
     }
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         if self.read_only() {
             return erofs();
         }
+        self.room()?;
         let entry = self.fs.link(ctx, inode, newparent, newname)?;
         self.counted(ctx, entry)
     }
@@ -459,6 +574,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         args.mode = self.mode(args.mode);
+        self.room()?;
         let flags = args.flags;
         let (entry, h, opts, passthrough) = self.fs.create(ctx, parent, name, args)?;
         let inode = entry.inode;
@@ -516,18 +632,33 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let flags = self.open_flags.of(handle, flags);
-        self.fs.write(
-            ctx,
-            inode,
-            handle,
-            r,
-            size,
-            offset,
-            lock_owner,
-            delayed_write,
-            flags,
-            fuse_flags,
-        )
+        if let Some(q) = &self.quota {
+            // A write that does not fit is refused, unless it only overwrites bytes the
+            // file already has allocated.
+            if !q.fits(u64::from(size)) {
+                let end = offset.saturating_add(u64::from(size));
+                let in_place = self
+                    .allocation(ctx, inode, Some(handle))
+                    .is_some_and(|(alloc, len)| end <= len && alloc >= len);
+                if !in_place {
+                    return enospc();
+                }
+            }
+        }
+        self.counting(ctx, inode, Some(handle), || {
+            self.fs.write(
+                ctx,
+                inode,
+                handle,
+                r,
+                size,
+                offset,
+                lock_owner,
+                delayed_write,
+                flags,
+                fuse_flags,
+            )
+        })
     }
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
         self.fs.flush(ctx, inode, handle, lock_owner)
@@ -547,7 +678,13 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.fallocate(ctx, inode, handle, mode, offset, length)
+        let frees = mode as i32 & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        if !frees && self.quota.as_ref().is_some_and(|q| !q.fits(length)) {
+            return enospc();
+        }
+        self.counting(ctx, inode, Some(handle), || {
+            self.fs.fallocate(ctx, inode, handle, mode, offset, length)
+        })
     }
     #[allow(clippy::too_many_arguments)]
     fn release(
@@ -560,8 +697,21 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        // The last handle of a removed file: its blocks go now.
+        let orphan = self.quota.as_ref().and_then(|q| {
+            let last = {
+                let held = self.held();
+                held.orphans.contains(&inode)
+                    && held.handles.iter().filter(|(_, i)| **i == inode).count() == 1
+            };
+            last.then(|| (q, self.allocation(ctx, inode, Some(handle))))
+        });
         self.closed(handle);
         self.open_flags.closed(handle);
+        if let Some((q, alloc)) = orphan {
+            self.held().orphans.remove(&inode);
+            q.sub(alloc.map_or(0, |(a, _)| a));
+        }
         self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
@@ -569,6 +719,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         let mut st = self.fs.statfs(ctx, inode)?;
         if self.read_only() {
             st.f_flag |= libc::ST_RDONLY;
+        }
+        // The limit is the filesystem's size as the guest sees it.
+        if let Some((q, limit)) = self.quota.as_ref().and_then(|q| q.limit().map(|l| (q, l))) {
+            let unit = if st.f_frsize > 0 { st.f_frsize } else { 4096 };
+            let free = q.free().unwrap_or(0) / unit;
+            st.f_blocks = limit / unit;
+            st.f_bfree = st.f_bfree.min(free);
+            st.f_bavail = st.f_bavail.min(free);
         }
         Ok(st)
     }
@@ -586,7 +744,16 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.policy == Policy::Volume && privileged_xattr(name) {
             return eperm();
         }
-        self.fs.setxattr(ctx, inode, name, value, flags)
+        if self
+            .quota
+            .as_ref()
+            .is_some_and(|q| !q.fits(value.len() as u64))
+        {
+            return enospc();
+        }
+        self.counting(ctx, inode, None, || {
+            self.fs.setxattr(ctx, inode, name, value, flags)
+        })
     }
     fn getxattr(
         &self,
@@ -604,7 +771,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() {
             return erofs();
         }
-        self.fs.removexattr(ctx, inode, name)
+        self.counting(ctx, inode, None, || self.fs.removexattr(ctx, inode, name))
     }
     fn opendir(
         &self,

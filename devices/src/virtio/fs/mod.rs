@@ -18,6 +18,7 @@ pub mod event_handler;
 pub mod guard;
 pub mod metrics;
 pub mod open_flags;
+pub mod quota;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
@@ -26,6 +27,7 @@ pub use backend::{Share, ShareSource};
 pub use device::VirtioFs;
 pub use guard::{Budget, FsLimits};
 pub use metrics::FsMetrics;
+pub use quota::Quota;
 
 /// Virtio device id of a filesystem device.
 pub const FS_DEVICE_ID: u32 = 26;

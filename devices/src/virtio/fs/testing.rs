@@ -49,6 +49,8 @@ pub mod opcode {
     pub const WRITE: u32 = 16;
     /// RELEASE
     pub const RELEASE: u32 = 18;
+    /// FUSE_STATFS.
+    pub const STATFS: u32 = 17;
     /// SETXATTR
     pub const SETXATTR: u32 = 21;
     /// INIT
