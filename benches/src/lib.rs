@@ -9,6 +9,29 @@ use microsandbox::{ExecEvent, Sandbox};
 
 pub mod mock_guest;
 
+/// Builds `benches/guest/<name>.c` static with the host's gcc into `dir` (extra flags in
+/// `extra`); the binary's path.
+pub fn build_guest_program(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+) -> std::path::PathBuf {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("guest")
+        .join(format!("{name}.c"));
+    let out = dir.join(name);
+    let status = std::process::Command::new("gcc")
+        .args(["-O2", "-static"])
+        .args(extra)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "building {} failed", src.display());
+    out
+}
+
 /// What the exec benchmarks measure through the SDK.
 #[derive(Debug, Clone)]
 pub struct ExecFigures {

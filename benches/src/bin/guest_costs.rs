@@ -5,32 +5,16 @@
 //!
 //! `cargo run --release -p msb-benches --bin guest_costs -- [--memory MiB]`
 
-use std::path::Path;
 use std::process::Command;
 
-use msb_benches::arg;
+use msb_benches::{arg, build_guest_program};
 use msb_e2e::{artifacts, host_kind};
-
-fn build(dir: &Path, name: &str, extra: &[&str]) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("guest")
-        .join(format!("{name}.c"));
-    let status = Command::new("gcc")
-        .args(["-O2", "-static"])
-        .args(extra)
-        .arg("-o")
-        .arg(dir.join(name))
-        .arg(&src)
-        .status()
-        .expect("gcc runs");
-    assert!(status.success(), "building {} failed", src.display());
-}
 
 fn main() {
     let memory = arg("--memory", 512).max(1);
     let dir = tempfile::tempdir().expect("tempdir");
-    build(dir.path(), "tiny", &["-nostdlib"]);
-    build(dir.path(), "costs", &["-pthread"]);
+    build_guest_program(dir.path(), "tiny", &["-nostdlib"]);
+    build_guest_program(dir.path(), "costs", &["-pthread"]);
     let a = artifacts();
     let out = Command::new(&a.msb_vmm)
         .arg("--kernel")

@@ -510,6 +510,9 @@ pub(crate) fn prune(home: &Path) -> MicrosandboxResult<PruneReport> {
             }
         }
     }
+    // Layers the snapshots in $MSB_HOME/snapshots stand on (artifacts elsewhere are not
+    // known here).
+    keep_layers.extend(crate::snapshot::store_layers(home));
     let mut report = PruneReport::default();
     for (digest, size) in blobs.list().map_err(err)? {
         if !keep_blobs.contains(&digest) && blobs.remove(&digest).map_err(err)? {

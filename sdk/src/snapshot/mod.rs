@@ -286,22 +286,19 @@ pub(crate) fn take(
         )));
     }
     let store = home.join("layers/sha256");
-    let default =
-        msb_guest_kernel::ensure_rootfs(&mut msb_guest_kernel::Progress::new("rootfs")).ok();
-    let base = persisted
-        .layers
-        .iter()
-        .map(|dir| {
-            if dir.parent() == Some(store.as_path()) {
-                let hex = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-                BaseLayer::Store(format!("sha256:{}", hex.unwrap_or_default()))
-            } else if Some(dir) == default.as_ref() {
-                BaseLayer::Default
-            } else {
-                BaseLayer::Directory(dir.clone())
-            }
-        })
-        .collect();
+    let base = match &persisted.config.image {
+        RootfsSource::Default => vec![BaseLayer::Default],
+        _ => persisted
+            .layers
+            .iter()
+            .map(|dir| match dir.file_name() {
+                Some(hex) if dir.parent() == Some(store.as_path()) => {
+                    BaseLayer::Store(format!("sha256:{}", hex.to_string_lossy()))
+                }
+                _ => BaseLayer::Directory(dir.clone()),
+            })
+            .collect(),
+    };
     let staging = Staging::beside(dest)?;
     let layer_path = staging.path.join(LAYER);
     let upper = paths.rw().join("upper");
@@ -346,8 +343,15 @@ pub(crate) fn resolve_for_boot(
     home: &Path,
     dir: &Path,
 ) -> MicrosandboxResult<(Vec<PathBuf>, ImageConfig, Option<String>)> {
-    let m = read_manifest(dir)?;
+    // Every boot checks both digests (the layer may already be in the store from an
+    // earlier boot, which the unpack would then not read).
+    let m = verify(dir)?;
     let store = crate::image::LayerStore::new(home);
+    let f = std::fs::File::open(dir.join(LAYER))?;
+    let mut budget = crate::image::ImageBudget::default();
+    let snap = store
+        .unpack(f, &m.layer_digest, Some(&m.layer_digest), &mut budget)
+        .map_err(|e| crate::image::image_error(&format!("snapshot {}", dir.display()), e))?;
     let mut layers = Vec::with_capacity(m.base.len() + 1);
     for b in &m.base {
         layers.push(match b {
@@ -382,15 +386,25 @@ pub(crate) fn resolve_for_boot(
             }
         });
     }
-    // The layer's digest is checked as it is unpacked (the first boot from it); later
-    // boots find it in the store by that digest.
-    let f = std::fs::File::open(dir.join(LAYER))?;
-    let mut budget = crate::image::ImageBudget::default();
-    let snap = store
-        .unpack(f, &m.layer_digest, Some(&m.layer_digest), &mut budget)
-        .map_err(|e| crate::image::image_error(&format!("snapshot {}", dir.display()), e))?;
     layers.push(snap);
     Ok((layers, m.image_config, m.image_digest))
+}
+
+/// The layer-store layers (diff_ids) the artifacts in `$MSB_HOME/snapshots` stand on, so a
+/// prune keeps them.
+pub(crate) fn store_layers(home: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(snapshots_dir(home)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| read_manifest(&e.path()).ok())
+        .flat_map(|m| m.base)
+        .filter_map(|b| match b {
+            BaseLayer::Store(d) => Some(d),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Snapshots: listing, reading, removing, exporting and importing artifacts.
@@ -520,6 +534,21 @@ fn export(
                 ))
             }
         };
+        // The reference must still name the image the snapshot stands on.
+        let row = crate::state::StateDb::open(home)?
+            .get_image(&key)?
+            .ok_or_else(|| MicrosandboxError::ImageNotCached(key.clone()))?;
+        if let Some(pinned) = m
+            .image_digest
+            .as_ref()
+            .filter(|d| **d != row.manifest_digest)
+        {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "{key} now names {} but the snapshot stands on {pinned}: pull {key}@{pinned} \
+                 first, or export without the image",
+                row.manifest_digest
+            )));
+        }
         crate::image::store::save(home, &[key], &image_tar)?;
     }
     let tmp = work.path().join("out.tar.zst");
@@ -591,4 +620,204 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
     let dest = dir.join(&m.name);
     staging.publish(&dest)?;
     Ok(SnapshotArtifact::from_manifest(&m, dest))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+    /// A stopped sandbox `name` under `home` on the default image, its upper holding a
+    /// file, a hard link, a symlink, a whiteout and an opaque directory.
+    fn sandbox(home: &Path, name: &str) -> Paths {
+        let paths = Paths::in_home(home, name).unwrap();
+        let upper = paths.rw().join("upper");
+        std::fs::create_dir_all(upper.join("app/opaque")).unwrap();
+        std::fs::write(upper.join("app/data.txt"), b"snapshot me\n").unwrap();
+        std::fs::set_permissions(
+            upper.join("app/data.txt"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::fs::hard_link(upper.join("app/data.txt"), upper.join("app/again.txt")).unwrap();
+        std::os::unix::fs::symlink("data.txt", upper.join("app/link")).unwrap();
+        rustix::fs::lsetxattr(
+            upper.join("app/opaque"),
+            "user.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        rustix::fs::lsetxattr(
+            upper.join("app/data.txt"),
+            "user.note",
+            b"kept",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        // A whiteout: the image's /etc/motd deleted (a 0:0 character device).
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            upper.join("etc/motd"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0),
+            0,
+        )
+        .unwrap();
+        let mut config = crate::config::SandboxConfig::bare(name.into());
+        config.image = RootfsSource::Default;
+        crate::config::save(
+            &paths.config(),
+            &crate::config::Persisted {
+                config,
+                layers: vec![home.join("not-the-store/default")],
+                image: ImageConfig {
+                    workdir: Some("/app".into()),
+                    ..ImageConfig::default()
+                },
+                image_digest: None,
+            },
+        )
+        .unwrap();
+        paths
+    }
+
+    #[test]
+    fn snapshots_round_trip_through_a_layer() {
+        let home = tempfile::tempdir().unwrap();
+        let paths = sandbox(home.path(), "src");
+        let dest = home.path().join("snapshots/snap");
+        let a = take(home.path(), "src", &paths, &dest, "snap").unwrap();
+        assert_eq!(a.name, "snap");
+        assert_eq!(a.source_sandbox, "src");
+        assert_eq!(a.image, "default");
+        assert!(a.digest.starts_with("sha256:") && a.size_bytes > 0);
+        let m = verify(&dest).unwrap();
+        assert_eq!(m.base, vec![BaseLayer::Default]);
+        assert_eq!(m.image_config.workdir.as_deref(), Some("/app"));
+        // The same tree gives the same layer.
+        let again = take(
+            home.path(),
+            "src",
+            &paths,
+            &home.path().join("snap2"),
+            "snap2",
+        )
+        .unwrap();
+        assert_eq!(verify(&again.path).unwrap().layer_digest, m.layer_digest);
+        // A second snapshot under the same name is refused, the first kept.
+        assert!(matches!(
+            take(home.path(), "src", &paths, &dest, "snap"),
+            Err(MicrosandboxError::AlreadyExists(_))
+        ));
+
+        // Unpacked as a layer: overlayfs' markers come back.
+        let store = crate::image::LayerStore::new(home.path());
+        let mut budget = crate::image::ImageBudget::default();
+        let dir = store
+            .unpack(
+                std::fs::File::open(dest.join(LAYER)).unwrap(),
+                &m.layer_digest,
+                Some(&m.layer_digest),
+                &mut budget,
+            )
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("app/data.txt")).unwrap(),
+            b"snapshot me\n"
+        );
+        let meta = std::fs::metadata(dir.join("app/data.txt")).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o640);
+        assert_eq!(
+            meta.ino(),
+            std::fs::metadata(dir.join("app/again.txt")).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::read_link(dir.join("app/link")).unwrap(),
+            Path::new("data.txt")
+        );
+        let wh = std::fs::symlink_metadata(dir.join("etc/motd")).unwrap();
+        assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            rustix::fs::lgetxattr(dir.join("app/opaque"), "user.overlay.opaque", &mut buf).ok(),
+            Some(1)
+        );
+        assert_eq!(
+            rustix::fs::lgetxattr(dir.join("app/data.txt"), "user.note", &mut buf).ok(),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn tampered_snapshots_are_refused() {
+        let home = tempfile::tempdir().unwrap();
+        let paths = sandbox(home.path(), "src");
+        let dest = home.path().join("snapshots/snap");
+        take(home.path(), "src", &paths, &dest, "snap").unwrap();
+
+        // Export, then import under another name: the same content.
+        let file = home.path().join("snap.tar.zst");
+        export(home.path(), "snap", &file, &ExportOptions::default()).unwrap();
+        let a = import(home.path(), &file, Some("copy")).unwrap();
+        assert_eq!(a.name, "copy");
+        assert_eq!(
+            verify(&a.path).unwrap().layer_digest,
+            verify(&dest).unwrap().layer_digest
+        );
+        // Imported twice under one name: refused, nothing half-written.
+        assert!(matches!(
+            import(home.path(), &file, Some("copy")),
+            Err(MicrosandboxError::AlreadyExists(_))
+        ));
+
+        // A changed layer byte.
+        let layer = dest.join(LAYER);
+        let mut bytes = std::fs::read(&layer).unwrap();
+        let at = bytes.windows(11).position(|w| w == b"snapshot me").unwrap();
+        bytes[at] = b'S';
+        std::fs::write(&layer, &bytes).unwrap();
+        assert!(matches!(
+            verify(&dest),
+            Err(MicrosandboxError::DigestMismatch { .. })
+        ));
+        let booted = resolve_for_boot(home.path(), &dest);
+        assert!(
+            matches!(
+                booted,
+                Err(MicrosandboxError::DigestMismatch { .. }
+                    | MicrosandboxError::InvalidImage { .. })
+            ),
+            "a tampered layer booted: {booted:?}"
+        );
+        let tampered = home.path().join("tampered.tar.zst");
+        assert!(export(home.path(), "snap", &tampered, &ExportOptions::default()).is_err());
+
+        // A changed manifest (its image config), with or without a recomputed layer digest.
+        let m = home.path().join("snapshots/copy").join(MANIFEST);
+        let text = std::fs::read_to_string(&m).unwrap();
+        std::fs::write(&m, text.replace("/app", "/etc")).unwrap();
+        assert!(matches!(
+            read_manifest(&home.path().join("snapshots/copy")),
+            Err(MicrosandboxError::DigestMismatch { .. })
+        ));
+
+        // An export file with a changed byte is refused on import and leaves nothing.
+        let mut packed = std::fs::read(&file).unwrap();
+        let mid = packed.len() / 2;
+        packed[mid] ^= 0xff;
+        let bad = home.path().join("bad.tar.zst");
+        std::fs::write(&bad, &packed).unwrap();
+        assert!(import(home.path(), &bad, Some("bad")).is_err());
+        assert!(!home.path().join("snapshots/bad").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(home.path().join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 }
