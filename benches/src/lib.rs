@@ -20,16 +20,21 @@ pub fn build_guest_program(
         .join("guest")
         .join(format!("{name}.c"));
     let out = dir.join(name);
+    build_static(&src, &out, extra);
+    out
+}
+
+/// Builds the C program `src` static (`-O2`, plus `extra`) with the host's gcc as `out`.
+pub fn build_static(src: &std::path::Path, out: &std::path::Path, extra: &[&str]) {
     let status = std::process::Command::new("gcc")
         .args(["-O2", "-static"])
         .args(extra)
         .arg("-o")
-        .arg(&out)
-        .arg(&src)
+        .arg(out)
+        .arg(src)
         .status()
         .expect("gcc runs");
     assert!(status.success(), "building {} failed", src.display());
-    out
 }
 
 /// What the exec benchmarks measure through the SDK.

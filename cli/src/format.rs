@@ -149,6 +149,9 @@ pub(crate) fn metrics_json(name: &str, m: &SandboxMetrics) -> Value {
         "disk_write_bytes": m.disk_write_bytes,
         "net_rx_bytes": m.net_rx_bytes,
         "net_tx_bytes": m.net_tx_bytes,
+        "upper_used_bytes": m.upper_used_bytes,
+        "upper_free_bytes": m.upper_free_bytes,
+        "upper_host_allocated_bytes": m.upper_host_allocated_bytes,
         "uptime_secs": m.uptime.as_secs_f64(),
         "timestamp": rfc3339(m.timestamp),
     })

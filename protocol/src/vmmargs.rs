@@ -123,6 +123,15 @@ fn ca_for(s: &str) -> Result<(HostPattern, PathBuf), String> {
     Ok((p, PathBuf::from(v)))
 }
 
+/// `--upper-size`'s value: MiB above 0.
+#[cfg(feature = "clap")]
+fn upper_mib(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("--upper-size needs MiB above 0, got {s:?}"))
+}
+
 /// `--memory`'s value.
 #[cfg(feature = "clap")]
 fn memory_mib(s: &str) -> Result<u64, String> {
@@ -139,15 +148,14 @@ fn cpu_count(s: &str) -> Result<u8, String> {
     u8::try_from(n).map_err(|_| format!("--cpus {n} is too many"))
 }
 
-/// A number above 0 (`--idle-timeout`, `--max-duration` in seconds, `--upper-size` in
-/// MiB).
+/// A number of seconds above 0 (`--idle-timeout`, `--max-duration`).
 #[cfg(feature = "clap")]
 fn limit_secs(flag: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clone {
     move |s: &str| {
         s.parse::<u64>()
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{flag} needs a number above 0, got {s:?}"))
+            .ok_or_else(|| format!("{flag} needs seconds above 0, got {s:?}"))
     }
 }
 
@@ -236,7 +244,7 @@ pub struct VmmArgs {
     /// The writable layer's size limit in MiB: past it the guest gets `ENOSPC`.
     #[cfg_attr(
         feature = "clap",
-        arg(long, value_name = "MiB", value_parser = limit_secs("--upper-size"))
+        arg(long, value_name = "MiB", value_parser = upper_mib)
     )]
     pub upper_size: Option<u64>,
     /// Share a host directory at a guest path (repeatable).

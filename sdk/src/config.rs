@@ -107,10 +107,13 @@ impl IntoImage for RootfsSource {
 }
 
 impl IntoImage for &Path {
-    /// A path whose extension names a disk format (`.raw`, `.img`, `.qcow2`, `.vmdk`) is a
-    /// disk image; another file an image tarball; anything else a directory.
+    /// A directory is a directory image; another path whose extension names a disk
+    /// format (`.raw`, `.img`, `.qcow2`, `.vmdk`) a disk image; another file an image
+    /// tarball; anything else a directory.
     fn into_image(self) -> RootfsSource {
-        if let Some(d) = DiskImage::from_path(self) {
+        if self.is_dir() {
+            RootfsSource::Directory(self.to_path_buf())
+        } else if let Some(d) = DiskImage::from_path(self) {
             RootfsSource::Disk(d)
         } else if self.is_file() {
             RootfsSource::Archive(self.to_path_buf())
@@ -611,6 +614,27 @@ mod tests {
         assert_eq!(
             "./missing".into_image(),
             RootfsSource::Directory("./missing".into())
+        );
+        for (name, format) in [
+            ("root.qcow2", msb_protocol::disk::DiskFormat::Qcow2),
+            ("root.img", msb_protocol::disk::DiskFormat::Raw),
+            ("x/root.vmdk", msb_protocol::disk::DiskFormat::Vmdk),
+        ] {
+            assert_eq!(
+                name.into_image(),
+                RootfsSource::Disk(DiskImage {
+                    path: name.into(),
+                    format,
+                    fstype: None
+                }),
+                "{name}: a disk image, existing or not"
+            );
+        }
+        let dir_named_img = dir.path().join("tree.img");
+        std::fs::create_dir(&dir_named_img).expect("mkdir");
+        assert_eq!(
+            dir_named_img.clone().into_image(),
+            RootfsSource::Directory(dir_named_img)
         );
     }
 

@@ -12,8 +12,8 @@ use msb_e2e::{artifacts, check, host_kind};
 
 /// The kinds and whether the guest must boot for the thread to start (device workers
 /// start when the guest's driver activates the device).
-const KINDS: [&str; 10] = [
-    "main", "spawner", "vcpu", "vsock", "relay", "monitor", "watch", "runner", "fs", "net",
+const KINDS: [&str; 11] = [
+    "main", "spawner", "vcpu", "vsock", "relay", "monitor", "watch", "runner", "fs", "net", "block",
 ];
 
 #[test]
@@ -44,6 +44,18 @@ fn a_syscall_outside_a_threads_filter_kills_the_vmm_with_sigsys_and_a_record() {
         }
         if kind != "net" {
             cmd.arg("--no-net");
+        }
+        // The disk's worker starts when the guest's driver activates the disk.
+        if kind == "block" {
+            let img = dir.path().join("d.raw");
+            let made = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .arg("8M")
+                .status()
+                .expect("mkfs.ext4 (scripts/setup installs e2fsprogs)");
+            assert!(made.success());
+            cmd.args(["--disk", "/scratch", "raw,rw"]).arg(&img);
         }
         // Stdin stays open (a pipe nobody writes) so that only the hook ends the VMM.
         let child = cmd

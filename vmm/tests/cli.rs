@@ -185,3 +185,58 @@ fn bad_security_and_init_flags() {
     let out = msb_vmm(&["--max-duration", "5", "--", "true"]);
     assert_error(&out, 2, "need --control-socket");
 }
+
+#[test]
+fn disk_images_that_cannot_be_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, i) = files(dir.path(), b"");
+    let layer = dir.path().join("layer");
+    std::fs::create_dir(&layer).expect("mkdir");
+    let layer = layer.display().to_string();
+    let base = ["--kernel", "/bin/true", "--initrd", &i, "--layer", &layer];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        msb_vmm(&args)
+    };
+    // Unusable options: exit 2.
+    assert_error(
+        &run(&["--disk", "/d", "vhdx,rw", "/x.vhdx"]),
+        2,
+        "unknown disk format",
+    );
+    assert_error(&run(&["--disk", "/d", "raw", "/x.raw"]), 2, "FORMAT,ro|rw");
+    assert_error(
+        &run(&["--disk", "/d", "raw,rw,EXT4", "/x.raw"]),
+        2,
+        "filesystem type",
+    );
+    assert_error(
+        &run(&[
+            "--disk", "/", "raw,rw", "/a.raw", "--disk", "/", "raw,rw", "/b.raw",
+        ]),
+        2,
+        "one root disk",
+    );
+    // Images that cannot be opened or served: 125, before any guest runs.
+    assert_error(
+        &run(&["--disk", "/d", "raw,rw", "/nonexistent/x.raw"]),
+        125,
+        "cannot open the disk image /nonexistent/x.raw",
+    );
+    let vmdk = dir.path().join("x.vmdk");
+    std::fs::write(&vmdk, b"# Disk DescriptorFile\n").expect("write");
+    assert_error(
+        &run(&["--disk", "/d", "vmdk,rw", &vmdk.display().to_string()]),
+        125,
+        "vmdk images are read-only here",
+    );
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write");
+    assert_error(
+        &run(&["--disk", "/", "raw,rw", &raw.display().to_string()]),
+        125,
+        "a disk root replaces the image layers",
+    );
+}

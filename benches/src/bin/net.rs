@@ -118,13 +118,7 @@ fn serve(mut s: TcpStream, body: &[u8]) -> Option<Duration> {
 fn build_probe(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest/netprobe.c");
     let out = dir.join("netprobe");
-    let status = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("gcc runs");
-    assert!(status.success(), "building {} failed", src.display());
+    msb_benches::build_static(&src, &out, &[]);
     out
 }
 

@@ -286,6 +286,7 @@ pub(crate) fn take(
         )));
     }
     let store = home.join("layers/sha256");
+    let default_parent = msb_guest_kernel::cache_dir().ok().map(|d| d.join("rootfs"));
     let base = match &persisted.config.image {
         RootfsSource::Default => vec![BaseLayer::Default],
         _ => persisted
@@ -294,6 +295,10 @@ pub(crate) fn take(
             .map(|dir| match dir.file_name() {
                 Some(hex) if dir.parent() == Some(store.as_path()) => {
                     BaseLayer::Store(format!("sha256:{}", hex.to_string_lossy()))
+                }
+                // The default image under a sandbox booted from a snapshot of it.
+                _ if dir.parent().is_some() && dir.parent() == default_parent.as_deref() => {
+                    BaseLayer::Default
                 }
                 _ => BaseLayer::Directory(dir.clone()),
             })
