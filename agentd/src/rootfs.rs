@@ -229,10 +229,17 @@ fn mount_disk(
                 .to_string()
         }
     };
+    // Read-only: a journal left dirty (a VMM killed before the agent settled the disk)
+    // cannot be replayed on a read-only device; mount without replaying it.
+    let data = match (readonly, fstype.as_str()) {
+        (true, "ext4") => Some("noload"),
+        (true, "xfs") => Some("norecovery"),
+        _ => None,
+    };
     if readonly {
         flags |= MsFlags::MS_RDONLY;
     }
-    do_mount(&dev, target, Some(&fstype), flags, None)
+    do_mount(&dev, target, Some(&fstype), flags, data)
 }
 
 /// Mounts every volume and tmpfs the command line announces, in order (the VMM puts

@@ -388,3 +388,60 @@ fn block_qcow2_backing_chains_are_bounded() {
     let disk = open_disk(&dir.path().join("c2.qcow2"), DiskFormat::Qcow2, false).expect("chain");
     assert_eq!(disk.locks.len(), 3);
 }
+
+#[test]
+fn block_qcow2_backing_files_without_a_format_are_not_probed() {
+    let dir = tempfile::tempdir().expect("ok");
+    raw_base(&dir.path().join("base.raw"), MIB, 4);
+    let img = dir.path().join("nofmt.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&img),
+    ]);
+    // qemu-img no longer writes an image without its backing format: turn the backing
+    // format header extension (magic 0xe2792aca) into an unknown one, which readers skip.
+    let mut bytes = std::fs::read(&img).expect("read");
+    let at = bytes
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .expect("the backing format extension");
+    bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(&img, &bytes).expect("write");
+    let e = open_err(&img, DiskFormat::Qcow2, true);
+    assert!(matches!(e, BlockError::UnsupportedDiskFormat { .. }), "{e}");
+    assert!(e.to_string().contains("never"), "{e}");
+}
+
+#[test]
+fn block_images_directly_in_the_root_name_no_other_file() {
+    // The gate's rule, without writing to /: a gate for an image in / refuses any other
+    // file, and one elsewhere refuses what lies outside its directory.
+    let dir = tempfile::tempdir().expect("ok");
+    let img = dir.path().join("x.raw");
+    raw_base(&img, MIB, 1);
+    let gate = msb_devices::virtio::block::image::ContainedGate::for_image(&img).expect("gate");
+    gate.open(&img, false).expect("the image itself first");
+    let err = gate
+        .open(Path::new("/etc/hostname"), false)
+        .expect_err("outside");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    // A FIFO beside the image is refused without hanging.
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let err = gate.open(&fifo, false).expect_err("a FIFO");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}

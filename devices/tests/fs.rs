@@ -698,9 +698,18 @@ fn a_writable_layer_with_a_quota_refuses_what_does_not_fit() {
         allocated(d.path())
     );
     assert!(quota.used() <= LIMIT);
-    // Overwriting what the file already has still works when full; growing does not.
-    assert_eq!(g.write(e.nodeid, fh, 0, &chunk), Ok(chunk.len() as u32));
+    // Filled to the last page: nothing that may grow the layer goes through (an overwrite
+    // cannot be told from a write into a hole), nor does creating anything.
+    let mut at = written;
+    while let Ok(n) = g.write(e.nodeid, fh, at, &chunk[..4096]) {
+        at += u64::from(n);
+        assert!(at <= LIMIT, "{at}");
+    }
+    assert_eq!(g.write(e.nodeid, fh, 0, &chunk), Err(-libc::ENOSPC));
     assert_eq!(g.mkdir(ROOT, "more", 0o755).err(), Some(-libc::ENOSPC));
+    assert!(g
+        .create(ROOT, "more", 0o644, libc::O_RDWR as u32)
+        .is_err_and(|e| e == -libc::ENOSPC));
     // The guest's df sees the limit.
     let st = g.call(opcode::STATFS, ROOT, &[], 256);
     assert_eq!(st.error, 0);

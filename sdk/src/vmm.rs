@@ -169,9 +169,10 @@ pub(crate) fn spawn(
     }
     if let crate::config::RootfsSource::Disk(d) = &config.image {
         // The disk is the root: no layers, no writable layer.
+        // vmdk is served read-only: such a root is mounted read-only.
         let o = msb_protocol::disk::DiskOptions {
             format: d.format,
-            readonly: false,
+            readonly: d.format == msb_protocol::disk::DiskFormat::Vmdk,
             fstype: d.fstype.clone(),
         };
         args.disk("/", &o.to_string(), &d.path);

@@ -79,7 +79,7 @@ pub(crate) use archive::{load_archive, load_layout, ImageConfig, ResolvedImage};
 pub(crate) use error::{image_error, ImageError};
 pub(crate) use events::Events;
 pub(crate) use layer::LayerStore;
-pub(crate) use limits::ImageBudget;
+pub(crate) use limits::{ImageBudget, UnpackLimits};
 pub(crate) use store::{ensure, lock_store_shared, parse_reference, StoreLock};
 
 use blobs::BlobStore;

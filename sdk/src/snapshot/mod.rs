@@ -220,10 +220,10 @@ pub(crate) fn verify(dir: &Path) -> MicrosandboxResult<Manifest> {
     Ok(m)
 }
 
-/// A temporary directory beside `dest`, removed on drop unless renamed into place.
+/// A temporary directory beside `dest` (a name of its own: concurrent snapshots and
+/// imports never share one), removed on drop unless published.
 struct Staging {
-    path: PathBuf,
-    done: bool,
+    dir: tempfile::TempDir,
 }
 
 impl Staging {
@@ -233,37 +233,33 @@ impl Staging {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
-        let name = dest
-            .file_name()
-            .ok_or_else(|| {
-                MicrosandboxError::InvalidConfig(format!("{} is not a file name", dest.display()))
-            })?
-            .to_string_lossy()
-            .into_owned();
-        let path = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path)?;
-        Ok(Staging { path, done: false })
+        let dir = tempfile::Builder::new()
+            .prefix(".snapshot-")
+            .tempdir_in(parent)?;
+        Ok(Staging { dir })
     }
 
-    /// Renames it to `dest`; `AlreadyExists` when something is there.
-    fn publish(mut self, dest: &Path) -> MicrosandboxResult<()> {
-        if std::fs::symlink_metadata(dest).is_ok() {
-            return Err(MicrosandboxError::AlreadyExists(format!(
-                "snapshot {}",
-                dest.display()
-            )));
-        }
-        std::fs::rename(&self.path, dest)?;
-        self.done = true;
-        Ok(())
+    fn path(&self) -> &Path {
+        self.dir.path()
     }
-}
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.path);
+    /// Renames it to `dest`, never over anything there (`AlreadyExists`).
+    fn publish(self, dest: &Path) -> MicrosandboxResult<()> {
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            self.dir.path(),
+            rustix::fs::CWD,
+            dest,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                let _ = self.dir.keep();
+                Ok(())
+            }
+            Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => Err(
+                MicrosandboxError::AlreadyExists(format!("snapshot {}", dest.display())),
+            ),
+            Err(e) => Err(std::io::Error::from(e).into()),
         }
     }
 }
@@ -304,13 +300,27 @@ pub(crate) fn take(
             })
             .collect(),
     };
-    let staging = Staging::beside(dest)?;
-    let layer_path = staging.path.join(LAYER);
+    // The guest could have swapped its writable layer's directories for symlinks (guest
+    // root can reach the root device directly): only real directories are read.
     let upper = paths.rw().join("upper");
+    for dir in [paths.rw(), upper.clone()] {
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => {
+                return Err(MicrosandboxError::InvalidConfig(format!(
+                    "{}: not a directory (a symlink or a file): not snapshotting it",
+                    dir.display()
+                )))
+            }
+        }
+    }
+    let staging = Staging::beside(dest)?;
+    let layer_path = staging.path().join(LAYER);
     {
         let f = std::fs::File::create(&layer_path)?;
         let mut w = std::io::BufWriter::new(f);
-        if upper.is_dir() {
+        if std::fs::symlink_metadata(&upper).is_ok_and(|m| m.is_dir()) {
             layer::write_layer(&upper, &mut w)?;
         } else {
             // Never booted: an empty layer.
@@ -336,7 +346,7 @@ pub(crate) fn take(
     let json = serde_json::to_vec_pretty(&m).map_err(|e| {
         MicrosandboxError::InvalidConfig(format!("cannot encode the manifest: {e}"))
     })?;
-    std::fs::write(staging.path.join(MANIFEST), json)?;
+    std::fs::write(staging.path().join(MANIFEST), json)?;
     staging.publish(dest)?;
     Ok(SnapshotArtifact::from_manifest(&m, dest.to_path_buf()))
 }
@@ -380,6 +390,15 @@ pub(crate) fn resolve_for_boot(
                     .map_err(|e| {
                         MicrosandboxError::ImageNotFound(format!("the default image: {e}"))
                     })?
+            }
+            // A manifest is sealed by a digest anyone can recompute, not signed: a host
+            // directory is trusted only from an artifact in this user's private store.
+            BaseLayer::Directory(_) if dir.parent() != Some(snapshots_dir(home).as_path()) => {
+                return Err(invalid(
+                    dir,
+                    "it stands on a host directory image, which is trusted only for \
+                     snapshots in $MSB_HOME/snapshots",
+                ))
             }
             BaseLayer::Directory(d) if d.is_dir() => d.clone(),
             BaseLayer::Directory(d) => {
@@ -529,6 +548,13 @@ fn export(
     )?;
     let image_tar = work.path().join(IMAGE);
     let with_image = opts.with_image && m.base.iter().any(|b| matches!(b, BaseLayer::Store(_)));
+    if with_image && matches!(m.image, RootfsSource::Snapshot(_)) {
+        return Err(MicrosandboxError::InvalidConfig(format!(
+            "{} is a snapshot of a sandbox booted from another snapshot: its image archive \
+             would lack that snapshot's layer; export it without the image, beside its parent",
+            dir.display()
+        )));
+    }
     if with_image {
         let key = match (&m.image, &m.image_digest) {
             (RootfsSource::Oci(r), _) => r.clone(),
@@ -581,8 +607,14 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
     let staging = Staging::beside(&dir.join(".import"))?;
     let f = std::fs::File::open(file)?;
     let z = zstd::Decoder::new(f)?;
-    let mut a = tar::Archive::new(z);
-    for entry in a.entries()? {
+    // What a file may make this write: its three members, each within its limit (a
+    // decompression bomb stops there). Raw entries: no PAX or GNU extension is read into
+    // memory; anything but one plain file per member is refused.
+    let limits = crate::image::UnpackLimits::default();
+    let total = MAX_MANIFEST + limits.layer_bytes + limits.archive_bytes + (1 << 20);
+    let mut a = tar::Archive::new(z.take(total));
+    let mut seen = std::collections::HashSet::new();
+    for entry in a.entries()?.raw(true) {
         let mut e = entry?;
         let path = e.path()?.into_owned();
         let Some(n) = path
@@ -594,17 +626,28 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
                 format!("unexpected member {}", path.display()),
             ));
         };
-        if e.header().entry_type() != tar::EntryType::Regular {
-            return Err(invalid(file, format!("{n} is not a regular file")));
+        if e.header().entry_type() != tar::EntryType::Regular || !seen.insert(n.to_string()) {
+            return Err(invalid(file, format!("{n} is not one plain file")));
         }
-        let mut out = std::fs::File::create(staging.path.join(n))?;
-        std::io::copy(&mut e, &mut out)?;
+        let cap = match n {
+            MANIFEST => MAX_MANIFEST,
+            LAYER => limits.layer_bytes,
+            _ => limits.archive_bytes,
+        };
+        let size = e.size();
+        if size > cap {
+            return Err(invalid(file, format!("{n} is larger than {cap} bytes")));
+        }
+        let mut out = std::fs::File::create(staging.path().join(n))?;
+        if std::io::copy(&mut (&mut e).take(cap), &mut out)? != size {
+            return Err(invalid(file, format!("{n} is cut short")));
+        }
     }
-    let mut m = verify(&staging.path)?;
+    let mut m = verify(staging.path())?;
     if m.base.iter().any(|b| matches!(b, BaseLayer::Directory(_))) {
         return Err(invalid(file, "it stands on a host directory image"));
     }
-    let image_tar = staging.path.join(IMAGE);
+    let image_tar = staging.path().join(IMAGE);
     if image_tar.is_file() {
         crate::image::store::load(home, &image_tar, None)?;
         std::fs::remove_file(&image_tar)?;
@@ -618,7 +661,7 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
             let json = serde_json::to_vec_pretty(&m).map_err(|e| {
                 MicrosandboxError::InvalidConfig(format!("cannot encode the manifest: {e}"))
             })?;
-            std::fs::write(staging.path.join(MANIFEST), json)?;
+            std::fs::write(staging.path().join(MANIFEST), json)?;
         }
     }
     validate_name(&m.name)?;

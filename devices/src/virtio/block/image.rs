@@ -20,7 +20,7 @@ use imago::file::File as ImagoFile;
 use imago::format::gate::ImplicitOpenGate;
 use imago::qcow2::Qcow2;
 use imago::vmdk::Vmdk;
-use imago::{FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
+use imago::{FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 
 use super::backend::{DiskBackend, RawFile};
 use super::BlockError;
@@ -60,16 +60,42 @@ pub fn open_disk(
     format: DiskFormat,
     readonly: bool,
 ) -> Result<OpenedDisk, BlockError> {
-    let mut locks = vec![DiskLock::take(path, readonly)?];
     let open_err = |source| BlockError::Open {
         path: path.to_path_buf(),
         source,
     };
     let gate = ContainedGate::for_image(path).map_err(open_err)?;
+    // From here on the image is its resolved path, opened through the gate.
+    let image = gate.image().to_path_buf();
+    let mut locks = vec![DiskLock::take(&image, readonly)?];
+    let unsupported = |why: String| BlockError::UnsupportedDiskFormat {
+        path: path.to_path_buf(),
+        why,
+    };
     let backend: Box<dyn DiskBackend> = match format {
-        DiskFormat::Raw => Box::new(RawFile::open(path, readonly)?),
+        DiskFormat::Raw => {
+            let file = gate.open(&image, !readonly).map_err(open_err)?;
+            Box::new(RawFile::new(file, readonly).map_err(open_err)?)
+        }
         DiskFormat::Qcow2 => {
-            let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
+            // A backing file whose format the image does not name would be probed:
+            // refused (the format is never read off a file's contents).
+            let header = Qcow2::<ImagoFile>::builder_path(&image)
+                .write(false)
+                .backing(None)
+                .open(ContainedGate::for_image(&image).map_err(open_err)?)
+                .map_err(open_err)?;
+            if let (Some(file), None) = (
+                header.implicit_backing_file(),
+                header.implicit_backing_format(),
+            ) {
+                return Err(unsupported(format!(
+                    "its backing file {file} has no format recorded, and formats are never \
+                     probed (record it: qemu-img rebase -u -F raw|qcow2 -b {file})"
+                )));
+            }
+            drop(header);
+            let qcow2 = Qcow2::<ImagoFile>::builder_path(&image)
                 .write(!readonly)
                 .open(gate.clone())
                 .map_err(open_err)?;
@@ -77,25 +103,21 @@ pub fn open_disk(
         }
         DiskFormat::Vmdk => {
             if !readonly {
-                return Err(BlockError::UnsupportedDiskFormat {
-                    path: path.to_path_buf(),
-                    why: "vmdk images are read-only here (mark the disk read-only, or convert \
-                          it: qemu-img convert -O qcow2)"
+                return Err(unsupported(
+                    "vmdk images are read-only here (mark the disk read-only, or convert it: \
+                     qemu-img convert -O qcow2)"
                         .into(),
-                });
+                ));
             }
-            let vmdk = Vmdk::<ImagoFile>::builder_path(path)
+            let vmdk = Vmdk::<ImagoFile>::builder_path(&image)
                 .write(false)
                 .open(gate.clone())
                 .map_err(|e| {
                     if e.to_string().contains("parse") || e.to_string().contains("nsupported") {
-                        BlockError::UnsupportedDiskFormat {
-                            path: path.to_path_buf(),
-                            why: format!(
-                                "{e} (vmdk images work when their extents are flat; convert \
-                                 others with qemu-img convert -O qcow2)"
-                            ),
-                        }
+                        unsupported(format!(
+                            "{e} (vmdk images work when their extents are flat; convert others \
+                             with qemu-img convert -O qcow2)"
+                        ))
                     } else {
                         open_err(e)
                     }
@@ -211,14 +233,19 @@ impl DiskBackend for ImageDisk {
     }
 }
 
-/// The gate for what an image opens by itself: read-only regular files inside `root`, at
-/// most [`MAX_IMPLICIT_OPENS`] of them.
+/// The gate for what an image opens by itself (imago opens the image through it too):
+/// regular files in the image's directory, opened relative to a descriptor of that
+/// directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (so nothing swapped in
+/// after a check, a symlink or a `..`, reaches elsewhere), `O_NONBLOCK` (a FIFO does not
+/// hang the VMM) and checked with `fstat`; only the image itself may be writable; at most
+/// [`MAX_IMPLICIT_OPENS`] opens. An image directly in `/` may name no other file.
 /// Clones share what was opened (the gate is cloned for each level of a backing chain).
 #[derive(Debug, Clone)]
 pub struct ContainedGate {
-    /// The image the caller named (resolved); imago opens it through the gate too.
+    /// The image the caller named (resolved).
     image: PathBuf,
     root: PathBuf,
+    root_fd: std::sync::Arc<std::os::fd::OwnedFd>,
     opened: std::sync::Arc<std::sync::Mutex<Vec<PathBuf>>>,
 }
 
@@ -230,15 +257,25 @@ impl ContainedGate {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("/"));
+        let root_fd = rustix::fs::open(
+            &root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
         Ok(ContainedGate {
             image,
             root,
+            root_fd: std::sync::Arc::new(root_fd),
             opened: Default::default(),
         })
     }
 
-    /// The files opened through this gate (or a clone of it) so far besides the image,
-    /// resolved.
+    /// The image, resolved.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    /// The files opened through this gate (or a clone of it) so far besides the image.
     pub fn opened(&self) -> Vec<PathBuf> {
         let opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<PathBuf> = opened
@@ -251,11 +288,9 @@ impl ContainedGate {
         out
     }
 
-    /// Checks a file the image names: `Ok(resolved path)` or why not. The image itself
-    /// passes as it is (its writability is the caller's choice).
-    pub fn check(&mut self, name: &Path, writable: bool) -> io::Result<PathBuf> {
+    /// Opens a file the image names (the image itself first): the open file or why not.
+    pub fn open(&self, name: &Path, writable: bool) -> io::Result<std::fs::File> {
         let denied = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
-        let resolved = std::fs::canonicalize(name)?;
         let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
         // Every open counts (a chain that names itself ends here), the image's own too.
         if opened.len() > MAX_IMPLICIT_OPENS {
@@ -263,39 +298,66 @@ impl ContainedGate {
                 "the image names more than {MAX_IMPLICIT_OPENS} files (backing chain or extents)"
             )));
         }
-        opened.push(resolved.clone());
-        if resolved == self.image && opened.len() == 1 {
-            return Ok(resolved);
+        let first = opened.is_empty();
+        if first && name != self.image {
+            return Err(denied(format!("{} is not the image", name.display())));
         }
-        if writable {
+        if !first && writable {
             return Err(denied(format!(
                 "{} would be opened for writing (an external data file): not allowed",
                 name.display()
             )));
         }
-        if !resolved.starts_with(&self.root) {
+        if !first && self.root == Path::new("/") {
             return Err(denied(format!(
-                "{} lies outside the image's directory {} (backing files and extents must \
-                 be beside the image)",
-                resolved.display(),
+                "{} names {}: an image directly in / may name no other file",
+                self.image.display(),
+                name.display()
+            )));
+        }
+        let outside = || {
+            denied(format!(
+                "{} lies outside the image's directory {} or is reached through a symlink \
+                 (backing files and extents must be files beside the image)",
+                name.display(),
                 self.root.display()
-            )));
+            ))
+        };
+        let rel = name.strip_prefix(&self.root).map_err(|_| outside())?;
+        let mut flags =
+            rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+        flags |= if writable {
+            rustix::fs::OFlags::RDWR
+        } else {
+            rustix::fs::OFlags::RDONLY
+        };
+        let fd = rustix::fs::openat2(
+            &*self.root_fd,
+            rel,
+            flags,
+            rustix::fs::Mode::empty(),
+            rustix::fs::ResolveFlags::BENEATH
+                | rustix::fs::ResolveFlags::NO_SYMLINKS
+                | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => outside(),
+            e => e.into(),
+        })?;
+        let file = std::fs::File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(denied(format!("{} is not a regular file", name.display())));
         }
-        if !std::fs::metadata(&resolved)?.is_file() {
-            return Err(denied(format!(
-                "{} is not a regular file",
-                resolved.display()
-            )));
-        }
-        Ok(resolved)
+        opened.push(self.root.join(rel));
+        Ok(file)
     }
 }
 
-impl<S: Storage + 'static> ImplicitOpenGate<S> for ContainedGate {
-    fn open_format<F: FormatDriverBuilder<S>>(
+impl ImplicitOpenGate<ImagoFile> for ContainedGate {
+    fn open_format<F: FormatDriverBuilder<ImagoFile>>(
         &mut self,
         builder: F,
-    ) -> io::Result<FormatAccess<S>> {
+    ) -> io::Result<FormatAccess<ImagoFile>> {
         // The storage under it came through `open_storage`; its own references come
         // through this gate again.
         let gate = self.clone();
@@ -303,14 +365,14 @@ impl<S: Storage + 'static> ImplicitOpenGate<S> for ContainedGate {
         Ok(FormatAccess::new(inner))
     }
 
-    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<S> {
+    fn open_storage(&mut self, opts: StorageOpenOptions) -> io::Result<ImagoFile> {
         let name = opts
             .get_filename()
             .map(Path::to_path_buf)
             .ok_or_else(|| io::Error::other("an implicitly opened file without a name"))?;
         let writable = opts.get_writable();
-        let resolved = self.check(&name, writable)?;
-        S::open(opts.filename(resolved).write(writable))
+        let file = self.open(&name, writable)?;
+        ImagoFile::from_open_file(file, opts.filename(name).write(writable))
     }
 }
 

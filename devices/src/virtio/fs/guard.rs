@@ -57,6 +57,11 @@ fn enfile<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::ENFILE))
 }
 
+/// What each inode counts against a writable layer's limit besides its blocks: its inode
+/// and directory entry on the host, so that empty files are not free (a guest could
+/// otherwise fill the host's inode table under any byte limit).
+pub const INODE_CHARGE: u64 = 512;
+
 fn enospc<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::ENOSPC))
 }
@@ -340,19 +345,31 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
         result
     }
 
-    /// `ENOSPC` when the share is full (creating anything).
+    /// `ENOSPC` unless the share has room for a new entry: its inode and a block.
     fn room(&self) -> io::Result<()> {
         match &self.quota {
-            Some(q) if q.full() => enospc(),
+            Some(q) if !q.fits(INODE_CHARGE + 4096) => enospc(),
             _ => Ok(()),
         }
     }
 
-    /// Counts a new entry's blocks (a directory's first block, a symlink's target).
+    /// Counts a new entry: its blocks (a directory's first block, a symlink's target) and
+    /// [`INODE_CHARGE`].
     fn made(&self, entry: &Entry) {
         if let Some(q) = &self.quota {
-            q.add((entry.attr.st_blocks as u64).saturating_mul(512));
+            q.add((entry.attr.st_blocks as u64).saturating_mul(512) + INODE_CHARGE);
         }
+    }
+
+    /// Runs `op`, which adds or removes an entry of `parent`, counting the change of the
+    /// directory's own blocks (directories grow with their entries).
+    fn in_dir<T>(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.counting(ctx, parent, None, op)
     }
 
     /// Before `name` in `parent` goes (unlink, rmdir, rename over it): its inode and the
@@ -365,7 +382,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> Guard<F> {
         (dir || entry.attr.st_nlink <= 1).then(|| {
             (
                 entry.inode,
-                (entry.attr.st_blocks as u64).saturating_mul(512),
+                (entry.attr.st_blocks as u64).saturating_mul(512) + INODE_CHARGE,
             )
         })
     }
@@ -456,7 +473,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         self.room()?;
-        let entry = self.fs.symlink(ctx, linkname, parent, name)?;
+        let entry = self.in_dir(ctx, parent, || self.fs.symlink(ctx, linkname, parent, name))?;
         self.made(&entry);
         self.counted(ctx, entry)
     }
@@ -477,9 +494,10 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return eperm();
         }
         self.room()?;
-        let entry = self
-            .fs
-            .mknod(ctx, parent, name, self.mode(mode), rdev, umask)?;
+        let entry = self.in_dir(ctx, parent, || {
+            self.fs
+                .mknod(ctx, parent, name, self.mode(mode), rdev, umask)
+        })?;
         self.made(&entry);
         self.counted(ctx, entry)
     }
@@ -495,7 +513,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         self.room()?;
-        let entry = self.fs.mkdir(ctx, parent, name, self.mode(mode), umask)?;
+        let entry = self.in_dir(ctx, parent, || {
+            self.fs.mkdir(ctx, parent, name, self.mode(mode), umask)
+        })?;
         self.made(&entry);
         self.counted(ctx, entry)
     }
@@ -504,7 +524,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let going = self.going(ctx, parent, name);
-        self.fs.unlink(ctx, parent, name)?;
+        self.in_dir(ctx, parent, || self.fs.unlink(ctx, parent, name))?;
         self.gone(going);
         Ok(())
     }
@@ -513,7 +533,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let going = self.going(ctx, parent, name);
-        self.fs.rmdir(ctx, parent, name)?;
+        self.in_dir(ctx, parent, || self.fs.rmdir(ctx, parent, name))?;
         self.gone(going);
         Ok(())
     }
@@ -535,8 +555,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         } else {
             None
         };
-        self.fs
-            .rename(ctx, olddir, oldname, newdir, newname, flags)?;
+        self.in_dir(ctx, newdir, || {
+            self.in_dir(ctx, olddir, || {
+                self.fs.rename(ctx, olddir, oldname, newdir, newname, flags)
+            })
+        })?;
         self.gone(going);
         Ok(())
     }
@@ -545,7 +568,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         self.room()?;
-        let entry = self.fs.link(ctx, inode, newparent, newname)?;
+        let entry = self.in_dir(ctx, newparent, || {
+            self.fs.link(ctx, inode, newparent, newname)
+        })?;
         self.counted(ctx, entry)
     }
     fn open(
@@ -558,7 +583,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         if self.read_only() && writes(flags) {
             return erofs();
         }
-        let (h, opts, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        // O_TRUNC truncates here (FUSE's atomic O_TRUNC), not through setattr.
+        let (h, opts, passthrough) = if flags as i32 & libc::O_TRUNC != 0 {
+            self.counting(ctx, inode, None, || {
+                self.fs.open(ctx, inode, flags, fuse_flags)
+            })?
+        } else {
+            self.fs.open(ctx, inode, flags, fuse_flags)?
+        };
         let h = self.opened(ctx, inode, h, false)?;
         self.open_flags.opened(h, flags);
         Ok((h, opts, passthrough))
@@ -576,7 +608,9 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         args.mode = self.mode(args.mode);
         self.room()?;
         let flags = args.flags;
-        let (entry, h, opts, passthrough) = self.fs.create(ctx, parent, name, args)?;
+        let (entry, h, opts, passthrough) =
+            self.in_dir(ctx, parent, || self.fs.create(ctx, parent, name, args))?;
+        self.made(&entry);
         let inode = entry.inode;
         let entry = match self.counted(ctx, entry) {
             Ok(e) => e,
@@ -632,18 +666,15 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
             return erofs();
         }
         let flags = self.open_flags.of(handle, flags);
-        if let Some(q) = &self.quota {
-            // A write that does not fit is refused, unless it only overwrites bytes the
-            // file already has allocated.
-            if !q.fits(u64::from(size)) {
-                let end = offset.saturating_add(u64::from(size));
-                let in_place = self
-                    .allocation(ctx, inode, Some(handle))
-                    .is_some_and(|(alloc, len)| end <= len && alloc >= len);
-                if !in_place {
-                    return enospc();
-                }
-            }
+        // A write that may not fit is refused (whether its range is allocated already
+        // cannot be told from the file's size and blocks: a file may hold blocks past its
+        // end and holes before it).
+        if self
+            .quota
+            .as_ref()
+            .is_some_and(|q| !q.fits(u64::from(size)))
+        {
+            return enospc();
         }
         self.counting(ctx, inode, Some(handle), || {
             self.fs.write(
@@ -710,7 +741,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for Guard<F> {
         self.open_flags.closed(handle);
         if let Some((q, alloc)) = orphan {
             self.held().orphans.remove(&inode);
-            q.sub(alloc.map_or(0, |(a, _)| a));
+            q.sub(alloc.map_or(0, |(a, _)| a) + INODE_CHARGE);
         }
         self.fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)

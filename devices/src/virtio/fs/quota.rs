@@ -6,13 +6,13 @@
 //! it (writes, `fallocate`, truncation, creation, removal, xattrs): the guard reads the
 //! inode's allocation before and after and adds the difference. A request that would grow
 //! the share past the limit is refused with `ENOSPC` before it runs: a write that does not
-//! fit (unless it overwrites bytes already allocated), an `fallocate` that does not fit,
-//! and creating anything once the share is full. `statfs` reports the limit as the
+//! fit, an `fallocate` that does not fit, and creating anything without room for an inode
+//! and a block. `statfs` reports the limit as the
 //! filesystem's size, so `df` in the guest shows it.
 //!
 //! A file removed while the guest still has it open keeps its blocks until the last handle
-//! closes; it is subtracted then. What is not counted: inodes and directory entries of
-//! empty files (a few hundred bytes each on the host) beyond their blocks.
+//! closes; it is subtracted then. Every inode also counts
+//! [`INODE_CHARGE`](super::guard::INODE_CHARGE) bytes, so empty files are not free.
 
 use std::collections::HashSet;
 use std::io;
@@ -110,7 +110,11 @@ impl Quota {
                 if m.nlink() > 1 && !m.is_dir() && !seen.insert(m.ino()) {
                     continue;
                 }
-                total = total.saturating_add(m.blocks().saturating_mul(512));
+                total = total.saturating_add(
+                    m.blocks()
+                        .saturating_mul(512)
+                        .saturating_add(super::guard::INODE_CHARGE),
+                );
                 if m.is_dir() {
                     stack.push(e.path());
                 }
