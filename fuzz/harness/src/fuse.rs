@@ -25,7 +25,7 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use msb_devices::virtio::fs::backend::{passthrough, root};
 use msb_devices::virtio::fs::guard::{Guard, Policy};
 use msb_devices::virtio::fs::testing::{opcode, FuseDriver, MEM_LEN};
-use msb_devices::virtio::fs::{Budget, FsLimits};
+use msb_devices::virtio::fs::{Budget, FsLimits, Quota};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::bytes::{Input, Out};
@@ -193,8 +193,15 @@ fn run_jailed(data: Vec<u8>) {
             let rw = dir.path().join("rw");
             std::fs::create_dir_all(rw.join("upper")).expect("mkdir upper");
             std::fs::create_dir_all(rw.join("work")).expect("mkdir work");
-            let vfs = root(&[lower, share], &rw, &Budget::of(FsLimits::default()))
-                .expect("root filesystem");
+            // The writable layer under a small quota: its accounting is fuzzed too.
+            let quota = std::sync::Arc::new(Quota::new(Some(256 << 10)));
+            let vfs = root(
+                &[lower, share],
+                &rw,
+                Some(quota),
+                &Budget::of(FsLimits::default()),
+            )
+            .expect("root filesystem");
             session(vfs, setup, &mut input);
         }
         policy => {
