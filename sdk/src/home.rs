@@ -29,13 +29,60 @@ pub const DEFAULT_FS_READ_LIMIT: u64 = 1 << 30;
 /// command can print without end).
 pub const DEFAULT_EXEC_OUTPUT_LIMIT: u64 = 256 << 20;
 
-/// Guest memory size in MiB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A size in MiB (guest memory, tmpfs sizes). Written like the reference's sizes:
+/// `512.mib()` and `2.gib()` need a typed literal in Rust (`512u32.mib()`, see [`SizeExt`]),
+/// or `Mebibytes::mib(512)` / `Mebibytes::gib(2)`; a plain `u32` is MiB too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Mebibytes(pub u32);
+
+impl Mebibytes {
+    /// `n` MiB.
+    pub const fn mib(n: u32) -> Self {
+        Mebibytes(n)
+    }
+
+    /// `n` GiB (saturating at `u32::MAX` MiB).
+    pub const fn gib(n: u32) -> Self {
+        Mebibytes(n.saturating_mul(1024))
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> u64 {
+        (self.0 as u64) << 20
+    }
+}
 
 impl From<u32> for Mebibytes {
     fn from(mib: u32) -> Self {
         Mebibytes(mib)
+    }
+}
+
+impl std::fmt::Display for Mebibytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 >= 1024 && self.0.is_multiple_of(1024) {
+            write!(f, "{} GiB", self.0 / 1024)
+        } else {
+            write!(f, "{} MiB", self.0)
+        }
+    }
+}
+
+/// Sizes from numbers: `512u32.mib()`, `2u32.gib()` (Rust cannot call a trait method on an
+/// untyped literal, so the literal carries its type).
+pub trait SizeExt {
+    /// This many MiB.
+    fn mib(self) -> Mebibytes;
+    /// This many GiB.
+    fn gib(self) -> Mebibytes;
+}
+
+impl SizeExt for u32 {
+    fn mib(self) -> Mebibytes {
+        Mebibytes::mib(self)
+    }
+    fn gib(self) -> Mebibytes {
+        Mebibytes::gib(self)
     }
 }
 
@@ -206,6 +253,23 @@ pub(crate) fn check_private(path: &Path) -> MicrosandboxResult<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_the_reference() {
+        assert_eq!(512u32.mib(), Mebibytes(512));
+        assert_eq!(2u32.gib(), Mebibytes(2048));
+        assert_eq!(Mebibytes::gib(u32::MAX), Mebibytes(u32::MAX));
+        assert_eq!(Mebibytes::gib(2).bytes(), 2 << 30);
+        assert_eq!(Mebibytes::gib(2).to_string(), "2 GiB");
+        assert_eq!(Mebibytes::mib(1536).to_string(), "1536 MiB");
+        let m: Mebibytes = 256.into();
+        assert_eq!(m, Mebibytes::mib(256));
+    }
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
 pub use home::{
-    msb_home, validate_name, Mebibytes, DEFAULT_EXEC_OUTPUT_LIMIT, DEFAULT_FS_READ_LIMIT,
+    msb_home, validate_name, Mebibytes, SizeExt, DEFAULT_EXEC_OUTPUT_LIMIT, DEFAULT_FS_READ_LIMIT,
     MAX_NAME_LEN,
 };
 pub use image::{
