@@ -19,6 +19,9 @@ use crate::reconcile::{get_row, reconcile, remove_all, settle};
 use crate::state::{open_db, Row, RowStatus, SandboxStatus};
 use crate::vmm::{lock_exclusive, read_exit, start_lock, stop_vmm, vmm_alive};
 
+/// How long a request waits to be delivered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a stop waits for the guest to power off before killing the VMM.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -137,6 +140,36 @@ impl SandboxHandle {
         stop_by_name(&self.row.name, Duration::ZERO).await
     }
 
+    /// Asks the guest to power off and returns once the request is sent.
+    pub async fn request_stop(&self) -> MicrosandboxResult<()> {
+        let paths = self.paths()?;
+        if vmm_alive(&paths) {
+            crate::vmm::ask_power_off(&paths.control, REQUEST_TIMEOUT).await;
+        }
+        Ok(())
+    }
+
+    /// Kills its VMM (SIGKILL) and returns; the sandbox ends `stopped`.
+    pub async fn request_kill(&self) -> MicrosandboxResult<()> {
+        let paths = self.paths()?;
+        crate::vmm::kill_vmm(&paths, self.row.vmm, "killed").await
+    }
+
+    /// Starts a drain (running commands go on, new ones are refused, it stops after the
+    /// last) and returns.
+    pub async fn request_drain(&self) -> MicrosandboxResult<()> {
+        let paths = self.paths()?;
+        drain(&paths.control, &self.row.name, &self.row.claim).await
+    }
+
+    /// Waits until its VM ends, however it ends, and says how.
+    pub async fn wait_until_stopped(&self) -> MicrosandboxResult<crate::SandboxStopResult> {
+        let paths = self.paths()?;
+        while !crate::vmm::wait_lock_free(&paths, Duration::from_secs(3600)).await {}
+        settle(&self.row.name)?;
+        Ok(crate::stop::observe(&self.row.name, &paths, None))
+    }
+
     /// Deletes the stopped sandbox (see [`Sandbox::remove`](crate::Sandbox::remove)).
     pub async fn remove(&self) -> MicrosandboxResult<()> {
         remove_by_name(&self.row.name)
@@ -212,6 +245,31 @@ impl SandboxHandle {
         let dir = paths.dir.clone();
         logs::log_stream(dir, opts, Box::new(move || vmm_alive(&paths)))
     }
+}
+
+/// Starts a drain through the sandbox's relay (which answers it itself) and records the
+/// row's `draining`.
+pub(crate) async fn drain(
+    control: &std::path::Path,
+    name: &str,
+    claim: &str,
+) -> MicrosandboxResult<()> {
+    use msb_protocol::message::Message;
+    match crate::conn::relay_request(control, Message::Drain, REQUEST_TIMEOUT).await? {
+        Message::Draining { .. } => {}
+        other => {
+            return Err(MicrosandboxError::Agent(format!(
+                "unexpected answer to a drain: {other:?}"
+            )))
+        }
+    }
+    open_db()?.transition(
+        name,
+        claim,
+        &[crate::state::RowStatus::Is(SandboxStatus::Running)],
+        SandboxStatus::Draining,
+    )?;
+    Ok(())
 }
 
 /// Stops the sandbox `name` whoever started it; a stopped one is left as it is.

@@ -57,6 +57,7 @@ mod sandbox;
 mod secrets;
 mod snapshot;
 mod state;
+mod stop;
 mod vmm;
 mod volume;
 
@@ -87,6 +88,7 @@ pub use sandbox::Sandbox;
 pub use secrets::{SecretBuilder, SecretSource};
 pub use snapshot::{ExportOptions, Snapshot, SnapshotArtifact};
 pub use state::SandboxStatus;
+pub use stop::{SandboxStopResult, StopSource};
 pub use volume::{MountBuilder, VolumeMount};
 
 /// An error and its causes on one line, `: `-separated (what the `msb` CLI prints).

@@ -50,6 +50,8 @@ struct Inner {
     detached: Arc<AtomicBool>,
     /// The VMM this process spawned (none for a connection to someone else's).
     vmm: Option<VmmProcess>,
+    /// A kill was asked for through this handle (its end is a stop, not a crash).
+    kill_requested: AtomicBool,
 }
 
 impl Inner {
@@ -78,6 +80,7 @@ impl Inner {
             pid,
             detached,
             vmm: None,
+            kill_requested: AtomicBool::new(false),
         }
     }
 }
@@ -243,6 +246,7 @@ impl Sandbox {
                 pid: None,
                 detached: Arc::new(AtomicBool::new(true)),
                 vmm: None,
+                kill_requested: AtomicBool::new(false),
             }),
         }
     }
@@ -525,22 +529,64 @@ impl Sandbox {
     /// ends. Returns at once; [`Sandbox::wait`] waits for the stop. The VMM answers it
     /// itself, whatever the guest does.
     pub async fn drain(&self) -> MicrosandboxResult<()> {
-        match conn::relay_request(self.control(), Message::Drain, RELAY_REQUEST_TIMEOUT).await? {
-            Message::Draining { .. } => {}
-            other => {
-                return Err(MicrosandboxError::Agent(format!(
-                    "unexpected answer to a drain: {other:?}"
-                )))
-            }
-        }
-        let db = open_db()?;
-        db.transition(
-            &self.inner.name,
-            &self.inner.claim,
-            &[RowStatus::Is(SandboxStatus::Running)],
-            SandboxStatus::Draining,
-        )?;
+        crate::handle::drain(self.control(), &self.inner.name, &self.inner.claim).await
+    }
+
+    /// Asks the guest to power off and returns once the request is sent;
+    /// [`Sandbox::wait_until_stopped`] waits for the end.
+    pub async fn request_stop(&self) -> MicrosandboxResult<()> {
+        vmm::ask_power_off(self.control(), RELAY_REQUEST_TIMEOUT).await;
         Ok(())
+    }
+
+    /// Kills the VM (SIGKILL to its VMM) and returns at once; the sandbox ends `stopped`
+    /// (the end was asked for). [`Sandbox::wait_until_stopped`] waits for the end.
+    pub async fn request_kill(&self) -> MicrosandboxResult<()> {
+        match &self.inner.vmm {
+            Some(vmm) => {
+                self.inner.kill_requested.store(true, Ordering::SeqCst);
+                vmm.start_kill();
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    if let Some(vmm) = &inner.vmm {
+                        vmm.wait().await;
+                    }
+                    vmm::record_kill(&inner.paths, "killed");
+                });
+                Ok(())
+            }
+            None => vmm::kill_vmm(&self.inner.paths, self.inner.pid, "killed").await,
+        }
+    }
+
+    /// [`Sandbox::drain`]: it returns once the drain has started.
+    pub async fn request_drain(&self) -> MicrosandboxResult<()> {
+        self.drain().await
+    }
+
+    /// Waits until the VM ends, however it ends, and says how ([`SandboxStopResult`]).
+    pub async fn wait_until_stopped(&self) -> MicrosandboxResult<crate::SandboxStopResult> {
+        let process = match &self.inner.vmm {
+            Some(vmm) => {
+                let st = vmm.wait().await;
+                // A kill this handle asked for is recorded as one (not a crash).
+                if self.inner.kill_requested.load(Ordering::SeqCst) {
+                    vmm::record_kill(&self.inner.paths, "killed");
+                }
+                Some(st)
+            }
+            None => {
+                while !vmm::wait_lock_free(&self.inner.paths, Duration::from_secs(3600)).await {}
+                None
+            }
+        };
+        self.release();
+        settle(&self.inner.name)?;
+        Ok(crate::stop::observe(
+            &self.inner.name,
+            &self.inner.paths,
+            process,
+        ))
     }
 
     /// Waits until the VM ends (a stop from anywhere, a limit, the guest powering off);
