@@ -28,6 +28,18 @@ fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A qcow2 image at `top` over the backing file `backing` (as its header names it) of
+/// `format`; with a `size`, made without opening the backing file (`-u`).
+fn qcow2_over(top: &str, backing: &str, format: &str, size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if size.is_some() {
+        args.push("-u");
+    }
+    args.extend(["-b", backing, "-F", format, top]);
+    args.extend(size);
+    qemu_img(&args);
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
@@ -90,17 +102,7 @@ fn block_qcow2_backing_file_is_read_and_never_written() {
     let base = dir.path().join("base.raw");
     let bytes = raw_base(&base, 4 * MIB, 3);
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&top),
-    ]);
+    qcow2_over(s(&top), "base.raw", "raw", None);
     {
         let mut disk = open_disk(&top, DiskFormat::Qcow2, false).expect("open with backing");
         assert_eq!(
@@ -179,19 +181,7 @@ fn block_qcow2_backing_files_outside_the_image_directory_are_refused() {
         ),
     ] {
         let top = dir.path().join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &backing,
-            "-F",
-            "raw",
-            s(&top),
-            "1M",
-        ]);
+        qcow2_over(s(&top), &backing, "raw", Some("1M"));
         let e = open_err(&top, DiskFormat::Qcow2, false);
         let text = format!("{e}: {:?}", std::error::Error::source(&e));
         assert!(matches!(e, BlockError::Open { .. }), "{text}");
@@ -200,19 +190,7 @@ fn block_qcow2_backing_files_outside_the_image_directory_are_refused() {
     // A symlink inside the directory that points outside is the same thing.
     std::os::unix::fs::symlink(&secret, dir.path().join("link.raw")).expect("ok");
     let top = dir.path().join("link.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "link.raw",
-        "-F",
-        "raw",
-        s(&top),
-        "1M",
-    ]);
+    qcow2_over(s(&top), "link.raw", "raw", Some("1M"));
     let e = open_err(&top, DiskFormat::Qcow2, false);
     assert!(
         format!("{:?}", std::error::Error::source(&e)).contains("outside the image's directory"),
@@ -249,17 +227,7 @@ fn block_images_are_written_by_one_sandbox_at_a_time() {
     let base = dir.path().join("base.raw");
     raw_base(&base, MIB, 2);
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&top),
-    ]);
+    qcow2_over(s(&top), "base.raw", "raw", None);
     let _top = open_disk(&top, DiskFormat::Qcow2, false).expect("top");
     assert!(matches!(
         open_err(&base, DiskFormat::Raw, false),
@@ -319,19 +287,7 @@ fn block_formats_come_from_the_name_never_the_contents() {
     // A qcow2 file opened as raw is raw: its header is data, its backing file is ignored.
     let dir = tempfile::tempdir().expect("ok");
     let img: PathBuf = dir.path().join("disk.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/shadow",
-        "-F",
-        "raw",
-        s(&img),
-        "1M",
-    ]);
+    qcow2_over(s(&img), "/etc/shadow", "raw", Some("1M"));
     let mut disk = open_disk(&img, DiskFormat::Raw, true).expect("raw");
     assert_eq!(&read(disk.backend.as_mut(), 0, 4), b"QFI\xfb");
     assert_eq!(disk.locks.len(), 1);
@@ -363,28 +319,8 @@ fn block_qcow2_backing_chains_are_bounded() {
     // A chain of 3 is fine and each link is locked.
     let base = dir.path().join("c0.raw");
     raw_base(&base, MIB, 7);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "c0.raw",
-        "-F",
-        "raw",
-        s(&dir.path().join("c1.qcow2")),
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "c1.qcow2",
-        "-F",
-        "qcow2",
-        s(&dir.path().join("c2.qcow2")),
-    ]);
+    qcow2_over(s(&dir.path().join("c1.qcow2")), "c0.raw", "raw", None);
+    qcow2_over(s(&dir.path().join("c2.qcow2")), "c1.qcow2", "qcow2", None);
     let disk = open_disk(&dir.path().join("c2.qcow2"), DiskFormat::Qcow2, false).expect("chain");
     assert_eq!(disk.locks.len(), 3);
 }
@@ -394,17 +330,7 @@ fn block_qcow2_backing_files_without_a_format_are_not_probed() {
     let dir = tempfile::tempdir().expect("ok");
     raw_base(&dir.path().join("base.raw"), MIB, 4);
     let img = dir.path().join("nofmt.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&img),
-    ]);
+    qcow2_over(s(&img), "base.raw", "raw", None);
     // qemu-img no longer writes an image without its backing format: turn the backing
     // format header extension (magic 0xe2792aca) into an unknown one, which readers skip.
     let mut bytes = std::fs::read(&img).expect("read");

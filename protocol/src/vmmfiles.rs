@@ -32,7 +32,7 @@ pub struct MetricsSnapshot {
     pub net_rx_bytes: u64,
     /// Network bytes sent (no network device yet: 0).
     pub net_tx_bytes: u64,
-    /// What the writable layer holds on the host (allocated bytes), when the root has one.
+    /// What the writable layer holds on the host (allocated bytes), when it has a limit.
     pub upper_used_bytes: Option<u64>,
     /// The writable layer's size limit, when it has one.
     pub upper_limit_bytes: Option<u64>,

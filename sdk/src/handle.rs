@@ -208,7 +208,7 @@ impl SandboxHandle {
         name: String,
     ) -> MicrosandboxResult<crate::SnapshotArtifact> {
         let sandbox = self.row.name.clone();
-        tokio::task::spawn_blocking(move || {
+        crate::image::store::blocking(move || {
             let paths = Paths::for_name(&sandbox)?;
             let db = open_db()?;
             let row = match db.get(&sandbox)? {
@@ -231,7 +231,6 @@ impl SandboxHandle {
             crate::snapshot::take(&crate::home::msb_home(), &sandbox, &paths, &dest, &name)
         })
         .await
-        .map_err(|e| MicrosandboxError::State(format!("snapshot task: {e}")))?
     }
 
     /// Its captured output (works whether or not it runs).

@@ -41,8 +41,8 @@ pub struct SandboxMetrics {
     pub net_rx_bytes: u64,
     /// Network bytes sent since boot (0: the network is not built yet).
     pub net_tx_bytes: u64,
-    /// What the writable layer holds: the bytes counted against its limit (an image root;
-    /// `None` for a disk root or a sandbox that is not running).
+    /// What the writable layer holds: the bytes counted against its limit
+    /// (`upper_size_mib`; `None` without a limit, where nothing is counted).
     pub upper_used_bytes: Option<u64>,
     /// What is left under the writable layer's limit (`upper_size_mib`; `None` without
     /// one).

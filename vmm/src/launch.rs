@@ -457,17 +457,23 @@ fn overlay_root(
             return Err(LaunchError::HostDir { path: l.clone() });
         }
     }
-    // What the writable layer holds now (kept up to date by the device from here on),
-    // against its limit, if any.
-    let quota = Quota::new(upper_limit);
-    quota.scan(rw).map_err(|e| rw_err(rw, e))?;
+    // With a limit: what the writable layer holds now, kept up to date by the device from
+    // here on. Without one the device counts nothing (no work on its request path).
+    let quota = match upper_limit {
+        Some(limit) => {
+            let q = Quota::new(Some(limit));
+            q.scan(rw).map_err(|e| rw_err(rw, e))?;
+            Some(Arc::new(q))
+        }
+        None => None,
+    };
     let word = format!("{}={}", bootcmd::ROOT_KEY, layers.len());
     let share = Share {
         tag: bootcmd::ROOT_TAG.into(),
         source: ShareSource::Root {
             layers,
             rw: rw.to_path_buf(),
-            quota: Some(Arc::new(quota)),
+            quota,
         },
     };
     Ok((share, word))

@@ -467,8 +467,7 @@ impl Vm {
                 if cfg.net.is_some() {
                     virtio.push(fs_slot(cfg.fs.len()));
                 }
-                let first_disk = cfg.fs.len() + usize::from(cfg.net.is_some());
-                virtio.extend((0..cfg.disks.len()).map(|j| fs_slot(first_disk + j)));
+                virtio.extend((0..cfg.disks.len()).map(|j| disk_slot(cfg, j)));
                 let (ram, _) = arch::split_ram(cfg.memory_mib << 20, cfg.boot_ram_limit);
                 arch::load_kernel(
                     &mem,
@@ -566,9 +565,8 @@ impl Vm {
             });
         }
         let mut disk_metrics = Vec::with_capacity(cfg.disks.len());
-        let first_disk = cfg.fs.len() + usize::from(cfg.net.is_some());
         for (j, d) in cfg.disks.iter().enumerate() {
-            let slot = fs_slot(first_disk + j);
+            let slot = disk_slot(cfg, j);
             let disk = d
                 .take()
                 .ok_or_else(|| VmmError::DiskTaken(d.serial.clone()))?;
@@ -730,6 +728,12 @@ impl Vm {
             net: self.net.clone(),
         })
     }
+}
+
+/// The virtio-mmio window and interrupt of the `j`-th disk: after the virtio-fs devices
+/// and the network device.
+fn disk_slot(cfg: &VmConfig, j: usize) -> VirtioMmioSlot {
+    fs_slot(cfg.fs.len() + usize::from(cfg.net.is_some()) + j)
 }
 
 /// The virtio-mmio window and interrupt of the `i`-th virtio-fs device.

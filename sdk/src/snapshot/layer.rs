@@ -3,8 +3,8 @@
 //! layer and unpacks it with the same checks (digest, paths, sizes).
 //!
 //! overlayfs' markers become OCI's: a whiteout (character device 0:0) is an empty
-//! `.wh.NAME`, an opaque directory (`user.overlay.opaque` or `trusted.overlay.opaque` =
-//! `y`) gets a `.wh..wh..opq` entry; other `*.overlay.*` xattrs are overlayfs' own and are
+//! `.wh.NAME`, an opaque directory (`user.overlay.opaque` = `y`: the root is mounted with
+//! `userxattr`) gets a `.wh..wh..opq` entry; other `*.overlay.*` xattrs are overlayfs' own and are
 //! left out, every other xattr goes in as a PAX `SCHILY.xattr.` record. Entries are
 //! written in name order with their owners, modes and modification times, so the same
 //! tree gives the same bytes (and digest). Hard links become link entries to the first
@@ -16,10 +16,9 @@ use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
 
-/// The opaque-directory xattrs overlayfs sets (user namespace with `userxattr`).
-const OPAQUE: [&str; 2] = ["user.overlay.opaque", "trusted.overlay.opaque"];
+use crate::rootfs::view::{is_opaque, is_whiteout};
+use std::path::{Path, PathBuf};
 
 /// Writes `upper` as a layer tar to `out`.
 pub(crate) fn write_layer(upper: &Path, mut out: impl Write) -> io::Result<()> {
@@ -81,12 +80,6 @@ fn xattr_records(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-fn opaque(path: &Path) -> bool {
-    OPAQUE
-        .iter()
-        .any(|n| matches!(lget(path, OsStr::new(n)), Ok(Some(v)) if v == b"y"))
-}
-
 fn walk<W: Write>(
     dir: &Path,
     rel: &Path,
@@ -102,7 +95,7 @@ fn walk<W: Write>(
         let rel_path = rel.join(&name);
         let meta = std::fs::symlink_metadata(&path)?;
         let ft = meta.file_type();
-        if ft.is_char_device() && meta.rdev() == 0 {
+        if is_whiteout(&meta) {
             let mut wh = OsStr::new(".wh.").to_os_string();
             wh.push(&name);
             let mut h = header(&meta, tar::EntryType::Regular);
@@ -117,7 +110,7 @@ fn walk<W: Write>(
         if ft.is_dir() {
             let mut h = header(&meta, tar::EntryType::Directory);
             b.append_data(&mut h, &rel_path, io::empty())?;
-            if opaque(&path) {
+            if is_opaque(&path) {
                 let mut h = header(&meta, tar::EntryType::Regular);
                 h.set_mode(0o644);
                 b.append_data(&mut h, rel_path.join(".wh..wh..opq"), io::empty())?;

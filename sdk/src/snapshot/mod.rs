@@ -446,7 +446,7 @@ pub struct ExportOptions {
 impl Snapshot {
     /// Every artifact in `$MSB_HOME/snapshots`, by name (damaged ones are left out).
     pub async fn list() -> MicrosandboxResult<Vec<SnapshotArtifact>> {
-        blocking(move || {
+        crate::image::store::blocking(move || {
             let dir = snapshots_dir(&msb_home());
             let mut out = Vec::new();
             let entries = match std::fs::read_dir(&dir) {
@@ -472,7 +472,7 @@ impl Snapshot {
     /// its manifest and layer checked against their digests.
     pub async fn get(name_or_path: &str) -> MicrosandboxResult<SnapshotArtifact> {
         let name_or_path = name_or_path.to_string();
-        blocking(move || {
+        crate::image::store::blocking(move || {
             let dir = locate(&msb_home(), &name_or_path)?;
             let m = verify(&dir)?;
             Ok(SnapshotArtifact::from_manifest(&m, dir))
@@ -484,7 +484,7 @@ impl Snapshot {
     /// copy of its layer is in the layer store).
     pub async fn remove(name_or_path: &str) -> MicrosandboxResult<()> {
         let name_or_path = name_or_path.to_string();
-        blocking(move || {
+        crate::image::store::blocking(move || {
             let dir = locate(&msb_home(), &name_or_path)?;
             read_manifest(&dir)?;
             std::fs::remove_dir_all(&dir)?;
@@ -502,7 +502,7 @@ impl Snapshot {
     ) -> MicrosandboxResult<()> {
         let name_or_path = name_or_path.to_string();
         let out = out.as_ref().to_path_buf();
-        blocking(move || export(&msb_home(), &name_or_path, &out, &opts)).await
+        crate::image::store::blocking(move || export(&msb_home(), &name_or_path, &out, &opts)).await
     }
 
     /// Unpacks an exported `.tar.zst` into `$MSB_HOME/snapshots/<name>` (`name`: the one
@@ -514,16 +514,8 @@ impl Snapshot {
     ) -> MicrosandboxResult<SnapshotArtifact> {
         let file = file.as_ref().to_path_buf();
         let name = name.map(str::to_string);
-        blocking(move || import(&msb_home(), &file, name.as_deref())).await
+        crate::image::store::blocking(move || import(&msb_home(), &file, name.as_deref())).await
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> MicrosandboxResult<T> + Send + 'static,
-) -> MicrosandboxResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MicrosandboxError::State(format!("snapshot task: {e}")))?
 }
 
 fn export(
