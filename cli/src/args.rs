@@ -51,6 +51,10 @@ pub(crate) enum Command {
     Rm(RmArgs),
     /// Drain a sandbox: running commands go on, new ones are refused, it stops after
     Drain(NameArg),
+    /// Pause a sandbox: its vCPUs are parked (no CPU used) until `msb resume`
+    Pause(NameArg),
+    /// Resume a paused sandbox: running commands carry on
+    Resume(NameArg),
     /// List sandboxes
     #[command(alias = "list")]
     Ls(LsArgs),
@@ -412,8 +416,8 @@ pub(crate) struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct StopArgs {
-    /// How long the guest gets to power off before it is killed
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    /// How long the guest gets to power off before it is killed (seconds, or 500ms, 1m, ...)
+    #[arg(short = 't', long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
     pub(crate) timeout: Duration,
     /// Sandbox name
     pub(crate) name: String,
@@ -433,6 +437,7 @@ pub(crate) struct RmArgs {
 pub(crate) enum StatusArg {
     Running,
     Draining,
+    Paused,
     Stopped,
     Crashed,
 }
@@ -442,6 +447,7 @@ impl From<StatusArg> for SandboxStatus {
         match s {
             StatusArg::Running => SandboxStatus::Running,
             StatusArg::Draining => SandboxStatus::Draining,
+            StatusArg::Paused => SandboxStatus::Paused,
             StatusArg::Stopped => SandboxStatus::Stopped,
             StatusArg::Crashed => SandboxStatus::Crashed,
         }

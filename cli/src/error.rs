@@ -81,6 +81,7 @@ impl CliError {
             MicrosandboxError::StartFailed { log, .. } => {
                 Some(format!("the VMM's log is {}", log.display()))
             }
+            MicrosandboxError::Paused(_) => Some("`msb resume NAME` resumes it".into()),
             MicrosandboxError::NotATerminal(_) => {
                 Some("run it from a terminal, or without -t/--tty".into())
             }

@@ -140,7 +140,9 @@ pub(crate) fn log_json(e: &LogEntry) -> Value {
 pub(crate) fn metrics_json(name: &str, m: &SandboxMetrics) -> Value {
     json!({
         "name": name,
+        "status": m.status.as_str(),
         "cpu_percent": m.cpu_percent,
+        "vcpu_time_ns": m.vcpu_time_ns,
         "memory_bytes": m.memory_bytes,
         "memory_available_bytes": m.memory_available_bytes,
         "memory_host_resident_bytes": m.memory_host_resident_bytes,
@@ -160,6 +162,7 @@ pub(crate) fn metrics_json(name: &str, m: &SandboxMetrics) -> Value {
 pub(crate) fn metrics_row(name: &str, m: &SandboxMetrics) -> Vec<String> {
     vec![
         name.to_string(),
+        m.status.as_str().to_string(),
         format!("{:.1}", m.cpu_percent),
         format!(
             "{}/{} MiB",
@@ -174,8 +177,8 @@ pub(crate) fn metrics_row(name: &str, m: &SandboxMetrics) -> Vec<String> {
     ]
 }
 
-pub(crate) const METRICS_HEADERS: [&str; 7] = [
-    "NAME", "CPU%", "MEM", "HOST-RSS", "DISK-R", "DISK-W", "UPTIME",
+pub(crate) const METRICS_HEADERS: [&str; 8] = [
+    "NAME", "STATUS", "CPU%", "MEM", "HOST-RSS", "DISK-R", "DISK-W", "UPTIME",
 ];
 
 pub(crate) fn json_line(v: &Value, pretty: bool) -> CliResult<()> {

@@ -5,10 +5,11 @@
 //!                                  create an attached sandbox, run CMD, stop, remove
 //! msb create [CREATE OPTIONS] NAME create a detached sandbox (prints its name)
 //! msb start NAME                   boot a stopped sandbox, detached
-//! msb stop NAME [--timeout DUR]    power it off (killed after the timeout, default 10s)
+//! msb stop [-t DUR] NAME          power it off (killed after the timeout, default 10s)
 //! msb kill NAME                    kill its VM at once
 //! msb rm [-f] NAME...              delete stopped sandboxes (-f stops running ones first)
 //! msb drain NAME                   refuse new commands, stop once running ones end
+//! msb pause NAME | resume NAME     park its vCPUs (no CPU used) | run them again
 //! msb ls [--label K=V]... [--status S] [--json] [-q]
 //! msb exec [-t] [-e K=V]... [-w DIR] [-u USER] [--timeout DUR] NAME [--] CMD ARGS...
 //! msb shell [-e K=V]... [-w DIR] [-u USER] [--timeout DUR] NAME [SCRIPT]
@@ -88,6 +89,8 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
         Command::Kill(a) => sandbox::cmd_kill(a).await,
         Command::Rm(a) => sandbox::cmd_rm(a).await,
         Command::Drain(a) => sandbox::cmd_drain(a).await,
+        Command::Pause(a) => sandbox::cmd_pause(a, true).await,
+        Command::Resume(a) => sandbox::cmd_pause(a, false).await,
         Command::Ls(a) => sandbox::cmd_ls(a).await,
         Command::Exec(a) => exec::cmd_exec(a).await,
         Command::Shell(a) => exec::cmd_shell(a).await,

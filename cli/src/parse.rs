@@ -422,12 +422,20 @@ mod tests {
                 path: "/x".into()
             }
         );
+        // Any valid sandbox name, spaces and all (write ./x for such a host path).
+        assert_eq!(
+            parse_location("my box:/x"),
+            Location::Guest {
+                sandbox: "my box".into(),
+                path: "/x".into()
+            }
+        );
         for host in [
             "./web:/etc",
             "/tmp/a:/b",
             "web:rel",
             "file.txt",
-            "bad name:/x",
+            "tab\tname:/x",
             ":/x",
         ] {
             assert_eq!(

@@ -130,6 +130,8 @@ pub enum ErrorKind {
     ReadOnly,
     /// The filesystem is full (or over its size limit).
     NoSpace,
+    /// The sandbox is paused: resume it first.
+    Paused,
 }
 
 /// Largest chunk of file data in one [`Message::FsData`] frame.
@@ -308,6 +310,17 @@ pub enum Message {
     Detach,
     /// The relay's answer to [`Message::Detach`] (END).
     Detached,
+    /// Host only (answered by the relay): park the vCPUs. Running commands freeze where
+    /// they are; new connections are refused ([`ErrorKind::Paused`]) until a `Resume`.
+    Pause,
+    /// Host only (answered by the relay): run the vCPUs again after a `Pause`.
+    Resume,
+    /// The relay's answer to [`Message::Pause`] and [`Message::Resume`] (END): whether the
+    /// vCPUs are parked now.
+    PauseState {
+        /// True when parked.
+        paused: bool,
+    },
     /// The relay's answer to [`Message::Drain`] (END): how many commands still run.
     Draining {
         /// Commands still running.

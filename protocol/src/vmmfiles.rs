@@ -40,6 +40,9 @@ pub struct MetricsSnapshot {
     pub sessions: u64,
     /// True once the sandbox drains (new commands are refused).
     pub draining: bool,
+    /// True while the vCPUs are parked (`Pause`).
+    #[serde(default)]
+    pub paused: bool,
     /// How far the guest's start has got (rewritten as soon as it moves on).
     pub boot_stage: BootStage,
 }

@@ -19,10 +19,12 @@ async fn main() -> MicrosandboxResult<()> {
         .await?;
     sb.shell("echo to-stdout; echo to-stderr >&2").await?;
 
-    for e in sb.logs(&LogOptions::default().tail(10))? {
+    for e in sb.logs(&LogOptions::default().tail(10)).await? {
         println!("[{} {}] {}", e.timestamp, e.source, e.text().trim_end());
     }
-    let system = sb.logs(&LogOptions::default().source(LogSource::System))?;
+    let system = sb
+        .logs(&LogOptions::default().source(LogSource::System))
+        .await?;
     println!("{} system entries", system.len());
 
     // Follow: entries arrive as commands print them.

@@ -214,6 +214,29 @@ pub enum MicrosandboxError {
     /// Output was not valid UTF-8 where text was asked for.
     #[error("the output is not valid UTF-8")]
     InvalidUtf8(#[from] std::string::FromUtf8Error),
+    /// The sandbox's status does not take this request (a pause while it drains).
+    #[error("the sandbox {name:?} is {status}: it cannot {request}")]
+    InvalidState {
+        /// The sandbox.
+        name: String,
+        /// Its status.
+        status: crate::state::SandboxStatus,
+        /// What was asked.
+        request: &'static str,
+    },
+    /// The sandbox is paused: commands and file requests wait for a resume
+    /// ([`Sandbox::resume`](crate::Sandbox::resume)).
+    #[error("the sandbox is paused: {0}")]
+    Paused(String),
+    /// A stop or kill was not observed within its window (the VMM still holds the
+    /// sandbox); the request stands, and the sandbox may still end.
+    #[error("{what} was not observed within {after:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// The window that passed.
+        after: Duration,
+    },
     /// `attach` needs a terminal.
     #[error("attach needs a terminal: {0}")]
     NotATerminal(String),
@@ -275,6 +298,7 @@ impl MicrosandboxError {
             ErrorKind::Unavailable => MicrosandboxError::AgentUnavailable(message),
             ErrorKind::Busy => MicrosandboxError::Busy(message),
             ErrorKind::Version => MicrosandboxError::Version(message),
+            ErrorKind::Paused => MicrosandboxError::Paused(message),
             ErrorKind::UnknownSession
             | ErrorKind::Internal
             | ErrorKind::AlreadyExists

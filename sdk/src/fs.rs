@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use msb_protocol::frame::Frame;
-use msb_protocol::message::{FsKind, FsRequest, FsStat, Message, FS_CHUNK};
+use msb_protocol::message::{ErrorKind, FsKind, FsRequest, FsStat, Message, FS_CHUNK};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -206,6 +206,10 @@ async fn collect_file(mut s: FsReadStream, path: &str, limit: u64) -> Microsandb
 /// Turns the agent's answer into a typed error.
 fn agent_error(op: &'static str, path: &str, m: Message) -> MicrosandboxError {
     match m {
+        Message::Error {
+            kind: ErrorKind::Paused,
+            message,
+        } => MicrosandboxError::Paused(message),
         Message::Error { kind, message } => MicrosandboxError::Fs {
             op,
             path: path.to_string(),

@@ -17,6 +17,7 @@ use crate::home::{validate_name, Paths};
 use crate::logs::{self, LogEntry, LogOptions, LogStream, LogStreamOptions};
 use crate::reconcile::{get_row, reconcile, remove_all, settle};
 use crate::state::{open_db, Row, RowStatus, SandboxStatus};
+use crate::transitions::{decide, Decision, Request};
 use crate::vmm::{lock_exclusive, read_exit, start_lock, stop_vmm, vmm_alive};
 
 /// How long a request waits to be delivered.
@@ -24,6 +25,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a stop waits for the guest to power off before killing the VMM.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a kill waits to see the VM end (`kill`; `kill_with_timeout` takes another).
+pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn to_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
@@ -135,31 +139,55 @@ impl SandboxHandle {
         stop_by_name(&self.row.name, timeout).await
     }
 
-    /// Kills its VMM at once.
+    /// Kills its VMM at once and waits up to 5 s to see it end.
     pub async fn kill(&self) -> MicrosandboxResult<()> {
-        stop_by_name(&self.row.name, Duration::ZERO).await
+        self.kill_with_timeout(DEFAULT_KILL_TIMEOUT).await
+    }
+
+    /// [`SandboxHandle::kill`] with another observation window; when the end is not seen
+    /// within it, [`MicrosandboxError::Timeout`] (the kill stands).
+    pub async fn kill_with_timeout(&self, window: Duration) -> MicrosandboxResult<()> {
+        if let Some(row) = acting(&self.row.name, Request::Kill)? {
+            let paths = self.paths()?;
+            crate::vmm::kill_vmm(&paths, row.vmm, "killed", window).await?;
+        }
+        settle(&self.row.name)
     }
 
     /// Asks the guest to power off and returns once the request is sent.
     pub async fn request_stop(&self) -> MicrosandboxResult<()> {
-        let paths = self.paths()?;
-        if vmm_alive(&paths) {
-            crate::vmm::ask_power_off(&paths.control, REQUEST_TIMEOUT).await;
+        if acting(&self.row.name, Request::Stop)?.is_some() {
+            crate::vmm::ask_power_off(&self.paths()?.control, REQUEST_TIMEOUT).await;
         }
         Ok(())
     }
 
     /// Kills its VMM (SIGKILL) and returns; the sandbox ends `stopped`.
     pub async fn request_kill(&self) -> MicrosandboxResult<()> {
-        let paths = self.paths()?;
-        crate::vmm::kill_vmm(&paths, self.row.vmm, "killed").await
+        match acting(&self.row.name, Request::Kill)? {
+            Some(row) => crate::vmm::signal_kill(&self.paths()?, row.vmm),
+            None => Ok(()),
+        }
     }
 
     /// Starts a drain (running commands go on, new ones are refused, it stops after the
     /// last) and returns.
     pub async fn request_drain(&self) -> MicrosandboxResult<()> {
         let paths = self.paths()?;
-        drain(&paths.control, &self.row.name, &self.row.claim).await
+        drain(&paths.control, &self.row.name).await
+    }
+
+    /// Pauses it: the vCPUs are parked (no CPU is used, nothing in the guest runs, running
+    /// commands freeze where they are) until [`SandboxHandle::resume`]; commands and file
+    /// requests meanwhile are refused with [`MicrosandboxError::Paused`]. Returns once
+    /// every vCPU is parked.
+    pub async fn pause(&self) -> MicrosandboxResult<()> {
+        set_paused(&self.paths()?.control, &self.row.name, true).await
+    }
+
+    /// Resumes it after [`SandboxHandle::pause`]: running commands carry on.
+    pub async fn resume(&self) -> MicrosandboxResult<()> {
+        set_paused(&self.paths()?.control, &self.row.name, false).await
     }
 
     /// Waits until its VM ends, however it ends, and says how.
@@ -179,7 +207,7 @@ impl SandboxHandle {
     /// [`SnapshotArtifact`](crate::SnapshotArtifact)). A running sandbox is refused
     /// (`StillRunning`: stop it first); so is a sandbox booted from a disk image.
     pub async fn snapshot(&self, name: &str) -> MicrosandboxResult<crate::SnapshotArtifact> {
-        validate_name(name)?;
+        crate::home::validate_plain_name(name)?;
         let home = crate::home::msb_home();
         let dest = home.join("snapshots").join(name);
         crate::home::private_dir(&home.join("snapshots"))?;
@@ -234,8 +262,8 @@ impl SandboxHandle {
     }
 
     /// Its captured output (works whether or not it runs).
-    pub fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
-        logs::read_logs(&self.paths()?.dir, opts)
+    pub async fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
+        logs::read_logs_async(self.paths()?.dir, opts.clone()).await
     }
 
     /// Its captured output as a stream; with `follow`, until the sandbox stops.
@@ -246,14 +274,27 @@ impl SandboxHandle {
     }
 }
 
+/// The reconciled row of `name` when `request` is to be carried out in its status; `None`
+/// when there is nothing to do.
+fn acting(name: &str, request: Request) -> MicrosandboxResult<Option<Row>> {
+    let row = get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
+    let status = match row.status {
+        RowStatus::Is(s) => s,
+        RowStatus::Creating => return Err(MicrosandboxError::NotRunning(name.to_string())),
+    };
+    Ok(match decide(name, status, request)? {
+        Decision::Act => Some(row),
+        Decision::Nothing => None,
+    })
+}
+
 /// Starts a drain through the sandbox's relay (which answers it itself) and records the
-/// row's `draining`.
-pub(crate) async fn drain(
-    control: &std::path::Path,
-    name: &str,
-    claim: &str,
-) -> MicrosandboxResult<()> {
+/// row's `draining`. A paused sandbox is resumed by its VMM to drain.
+pub(crate) async fn drain(control: &std::path::Path, name: &str) -> MicrosandboxResult<()> {
     use msb_protocol::message::Message;
+    let Some(row) = acting(name, Request::Drain)? else {
+        return Ok(());
+    };
     match crate::conn::relay_request(control, Message::Drain, REQUEST_TIMEOUT).await? {
         Message::Draining { .. } => {}
         other => {
@@ -264,19 +305,49 @@ pub(crate) async fn drain(
     }
     open_db()?.transition(
         name,
-        claim,
-        &[crate::state::RowStatus::Is(SandboxStatus::Running)],
+        &row.claim,
+        &[
+            RowStatus::Is(SandboxStatus::Running),
+            RowStatus::Is(SandboxStatus::Paused),
+        ],
         SandboxStatus::Draining,
     )?;
     Ok(())
 }
 
+/// Pauses (`pause`) or resumes the sandbox through its relay, which parks or runs the
+/// vCPUs and answers once they are there, and records the row's status.
+pub(crate) async fn set_paused(
+    control: &std::path::Path,
+    name: &str,
+    pause: bool,
+) -> MicrosandboxResult<()> {
+    use msb_protocol::message::Message;
+    let (request, message, to) = if pause {
+        (Request::Pause, Message::Pause, SandboxStatus::Paused)
+    } else {
+        (Request::Resume, Message::Resume, SandboxStatus::Running)
+    };
+    let Some(row) = acting(name, request)? else {
+        return Ok(());
+    };
+    match crate::conn::relay_request(control, message, REQUEST_TIMEOUT).await? {
+        Message::PauseState { paused } if paused == pause => {}
+        other => {
+            return Err(MicrosandboxError::Agent(format!(
+                "unexpected answer to a {}: {other:?}",
+                if pause { "pause" } else { "resume" }
+            )))
+        }
+    }
+    open_db()?.transition(name, &row.claim, &[row.status], to)?;
+    Ok(())
+}
+
 /// Stops the sandbox `name` whoever started it; a stopped one is left as it is.
 pub(crate) async fn stop_by_name(name: &str, timeout: Duration) -> MicrosandboxResult<()> {
-    let row = get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
-    let paths = Paths::for_name(name)?;
-    if vmm_alive(&paths) {
-        stop_vmm(&paths, row.vmm, timeout).await?;
+    if let Some(row) = acting(name, Request::Stop)? {
+        stop_vmm(&Paths::for_name(name)?, row.vmm, timeout).await?;
     }
     // Settle the row (and an ephemeral sandbox's files).
     settle(name)

@@ -104,8 +104,10 @@ pub fn msb_home() -> PathBuf {
     }
 }
 
-/// Checks a sandbox name: non-empty, at most 128 bytes, letters, digits, `-`, `_`, `.`,
-/// not starting with `.` (it names a directory).
+/// Checks a sandbox name: non-empty, at most 128 bytes of UTF-8, and none of what would
+/// break a path or a line of output: `/`, NUL, other control characters, `.` or `..`.
+/// Names are kept as given (in the state database, `list`, logs); on disk each has a
+/// safe directory name of its own (see [`Paths`]).
 pub fn validate_name(name: &str) -> MicrosandboxResult<()> {
     let bad = |reason| {
         Err(MicrosandboxError::InvalidName {
@@ -119,16 +121,61 @@ pub fn validate_name(name: &str) -> MicrosandboxResult<()> {
     if name.len() > MAX_NAME_LEN {
         return bad("it is longer than 128 bytes");
     }
+    if name == "." || name == ".." {
+        return bad("it names a directory ('.' or '..')");
+    }
+    if name.contains('/') {
+        return bad("it contains '/'");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("it contains a control character (NUL, newline, ...)");
+    }
+    Ok(())
+}
+
+/// Checks a name that is itself a file name (volumes, snapshots): non-empty, at most 128
+/// bytes, ASCII letters, digits, `-`, `_`, `.`, not starting with `.`.
+pub(crate) fn validate_plain_name(name: &str) -> MicrosandboxResult<()> {
+    validate_name(name)?;
+    let bad = |reason| {
+        Err(MicrosandboxError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
     if name.starts_with('.') {
         return bad("it starts with '.'");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
+    if !name.bytes().all(is_plain_byte) {
         return bad("use only letters, digits, '-', '_' and '.'");
     }
     Ok(())
+}
+
+fn is_plain_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// The directory name of a (valid) sandbox name: a plain name is its own; any other is
+/// percent-encoded (`café` is `caf%C3%A9`, `.x` is `%2Ex`), or, when that would pass 255
+/// bytes, `%%` and its SHA-256. Plain names have no `%` and an encoding has no `%%`, so
+/// no two names share a directory.
+pub(crate) fn dir_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.starts_with('.') && name.bytes().all(is_plain_byte) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    let mut out = String::with_capacity(name.len() * 3);
+    for (i, b) in name.bytes().enumerate() {
+        if is_plain_byte(b) && !(i == 0 && b == b'.') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() > 255 {
+        out = format!("%%{}", hex::encode(Sha256::digest(name.as_bytes())));
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Where a sandbox keeps its files.
@@ -157,7 +204,7 @@ impl Paths {
             )));
         }
         Ok(Paths {
-            dir: home.join("sandboxes").join(name),
+            dir: home.join("sandboxes").join(&*dir_name(name)),
             control,
         })
     }
@@ -193,6 +240,12 @@ impl Paths {
     /// How the VMM ended (written by it as it exits).
     pub fn exit_record(&self) -> PathBuf {
         self.dir.join("vmm-exit.json")
+    }
+
+    /// Written before the SDK kills the VMM: whoever sees the end next records it as a
+    /// kill that was asked for (a VMM killed with SIGKILL writes no exit record).
+    pub fn kill_request(&self) -> PathBuf {
+        self.dir.join("kill-requested")
     }
 
     /// The VMM's metrics snapshot, rewritten every second while it runs.
@@ -278,18 +331,70 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        for good in ["api", "a.b-c_d", &"x".repeat(128)] {
+        for good in [
+            "api",
+            "a.b-c_d",
+            &"x".repeat(128),
+            "ü",
+            "a b",
+            ".hidden",
+            "日本語",
+        ] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".hidden", "a/b", "../x", "a b", &"x".repeat(129), "ü"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../x",
+            "a\0b",
+            "a\nb",
+            &"x".repeat(129),
+        ] {
             assert!(
                 matches!(
                     validate_name(bad),
                     Err(MicrosandboxError::InvalidName { .. })
                 ),
-                "{bad}"
+                "{bad:?}"
             );
         }
+        // 43 three-byte characters: 129 bytes.
+        assert!(validate_name(&"語".repeat(43)).is_err());
+        assert!(validate_name(&"語".repeat(42)).is_ok());
+        for plain_bad in [".hidden", "a b", "ü"] {
+            assert!(validate_plain_name(plain_bad).is_err(), "{plain_bad}");
+        }
+        assert!(validate_plain_name("vol-1.data").is_ok());
+    }
+
+    #[test]
+    fn every_name_gets_its_own_safe_directory() {
+        let names = [
+            "api".to_string(),
+            "caf\u{e9}".to_string(),
+            "caf%C3%A9".to_string(),
+            ".x".to_string(),
+            "%2Ex".to_string(),
+            "a b".to_string(),
+            "语".repeat(42),
+            "语".repeat(41),
+            "\u{1F600}".repeat(32),
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            assert!(validate_name(n).is_ok(), "{n}");
+            let d = dir_name(n);
+            assert!(!d.is_empty() && d.len() <= 255, "{n}: {d}");
+            assert!(!d.starts_with('.') && !d.contains('/') && d != "..", "{d}");
+            assert!(d.bytes().all(|b| is_plain_byte(b) || b == b'%'), "{d}");
+            assert!(seen.insert(d.into_owned()), "{n} shares a directory");
+        }
+        assert_eq!(dir_name("api"), "api");
+        assert_eq!(dir_name("caf\u{e9}"), "caf%C3%A9");
+        assert_eq!(dir_name(".x"), "%2Ex");
+        assert!(dir_name(&"语".repeat(42)).starts_with("%%"));
     }
 
     #[test]

@@ -58,6 +58,7 @@ mod secrets;
 mod snapshot;
 mod state;
 mod stop;
+mod transitions;
 mod vmm;
 mod volume;
 
@@ -66,7 +67,7 @@ pub use config::{DiskImage, ImageBuilder, IntoImage, RootfsSource, SandboxConfig
 pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
 pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
-pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
+pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_KILL_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 pub use home::{
     msb_home, validate_name, Mebibytes, SizeExt, DEFAULT_EXEC_OUTPUT_LIMIT, DEFAULT_FS_READ_LIMIT,
     MAX_NAME_LEN,

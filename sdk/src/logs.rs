@@ -197,6 +197,14 @@ impl futures_core::Stream for LogStream {
 }
 
 /// Reads the entries now in `exec.log.1` and `exec.log` under `dir` that match `opts`.
+/// [`read_logs`] off the async runtime's threads (the log can be large).
+pub(crate) async fn read_logs_async(
+    dir: std::path::PathBuf,
+    opts: LogOptions,
+) -> MicrosandboxResult<Vec<LogEntry>> {
+    crate::image::store::blocking(move || read_logs(&dir, &opts)).await
+}
+
 pub(crate) fn read_logs(dir: &Path, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
     let sources = if opts.sources.is_empty() {
         vec![LogSource::Stdout, LogSource::Stderr]

@@ -55,6 +55,9 @@ pub struct SandboxMetrics {
     pub timestamp: DateTime<Utc>,
     /// Time since the VM started.
     pub uptime: Duration,
+    /// Running, draining or paused, as the VMM saw it when it took the snapshot (a paused
+    /// sandbox's `cpu_percent` is 0: its vCPUs are parked).
+    pub status: SandboxStatus,
 }
 
 pub use msb_protocol::vmmfiles::BootStage;
@@ -126,6 +129,8 @@ pub(crate) async fn read(
     };
     let connected;
     let guest = match guest {
+        // A paused guest answers nothing.
+        _ if snap.paused => None,
         Some(g) => Some(g),
         None => {
             connected = Sandbox::connect(name).await.ok();
@@ -166,6 +171,7 @@ pub(crate) async fn read(
         upper_host_allocated_bytes: snap.upper_used_bytes,
         timestamp: ts(snap.timestamp_ms),
         uptime: Duration::from_millis(snap.timestamp_ms.saturating_sub(snap.started_at_ms)),
+        status: crate::transitions::live_status(snap.draining, snap.paused),
     })
 }
 

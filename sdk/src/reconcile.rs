@@ -12,7 +12,8 @@
 use crate::error::MicrosandboxResult;
 use crate::home::{validate_name, Paths};
 use crate::state::{open_db, ProcessId, Row, RowStatus, SandboxStatus, StateDb};
-use crate::vmm::{draining, lock_exclusive, read_exit, vmm_alive};
+use crate::transitions::live_status;
+use crate::vmm::{exit_or_requested_kill, lock_exclusive, read_snapshot, vmm_alive};
 
 /// Puts `row` right against what runs; `None` when the sandbox is gone (an unfinished
 /// create, or an ephemeral sandbox that has ended). Every change names the row's claim, so
@@ -38,21 +39,25 @@ pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row
                 _ => Ok(None),
             }
         }
-        RowStatus::Is(SandboxStatus::Running | SandboxStatus::Draining) => {
+        RowStatus::Is(
+            was @ (SandboxStatus::Running | SandboxStatus::Draining | SandboxStatus::Paused),
+        ) => {
             if vmm_alive(&paths) {
-                // A drain the VMM started itself (idle timeout, max duration).
-                if row.status == RowStatus::Is(SandboxStatus::Running) && draining(&paths) {
-                    db.transition(
-                        &row.name,
-                        &row.claim,
-                        &[row.status],
-                        SandboxStatus::Draining,
-                    )?;
+                // What the VMM did itself (a drain for its idle timeout or maximum
+                // duration, a resume its lifecycle needed), when its snapshot is newer
+                // than the row's last change.
+                let live = read_snapshot(&paths)
+                    .filter(|s| {
+                        i64::try_from(s.timestamp_ms).unwrap_or(i64::MAX) > row.updated_at_ms
+                    })
+                    .map(|s| live_status(s.draining, s.paused));
+                if let Some(now) = live.filter(|now| *now != was) {
+                    db.transition(&row.name, &row.claim, &[row.status], now)?;
                     return db.get(&row.name);
                 }
                 return Ok(Some(row));
             }
-            let to = match read_exit(&paths) {
+            let to = match exit_or_requested_kill(&paths) {
                 Some(r) if r.clean => SandboxStatus::Stopped,
                 _ => SandboxStatus::Crashed,
             };
@@ -62,6 +67,7 @@ pub(crate) fn reconcile(db: &StateDb, row: Row) -> MicrosandboxResult<Option<Row
                 &[
                     RowStatus::Is(SandboxStatus::Running),
                     RowStatus::Is(SandboxStatus::Draining),
+                    RowStatus::Is(SandboxStatus::Paused),
                 ],
                 to,
             )?;

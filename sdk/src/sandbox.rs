@@ -17,7 +17,9 @@ use crate::config::{self, Persisted, SandboxConfig};
 use crate::conn;
 use crate::error::{MicrosandboxError, MicrosandboxResult};
 use crate::exec::{ExecDefaults, ExecHandle, ExecOptions};
-use crate::handle::{self, SandboxFilter, SandboxHandle, DEFAULT_STOP_TIMEOUT};
+use crate::handle::{
+    self, SandboxFilter, SandboxHandle, DEFAULT_KILL_TIMEOUT, DEFAULT_STOP_TIMEOUT,
+};
 use crate::home::{validate_name, Paths, DEFAULT_SHELL};
 use crate::logs::{LogEntry, LogOptions, LogStream, LogStreamOptions};
 use crate::output::ExecOutput;
@@ -50,8 +52,6 @@ struct Inner {
     detached: Arc<AtomicBool>,
     /// The VMM this process spawned (none for a connection to someone else's).
     vmm: Option<VmmProcess>,
-    /// A kill was asked for through this handle (its end is a stop, not a crash).
-    kill_requested: AtomicBool,
 }
 
 impl Inner {
@@ -80,7 +80,6 @@ impl Inner {
             pid,
             detached,
             vmm: None,
-            kill_requested: AtomicBool::new(false),
         }
     }
 }
@@ -246,7 +245,6 @@ impl Sandbox {
                 pid: None,
                 detached: Arc::new(AtomicBool::new(true)),
                 vmm: None,
-                kill_requested: AtomicBool::new(false),
             }),
         }
     }
@@ -481,15 +479,35 @@ impl Sandbox {
         self.stop_and_wait().await.map(|_| ())
     }
 
+    /// [`Sandbox::stop`] with another graceful window: the guest gets `timeout` to power
+    /// off before the VM is killed.
+    pub async fn stop_with_timeout(&self, timeout: Duration) -> MicrosandboxResult<()> {
+        self.stop_within(timeout).await.map(|_| ())
+    }
+
     /// [`Sandbox::stop`], returning the VMM's exit status (0 after a clean power-off).
     pub async fn stop_and_wait(&self) -> MicrosandboxResult<std::process::ExitStatus> {
         self.stop_within(DEFAULT_STOP_TIMEOUT).await
     }
 
-    /// Kills the VM at once (like pulling the power). The sandbox is `stopped` after it,
-    /// not `crashed`: the end was asked for.
+    /// Kills the VM at once (like pulling the power) and waits up to 5 s to see it end
+    /// ([`Sandbox::kill_with_timeout`]). The sandbox is `stopped` after it, not `crashed`:
+    /// the end was asked for.
     pub async fn kill(&self) -> MicrosandboxResult<()> {
-        self.stop_within(Duration::ZERO).await.map(|_| ())
+        self.kill_with_timeout(DEFAULT_KILL_TIMEOUT).await
+    }
+
+    /// [`Sandbox::kill`] with another observation window; when the end is not seen within
+    /// it, [`MicrosandboxError::Timeout`] (the kill stands).
+    pub async fn kill_with_timeout(&self, window: Duration) -> MicrosandboxResult<()> {
+        self.request_kill().await?;
+        match tokio::time::timeout(window, self.wait_until_stopped()).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(MicrosandboxError::Timeout {
+                what: format!("the end of {:?} after a kill", self.inner.name),
+                after: window,
+            }),
+        }
     }
 
     async fn stop_within(&self, grace: Duration) -> MicrosandboxResult<std::process::ExitStatus> {
@@ -529,7 +547,24 @@ impl Sandbox {
     /// ends. Returns at once; [`Sandbox::wait`] waits for the stop. The VMM answers it
     /// itself, whatever the guest does.
     pub async fn drain(&self) -> MicrosandboxResult<()> {
-        crate::handle::drain(self.control(), &self.inner.name, &self.inner.claim).await
+        crate::handle::drain(self.control(), &self.inner.name).await
+    }
+
+    /// Pauses the sandbox: its vCPUs are parked (no CPU is used, nothing in the guest
+    /// runs, running commands freeze where they are, their output resumes with them)
+    /// until [`Sandbox::resume`]. Meanwhile commands and file requests are refused with
+    /// [`MicrosandboxError::Paused`]; a stop resumes it to power off. Returns once every
+    /// vCPU is parked. The guest's clock is not held: after a resume it shows the time
+    /// that passed. See the design notes for what a pause counts as for the idle timeout
+    /// (nothing: its clock starts again at the resume) and the maximum duration (wall
+    /// time: a pause does not extend it).
+    pub async fn pause(&self) -> MicrosandboxResult<()> {
+        crate::handle::set_paused(self.control(), &self.inner.name, true).await
+    }
+
+    /// Resumes the sandbox after [`Sandbox::pause`]: running commands carry on.
+    pub async fn resume(&self) -> MicrosandboxResult<()> {
+        crate::handle::set_paused(self.control(), &self.inner.name, false).await
     }
 
     /// Asks the guest to power off and returns once the request is sent;
@@ -544,18 +579,13 @@ impl Sandbox {
     pub async fn request_kill(&self) -> MicrosandboxResult<()> {
         match &self.inner.vmm {
             Some(vmm) => {
-                self.inner.kill_requested.store(true, Ordering::SeqCst);
-                vmm.start_kill();
-                let inner = self.inner.clone();
-                tokio::spawn(async move {
-                    if let Some(vmm) = &inner.vmm {
-                        vmm.wait().await;
-                    }
-                    vmm::record_kill(&inner.paths, "killed");
-                });
+                if vmm.exited().is_none() {
+                    std::fs::write(self.inner.paths.kill_request(), b"")?;
+                    vmm.start_kill();
+                }
                 Ok(())
             }
-            None => vmm::kill_vmm(&self.inner.paths, self.inner.pid, "killed").await,
+            None => vmm::signal_kill(&self.inner.paths, self.inner.pid),
         }
     }
 
@@ -567,14 +597,7 @@ impl Sandbox {
     /// Waits until the VM ends, however it ends, and says how ([`SandboxStopResult`]).
     pub async fn wait_until_stopped(&self) -> MicrosandboxResult<crate::SandboxStopResult> {
         let process = match &self.inner.vmm {
-            Some(vmm) => {
-                let st = vmm.wait().await;
-                // A kill this handle asked for is recorded as one (not a crash).
-                if self.inner.kill_requested.load(Ordering::SeqCst) {
-                    vmm::record_kill(&self.inner.paths, "killed");
-                }
-                Some(st)
-            }
+            Some(vmm) => Some(vmm.wait().await),
             None => {
                 while !vmm::wait_lock_free(&self.inner.paths, Duration::from_secs(3600)).await {}
                 None
@@ -640,8 +663,8 @@ impl Sandbox {
     }
 
     /// Captured output of the sandbox's commands (see [`LogOptions`]).
-    pub fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
-        crate::logs::read_logs(&self.inner.paths.dir, opts)
+    pub async fn logs(&self, opts: &LogOptions) -> MicrosandboxResult<Vec<LogEntry>> {
+        crate::logs::read_logs_async(self.inner.paths.dir.clone(), opts.clone()).await
     }
 
     /// Captured output as a stream; with `follow`, new output as it comes, until the

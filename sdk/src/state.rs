@@ -75,13 +75,17 @@ pub(crate) struct ImageRow {
 }
 
 /// Where a sandbox is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum SandboxStatus {
     /// The guest agent is ready; exec, shell and fs work.
     Running,
     /// Shutting down: running commands finish, new ones are refused.
     Draining,
+    /// The vCPUs are parked: nothing in the guest runs (and no CPU is used) until a
+    /// resume; commands and file requests are refused meanwhile.
+    Paused,
     /// The VM shut down; configuration and writable layer kept; it can start again.
     Stopped,
     /// The VM ended without being stopped (killed, kernel panic, VMM gone).
@@ -94,6 +98,7 @@ impl SandboxStatus {
         match self {
             SandboxStatus::Running => "running",
             SandboxStatus::Draining => "draining",
+            SandboxStatus::Paused => "paused",
             SandboxStatus::Stopped => "stopped",
             SandboxStatus::Crashed => "crashed",
         }
@@ -139,6 +144,7 @@ impl RowStatus {
             "creating" => RowStatus::Creating,
             "running" => RowStatus::Is(SandboxStatus::Running),
             "draining" => RowStatus::Is(SandboxStatus::Draining),
+            "paused" => RowStatus::Is(SandboxStatus::Paused),
             "stopped" => RowStatus::Is(SandboxStatus::Stopped),
             "crashed" => RowStatus::Is(SandboxStatus::Crashed),
             other => {

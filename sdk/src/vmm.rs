@@ -31,7 +31,6 @@ use crate::volume::VolumeMount;
 /// How long a dropped sandbox's VMM gets to end itself before it is killed.
 pub(crate) const DROP_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for a killed VMM to let go of its lock.
-const KILL_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
 
 /// Finds `msb-vmm`: `$MSB_VMM`, else beside this program (or one directory up, for test
@@ -94,7 +93,7 @@ pub(crate) fn spawn(
         crate::home::private_dir(run)?;
     }
     // What a previous run left says nothing of this one.
-    for stale in [paths.exit_record(), paths.metrics()] {
+    for stale in [paths.exit_record(), paths.metrics(), paths.kill_request()] {
         let _ = std::fs::remove_file(stale);
     }
     let mut args = VmmArgs {
@@ -379,15 +378,23 @@ pub(crate) fn record_kill(paths: &Paths, reason: &str) {
     }
 }
 
+/// The VMM's exit record; when it left none but a kill was asked for
+/// ([`signal_kill`]), the record of that kill (written now). Call once the VMM is gone.
+pub(crate) fn exit_or_requested_kill(paths: &Paths) -> Option<ExitRecord> {
+    if let Some(r) = read_exit(paths) {
+        return Some(r);
+    }
+    if paths.kill_request().exists() {
+        record_kill(paths, "killed");
+        let _ = std::fs::remove_file(paths.kill_request());
+    }
+    read_exit(paths)
+}
+
 /// The VMM's last metrics snapshot (`metrics.json`, rewritten every second while it runs).
 pub(crate) fn read_snapshot(paths: &Paths) -> Option<MetricsSnapshot> {
     let bytes = std::fs::read(paths.metrics()).ok()?;
     serde_json::from_slice(&bytes).ok()
-}
-
-/// True when the VMM's last snapshot says the sandbox drains.
-pub(crate) fn draining(paths: &Paths) -> bool {
-    read_snapshot(paths).is_some_and(|s| s.draining)
 }
 
 /// Asks the VMM behind `paths` to stop: a guest power-off, then after `timeout` a kill of
@@ -403,13 +410,15 @@ pub(crate) async fn stop_vmm(
             return Ok(());
         }
     }
-    kill_vmm(paths, vmm, "killed").await
+    kill_vmm(paths, vmm, "killed", crate::handle::DEFAULT_KILL_TIMEOUT).await
 }
 
 /// Asks the guest to power off (a `Shutdown` to the agent), giving up after `within`: a
 /// dead or hostile guest cannot hold a stop up.
 pub(crate) async fn ask_power_off(control: &Path, within: Duration) {
     let _ = tokio::time::timeout(within, async {
+        // A paused guest cannot power off: the relay runs it again (a no-op otherwise).
+        let _ = conn::relay_request(control, Message::Resume, within).await;
         let shutdown = Frame::new(0, Message::Shutdown);
         // Sent with the Hello; the relay passes it on before it sees this end close.
         let _ = conn::open_with(control, Some(&shutdown)).await;
@@ -417,39 +426,50 @@ pub(crate) async fn ask_power_off(control: &Path, within: Duration) {
     .await;
 }
 
-/// Kills the VMM (SIGKILL), then records that the end was asked for (unless the VMM
-/// recorded its own end first).
-pub(crate) async fn kill_vmm(
-    paths: &Paths,
-    vmm: Option<ProcessId>,
-    why: &str,
-) -> MicrosandboxResult<()> {
+/// Kills the VMM (SIGKILL) and returns once the signal is sent. The request is written
+/// down first, so the end is recorded as asked for whoever observes it
+/// ([`exit_or_requested_kill`]).
+pub(crate) fn signal_kill(paths: &Paths, vmm: Option<ProcessId>) -> MicrosandboxResult<()> {
     if !vmm_alive(paths) {
         return Ok(());
     }
+    std::fs::write(paths.kill_request(), b"")?;
     match vmm.filter(|p| p.alive()) {
         Some(p) => {
             let pid = rustix::process::Pid::from_raw(p.pid)
                 .ok_or_else(|| MicrosandboxError::State(format!("invalid VMM pid {}", p.pid)))?;
             rustix::process::kill_process(pid, rustix::process::Signal::KILL).map_err(|e| {
                 MicrosandboxError::State(format!("cannot kill the VMM (pid {}): {e}", p.pid))
-            })?;
+            })
         }
-        None => {
-            return Err(MicrosandboxError::State(format!(
-                "the VMM of {:?} holds its lock but its pid is unknown",
-                paths.dir.file_name().unwrap_or_default()
-            )))
-        }
+        None => Err(MicrosandboxError::State(format!(
+            "the VMM of {:?} holds its lock but its pid is unknown",
+            paths.dir.file_name().unwrap_or_default()
+        ))),
     }
-    if wait_lock_free(paths, KILL_WAIT).await {
+}
+
+/// Kills the VMM (SIGKILL), waits up to `window` to see it end, then records that the end
+/// was asked for (unless the VMM recorded its own end first).
+pub(crate) async fn kill_vmm(
+    paths: &Paths,
+    vmm: Option<ProcessId>,
+    why: &str,
+    window: Duration,
+) -> MicrosandboxResult<()> {
+    if !vmm_alive(paths) {
+        return Ok(());
+    }
+    signal_kill(paths, vmm)?;
+    if wait_lock_free(paths, window).await {
         record_kill(paths, why);
         let _ = std::fs::remove_file(&paths.control);
         Ok(())
     } else {
-        Err(MicrosandboxError::State(
-            "the VMM did not end after SIGKILL".into(),
-        ))
+        Err(MicrosandboxError::Timeout {
+            what: "the end of the VMM after SIGKILL".into(),
+            after: window,
+        })
     }
 }
 

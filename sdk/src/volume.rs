@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MicrosandboxError, MicrosandboxResult};
-use crate::home::{validate_name, Mebibytes};
+use crate::home::{validate_plain_name, Mebibytes};
 
 /// One mount of a sandbox, as its configuration records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,7 +166,7 @@ impl MountBuilder {
                 })
             }
             Kind::Named(name) => {
-                if validate_name(&name).is_err() {
+                if validate_plain_name(&name).is_err() {
                     return bad(format!(
                         "invalid volume name {name:?}: use 1-128 letters, digits, '-', '_' and '.'"
                     ));

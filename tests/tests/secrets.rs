@@ -266,6 +266,7 @@ async fn run_all(home: &Path) {
             sources: vec![LogSource::System],
             ..LogOptions::default()
         })
+        .await
         .expect("logs");
     let lines: Vec<String> = logs
         .iter()
@@ -392,6 +393,7 @@ async fn run_all(home: &Path) {
             sources: vec![LogSource::System],
             ..LogOptions::default()
         })
+        .await
         .expect("logs")
         .iter()
         .map(|e| String::from_utf8_lossy(&e.data).into_owned())

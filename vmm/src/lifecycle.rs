@@ -72,8 +72,8 @@ impl Policy {
     }
 
     /// One step: `activity` is the relay's, `agent_ready` whether the guest agent has
-    /// answered yet (the idle clock starts then), `drain_asked` whether a client asked
-    /// for a drain.
+    /// answered yet and runs (the idle clock runs then: not while the vCPUs are parked),
+    /// `drain_asked` whether a client asked for a drain.
     pub fn tick(
         &mut self,
         now: Instant,

@@ -74,7 +74,20 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
     while let Err(RecvTimeoutError::Timeout) = done.recv_timeout(MONITOR_TICK) {
         let now = Instant::now();
         let activity = m.relay.activity();
-        match policy.tick(now, activity, m.relay.agent_ready(), m.relay.is_draining()) {
+        let paused = m.relay.is_paused();
+        let action = policy.tick(
+            now,
+            activity,
+            m.relay.agent_ready() && !paused,
+            m.relay.is_draining(),
+        );
+        // Whatever the lifecycle does next needs the guest running.
+        if paused && action != Action::Wait {
+            if let Err(e) = m.relay.resume_for("the lifecycle needs the guest") {
+                eprintln!("msb-vmm: cannot resume the vCPUs: {e}");
+            }
+        }
+        match action {
             Action::Wait => {}
             Action::Drain(why) => {
                 m.relay.drain();
@@ -148,6 +161,7 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
                 upper_limit_bytes: m.upper.as_ref().and_then(|q| q.limit()),
                 sessions: activity.sessions as u64,
                 draining: m.relay.is_draining(),
+                paused: m.relay.is_paused(),
                 boot_stage: stage,
             };
             if let Err(e) = lifecycle::write_json_atomic(path, &snap) {

@@ -197,6 +197,28 @@ struct Shared {
     draining: AtomicBool,
     agent_seen: AtomicBool,
     detached: AtomicBool,
+    /// Parks and runs the vCPUs (set once the VM is built).
+    vcpus: std::sync::OnceLock<Box<dyn VcpuControl>>,
+    /// True while the vCPUs are parked; held while they are being parked or resumed.
+    paused: Mutex<bool>,
+}
+
+/// Parks and runs a VM's vCPUs for [`Message::Pause`] and [`Message::Resume`]
+/// (`VmStopper` in a VMM).
+pub trait VcpuControl: Send + Sync {
+    /// Parks every vCPU; returns once all are parked.
+    fn pause(&self) -> Result<(), String>;
+    /// Runs them again.
+    fn resume(&self) -> Result<(), String>;
+}
+
+impl VcpuControl for crate::vm::VmStopper {
+    fn pause(&self) -> Result<(), String> {
+        crate::vm::VmStopper::pause(self)
+    }
+    fn resume(&self) -> Result<(), String> {
+        crate::vm::VmStopper::resume(self)
+    }
 }
 
 /// What the relay has seen of the sandbox's use, for idle timeouts and drains.
@@ -269,6 +291,8 @@ impl Relay {
             draining: AtomicBool::new(false),
             agent_seen: AtomicBool::new(false),
             detached: AtomicBool::new(false),
+            vcpus: std::sync::OnceLock::new(),
+            paused: Mutex::new(false),
         });
         let s = shared.clone();
         let acceptor = std::thread::Builder::new()
@@ -303,6 +327,23 @@ impl Relay {
     /// Refuses new commands from now on (running ones go on); true if it was not draining.
     pub fn drain(&self) -> bool {
         !self.shared.draining.swap(true, Ordering::SeqCst)
+    }
+
+    /// Lets clients pause and resume the VM through `control` (without it a `Pause` is
+    /// refused).
+    pub fn set_vcpu_control(&self, control: Box<dyn VcpuControl>) {
+        let _ = self.shared.vcpus.set(control);
+    }
+
+    /// True while the vCPUs are parked.
+    pub fn is_paused(&self) -> bool {
+        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the vCPUs again if they are parked (`why` goes to the log): the lifecycle
+    /// needs the guest (a limit, a drain, a power-off).
+    pub fn resume_for(&self, why: &str) -> Result<(), String> {
+        set_paused(&self.shared, false, why)
     }
 
     /// True once a client sent [`Message::Detach`]: the VMM outlives its starter.
@@ -528,6 +569,33 @@ fn local_reply(frame: &Frame, shared: &Shared) -> Option<Frame> {
                 .end(),
             )
         }
+        Message::Pause | Message::Resume => {
+            let pause = frame.message == Message::Pause;
+            if pause && shared.draining.load(Ordering::SeqCst) {
+                return Some(
+                    Frame::new(
+                        frame.id,
+                        Message::Error {
+                            kind: ErrorKind::Unavailable,
+                            message: "the sandbox is draining: it cannot be paused".into(),
+                        },
+                    )
+                    .end(),
+                );
+            }
+            Some(match set_paused(shared, pause, "asked by a client") {
+                Ok(()) => Frame::new(frame.id, Message::PauseState { paused: pause }).end(),
+                Err(message) => Frame::new(
+                    frame.id,
+                    Message::Error {
+                        kind: ErrorKind::Internal,
+                        message,
+                    },
+                )
+                .end(),
+            })
+        }
+        Message::ExecStart(_) | Message::Fs(_) if is_paused(shared) => Some(paused_error(frame.id)),
         Message::ExecStart(_) if shared.draining.load(Ordering::SeqCst) => Some(
             Frame::new(
                 frame.id,
@@ -542,6 +610,55 @@ fn local_reply(frame: &Frame, shared: &Shared) -> Option<Frame> {
     }
 }
 
+/// Parks (`pause`) or runs the vCPUs, once: a second pause or resume finds them there
+/// already. A pause that fails half way runs them all again. `why` goes to the log.
+fn set_paused(shared: &Shared, pause: bool, why: &str) -> Result<(), String> {
+    let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+    if *paused == pause {
+        return Ok(());
+    }
+    let control = shared
+        .vcpus
+        .get()
+        .ok_or_else(|| "this VMM cannot pause its vCPUs".to_string())?;
+    if pause {
+        if let Err(e) = control.pause() {
+            let _ = control.resume();
+            return Err(e);
+        }
+    } else {
+        control.resume()?;
+        // The idle clock starts again: the time parked was not idle time.
+        shared.touch(0);
+    }
+    *paused = pause;
+    if let Some(log) = &shared.log {
+        let what = if pause { "paused" } else { "resumed" };
+        log.append(
+            LogSource::System,
+            None,
+            format!("{what} ({why})").as_bytes(),
+        );
+    }
+    Ok(())
+}
+
+fn is_paused(shared: &Shared) -> bool {
+    *shared.paused.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The refusal of a guest request while the vCPUs are parked.
+fn paused_error(id: u32) -> Frame {
+    Frame::new(
+        id,
+        Message::Error {
+            kind: ErrorKind::Paused,
+            message: "the sandbox is paused: resume it first".into(),
+        },
+    )
+    .end()
+}
+
 fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
     // Requests the relay answers itself are served before (and without) the guest.
     let first = loop {
@@ -551,6 +668,11 @@ fn serve_client(client: UnixStream, shared: &Arc<Shared>) {
                     if write_frame(&mut &client, &reply).is_err() {
                         return;
                     }
+                }
+                None if is_paused(shared) => {
+                    let _ = write_frame(&mut &client, &paused_error(frame.id));
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
                 }
                 None => break (frame, raw),
             },

@@ -202,6 +202,29 @@ impl VcpuHandle {
         *guard
     }
 
+    /// Sends `Pause` or `Resume` and waits up to `timeout` for the thread to get there,
+    /// kicking it again meanwhile (a kick that lands just before it enters the guest is
+    /// lost); returns the state reached.
+    pub fn command_and_wait(&self, cmd: VcpuCommand, timeout: Duration) -> VcpuState {
+        let want = match cmd {
+            VcpuCommand::Pause => VcpuState::Paused,
+            VcpuCommand::Resume => VcpuState::Running,
+            VcpuCommand::Exit => VcpuState::Exited,
+        };
+        self.send(cmd);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let slice = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(Duration::from_millis(10));
+            let now = self.wait_for(want, slice);
+            if now == want || now == VcpuState::Exited || slice.is_zero() {
+                return now;
+            }
+            self.kick();
+        }
+    }
+
     fn kick(&self) {
         if let Some(t) = &self.thread {
             if !t.is_finished() {

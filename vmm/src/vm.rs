@@ -42,7 +42,7 @@ use crate::hypervisor::{
     self, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
 };
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuHandle};
+use crate::vcpu::{self, VcpuCommand, VcpuEnd, VcpuError, VcpuHandle, VcpuState};
 
 /// How a test guest's raw code starts (the architecture's modes).
 pub use crate::arch::CodeMode;
@@ -269,7 +269,8 @@ pub enum VmEnd {
     StoppedByHost(String),
 }
 
-/// Stops a running VM from another thread (the guest did not power off in time).
+/// Stops, pauses and resumes a running VM from another thread (the guest did not power
+/// off in time; a client asked for a pause).
 #[derive(Clone)]
 pub struct VmStopper(Arc<EventSink>);
 
@@ -284,7 +285,32 @@ impl VmStopper {
     pub fn stop(&self, reason: impl Into<String>) {
         self.0.send(VmEvent::Stop(reason.into()));
     }
+
+    /// Parks every vCPU (they wait, using no CPU, with their registers kept) and returns
+    /// once all are parked; an error when the VM has ended or a vCPU did not stop within
+    /// [`VCPU_PAUSE_WAIT`].
+    pub fn pause(&self) -> Result<(), String> {
+        self.vcpus(VcpuCommand::Pause)
+    }
+
+    /// Runs the vCPUs again after [`VmStopper::pause`].
+    pub fn resume(&self) -> Result<(), String> {
+        self.vcpus(VcpuCommand::Resume)
+    }
+
+    fn vcpus(&self, cmd: VcpuCommand) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0.send(VmEvent::Vcpus(cmd, tx));
+        // The run loop answers at once or after VCPU_PAUSE_WAIT; more is a VM that ended.
+        match rx.recv_timeout(VCPU_PAUSE_WAIT * 2) {
+            Ok(r) => r,
+            Err(_) => Err("the VM is not running".into()),
+        }
+    }
 }
+
+/// How long a pause or resume waits for each vCPU to get there.
+pub const VCPU_PAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Memory of the VMM process at the end of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +360,8 @@ enum VmEvent {
     Vcpu(u8, VcpuEnd),
     KernelPanic,
     Stop(String),
+    /// Pause or resume every vCPU; the answer says whether all got there.
+    Vcpus(VcpuCommand, Sender<Result<(), String>>),
 }
 
 struct EventSink(Mutex<Sender<VmEvent>>);
@@ -673,6 +701,9 @@ impl Vm {
                 Ok(VmEvent::Reset(_)) if panic_deadline.is_some() => break VmEnd::KernelPanic,
                 Ok(VmEvent::Reset(src)) => break VmEnd::Reset(src),
                 Ok(VmEvent::Stop(why)) => break VmEnd::StoppedByHost(why),
+                Ok(VmEvent::Vcpus(cmd, reply)) => {
+                    let _ = reply.send(command_vcpus(&handles, cmd));
+                }
                 Ok(VmEvent::KernelPanic) => {
                     panic_deadline.get_or_insert(Instant::now() + PANIC_GRACE);
                 }
@@ -728,6 +759,22 @@ impl Vm {
             net: self.net.clone(),
         })
     }
+}
+
+/// Sends `cmd` (pause or resume) to every vCPU and waits for each to get there.
+fn command_vcpus(handles: &[VcpuHandle], cmd: VcpuCommand) -> Result<(), String> {
+    for h in handles {
+        let now = h.command_and_wait(cmd, VCPU_PAUSE_WAIT);
+        let wanted = match cmd {
+            VcpuCommand::Pause => now == VcpuState::Paused,
+            VcpuCommand::Resume => now == VcpuState::Running,
+            VcpuCommand::Exit => now == VcpuState::Exited,
+        };
+        if !wanted {
+            return Err(format!("vCPU {} is {now:?} after a {cmd:?}", h.id()));
+        }
+    }
+    Ok(())
 }
 
 /// The virtio-mmio window and interrupt of the `j`-th disk: after the virtio-fs devices

@@ -148,6 +148,15 @@ fn frames_until_end(s: &mut UnixStream) -> Vec<Frame> {
     }
 }
 
+/// The next answer on `s` is an error of `kind`.
+fn assert_refused(s: &mut UnixStream, kind: ErrorKind) {
+    let refused = frames_until_end(s);
+    assert!(
+        matches!(&refused[0].message, Message::Error { kind: k, .. } if *k == kind),
+        "{refused:?}"
+    );
+}
+
 fn log_entries(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .expect("log")
@@ -382,17 +391,7 @@ fn activity_counts_running_commands_and_a_drain_refuses_new_ones() {
     assert!(!relay.drain(), "already draining");
     // ...a new command is refused, typed...
     write_frame(&mut b, &Frame::new(10, exec("echo", &["late"]))).expect("w");
-    let refused = frames_until_end(&mut b);
-    assert!(
-        matches!(
-            &refused[0].message,
-            Message::Error {
-                kind: ErrorKind::Unavailable,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    assert_refused(&mut b, ErrorKind::Unavailable);
     // ...and the running one finishes normally.
     write_frame(&mut a, &Frame::new(3, Message::Stdin(vec![]))).expect("w");
     let end = frames_until_end(&mut a);
@@ -439,4 +438,111 @@ fn drain_and_detach_are_answered_without_the_guest() {
     std::thread::sleep(Duration::from_millis(100));
     let _ = d.shutdown(std::net::Shutdown::Both);
     assert_eq!(relay.activity().last, before);
+}
+
+/// Counts what the relay asks of the vCPUs.
+#[derive(Default)]
+struct FakeVcpus {
+    pauses: std::sync::atomic::AtomicUsize,
+    resumes: std::sync::atomic::AtomicUsize,
+}
+
+struct Fake(std::sync::Arc<FakeVcpus>);
+
+impl msb_vmm::relay::VcpuControl for Fake {
+    fn pause(&self) -> Result<(), String> {
+        self.0
+            .pauses
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), String> {
+        self.0
+            .resumes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn relay_ask(control: &Path, m: Message) -> Message {
+    let mut c = UnixStream::connect(control).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write_frame(&mut c, &Frame::new(1, m)).expect("w");
+    read_frame(&mut c).expect("frame").expect("answer").message
+}
+
+#[test]
+fn a_pause_parks_the_vcpus_once_and_refuses_guest_requests_until_the_resume() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let s = setup(true, Duration::from_secs(10));
+    let relay = s.relay.as_ref().expect("relay");
+    // Without vCPU control (a relay alone) a pause is refused, typed.
+    assert!(matches!(
+        relay_ask(&s.control, Message::Pause),
+        Message::Error {
+            kind: ErrorKind::Internal,
+            ..
+        }
+    ));
+    let vcpus = std::sync::Arc::new(FakeVcpus::default());
+    relay.set_vcpu_control(Box::new(Fake(vcpus.clone())));
+
+    // A command that runs across the pause keeps its connection.
+    let mut a = client(&s.control);
+    read_frame(&mut a).expect("frame").expect("ready");
+    write_frame(&mut a, &Frame::new(3, exec("cat", &[]))).expect("w");
+    read_frame(&mut a).expect("frame").expect("started");
+
+    for _ in 0..2 {
+        assert_eq!(
+            relay_ask(&s.control, Message::Pause),
+            Message::PauseState { paused: true }
+        );
+    }
+    assert_eq!(
+        vcpus.pauses.load(SeqCst),
+        1,
+        "a second pause finds them parked"
+    );
+    assert!(relay.is_paused());
+
+    // A new client is refused at once, typed, without reaching the guest...
+    let mut b = client(&s.control);
+    assert_refused(&mut b, ErrorKind::Paused);
+    // ...and so is a new command on a connection made before the pause.
+    write_frame(&mut a, &Frame::new(4, exec("echo", &["late"]))).expect("w");
+    assert_refused(&mut a, ErrorKind::Paused);
+    // The idle clock does not run while paused; it starts again at the resume.
+    let before = relay.activity().last;
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..2 {
+        assert_eq!(
+            relay_ask(&s.control, Message::Resume),
+            Message::PauseState { paused: false }
+        );
+    }
+    assert_eq!(vcpus.resumes.load(SeqCst), 1);
+    assert!(!relay.is_paused());
+    assert!(relay.activity().last > before);
+
+    // The command from before the pause carries on to its end.
+    write_frame(&mut a, &Frame::new(3, Message::Stdin(vec![]))).expect("w");
+    let end = frames_until_end(&mut a);
+    assert!(matches!(
+        end.last().map(|f| &f.message),
+        Some(Message::Exited { .. })
+    ));
+    // A draining sandbox cannot be paused.
+    relay.drain();
+    assert!(matches!(
+        relay_ask(&s.control, Message::Pause),
+        Message::Error {
+            kind: ErrorKind::Unavailable,
+            ..
+        }
+    ));
+    let log = std::fs::read_to_string(&s.log).expect("log");
+    assert!(log.contains("paused (asked by a client)"), "{log}");
+    assert!(log.contains("resumed (asked by a client)"), "{log}");
 }

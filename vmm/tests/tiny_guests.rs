@@ -139,6 +139,51 @@ fn a_spinning_guest_is_stopped_at_the_timeout() {
     assert_eq!(o.end, VmEnd::TimedOut(Duration::from_millis(300)));
 }
 
+#[test]
+fn a_paused_guest_runs_no_instruction_until_resumed() {
+    use vm_memory::{Bytes, GuestAddress};
+    if !kvm_available() {
+        return;
+    }
+    // `inc dword [0x2000]; jmp back`: a counter in guest memory that moves only while the
+    // vCPU runs.
+    let counter = GuestAddress(0x2000);
+    let vm = Vm::build(
+        &config(code(
+            0x1000,
+            vec![0x66, 0xff, 0x06, 0x00, 0x20, 0xeb, 0xf9],
+            CodeMode::Real,
+        )),
+        Instant::now(),
+    )
+    .expect("VM builds");
+    let (mem, control) = (vm.guest_memory(), vm.stopper());
+    let read = || mem.read_obj::<u32>(counter).expect("read the counter");
+    let runner = std::thread::spawn(move || vm.run(Some(TIMEOUT)).expect("VM runs"));
+    let wait_for_more = |than: u32| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read() <= than {
+            assert!(Instant::now() < deadline, "the counter stays at {than}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for_more(0);
+    for round in 0..3 {
+        control.pause().expect("pause");
+        let parked = read();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(read(), parked, "round {round}: the guest ran while paused");
+        control.pause().expect("a second pause finds it parked");
+        control.resume().expect("resume");
+        wait_for_more(parked);
+    }
+    control.stop("test over");
+    let o = runner.join().expect("the VM thread");
+    assert_eq!(o.end, VmEnd::StoppedByHost("test over".into()));
+    // Once the VM has ended there is nothing to pause.
+    assert!(control.pause().is_err());
+}
+
 /// A minimal bzImage whose "kernel" checks the zero page the VMM passed in `esi` (the
 /// `HdrS` magic of the setup header) and exits 42 if it is right.
 fn tiny_bzimage() -> Vec<u8> {

@@ -72,7 +72,7 @@ pub(crate) async fn cmd_logs(a: LogsArgs) -> CliResult<u8> {
     opts.tail = a.tail;
 
     if !a.follow {
-        for e in h.logs(&opts)? {
+        for e in h.logs(&opts).await? {
             print_entry(&e, print)?;
         }
         return Ok(0);
@@ -84,7 +84,7 @@ pub(crate) async fn cmd_logs(a: LogsArgs) -> CliResult<u8> {
         Some(n) => {
             // The last n entries, then everything after the last one there is now.
             opts.tail = Some(n.max(1));
-            let entries = h.logs(&opts)?;
+            let entries = h.logs(&opts).await?;
             let skip = entries.len().saturating_sub(n);
             for e in &entries[skip..] {
                 print_entry(e, print)?;

@@ -305,6 +305,17 @@ pub(crate) async fn cmd_drain(a: NameArg) -> CliResult<u8> {
     Ok(0)
 }
 
+pub(crate) async fn cmd_pause(a: NameArg, pause: bool) -> CliResult<u8> {
+    let h = Sandbox::get(&a.name).await?;
+    if pause {
+        h.pause().await?;
+    } else {
+        h.resume().await?;
+    }
+    out(format!("{}\n", a.name).as_bytes())?;
+    Ok(0)
+}
+
 pub(crate) async fn cmd_ls(a: LsArgs) -> CliResult<u8> {
     let mut filter = SandboxFilter::new().with_labels(a.labels);
     if let Some(s) = a.status {

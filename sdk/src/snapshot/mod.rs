@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{self, RootfsSource};
 use crate::error::{MicrosandboxError, MicrosandboxResult};
-use crate::home::{msb_home, private_dir, validate_name, Paths};
+use crate::home::{msb_home, private_dir, validate_plain_name, Paths};
 use crate::image::ImageConfig;
 
 /// The manifest's format version.
@@ -151,7 +151,7 @@ pub(crate) fn locate(home: &Path, name_or_path: &str) -> MicrosandboxResult<Path
     if name_or_path.contains('/') {
         return Ok(PathBuf::from(name_or_path));
     }
-    validate_name(name_or_path)?;
+    validate_plain_name(name_or_path)?;
     Ok(snapshots_dir(home).join(name_or_path))
 }
 
@@ -645,7 +645,7 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
         std::fs::remove_file(&image_tar)?;
     }
     if let Some(n) = name {
-        validate_name(n)?;
+        validate_plain_name(n)?;
         if n != m.name {
             // The name is part of the manifest: re-seal it under the new one.
             m.name = n.to_string();
@@ -656,7 +656,7 @@ fn import(home: &Path, file: &Path, name: Option<&str>) -> MicrosandboxResult<Sn
             std::fs::write(staging.path().join(MANIFEST), json)?;
         }
     }
-    validate_name(&m.name)?;
+    validate_plain_name(&m.name)?;
     let dest = dir.join(&m.name);
     staging.publish(&dest)?;
     Ok(SnapshotArtifact::from_manifest(&m, dest))

@@ -452,6 +452,7 @@ fn main() -> ExitCode {
         );
     }
     if let Some(r) = &relay {
+        r.set_vcpu_control(Box::new(vm.stopper()));
         r.log_system("vm started");
     }
     let monitor = match &relay {
