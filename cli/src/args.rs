@@ -75,6 +75,13 @@ pub(crate) enum Command {
     Metrics(MetricsArgs),
     /// Print a sandbox's state and configuration as JSON
     Inspect(NameArg),
+    /// SSH into a running sandbox (with OpenSSH's ssh), or serve an SSH endpoint for it
+    ///
+    /// Without --serve: an interactive shell (or CMD) through the system's `ssh` against a
+    /// one-off endpoint with a one-off key. With --serve: an endpoint on 127.0.0.1 until
+    /// Ctrl-C, for `ssh`, `scp`, `sftp` and editors; it prints its port, the host key's
+    /// fingerprint and a known_hosts line.
+    Ssh(SshArgs),
     /// Copy a file between the host and a running sandbox
     ///
     /// One side is NAME:/absolute/guest/path, the other a host path (write ./x:/y for a
@@ -421,6 +428,27 @@ pub(crate) struct StopArgs {
     pub(crate) timeout: Duration,
     /// Sandbox name
     pub(crate) name: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SshArgs {
+    /// Serve an endpoint until Ctrl-C instead of opening a session
+    #[arg(long)]
+    pub(crate) serve: bool,
+    /// The endpoint's port (default: one the system assigns)
+    #[arg(short, long, requires = "serve")]
+    pub(crate) port: Option<u16>,
+    /// Keys let in by --serve, in authorized_keys format (default: ~/.ssh/id_*.pub)
+    #[arg(long, value_name = "FILE", requires = "serve")]
+    pub(crate) authorized_keys: Option<std::path::PathBuf>,
+    /// The guest user to log in as
+    #[arg(short = 'l', long, default_value = "root")]
+    pub(crate) user: String,
+    /// Sandbox name
+    pub(crate) name: String,
+    /// A command to run instead of a shell
+    #[arg(last = true)]
+    pub(crate) command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,9 @@
 //! msb metrics [NAME] [--json] [--watch DUR]
 //! msb inspect NAME                 the sandbox's state and configuration, as JSON
 //! msb cp SRC DST                   copy a file; one side is NAME:/guest/path
+//! msb ssh [-l USER] NAME [-- CMD]  a shell (or CMD) through ssh
+//! msb ssh --serve [-p PORT] [--authorized-keys FILE] NAME
+//!                                  an SSH endpoint on 127.0.0.1 until Ctrl-C
 //! msb pull [--policy P] [--insecure-registry HOST]... REF
 //!                                  fetch an image into the store, with progress bars
 //! msb image ls [--json] | inspect REF | rm REF... | prune | load [--tag REF] FILE
@@ -45,7 +48,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::args::{Cli, Command};
-use crate::commands::{cp, exec, image, logs, metrics, sandbox, snapshot};
+use crate::commands::{cp, exec, image, logs, metrics, sandbox, snapshot, ssh};
 use crate::error::{report, say, CliResult};
 
 /// `SIGINT`, as the guest numbers it.
@@ -98,6 +101,7 @@ async fn dispatch(cli: Cli) -> CliResult<u8> {
         Command::Metrics(a) => metrics::cmd_metrics(a).await,
         Command::Inspect(a) => sandbox::cmd_inspect(a).await,
         Command::Cp(a) => cp::cmd_cp(a).await,
+        Command::Ssh(a) => ssh::cmd_ssh(a).await,
         Command::Pull(a) => image::cmd_pull(a).await,
         Command::Image(c) => image::cmd_image(c).await,
         Command::Snapshot(c) => snapshot::cmd_snapshot(c).await,

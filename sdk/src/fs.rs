@@ -381,7 +381,7 @@ impl<'a> SandboxFs<'a> {
 
     /// Sends a write of everything `src` yields, in chunks. Stops sending as soon as the
     /// agent answers (an early error).
-    async fn write_from(
+    pub(crate) async fn write_from(
         &self,
         path: &str,
         mode: Option<u32>,

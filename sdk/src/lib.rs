@@ -56,6 +56,7 @@ mod rootfs;
 mod sandbox;
 mod secrets;
 mod snapshot;
+pub mod ssh;
 mod state;
 mod stop;
 mod transitions;
@@ -88,6 +89,7 @@ pub use rootfs::{Patch, PatchBuilder};
 pub use sandbox::Sandbox;
 pub use secrets::{SecretBuilder, SecretSource};
 pub use snapshot::{ExportOptions, Snapshot, SnapshotArtifact};
+pub use ssh::{SshClient, SshEndpoint, SshOptions, SshOutput};
 pub use state::SandboxStatus;
 pub use stop::{SandboxStopResult, StopSource};
 pub use volume::{MountBuilder, VolumeMount};
@@ -98,3 +100,7 @@ pub use msb_protocol::error_chain;
 /// Guest text (command output, logs, the agent's messages) with its control characters
 /// shown as escapes, for printing on a terminal.
 pub use msb_protocol::terminal::{escape_controls, escape_controls_bytes};
+/// The SSH library the [`ssh`] module is built on (its types appear in [`SshClient`]).
+pub use russh;
+/// The SFTP library of [`SshClient::sftp`].
+pub use russh_sftp;

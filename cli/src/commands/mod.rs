@@ -7,3 +7,4 @@ pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod sandbox;
 pub(crate) mod snapshot;
+pub(crate) mod ssh;
