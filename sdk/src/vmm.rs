@@ -207,7 +207,10 @@ pub(crate) fn spawn(
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .and_then(ProcessId::of);
-    Ok((VmmProcess::watch(child, lifeline, detached), pid))
+    Ok((
+        VmmProcess::watch(child, lifeline, detached, paths.clone()),
+        pid,
+    ))
 }
 
 /// The sandbox's `msb-vmm` child, owned by a task: callers wait on `status` and ask for a
@@ -229,6 +232,7 @@ impl VmmProcess {
         mut child: Child,
         lifeline: std::io::PipeWriter,
         detached: Arc<AtomicBool>,
+        paths: Paths,
     ) -> VmmProcess {
         let pid = child.id();
         let (status_tx, status) = watch::channel(None);
@@ -245,17 +249,24 @@ impl VmmProcess {
                             return;
                         }
                         if let Ok(s) = tokio::time::timeout(DROP_GRACE, child.wait()).await {
+                            if let Ok(st) = &s {
+                                note_end(&paths, *st);
+                            }
                             let _ = status_tx.send(s.ok());
                             return;
                         }
                     }
+                    // A kill asked for (through a handle, or by the last handle going).
+                    let _ = std::fs::write(paths.kill_request(), b"");
                     let _ = child.start_kill();
                     child.wait().await
                 }
             };
             // A failed wait (not expected) reads as "ended, status unknown".
             let unknown = std::os::unix::process::ExitStatusExt::from_raw(-1);
-            let _ = status_tx.send(Some(status.unwrap_or(unknown)));
+            let status = status.unwrap_or(unknown);
+            note_end(&paths, status);
+            let _ = status_tx.send(Some(status));
         });
         VmmProcess {
             pid,
@@ -362,14 +373,51 @@ pub(crate) fn record_kill(paths: &Paths, reason: &str) {
     if paths.exit_record().exists() {
         return;
     }
-    let rec = ExitRecord {
-        clean: true,
-        reason: reason.to_string(),
-        // What a shell reports for a process killed with SIGKILL.
-        exit_code: 137,
-        at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+    write_exit(
+        paths,
+        &ExitRecord {
+            clean: true,
+            reason: reason.to_string(),
+            // What a shell reports for a process killed with SIGKILL.
+            exit_code: 137,
+            at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+        },
+    );
+}
+
+/// Once this process has reaped its VMM: when the VMM left no exit record, the record of
+/// what was seen (a kill asked for, or an end nobody asked for with its status), so a
+/// crashed sandbox's exit reason is never empty when its VMM's end was seen.
+pub(crate) fn note_end(paths: &Paths, status: std::process::ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
+    if exit_or_requested_kill(paths).is_some() {
+        return;
+    }
+    let (reason, code) = match (status.code(), status.signal()) {
+        (_, Some(sig)) => (
+            format!("the VMM was killed by signal {sig} and left no record"),
+            128 + sig,
+        ),
+        (Some(c), None) => (
+            format!("the VMM exited with code {c} and left no record"),
+            c,
+        ),
+        (None, None) => ("the VMM ended and left no record".to_string(), 255),
     };
-    let Ok(text) = serde_json::to_vec(&rec) else {
+    write_exit(
+        paths,
+        &ExitRecord {
+            clean: false,
+            reason,
+            exit_code: u8::try_from(code).unwrap_or(255),
+            at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+        },
+    );
+}
+
+/// Writes an exit record the SDK observed (temporary file, then a rename).
+fn write_exit(paths: &Paths, rec: &ExitRecord) {
+    let Ok(text) = serde_json::to_vec(rec) else {
         return;
     };
     let tmp = paths.dir.join("vmm-exit.json.sdk-tmp");
@@ -484,5 +532,61 @@ pub(crate) async fn wait_lock_free(paths: &Paths, timeout: Duration) -> bool {
             return false;
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn paths() -> (tempfile::TempDir, Paths) {
+        let home = tempfile::tempdir().expect("tempdir");
+        let p = Paths::in_home(home.path(), "sb").expect("paths");
+        std::fs::create_dir_all(&p.dir).expect("dir");
+        (home, p)
+    }
+
+    #[test]
+    fn an_end_without_a_record_is_recorded_with_what_was_seen() {
+        // Killed by SIGSEGV, nobody asked: a crash that says so.
+        let (_h, p) = paths();
+        note_end(&p, std::process::ExitStatus::from_raw(11));
+        let r = read_exit(&p).expect("a record");
+        assert!(!r.clean);
+        assert_eq!(r.exit_code, 139);
+        assert!(r.reason.contains("signal 11"), "{}", r.reason);
+        // An exit code without a record.
+        let (_h, p) = paths();
+        note_end(&p, std::process::ExitStatus::from_raw(3 << 8));
+        let r = read_exit(&p).expect("a record");
+        assert!(!r.clean && r.reason.contains("code 3"), "{r:?}");
+        // A kill that was asked for is a stop.
+        let (_h, p) = paths();
+        std::fs::write(p.kill_request(), b"").expect("marker");
+        note_end(&p, std::process::ExitStatus::from_raw(9));
+        let r = read_exit(&p).expect("a record");
+        assert!(
+            r.clean && r.reason == "killed" && r.exit_code == 137,
+            "{r:?}"
+        );
+        assert!(!p.kill_request().exists());
+        // The VMM's own record is kept.
+        let (_h, p) = paths();
+        write_exit(
+            &p,
+            &ExitRecord {
+                clean: true,
+                reason: "the guest powered off".into(),
+                exit_code: 0,
+                at_ms: 1,
+            },
+        );
+        note_end(&p, std::process::ExitStatus::from_raw(0));
+        assert_eq!(
+            read_exit(&p).expect("record").reason,
+            "the guest powered off"
+        );
     }
 }
