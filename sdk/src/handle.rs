@@ -274,17 +274,24 @@ impl SandboxHandle {
     }
 }
 
-/// The reconciled row of `name` when `request` is to be carried out in its status; `None`
-/// when there is nothing to do.
-fn acting(name: &str, request: Request) -> MicrosandboxResult<Option<Row>> {
+/// The reconciled row of `name` and what `request` does in its status (an error when its
+/// status does not take it).
+fn checked(name: &str, request: Request) -> MicrosandboxResult<(Row, Decision)> {
     let row = get_row(name)?.ok_or_else(|| MicrosandboxError::NotFound(name.to_string()))?;
     let status = match row.status {
         RowStatus::Is(s) => s,
         RowStatus::Creating => return Err(MicrosandboxError::NotRunning(name.to_string())),
     };
-    Ok(match decide(name, status, request)? {
-        Decision::Act => Some(row),
-        Decision::Nothing => None,
+    let decision = decide(name, status, request)?;
+    Ok((row, decision))
+}
+
+/// The reconciled row of `name` when `request` is to be carried out in its status; `None`
+/// when there is nothing to do.
+fn acting(name: &str, request: Request) -> MicrosandboxResult<Option<Row>> {
+    Ok(match checked(name, request)? {
+        (row, Decision::Act) => Some(row),
+        (_, Decision::Nothing) => None,
     })
 }
 
@@ -328,9 +335,9 @@ pub(crate) async fn set_paused(
     } else {
         (Request::Resume, Message::Resume, SandboxStatus::Running)
     };
-    let Some(row) = acting(name, request)? else {
-        return Ok(());
-    };
+    // Sent even when the row says there is nothing to do: the row may be behind the VMM
+    // (which resumes a guest its lifecycle needs), and the relay takes a repeat as a no-op.
+    let (row, _) = checked(name, request)?;
     match crate::conn::relay_request(control, message, REQUEST_TIMEOUT).await? {
         Message::PauseState { paused } if paused == pause => {}
         other => {
@@ -340,7 +347,16 @@ pub(crate) async fn set_paused(
             )))
         }
     }
-    open_db()?.transition(name, &row.claim, &[row.status], to)?;
+    // A draining sandbox stays draining.
+    open_db()?.transition(
+        name,
+        &row.claim,
+        &[
+            RowStatus::Is(SandboxStatus::Running),
+            RowStatus::Is(SandboxStatus::Paused),
+        ],
+        to,
+    )?;
     Ok(())
 }
 

@@ -515,10 +515,14 @@ impl Sandbox {
         let status = match &self.inner.vmm {
             Some(vmm) => {
                 if vmm.exited().is_none() {
+                    // One window for both: asking, then waiting for the power-off.
+                    let deadline = tokio::time::Instant::now() + grace;
                     if !grace.is_zero() {
                         vmm::ask_power_off(self.control(), grace).await;
                     }
-                    if grace.is_zero() || tokio::time::timeout(grace, vmm.wait()).await.is_err() {
+                    if grace.is_zero()
+                        || tokio::time::timeout_at(deadline, vmm.wait()).await.is_err()
+                    {
                         vmm.start_kill();
                         vmm.wait().await;
                         vmm::record_kill(paths, "killed");

@@ -370,19 +370,20 @@ pub(crate) fn read_exit(paths: &Paths) -> Option<ExitRecord> {
 /// Records an orderly end after this process killed the VMM itself (a kill asked for is
 /// a stop, not a crash), unless the VMM recorded its own end first.
 pub(crate) fn record_kill(paths: &Paths, reason: &str) {
-    if paths.exit_record().exists() {
-        return;
+    if !paths.exit_record().exists() {
+        write_exit(
+            paths,
+            &ExitRecord {
+                clean: true,
+                reason: reason.to_string(),
+                // What a shell reports for a process killed with SIGKILL.
+                exit_code: 137,
+                at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
+            },
+        );
     }
-    write_exit(
-        paths,
-        &ExitRecord {
-            clean: true,
-            reason: reason.to_string(),
-            // What a shell reports for a process killed with SIGKILL.
-            exit_code: 137,
-            at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0),
-        },
-    );
+    // The end is recorded: the request has served.
+    let _ = std::fs::remove_file(paths.kill_request());
 }
 
 /// Once this process has reaped its VMM: when the VMM left no exit record, the record of
@@ -415,14 +416,21 @@ pub(crate) fn note_end(paths: &Paths, status: std::process::ExitStatus) {
     );
 }
 
-/// Writes an exit record the SDK observed (temporary file, then a rename).
+/// Writes an exit record the SDK observed (a temporary file of its own, then a rename:
+/// two writers never publish half of one).
 fn write_exit(paths: &Paths, rec: &ExitRecord) {
+    use std::io::Write;
     let Ok(text) = serde_json::to_vec(rec) else {
         return;
     };
-    let tmp = paths.dir.join("vmm-exit.json.sdk-tmp");
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, paths.exit_record());
+    let Ok(mut tmp) = tempfile::Builder::new()
+        .prefix(".vmm-exit.")
+        .tempfile_in(&paths.dir)
+    else {
+        return;
+    };
+    if tmp.write_all(&text).is_ok() {
+        let _ = tmp.persist(paths.exit_record());
     }
 }
 
@@ -434,7 +442,6 @@ pub(crate) fn exit_or_requested_kill(paths: &Paths) -> Option<ExitRecord> {
     }
     if paths.kill_request().exists() {
         record_kill(paths, "killed");
-        let _ = std::fs::remove_file(paths.kill_request());
     }
     read_exit(paths)
 }
@@ -453,8 +460,11 @@ pub(crate) async fn stop_vmm(
     timeout: Duration,
 ) -> MicrosandboxResult<()> {
     if !timeout.is_zero() {
+        // One window for both: asking, then waiting for the power-off.
+        let deadline = tokio::time::Instant::now() + timeout;
         ask_power_off(&paths.control, timeout).await;
-        if wait_lock_free(paths, timeout).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if wait_lock_free(paths, left).await {
             return Ok(());
         }
     }
@@ -481,12 +491,14 @@ pub(crate) fn signal_kill(paths: &Paths, vmm: Option<ProcessId>) -> Microsandbox
     if !vmm_alive(paths) {
         return Ok(());
     }
-    std::fs::write(paths.kill_request(), b"")?;
     match vmm.filter(|p| p.alive()) {
         Some(p) => {
             let pid = rustix::process::Pid::from_raw(p.pid)
                 .ok_or_else(|| MicrosandboxError::State(format!("invalid VMM pid {}", p.pid)))?;
+            std::fs::write(paths.kill_request(), b"")?;
             rustix::process::kill_process(pid, rustix::process::Signal::KILL).map_err(|e| {
+                // Not killed: a later end of this VMM is not this kill.
+                let _ = std::fs::remove_file(paths.kill_request());
                 MicrosandboxError::State(format!("cannot kill the VMM (pid {}): {e}", p.pid))
             })
         }

@@ -81,8 +81,9 @@ fn monitor(m: MonitorSetup, done: Receiver<()>) -> Option<String> {
             m.relay.agent_ready() && !paused,
             m.relay.is_draining(),
         );
-        // Whatever the lifecycle does next needs the guest running.
-        if paused && action != Action::Wait {
+        // Whatever the lifecycle does next needs the guest running, and so does a drain
+        // (its commands must be able to finish).
+        if paused && (action != Action::Wait || m.relay.is_draining()) {
             if let Err(e) = m.relay.resume_for("the lifecycle needs the guest") {
                 eprintln!("msb-vmm: cannot resume the vCPUs: {e}");
             }

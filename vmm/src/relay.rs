@@ -343,7 +343,7 @@ impl Relay {
     /// Runs the vCPUs again if they are parked (`why` goes to the log): the lifecycle
     /// needs the guest (a limit, a drain, a power-off).
     pub fn resume_for(&self, why: &str) -> Result<(), String> {
-        set_paused(&self.shared, false, why)
+        set_paused(&self.shared, false, why).map_err(|(_, e)| e)
     }
 
     /// True once a client sent [`Message::Detach`]: the VMM outlives its starter.
@@ -571,28 +571,11 @@ fn local_reply(frame: &Frame, shared: &Shared) -> Option<Frame> {
         }
         Message::Pause | Message::Resume => {
             let pause = frame.message == Message::Pause;
-            if pause && shared.draining.load(Ordering::SeqCst) {
-                return Some(
-                    Frame::new(
-                        frame.id,
-                        Message::Error {
-                            kind: ErrorKind::Unavailable,
-                            message: "the sandbox is draining: it cannot be paused".into(),
-                        },
-                    )
-                    .end(),
-                );
-            }
             Some(match set_paused(shared, pause, "asked by a client") {
                 Ok(()) => Frame::new(frame.id, Message::PauseState { paused: pause }).end(),
-                Err(message) => Frame::new(
-                    frame.id,
-                    Message::Error {
-                        kind: ErrorKind::Internal,
-                        message,
-                    },
-                )
-                .end(),
+                Err((kind, message)) => {
+                    Frame::new(frame.id, Message::Error { kind, message }).end()
+                }
             })
         }
         Message::ExecStart(_) | Message::Fs(_) if is_paused(shared) => Some(paused_error(frame.id)),
@@ -612,22 +595,31 @@ fn local_reply(frame: &Frame, shared: &Shared) -> Option<Frame> {
 
 /// Parks (`pause`) or runs the vCPUs, once: a second pause or resume finds them there
 /// already. A pause that fails half way runs them all again. `why` goes to the log.
-fn set_paused(shared: &Shared, pause: bool, why: &str) -> Result<(), String> {
+fn set_paused(shared: &Shared, pause: bool, why: &str) -> Result<(), (ErrorKind, String)> {
     let mut paused = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
     if *paused == pause {
         return Ok(());
     }
+    // Checked under the lock: a drain needs the guest running (the monitor resumes a guest
+    // a drain finds paused).
+    if pause && shared.draining.load(Ordering::SeqCst) {
+        return Err((
+            ErrorKind::Unavailable,
+            "the sandbox is draining: it cannot be paused".into(),
+        ));
+    }
+    let internal = |e: String| (ErrorKind::Internal, e);
     let control = shared
         .vcpus
         .get()
-        .ok_or_else(|| "this VMM cannot pause its vCPUs".to_string())?;
+        .ok_or_else(|| internal("this VMM cannot pause its vCPUs".into()))?;
     if pause {
         if let Err(e) = control.pause() {
             let _ = control.resume();
-            return Err(e);
+            return Err(internal(e));
         }
     } else {
-        control.resume()?;
+        control.resume().map_err(internal)?;
         // The idle clock starts again: the time parked was not idle time.
         shared.touch(0);
     }

@@ -202,17 +202,14 @@ impl VcpuHandle {
         *guard
     }
 
-    /// Sends `Pause` or `Resume` and waits up to `timeout` for the thread to get there,
-    /// kicking it again meanwhile (a kick that lands just before it enters the guest is
-    /// lost); returns the state reached.
-    pub fn command_and_wait(&self, cmd: VcpuCommand, timeout: Duration) -> VcpuState {
+    /// Waits until the thread has carried out `cmd` (sent already) or `deadline` passes,
+    /// kicking it every 10 ms; returns the state reached.
+    pub fn wait_kicking(&self, cmd: VcpuCommand, deadline: std::time::Instant) -> VcpuState {
         let want = match cmd {
             VcpuCommand::Pause => VcpuState::Paused,
             VcpuCommand::Resume => VcpuState::Running,
             VcpuCommand::Exit => VcpuState::Exited,
         };
-        self.send(cmd);
-        let deadline = std::time::Instant::now() + timeout;
         loop {
             let slice = deadline
                 .saturating_duration_since(std::time::Instant::now())

@@ -309,7 +309,7 @@ impl VmStopper {
     }
 }
 
-/// How long a pause or resume waits for each vCPU to get there.
+/// How long a pause or resume waits for the vCPUs to get there.
 pub const VCPU_PAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Memory of the VMM process at the end of the run.
@@ -763,8 +763,13 @@ impl Vm {
 
 /// Sends `cmd` (pause or resume) to every vCPU and waits for each to get there.
 fn command_vcpus(handles: &[VcpuHandle], cmd: VcpuCommand) -> Result<(), String> {
+    // One deadline for all: every vCPU is told first, then each is waited for.
     for h in handles {
-        let now = h.command_and_wait(cmd, VCPU_PAUSE_WAIT);
+        h.send(cmd);
+    }
+    let deadline = Instant::now() + VCPU_PAUSE_WAIT;
+    for h in handles {
+        let now = h.wait_kicking(cmd, deadline);
         let wanted = match cmd {
             VcpuCommand::Pause => now == VcpuState::Paused,
             VcpuCommand::Resume => now == VcpuState::Running,

@@ -107,10 +107,10 @@ async fn session(sb: &Sandbox, a: &SshArgs) -> CliResult<u8> {
     if a.command.is_empty() && std::io::stdin().is_terminal() {
         cmd.arg("-t");
     }
-    cmd.arg(format!("{}@127.0.0.1", a.user));
-    if !a.command.is_empty() {
-        cmd.arg("--").args(&a.command);
-    }
+    // The user as an option's value and `--` before the host: neither is read as an
+    // option of ssh's.
+    cmd.arg("-l").arg(&a.user).args(["--", "127.0.0.1"]);
+    cmd.args(&a.command);
     let status = match cmd.status().await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -30,7 +30,7 @@ use crate::sandbox::Sandbox;
 
 pub use client::{SshClient, SshOutput};
 
-/// Connections one endpoint serves at once; more are closed at once.
+/// Connections one endpoint serves at once (logged in or not); more are closed at once.
 const MAX_CONNECTIONS: usize = 32;
 
 /// How an SSH endpoint is set up ([`Sandbox::ssh_server`]).
@@ -140,6 +140,12 @@ impl Sandbox {
                 "an SSH endpoint needs at least one authorized key".into(),
             ));
         }
+        if opts.keys.len() > keys::MAX_AUTHORIZED_KEYS {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "more than {} authorized keys",
+                keys::MAX_AUTHORIZED_KEYS
+            )));
+        }
         let host = self.ssh_host_key()?;
         let host_key = host.public_key().clone();
         let config = server_config(host);
@@ -191,33 +197,57 @@ impl Sandbox {
     }
 }
 
+/// How long a client has from its connection to a successful login.
+const LOGIN_DEADLINE: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     listener: TcpListener,
     config: Arc<Config>,
     state: Arc<server::ServerState>,
     sessions: Arc<Mutex<server::Sessions>>,
 ) {
+    // A slot per connection from its accept (logged in or not) to its end.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if sessions.lock().unwrap_or_else(|p| p.into_inner()).len() >= MAX_CONNECTIONS {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             drop(stream);
             continue;
-        }
+        };
         let (config, state, sessions) = (config.clone(), state.clone(), sessions.clone());
         tokio::spawn(async move {
-            let Ok(running) =
-                russh::server::run_stream(config, stream, server::Connection::new(state)).await
-            else {
+            let _slot = slot;
+            let conn = server::Connection::new(state);
+            let authenticated = conn.authenticated.clone();
+            let started = tokio::time::timeout(
+                LOGIN_DEADLINE,
+                russh::server::run_stream(config, stream, conn),
+            )
+            .await;
+            let Ok(Ok(running)) = started else {
                 return;
             };
-            let id = sessions
+            let handle = running.handle();
+            let Some(id) = sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .add(running.handle());
+                .add(handle.clone())
+            else {
+                // The endpoint was shut down meanwhile.
+                disconnect_all(vec![handle]).await;
+                return;
+            };
+            let deadline = tokio::spawn(async move {
+                tokio::time::sleep(LOGIN_DEADLINE).await;
+                if !authenticated.load(std::sync::atomic::Ordering::SeqCst) {
+                    disconnect_all(vec![handle]).await;
+                }
+            });
             let _ = running.await;
+            deadline.abort();
             sessions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -255,19 +285,23 @@ impl SshEndpoint {
         format!("[127.0.0.1]:{} {}", self.port(), text.trim_end())
     }
 
-    /// Authorises another key from now on.
-    pub fn authorize(&self, key: PublicKey) {
-        self.state
-            .keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(key);
+    /// Authorises another key from now on (at most 1024 in all).
+    pub fn authorize(&self, key: PublicKey) -> MicrosandboxResult<()> {
+        let mut keys = self.state.keys.write().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= keys::MAX_AUTHORIZED_KEYS {
+            return Err(MicrosandboxError::InvalidConfig(format!(
+                "more than {} authorized keys",
+                keys::MAX_AUTHORIZED_KEYS
+            )));
+        }
+        keys.push(key);
+        Ok(())
     }
 
     /// A client connected to this endpoint over TCP with a fresh key it authorises.
     pub async fn open_client(&self, user: &str) -> MicrosandboxResult<SshClient> {
         let key = keys::generate()?;
-        self.authorize(key.public_key().clone());
+        self.authorize(key.public_key().clone())?;
         SshClient::over_tcp(self.addr, self.host_key.clone(), key, user).await
     }
 
@@ -282,7 +316,7 @@ impl SshEndpoint {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .drain()
+            .close()
     }
 }
 

@@ -28,10 +28,16 @@ impl ServerState {
     }
 }
 
+/// Session channels one connection may have open at once.
+const MAX_CHANNELS: usize = 16;
+
 /// One client connection.
 pub(crate) struct Connection {
     state: Arc<ServerState>,
     user: String,
+    /// Set once a key got in (a login deadline checks it).
+    pub(crate) authenticated: Arc<std::sync::atomic::AtomicBool>,
+    channels: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Connection {
@@ -39,7 +45,18 @@ impl Connection {
         Connection {
             state,
             user: String::new(),
+            authenticated: Arc::default(),
+            channels: Arc::default(),
         }
+    }
+}
+
+/// Counts a connection's open channel while it lives.
+struct ChannelSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -71,6 +88,8 @@ impl russh::server::Handler for Connection {
     async fn auth_publickey(&mut self, user: &str, key: &PublicKey) -> Result<Auth, Self::Error> {
         if self.state.authorized(key) {
             self.user = user.to_string();
+            self.authenticated
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {
             Ok(Auth::reject())
@@ -83,11 +102,19 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.channels.fetch_add(1, SeqCst) >= MAX_CHANNELS {
+            self.channels.fetch_sub(1, SeqCst);
+            // Dropping the reply refuses the channel.
+            return Ok(());
+        }
+        let slot = ChannelSlot(self.channels.clone());
         reply.accept().await;
         let task = ChannelTask {
             sb: self.state.sb.clone(),
             user: self.user.clone(),
             session: session.handle(),
+            slot,
         };
         tokio::spawn(task.run(channel));
         Ok(())
@@ -146,7 +173,8 @@ impl russh::server::Handler for Connection {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if name == "sftp" {
+        // File requests run as root in the guest: only a root login gets them.
+        if name == "sftp" && self.user == "root" {
             session.channel_success(channel)?;
         } else {
             session.channel_failure(channel)?;
@@ -217,6 +245,8 @@ struct ChannelTask {
     sb: Sandbox,
     user: String,
     session: russh::server::Handle,
+    /// Held for as long as the channel is served.
+    slot: ChannelSlot,
 }
 
 fn dimension(v: u32, default: u16) -> u16 {
@@ -267,13 +297,16 @@ impl ChannelTask {
                 Some(ChannelMsg::RequestShell { .. }) => {
                     return self.command(channel, None, pty, env).await;
                 }
-                Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => {
+                Some(ChannelMsg::RequestSubsystem { name, .. })
+                    if name == "sftp" && self.user == "root" =>
+                {
                     let stream = SftpStream {
                         id: channel.id(),
                         inner: channel.into_stream(),
                         session: self.session,
                         ending: None,
                         ended: false,
+                        _slot: self.slot,
                     };
                     russh_sftp::server::run(stream, SftpSession::new(self.sb)).await;
                     return;
@@ -444,6 +477,7 @@ struct SftpStream {
     id: ChannelId,
     ending: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     ended: bool,
+    _slot: ChannelSlot,
 }
 
 impl tokio::io::AsyncRead for SftpStream {
@@ -518,24 +552,28 @@ async fn fail(channel: &Channel<Msg>, why: &str) {
 pub(crate) struct Sessions {
     next: u64,
     live: HashMap<u64, russh::server::Handle>,
+    /// Shut down: no session is added any more.
+    closed: bool,
 }
 
 impl Sessions {
-    pub(crate) fn add(&mut self, h: russh::server::Handle) -> u64 {
+    /// Registers a session; `None` once the endpoint is shut down.
+    pub(crate) fn add(&mut self, h: russh::server::Handle) -> Option<u64> {
+        if self.closed {
+            return None;
+        }
         self.next += 1;
         self.live.insert(self.next, h);
-        self.next
+        Some(self.next)
     }
 
     pub(crate) fn remove(&mut self, id: u64) {
         self.live.remove(&id);
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.live.len()
-    }
-
-    pub(crate) fn drain(&mut self) -> Vec<russh::server::Handle> {
+    /// Closes the set; the sessions it held.
+    pub(crate) fn close(&mut self) -> Vec<russh::server::Handle> {
+        self.closed = true;
         self.live.drain().map(|(_, h)| h).collect()
     }
 }

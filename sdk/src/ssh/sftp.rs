@@ -29,6 +29,12 @@ const MAX_HANDLES: usize = 64;
 const DIR_BATCH: usize = 100;
 /// The largest read answered at once (OpenSSH asks for 32 KiB).
 const MAX_READ: u32 = 256 << 10;
+/// What one session's open files may hold on the host at once (spooled reads and writes,
+/// counting a file's whole length): the guest decides how large its files are, and a
+/// client how far it writes.
+const SPOOL_BUDGET: u64 = 4 << 30;
+/// Directory entries one session may hold in open directory handles.
+const MAX_DIR_ENTRIES: usize = 200_000;
 
 enum Open {
     File {
@@ -48,16 +54,53 @@ pub(crate) struct SftpSession {
     handles: HashMap<String, Open>,
     next: u64,
     initialized: bool,
+    /// Where spool files go (the sandbox's directory).
+    spool_dir: std::path::PathBuf,
 }
 
 impl SftpSession {
     pub(crate) fn new(sb: Sandbox) -> Self {
         SftpSession {
-            sb,
             handles: HashMap::new(),
             next: 0,
             initialized: false,
+            spool_dir: sb_dir(&sb),
+            sb,
         }
+    }
+
+    /// Host bytes the open files hold (their lengths).
+    fn spooled(&self) -> u64 {
+        self.handles
+            .values()
+            .map(|h| match h {
+                Open::File { spool, .. } => spool.metadata().map_or(0, |m| m.len()),
+                Open::Dir { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// Refuses growing the spool past the budget by `more` bytes (beyond `now`, what the
+    /// file being grown holds).
+    fn check_budget(&self, now: u64, wanted: u64) -> Result<(), StatusReply> {
+        let others = self.spooled().saturating_sub(now);
+        if others.saturating_add(wanted) > SPOOL_BUDGET {
+            return Err(StatusCode::Failure.with_message(format!(
+                "more than {} GiB in this session's open files",
+                SPOOL_BUDGET >> 30
+            )));
+        }
+        Ok(())
+    }
+
+    fn dir_entries(&self) -> usize {
+        self.handles
+            .values()
+            .map(|h| match h {
+                Open::Dir { entries } => entries.len(),
+                Open::File { .. } => 0,
+            })
+            .sum()
     }
 
     fn add(&mut self, open: Open) -> Result<String, StatusReply> {
@@ -70,6 +113,10 @@ impl SftpSession {
         self.handles.insert(h.clone(), open);
         Ok(h)
     }
+}
+
+fn sb_dir(sb: &Sandbox) -> std::path::PathBuf {
+    sb.paths().dir.clone()
 }
 
 fn ok(id: u32) -> Status {
@@ -247,7 +294,7 @@ impl russh_sftp::server::Handler for SftpSession {
     ) -> Result<Handle, Self::Error> {
         let path = resolve(&filename);
         let write = pflags.intersects(OpenFlags::WRITE | OpenFlags::APPEND);
-        let mut spool = tempfile::tempfile().map_err(|e| io_status(&e))?;
+        let mut spool = tempfile::tempfile_in(&self.spool_dir).map_err(|e| io_status(&e))?;
         let existing = self.sb.fs().stat(&path).await;
         match &existing {
             Ok(m) if m.is_dir() => {
@@ -287,8 +334,13 @@ impl russh_sftp::server::Handler for SftpSession {
                 .read_stream(&path)
                 .await
                 .map_err(|e| status_of(&e))?;
+            // The guest says how large the file is, and may not stop there.
+            let mut held = 0u64;
+            self.check_budget(0, stream.metadata().size)?;
             while let Some(chunk) = stream.recv().await {
                 let chunk = chunk.map_err(|e| status_of(&e))?;
+                held += chunk.len() as u64;
+                self.check_budget(0, held)?;
                 spool.write_all(&chunk).map_err(|e| io_status(&e))?;
             }
         }
@@ -332,6 +384,9 @@ impl russh_sftp::server::Handler for SftpSession {
             Some(Open::File {
                 spool, write: true, ..
             }) => {
+                let now = spool.metadata().map_err(|e| io_status(&e))?.len();
+                let end = offset.saturating_add(data.len() as u64);
+                self.check_budget(now, end.max(now))?;
                 spool
                     .write_all_at(&data, offset)
                     .map_err(|e| io_status(&e))?;
@@ -372,6 +427,11 @@ impl russh_sftp::server::Handler for SftpSession {
         let path = resolve(&path);
         let list = self.sb.fs().list(&path).await;
         let list = list.map_err(|e| status_of(&e))?;
+        if self.dir_entries() + list.len() > MAX_DIR_ENTRIES {
+            return Err(StatusCode::Failure.with_message(format!(
+                "more than {MAX_DIR_ENTRIES} entries in this session's open directories"
+            )));
+        }
         let entries = list
             .into_iter()
             .map(|e| File {
@@ -469,6 +529,11 @@ impl russh_sftp::server::Handler for SftpSession {
         handle: String,
         attrs: FileAttributes,
     ) -> Result<Status, Self::Error> {
+        if let (Some(len), Some(Open::File { spool, .. })) = (attrs.size, self.handles.get(&handle))
+        {
+            let now = spool.metadata().map_err(|e| io_status(&e))?.len();
+            self.check_budget(now, len)?;
+        }
         let path = match self.handles.get_mut(&handle) {
             // A file being written: its size now (OpenSSH's scp ends every upload with a
             // size-only fsetstat), its mode when it is committed.
