@@ -523,9 +523,9 @@ impl Sandbox {
                     if grace.is_zero()
                         || tokio::time::timeout_at(deadline, vmm.wait()).await.is_err()
                     {
+                        // Recorded as asked for by the task that reaps it (`note_end`).
                         vmm.start_kill();
                         vmm.wait().await;
-                        vmm::record_kill(paths, "killed");
                     }
                 }
                 vmm.wait().await
@@ -582,11 +582,9 @@ impl Sandbox {
     /// (the end was asked for). [`Sandbox::wait_until_stopped`] waits for the end.
     pub async fn request_kill(&self) -> MicrosandboxResult<()> {
         match &self.inner.vmm {
+            // The task that owns the child writes the request down before its SIGKILL.
             Some(vmm) => {
-                if vmm.exited().is_none() {
-                    std::fs::write(self.inner.paths.kill_request(), b"")?;
-                    vmm.start_kill();
-                }
+                vmm.start_kill();
                 Ok(())
             }
             None => vmm::signal_kill(&self.inner.paths, self.inner.pid),

@@ -337,7 +337,7 @@ impl Relay {
 
     /// True while the vCPUs are parked.
     pub fn is_paused(&self) -> bool {
-        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner())
+        is_paused(&self.shared)
     }
 
     /// Runs the vCPUs again if they are parked (`why` goes to the log): the lifecycle

@@ -36,6 +36,17 @@ pub enum VcpuCommand {
     Exit,
 }
 
+impl VcpuCommand {
+    /// The state a thread is in once it has carried the command out.
+    pub fn target(self) -> VcpuState {
+        match self {
+            VcpuCommand::Pause => VcpuState::Paused,
+            VcpuCommand::Resume => VcpuState::Running,
+            VcpuCommand::Exit => VcpuState::Exited,
+        }
+    }
+}
+
 /// Why a vCPU thread ended on its own (reported to the VM's event channel).
 #[derive(Debug)]
 pub enum VcpuEnd {
@@ -205,11 +216,7 @@ impl VcpuHandle {
     /// Waits until the thread has carried out `cmd` (sent already) or `deadline` passes,
     /// kicking it every 10 ms; returns the state reached.
     pub fn wait_kicking(&self, cmd: VcpuCommand, deadline: std::time::Instant) -> VcpuState {
-        let want = match cmd {
-            VcpuCommand::Pause => VcpuState::Paused,
-            VcpuCommand::Resume => VcpuState::Running,
-            VcpuCommand::Exit => VcpuState::Exited,
-        };
+        let want = cmd.target();
         loop {
             let slice = deadline
                 .saturating_duration_since(std::time::Instant::now())

@@ -42,7 +42,7 @@ use crate::hypervisor::{
     self, ExitHandler, Hypervisor, HypervisorError, HypervisorVcpu, HypervisorVm, VcpuRun,
 };
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, VcpuCommand, VcpuEnd, VcpuError, VcpuHandle, VcpuState};
+use crate::vcpu::{self, VcpuCommand, VcpuEnd, VcpuError, VcpuHandle};
 
 /// How a test guest's raw code starts (the architecture's modes).
 pub use crate::arch::CodeMode;
@@ -770,12 +770,7 @@ fn command_vcpus(handles: &[VcpuHandle], cmd: VcpuCommand) -> Result<(), String>
     let deadline = Instant::now() + VCPU_PAUSE_WAIT;
     for h in handles {
         let now = h.wait_kicking(cmd, deadline);
-        let wanted = match cmd {
-            VcpuCommand::Pause => now == VcpuState::Paused,
-            VcpuCommand::Resume => now == VcpuState::Running,
-            VcpuCommand::Exit => now == VcpuState::Exited,
-        };
-        if !wanted {
+        if now != cmd.target() {
             return Err(format!("vCPU {} is {now:?} after a {cmd:?}", h.id()));
         }
     }
