@@ -336,6 +336,26 @@ impl ExecSink {
 
 /// A running command: its events (also as a [`Stream`]), stdin, and signals. Dropping the
 /// handle closes its connection, and the guest then kills the command's process group.
+/// Signals a running command ([`ExecHandle::control`]); clones share the
+/// command's connection.
+#[derive(Debug, Clone)]
+pub struct ExecControl {
+    w: Writer,
+}
+
+impl ExecControl {
+    /// Sends a signal (`libc` numbering: 15 is SIGTERM) to the command.
+    pub async fn signal(&self, signal: i32) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        conn::write_frame(&mut *w, &Frame::new(SESSION, Message::Signal(signal))).await
+    }
+
+    /// Sends SIGKILL.
+    pub async fn kill(&self) -> MicrosandboxResult<()> {
+        self.signal(9).await
+    }
+}
+
 #[derive(Debug)]
 pub struct ExecHandle {
     pid: u32,
@@ -430,10 +450,15 @@ impl ExecHandle {
         self.stdin.take()
     }
 
+    /// What signals the command, apart from the handle (so one task can wait in
+    /// [`ExecHandle::recv`] while another signals).
+    pub fn control(&self) -> ExecControl {
+        ExecControl { w: self.w.clone() }
+    }
+
     /// Sends a signal (`libc` numbering: 15 is SIGTERM) to the command.
     pub async fn signal(&self, signal: i32) -> MicrosandboxResult<()> {
-        let mut w = self.w.lock().await;
-        conn::write_frame(&mut *w, &Frame::new(SESSION, Message::Signal(signal))).await
+        self.control().signal(signal).await
     }
 
     /// Kills the command (SIGKILL).

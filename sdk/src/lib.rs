@@ -66,7 +66,7 @@ mod volume;
 pub use builder::SandboxBuilder;
 pub use config::{DiskImage, ImageBuilder, IntoImage, RootfsSource, SandboxConfig};
 pub use error::{FsErrorKind, MicrosandboxError, MicrosandboxResult};
-pub use exec::{ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
+pub use exec::{ExecControl, ExecEvent, ExecHandle, ExecOptions, ExecSink, Rlimit, Stdin};
 pub use fs::{FsEntry, FsEntryKind, FsMetadata, FsReadStream, SandboxFs};
 pub use handle::{SandboxFilter, SandboxHandle, DEFAULT_KILL_TIMEOUT, DEFAULT_STOP_TIMEOUT};
 pub use home::{
@@ -92,6 +92,7 @@ pub use snapshot::{ExportOptions, Snapshot, SnapshotArtifact};
 pub use ssh::{SshClient, SshEndpoint, SshOptions, SshOutput};
 pub use state::SandboxStatus;
 pub use stop::{SandboxStopResult, StopSource};
+pub use vmm::{find_vmm, installed_vmm};
 pub use volume::{MountBuilder, VolumeMount};
 
 /// An error and its causes on one line, `: `-separated (what the `msb` CLI prints).

@@ -458,9 +458,18 @@ impl Sandbox {
 
     /// Runs `script` with the sandbox's shell, streaming its events.
     pub async fn shell_stream(&self, script: impl Into<String>) -> MicrosandboxResult<ExecHandle> {
+        self.shell_stream_with(script, |o| o).await
+    }
+
+    /// [`Sandbox::shell_stream`] with options (as [`Sandbox::shell_with`]).
+    pub async fn shell_stream_with(
+        &self,
+        script: impl Into<String>,
+        f: impl FnOnce(ExecOptions) -> ExecOptions,
+    ) -> MicrosandboxResult<ExecHandle> {
         let script = script.into();
         let shell = self.inner.shell.clone();
-        self.exec_stream_with(shell, |o| o.args(["-c".to_string(), script]))
+        self.exec_stream_with(shell, |o| f(o.args(["-c".to_string(), script])))
             .await
     }
 

@@ -34,8 +34,9 @@ pub(crate) const DROP_GRACE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(50);
 
 /// Finds `msb-vmm`: `$MSB_VMM`, else beside this program (or one directory up, for test
-/// binaries under `target/*/deps`), else on `PATH`.
-pub(crate) fn find_vmm() -> MicrosandboxResult<PathBuf> {
+/// binaries under `target/*/deps`), else on `PATH`, else the one the Python and Go
+/// packages install (`<msb_home>/bin/msb-vmm`).
+pub fn find_vmm() -> MicrosandboxResult<PathBuf> {
     if let Some(p) = std::env::var_os("MSB_VMM") {
         return Ok(PathBuf::from(p));
     }
@@ -52,7 +53,13 @@ pub(crate) fn find_vmm() -> MicrosandboxResult<PathBuf> {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join("msb-vmm"))
         .find(|p| p.is_file())
+        .or_else(|| Some(installed_vmm()).filter(|p| p.is_file()))
         .ok_or(MicrosandboxError::VmmNotFound)
+}
+
+/// Where the Python and Go packages install `msb-vmm` when it is nowhere else.
+pub fn installed_vmm() -> PathBuf {
+    crate::home::msb_home().join("bin").join("msb-vmm")
 }
 
 /// `MSB_KERNEL`, when set, must name a file: checked before anything is created.
