@@ -239,7 +239,9 @@ pub(crate) fn secs(what: &str, s: f64) -> Result<Duration, BindError> {
 fn whole_secs(what: &str, s: f64) -> Result<u64, BindError> {
     let d = secs(what, s)?;
     if d.is_zero() {
-        return Err(BindError::arg(format!("{what} must be more than 0 seconds")));
+        return Err(BindError::arg(format!(
+            "{what} must be more than 0 seconds"
+        )));
     }
     Ok(d.as_secs_f64().ceil() as u64)
 }

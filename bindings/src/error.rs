@@ -12,6 +12,7 @@ pub enum Kind {
     InvalidConfig,
     AlreadyExists,
     SandboxNotFound,
+    SnapshotNotFound,
     KernelNotFound,
     State,
     SandboxStillRunning,
@@ -68,6 +69,7 @@ impl Kind {
             Kind::InvalidConfig => "invalid_config",
             Kind::AlreadyExists => "already_exists",
             Kind::SandboxNotFound => "sandbox_not_found",
+            Kind::SnapshotNotFound => "snapshot_not_found",
             Kind::KernelNotFound => "kernel_not_found",
             Kind::State => "state",
             Kind::SandboxStillRunning => "sandbox_still_running",
@@ -121,6 +123,9 @@ pub struct BindError {
     pub message: String,
     /// For [`Kind::Filesystem`], the guest's kind of failure.
     pub fs_kind: Option<&'static str>,
+    /// For [`Kind::ExecTimeout`], what the command printed before it was killed (an
+    /// ExecOutput value).
+    pub output: Option<Value>,
 }
 
 impl BindError {
@@ -130,6 +135,7 @@ impl BindError {
             kind,
             message: message.into(),
             fs_kind: None,
+            output: None,
         }
     }
 
@@ -143,6 +149,9 @@ impl BindError {
         let mut v = json!({ "kind": self.kind.as_str(), "message": self.message });
         if let Some(fs) = self.fs_kind {
             v["fs_kind"] = json!(fs);
+        }
+        if let Some(out) = &self.output {
+            v["output"] = out.clone();
         }
         v
     }
@@ -167,11 +176,13 @@ impl From<MicrosandboxError> for BindError {
     fn from(e: MicrosandboxError) -> Self {
         use MicrosandboxError as E;
         let mut fs = None;
+        let mut output = None;
         let kind = match &e {
             E::InvalidName { .. } => Kind::InvalidName,
             E::InvalidConfig(_) => Kind::InvalidConfig,
             E::AlreadyExists(_) => Kind::AlreadyExists,
             E::NotFound(_) => Kind::SandboxNotFound,
+            E::SnapshotNotFound(_) => Kind::SnapshotNotFound,
             E::KernelNotFound(_) => Kind::KernelNotFound,
             E::State(_) => Kind::State,
             E::StillRunning(_) => Kind::SandboxStillRunning,
@@ -196,7 +207,10 @@ impl From<MicrosandboxError> for BindError {
             E::CommandNotFound(_) => Kind::CommandNotFound,
             E::PermissionDenied(_) => Kind::PermissionDenied,
             E::InvalidExecRequest(_) => Kind::InvalidExecRequest,
-            E::ExecTimeout { .. } => Kind::ExecTimeout,
+            E::ExecTimeout { output: o, .. } => {
+                output = Some(crate::values::output(o));
+                Kind::ExecTimeout
+            }
             E::TooLarge { .. } => Kind::TooLarge,
             E::AgentUnavailable(_) => Kind::AgentUnavailable,
             E::Busy(_) => Kind::Busy,
@@ -215,6 +229,7 @@ impl From<MicrosandboxError> for BindError {
             kind,
             message: microsandbox::error_chain(&e),
             fs_kind: fs,
+            output,
         }
     }
 }

@@ -107,8 +107,11 @@ fn install_vmm() -> Result<PathBuf, BindError> {
     Ok(dest)
 }
 
-/// Builds whatever is missing (idempotent; quick when all is there).
+/// Builds whatever is missing (idempotent; nothing runs when all is there).
 pub(crate) fn ensure() -> Result<(), BindError> {
+    if missing().is_empty() {
+        return Ok(());
+    }
     if microsandbox::find_vmm().is_err() {
         install_vmm()?;
     }

@@ -261,6 +261,7 @@ pub(crate) async fn dispatch(method: &str, map: Map<String, Value>) -> Result<Va
         m if m.starts_with("fs.") => on_fs(&m["fs.".len()..], a).await,
         m if m.starts_with("exec.") => on_exec(&m["exec.".len()..], a).await,
         m if m.starts_with("ssh.") => on_ssh(&m["ssh.".len()..], a).await,
+        m if m.starts_with("snapshot.") => on_snapshot(&m["snapshot.".len()..], a).await,
         "stream.next" => {
             let id = a.handle()?;
             a.done()?;
@@ -307,9 +308,31 @@ async fn by_name(op: &str, mut a: Args) -> Result<Value, BindError> {
                 None => h.kill().await?,
             }
         }
-        "drain" => {
+        "drain" | "request_drain" => {
             a.done()?;
             h.request_drain().await?;
+        }
+        "request_stop" => {
+            a.done()?;
+            h.request_stop().await?;
+        }
+        "request_kill" => {
+            a.done()?;
+            h.request_kill().await?;
+        }
+        "metrics" => {
+            a.done()?;
+            return Ok(values::metrics(&h.metrics().await?));
+        }
+        "snapshot" => {
+            let snapshot: String = a.req("snapshot")?;
+            a.done()?;
+            return Ok(values::snapshot(&h.snapshot(&snapshot).await?));
+        }
+        "snapshot_to" => {
+            let path: String = a.req("path")?;
+            a.done()?;
+            return Ok(values::snapshot(&h.snapshot_to(&path).await?));
         }
         "pause" => {
             a.done()?;
@@ -439,6 +462,27 @@ async fn on_sandbox(op: &str, mut a: Args) -> Result<Value, BindError> {
             a.done()?;
             sb.drain().await?;
             Ok(Value::Null)
+        }
+        "request_stop" | "request_kill" | "request_drain" => {
+            a.done()?;
+            match op {
+                "request_stop" => sb.request_stop().await?,
+                "request_kill" => sb.request_kill().await?,
+                _ => sb.request_drain().await?,
+            }
+            Ok(Value::Null)
+        }
+        "attach" | "attach_shell" => {
+            let code = if op == "attach" {
+                let cmd: String = a.req("cmd")?;
+                let args: Vec<String> = a.opt("args")?.unwrap_or_default();
+                a.done()?;
+                sb.attach(cmd, args).await?
+            } else {
+                a.done()?;
+                sb.attach_shell().await?
+            };
+            Ok(json!(code))
         }
         "pause" => {
             a.done()?;
@@ -573,6 +617,13 @@ async fn on_exec(op: &str, mut a: Args) -> Result<Value, BindError> {
             exec.control.kill().await?;
             Ok(Value::Null)
         }
+        "resize" => {
+            let rows: u16 = a.req("rows")?;
+            let cols: u16 = a.req("cols")?;
+            a.done()?;
+            exec.control.resize(rows, cols).await?;
+            Ok(Value::Null)
+        }
         other => Err(BindError::arg(format!("unknown method exec.{other}"))),
     }
 }
@@ -652,5 +703,44 @@ async fn on_ssh(op: &str, mut a: Args) -> Result<Value, BindError> {
             Ok(Value::Null)
         }
         other => Err(BindError::arg(format!("unknown method ssh.{other}"))),
+    }
+}
+
+/// `snapshot.*`: snapshot artifacts under `$MSB_HOME/snapshots` (or at a path).
+async fn on_snapshot(op: &str, mut a: Args) -> Result<Value, BindError> {
+    use microsandbox::{ExportOptions, Snapshot};
+    match op {
+        "list" => {
+            a.done()?;
+            let list = Snapshot::list().await?;
+            Ok(Value::Array(list.iter().map(values::snapshot).collect()))
+        }
+        "get" | "remove" => {
+            let name: String = a.req("name")?;
+            a.done()?;
+            if op == "get" {
+                Ok(values::snapshot(&Snapshot::get(&name).await?))
+            } else {
+                Snapshot::remove(&name).await?;
+                Ok(Value::Null)
+            }
+        }
+        "export" => {
+            let name: String = a.req("name")?;
+            let path: String = a.req("path")?;
+            let with_image = a.opt::<bool>("with_image")?.unwrap_or(false);
+            a.done()?;
+            Snapshot::export(&name, &path, ExportOptions { with_image }).await?;
+            Ok(Value::Null)
+        }
+        "import" => {
+            let path: String = a.req("path")?;
+            let name: Option<String> = a.opt("name")?;
+            a.done()?;
+            Ok(values::snapshot(
+                &Snapshot::import(&path, name.as_deref()).await?,
+            ))
+        }
+        other => Err(BindError::arg(format!("unknown method snapshot.{other}"))),
     }
 }

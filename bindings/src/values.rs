@@ -7,7 +7,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use microsandbox::{
     ExecEvent, ExecOutput, ExecStatus, FsEntry, FsEntryKind, FsMetadata, LogEntry, PullEvent,
-    SandboxHandle, SandboxMetrics, SandboxStopResult,
+    SandboxHandle, SandboxMetrics, SandboxStopResult, SnapshotArtifact,
 };
 use serde_json::{json, Value};
 
@@ -155,4 +155,17 @@ pub(crate) fn pull_event(e: &PullEvent) -> Value {
         }
     }
     v
+}
+
+pub(crate) fn snapshot(a: &SnapshotArtifact) -> Value {
+    json!({
+        "name": a.name,
+        "path": a.path.to_string_lossy(),
+        "source_sandbox": a.source_sandbox,
+        "image": a.image,
+        "image_digest": a.image_digest,
+        "size_bytes": a.size_bytes,
+        "created_at_ms": ms(a.created_at),
+        "digest": a.digest,
+    })
 }

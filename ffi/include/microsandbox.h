@@ -20,7 +20,7 @@ char *msb_call(const char *method, const char *args_json, uint64_t cancel);
 /* Frees a string msb_call returned (NULL is ignored). */
 void msb_string_free(char *s);
 
-/* A new cancel token (never 0). */
+/* A new cancel token; 0 ("not cancellable") only when 65,536 tokens are live. */
 uint64_t msb_cancel_new(void);
 
 /* Fires a token: the call holding it ends with error kind "cancelled" (a token fired

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from typing import Dict
+from typing import Dict, Optional
 
 from microsandbox import _core
 
@@ -27,27 +27,27 @@ async def call(method: str, args_json: str) -> str:
     future: asyncio.Future[str] = loop.create_future()
     token = _core.cancel_new()
 
-    def settle(answer: str) -> None:
-        if not future.done():
-            future.set_result(answer)
-
-    def fail(error: BaseException) -> None:
-        if not future.done():
+    def settle(answer: Optional[str], error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
             future.set_exception(error)
+        else:
+            future.set_result(answer or "")
 
     def run() -> None:
+        answer: Optional[str] = None
+        error: Optional[BaseException] = None
         try:
             answer = _core.call_blocking(method, args_json, token)
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
-            deliver, value = fail, e
-        else:
-            deliver, value = settle, answer
+            error = e
         finally:
             with _lock:
                 _in_flight.pop(token, None)
             _core.cancel_free(token)
         try:
-            loop.call_soon_threadsafe(deliver, value)
+            loop.call_soon_threadsafe(settle, answer, error)
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
 

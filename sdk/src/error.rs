@@ -33,6 +33,9 @@ pub enum MicrosandboxError {
     /// No sandbox has this name.
     #[error("no sandbox named {0:?}")]
     NotFound(String),
+    /// No snapshot artifact has this name or is at this path.
+    #[error("no snapshot at {0}")]
+    SnapshotNotFound(std::path::PathBuf),
     /// The guest kernel given (`MSB_KERNEL`) is not a file.
     #[error("kernel not found: {0}")]
     KernelNotFound(std::path::PathBuf),

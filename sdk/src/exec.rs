@@ -336,7 +336,7 @@ impl ExecSink {
 
 /// A running command: its events (also as a [`Stream`]), stdin, and signals. Dropping the
 /// handle closes its connection, and the guest then kills the command's process group.
-/// Signals a running command ([`ExecHandle::control`]); clones share the
+/// Signals and resizes a running command ([`ExecHandle::control`]); clones share the
 /// command's connection.
 #[derive(Debug, Clone)]
 pub struct ExecControl {
@@ -353,6 +353,16 @@ impl ExecControl {
     /// Sends SIGKILL.
     pub async fn kill(&self) -> MicrosandboxResult<()> {
         self.signal(9).await
+    }
+
+    /// Resizes the command's terminal (tty mode).
+    pub async fn resize(&self, rows: u16, cols: u16) -> MicrosandboxResult<()> {
+        let mut w = self.w.lock().await;
+        conn::write_frame(
+            &mut *w,
+            &Frame::new(SESSION, Message::Resize(Tty { rows, cols })),
+        )
+        .await
     }
 }
 
@@ -450,7 +460,7 @@ impl ExecHandle {
         self.stdin.take()
     }
 
-    /// What signals the command, apart from the handle (so one task can wait in
+    /// What signals and resizes the command, apart from the handle (so one task can wait in
     /// [`ExecHandle::recv`] while another signals).
     pub fn control(&self) -> ExecControl {
         ExecControl { w: self.w.clone() }
@@ -468,12 +478,7 @@ impl ExecHandle {
 
     /// Resizes the command's terminal (tty mode).
     pub async fn resize(&self, rows: u16, cols: u16) -> MicrosandboxResult<()> {
-        let mut w = self.w.lock().await;
-        conn::write_frame(
-            &mut *w,
-            &Frame::new(SESSION, Message::Resize(Tty { rows, cols })),
-        )
-        .await
+        self.control().resize(rows, cols).await
     }
 
     /// Waits for the end, discarding output.

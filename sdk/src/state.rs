@@ -183,14 +183,23 @@ impl ProcessId {
 
     /// True while this very process runs (not a zombie, not a newer one with its pid).
     pub(crate) fn alive(self) -> bool {
-        let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+        !self.zombie() && ProcessId::of(self.pid) == Some(self)
+    }
+
+    /// True while this very process is ending: its main thread a zombie (the rest of it,
+    /// and its open files, can outlive that for a moment while the kernel tears it down).
+    pub(crate) fn ending(self) -> bool {
+        self.zombie() && ProcessId::of(self.pid) == Some(self)
+    }
+
+    fn zombie(self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .ok()
             .and_then(|s| {
                 s.rfind(')')
                     .map(|i| s[i + 1..].trim_start().starts_with('Z'))
             })
-            .unwrap_or(true);
-        !zombie && ProcessId::of(self.pid) == Some(self)
+            .unwrap_or(true)
     }
 }
 

@@ -498,8 +498,10 @@ pub(crate) fn signal_kill(paths: &Paths, vmm: Option<ProcessId>) -> Microsandbox
     if !vmm_alive(paths) {
         return Ok(());
     }
-    match vmm.filter(|p| p.alive()) {
-        Some(p) => {
+    match vmm {
+        // Already ending (its lock goes with the last of it): nothing left to signal.
+        Some(p) if p.ending() => Ok(()),
+        Some(p) if p.alive() => {
             let pid = rustix::process::Pid::from_raw(p.pid)
                 .ok_or_else(|| MicrosandboxError::State(format!("invalid VMM pid {}", p.pid)))?;
             std::fs::write(paths.kill_request(), b"")?;
@@ -509,7 +511,7 @@ pub(crate) fn signal_kill(paths: &Paths, vmm: Option<ProcessId>) -> Microsandbox
                 MicrosandboxError::State(format!("cannot kill the VMM (pid {}): {e}", p.pid))
             })
         }
-        None => Err(MicrosandboxError::State(format!(
+        _ => Err(MicrosandboxError::State(format!(
             "the VMM of {:?} holds its lock but its pid is unknown",
             paths.dir.file_name().unwrap_or_default()
         ))),

@@ -162,7 +162,7 @@ pub(crate) fn read_manifest(dir: &Path) -> MicrosandboxResult<Manifest> {
     let path = dir.join(MANIFEST);
     let f = std::fs::File::open(&path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            MicrosandboxError::NotFound(format!("snapshot {}", dir.display()))
+            MicrosandboxError::SnapshotNotFound(dir.to_path_buf())
         } else {
             e.into()
         }
