@@ -3,6 +3,7 @@ package microsandbox
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -16,9 +17,10 @@ var transport = ffiTransport
 
 // wireError is the "error" member of an answer.
 type wireError struct {
-	Kind    string `json:"kind"`
-	Message string `json:"message"`
-	FsKind  string `json:"fs_kind"`
+	Kind    string          `json:"kind"`
+	Message string          `json:"message"`
+	FsKind  string          `json:"fs_kind"`
+	Output  *wireExecOutput `json:"output"` // exec_timeout: what the command printed
 }
 
 type answer struct {
@@ -34,7 +36,9 @@ func call(ctx context.Context, method string, args map[string]any, out any) erro
 		ctx = context.Background()
 	}
 	if err := ctx.Err(); err != nil {
-		return cancelledError(err)
+		e := cancelledError(err)
+		e.early = true // the core never saw the call
+		return e
 	}
 	if args == nil {
 		args = map[string]any{}
@@ -53,6 +57,14 @@ func decodeAnswer(ctx context.Context, method string, doc []byte, out any) error
 	}
 	if a.Error != nil {
 		e := &Error{Kind: ErrorKind(a.Error.Kind), Message: a.Error.Message, FsKind: a.Error.FsKind}
+		if a.Error.Output != nil {
+			out, err := a.Error.Output.output()
+			if err != nil {
+				e.Message += " (its output is unreadable: " + err.Error() + ")"
+			} else {
+				e.Output = out
+			}
+		}
 		if e.Kind == ErrCancelled {
 			e.cause = ctx.Err()
 		}
@@ -78,38 +90,120 @@ func truncate(b []byte) string {
 	return string(b)
 }
 
+// handleState is where a Go object's handle stands.
+type handleState int
+
+const (
+	// handleLive: the core holds the object; calls may use the handle.
+	handleLive handleState = iota
+	// handleReleased: the caller gave the handle up (Close, or a consuming call such as
+	// Detach or Wait that succeeded).
+	handleReleased
+	// handleSpent: a consuming call failed after the core had taken the object out of
+	// its table; there is nothing left to release.
+	handleSpent
+	// handleDoubtful: a consuming call was cancelled after it reached the core (or its
+	// answer was unreadable), so the core may or may not have taken the object: the
+	// handle is spent for calls, and Close (or the finalizer) releases it, a released
+	// or unknown handle (invalid_handle) meaning the core had taken it.
+	handleDoubtful
+)
+
 // handleRef is one handle of the core's table held by a Go object: read under a lock,
-// taken exactly once (Close, a spending call, or the finalizer).
+// ended exactly once (Close, a consuming call, or the finalizer).
 type handleRef struct {
-	mu       sync.Mutex
-	id       uint64
-	released bool
-	what     string // "sandbox", "exec", "stream": for messages
+	mu    sync.Mutex
+	id    uint64
+	state handleState
+	why   string // how it ended, for messages
+	what  string // "sandbox", "exec", "stream": for messages
 }
 
 func newHandleRef(id uint64, what string) *handleRef {
 	return &handleRef{id: id, what: what}
 }
 
-// get returns the handle, or an ErrInvalidHandle error once it was taken.
+// get returns the handle, or an ErrInvalidHandle error once it ended.
 func (h *handleRef) get() (uint64, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.released {
-		return 0, newError(ErrInvalidHandle, h.what+" handle already closed or spent")
+	if h.state != handleLive {
+		return 0, newError(ErrInvalidHandle, h.what+" handle "+h.why)
 	}
 	return h.id, nil
 }
 
-// take marks the handle gone and returns it; false when it already was.
-func (h *handleRef) take() (uint64, bool) {
+// reason says how the handle ended ("already closed", "spent by sandbox.detach").
+func (h *handleRef) reason() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.released {
-		return 0, false
+	return h.why
+}
+
+// end moves a live handle to state (not live); false when it had ended already.
+func (h *handleRef) end(state handleState, why string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.state != handleLive {
+		return false
 	}
-	h.released = true
-	return h.id, true
+	h.state, h.why = state, why
+	return true
+}
+
+// close ends the handle for Close and releases what the core may still hold (a live or
+// doubtful handle); an answer of invalid_handle means the core already took the
+// object (a consuming call that ran concurrently or was cancelled) and is not an
+// error. It returns the state the handle was in.
+func (h *handleRef) close() (handleState, error) {
+	h.mu.Lock()
+	prev := h.state
+	if prev != handleReleased {
+		h.state, h.why = handleReleased, "already closed"
+	}
+	id := h.id
+	h.mu.Unlock()
+	if prev != handleLive && prev != handleDoubtful {
+		return prev, nil
+	}
+	if err := release(id); err != nil && !IsKind(err, ErrInvalidHandle) {
+		return prev, err
+	}
+	return prev, nil
+}
+
+// consume runs a call that consumes the handle: the core takes the object out of its
+// table as the call starts (exec.wait, exec.collect, sandbox.detach,
+// sandbox.remove_persisted, ssh.shutdown, ssh.close). The handle stays live only when
+// the call cannot have reached the object: ErrBusy (another call is using it, the core
+// left it in place), ErrInvalidArgument (refused before the take), or a context that
+// was done before the call reached the core. Any other outcome ends it: released on
+// success, spent on failure (nothing left to release), doubtful when the call was
+// cancelled in the core or its answer was unreadable (Close releases it to be sure).
+func consume(ctx context.Context, h *handleRef, method string, args map[string]any, out any) error {
+	id, err := h.get()
+	if err != nil {
+		return err
+	}
+	if args == nil {
+		args = map[string]any{}
+	}
+	args["handle"] = id
+	err = call(ctx, method, args, out)
+	var e *Error
+	switch {
+	case err == nil:
+		h.end(handleReleased, "spent by "+method)
+	case !errors.As(err, &e):
+		h.end(handleDoubtful, "spent by "+method+" (which failed)")
+	case e.Kind == ErrBusy || e.Kind == ErrInvalidArgument || (e.Kind == ErrCancelled && e.early):
+		// The object is where it was.
+	case e.Kind == ErrCancelled || e.Kind == ErrInternal:
+		h.end(handleDoubtful, "spent by "+method+" (cancelled or failed)")
+	default:
+		h.end(handleSpent, "spent by "+method+" (which failed)")
+	}
+	return err
 }
 
 // release drops the handle from the core's table.
@@ -120,9 +214,7 @@ func release(id uint64) error {
 // releaseInBackground is the finalizers' release: a finalizer must not block (releasing
 // an owned sandbox stops it), so the call runs on its own goroutine, errors ignored.
 func releaseInBackground(h *handleRef) {
-	if id, ok := h.take(); ok {
-		go func() { _ = release(id) }()
-	}
+	go func() { _, _ = h.close() }()
 }
 
 // seconds renders a duration as whole seconds, rounding up (max_duration, idle_timeout).

@@ -1,8 +1,10 @@
 package microsandbox
 
-// End-to-end tests: they boot real VMs (default busybox root, no network use; the SSH
-// endpoint listens on 127.0.0.1) and run only with MSB_E2E=1. From go/, after
-// scripts/build-ffi --debug (scripts/test-go runs them this way):
+// End-to-end tests: they boot real VMs (default busybox root, the guest network
+// disabled; the SSH endpoint listens on 127.0.0.1) and run only with MSB_E2E=1. They
+// reach no network: the runtime must be installed already (scripts/setup; the tests
+// check with EnsureInstalled(ctx, WithSkipDownload()) and build nothing). From go/,
+// after scripts/build-ffi --debug (scripts/test-go runs them this way):
 //
 //	MSB_E2E=1 MSB_VMM=$PWD/../target/debug/msb-vmm go test -run E2E -v -timeout 40m ./...
 
@@ -49,8 +51,10 @@ func TestE2ESandboxFlow(t *testing.T) {
 	t0 := time.Now()
 	at := time.Now()
 
-	if err := EnsureInstalled(ctx); err != nil {
-		t.Fatalf("EnsureInstalled: %v", err)
+	// Check only: without WithSkipDownload, EnsureInstalled would build what is missing
+	// (cargo, and apt-get for the guest kernel's build: the network).
+	if err := EnsureInstalled(ctx, WithSkipDownload()); err != nil {
+		t.Fatalf("the runtime is not installed (run scripts/setup; this test builds nothing): %v", err)
 	}
 	if !IsInstalled() {
 		t.Fatal("IsInstalled false after EnsureInstalled")
@@ -80,6 +84,7 @@ func TestE2ESandboxFlow(t *testing.T) {
 	sb, err := CreateSandbox(ctx, name,
 		WithMemory(512),
 		WithCPUs(1),
+		WithNetwork(NetworkPolicy.Disabled()),
 		WithEnv(map[string]string{"GREETING": "hello"}),
 		WithLabel("go-e2e-run", runID),
 	)
@@ -114,6 +119,16 @@ func TestE2ESandboxFlow(t *testing.T) {
 	}
 	if h.Status() != SandboxStatusRunning || h.Labels()["go-e2e-run"] != runID || h.CreatedAt().IsZero() {
 		t.Errorf("handle: status %q labels %v created %v", h.Status(), h.Labels(), h.CreatedAt())
+	}
+	if cfg, err := h.Config(); err != nil {
+		t.Errorf("SandboxHandle.Config: %v", err)
+	} else if cfg.Name != name || cfg.MemoryMiB != 512 || cfg.CPUs != 1 || cfg.Image != "" ||
+		cfg.Env["GREETING"] != "hello" || cfg.Labels["go-e2e-run"] != runID ||
+		cfg.Network == nil || cfg.Network.Enabled == nil || *cfg.Network.Enabled {
+		t.Errorf("SandboxHandle.Config: %+v (stored %s)", cfg, h.ConfigJSON())
+	}
+	if out, err := sb.Shell(ctx, "ls /sys/class/net"); err != nil || out.Stdout() != "lo\n" {
+		t.Errorf("network interfaces of a sandbox without network: %q, %v", out.Stdout(), err)
 	}
 	listed, err := ListSandboxesWith(ctx, NewSandboxFilter().WithLabels(map[string]string{"go-e2e-run": runID}))
 	if err != nil || len(listed) != 1 || listed[0].Name() != name {
@@ -206,6 +221,106 @@ func TestE2ESandboxFlow(t *testing.T) {
 		t.Errorf("ExecHandle.Close: %v", err)
 	}
 	step(t, "ShellStream", &at)
+
+	// A timed-out command's error carries what it printed before it was killed.
+	_, err = sb.Shell(ctx, "echo before-timeout; sleep 60", WithExecTimeout(2*time.Second))
+	var timeoutErr *Error
+	if !errors.As(err, &timeoutErr) || timeoutErr.Kind != ErrExecTimeout || timeoutErr.Output == nil ||
+		timeoutErr.Output.Stdout() != "before-timeout\n" {
+		t.Errorf("Shell past WithExecTimeout: %#v", err)
+	}
+
+	// A Wait cancelled in the core spends the handle; Close is then fine (nil).
+	waited, err := sb.ShellStream(ctx, "sleep 61")
+	if err != nil {
+		t.Fatalf("ShellStream: %v", err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, time.Second)
+	_, err = waited.Wait(wctx)
+	wcancel()
+	if !errors.Is(err, ErrCancelled) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Wait past its context: %v", err)
+	}
+	if _, err := waited.Recv(ctx); !errors.Is(err, ErrInvalidHandle) {
+		t.Errorf("Recv after a cancelled Wait: %v", err)
+	}
+	if err := waited.Close(); err != nil {
+		t.Errorf("Close after a cancelled Wait: %v", err)
+	}
+	// Close while another goroutine waits in Recv: the command is killed and that Recv
+	// returns its exit.
+	read, err := sb.ShellStream(ctx, "echo reading; sleep 62")
+	if err != nil {
+		t.Fatalf("ShellStream: %v", err)
+	}
+	events := make(chan *ExecEvent, 8)
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			ev, err := read.Recv(ctx)
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			events <- ev
+			if ev.Kind == ExecEventExited || ev.Kind == ExecEventDone {
+				return
+			}
+		}
+	}()
+	firstOutput := time.After(30 * time.Second)
+reading:
+	for {
+		select {
+		case ev := <-events:
+			if ev.Kind == ExecEventStdout {
+				break reading // the reader's next Recv waits on the sleep
+			}
+			if ev.Kind == ExecEventExited || ev.Kind == ExecEventDone {
+				t.Fatalf("the command ended early: %+v", ev)
+			}
+		case err := <-recvErr:
+			t.Fatalf("Recv: %v", err)
+		case <-firstOutput:
+			t.Fatal("no output from the command")
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	if err := read.Close(); err != nil {
+		t.Errorf("Close during Recv: %v", err)
+	}
+	select {
+	case ev := <-events:
+		if ev.Kind != ExecEventExited || ev.Status.Success {
+			t.Errorf("the reader's Recv after Close: %+v", ev)
+		} else {
+			signal := "none"
+			if ev.Status.Signal != nil {
+				signal = fmt.Sprint(*ev.Status.Signal)
+			}
+			t.Logf("the reader saw the command exit: code %d, signal %s", ev.ExitCode, signal)
+		}
+	case err := <-recvErr:
+		t.Errorf("the reader's Recv after Close: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Error("the reader's Recv did not return after Close")
+	}
+	// Neither command runs on.
+	var left string
+	for i := 0; i < 50; i++ {
+		out, err := sb.Shell(ctx, "ps | grep -E '[s]leep 6[12]' || true")
+		if err != nil {
+			t.Fatalf("ps: %v", err)
+		}
+		if left = out.Stdout(); left == "" {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if left != "" {
+		t.Errorf("commands of closed or spent handles still run:\n%s", left)
+	}
+	step(t, "exec timeout, Wait, Close", &at)
 
 	m, err := sb.Metrics(ctx)
 	if err != nil {

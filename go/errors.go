@@ -78,7 +78,8 @@ const (
 	ErrPermissionDenied ErrorKind = "permission_denied"
 	// ErrInvalidExecRequest: the guest rejected the exec request (e.g. an unknown rlimit).
 	ErrInvalidExecRequest ErrorKind = "invalid_exec_request"
-	// ErrExecTimeout: a command ran past its WithExecTimeout.
+	// ErrExecTimeout: a command ran past its WithExecTimeout and was killed;
+	// Error.Output holds what it printed until then.
 	ErrExecTimeout ErrorKind = "exec_timeout"
 	// ErrTooLarge: a message or output exceeded its limit.
 	ErrTooLarge ErrorKind = "too_large"
@@ -144,8 +145,13 @@ type Error struct {
 	Message string
 	// FsKind refines ErrFilesystem (FsKind* constants); empty for other kinds.
 	FsKind string
+	// Output is what the command printed before it was killed, for ErrExecTimeout
+	// (Exec or Shell past its WithExecTimeout; a streamed command's timeout shows in
+	// its ExecStatus.TimedOut instead); nil for other kinds.
+	Output *ExecOutput
 
 	cause error // ctx.Err() for ErrCancelled
+	early bool  // ErrCancelled before the call reached the core
 }
 
 // Error returns "kind: message".

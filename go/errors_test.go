@@ -3,7 +3,13 @@ package microsandbox
 import (
 	"context"
 	"errors"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -64,30 +70,95 @@ func TestFilesystemErrorKinds(t *testing.T) {
 	}
 }
 
-func TestEveryDocumentedKindHasAConstant(t *testing.T) {
-	kinds := []ErrorKind{ErrInvalidName, ErrInvalidConfig, ErrSandboxAlreadyExists, ErrSandboxNotFound,
-		ErrKernelNotFound, ErrState, ErrSandboxStillRunning, ErrSandboxNotRunning, ErrImageNotFound,
-		ErrInvalidReference, ErrImageNotCached, ErrRegistryUnauthorized, ErrRegistryUnreachable, ErrRegistry,
-		ErrInvalidImage, ErrDigestMismatch, ErrPatchTargetExists, ErrPatchFailed, ErrFilesystem,
-		ErrUntrustedDirectory, ErrVMMNotFound, ErrStartFailed, ErrCommandNotFound, ErrPermissionDenied,
-		ErrInvalidExecRequest, ErrExecTimeout, ErrTooLarge, ErrAgentUnavailable, ErrBusy, ErrVersion, ErrAgent,
-		ErrConnectionClosed, ErrProtocol, ErrInvalidState, ErrPaused, ErrTimeout, ErrNotATerminal, ErrIO,
-		ErrInvalidArgument, ErrInvalidHandle, ErrTooManyHandles, ErrCancelled, ErrNotInstalled, ErrInternal}
-	// The kinds of docs/bindings.md's table, in its order.
-	doc := "invalid_name invalid_config already_exists sandbox_not_found kernel_not_found state " +
-		"sandbox_still_running not_running image_not_found invalid_reference image_not_cached " +
-		"registry_unauthorized registry_unreachable registry invalid_image digest_mismatch " +
-		"patch_target_exists patch filesystem untrusted_directory vmm_not_found start_failed " +
-		"command_not_found permission_denied invalid_exec_request exec_timeout too_large " +
-		"agent_unavailable busy version agent connection_closed protocol invalid_state paused timeout " +
-		"not_a_terminal io invalid_argument invalid_handle too_many_handles cancelled not_installed internal"
-	want := strings.Fields(doc)
-	if len(kinds) != len(want) {
-		t.Fatalf("%d constants for %d kinds", len(kinds), len(want))
+// documentedKinds reads the kinds of the "## Error kinds" table of docs/bindings.md
+// (rows "| `kind` | meaning |"), in order.
+func documentedKinds(t *testing.T) []string {
+	t.Helper()
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "bindings.md"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	for i, k := range kinds {
-		if string(k) != want[i] {
-			t.Errorf("constant %d is %q, the table says %q", i, k, want[i])
+	var kinds []string
+	in := false
+	for _, line := range strings.Split(string(doc), "\n") {
+		if strings.HasPrefix(line, "## ") {
+			in = strings.TrimSpace(line) == "## Error kinds"
+			continue
+		}
+		if !in || !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		cell := strings.TrimSpace(strings.SplitN(strings.TrimPrefix(line, "|"), "|", 2)[0])
+		if len(cell) < 3 || !strings.HasPrefix(cell, "`") || !strings.HasSuffix(cell, "`") {
+			t.Fatalf("bindings.md: unreadable kind row %q", line)
+		}
+		kinds = append(kinds, strings.Trim(cell, "`"))
+	}
+	if len(kinds) < 40 {
+		t.Fatalf("bindings.md: %d kinds in the Error kinds table: %v", len(kinds), kinds)
+	}
+	return kinds
+}
+
+// kindConstants reads errors.go's constants of type ErrorKind: value -> name.
+func kindConstants(t *testing.T) map[string]string {
+	t.Helper()
+	file, err := parser.ParseFile(token.NewFileSet(), "errors.go", nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, decl := range file.Decls {
+		gd, ok := decl.(*ast.GenDecl)
+		if !ok || gd.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range gd.Specs {
+			vs := spec.(*ast.ValueSpec)
+			if id, ok := vs.Type.(*ast.Ident); !ok || id.Name != "ErrorKind" {
+				continue
+			}
+			for i, name := range vs.Names {
+				lit, ok := vs.Values[i].(*ast.BasicLit)
+				if !ok || lit.Kind != token.STRING {
+					t.Fatalf("%s: not a string literal", name.Name)
+				}
+				value, err := strconv.Unquote(lit.Value)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if other, dup := out[value]; dup {
+					t.Errorf("%s and %s are both %q", other, name.Name, value)
+				}
+				out[value] = name.Name
+			}
+		}
+	}
+	return out
+}
+
+func TestEveryDocumentedKindHasAConstant(t *testing.T) {
+	documented := documentedKinds(t)
+	constants := kindConstants(t)
+	seen := map[string]bool{}
+	for _, k := range documented {
+		if seen[k] {
+			t.Errorf("bindings.md lists %q twice", k)
+		}
+		seen[k] = true
+		if _, ok := constants[k]; !ok {
+			t.Errorf("kind %q of docs/bindings.md has no ErrorKind constant in errors.go", k)
+		}
+	}
+	for value, name := range constants {
+		if !seen[value] {
+			t.Errorf("%s (%q) is not a kind of docs/bindings.md", name, value)
+		}
+	}
+	// The constants the test read are the package's: spot checks.
+	for _, k := range []ErrorKind{ErrSnapshotNotFound, ErrSandboxNotFound, ErrInvalidHandle, ErrNotATerminal, ErrInternal} {
+		if constants[string(k)] == "" {
+			t.Errorf("%q not read from errors.go", k)
 		}
 	}
 }

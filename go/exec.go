@@ -241,8 +241,8 @@ type wireExecEvent struct {
 }
 
 // ExecHandle is a running command started by ExecStream or ShellStream. Close it when
-// done. Write, CloseStdin, Signal and Kill may be called while another goroutine waits
-// in Recv.
+// done (that ends the command if it still runs). Write, CloseStdin, Signal and Kill may
+// be called while another goroutine waits in Recv.
 type ExecHandle struct {
 	h       *handleRef
 	sandbox *Sandbox // kept reachable while the command is
@@ -323,7 +323,9 @@ func (e *ExecHandle) Resize(ctx context.Context, rows, cols uint16) error {
 }
 
 // Wait waits for the command to end, discarding output not yet received, and returns
-// its exit code. The handle is spent afterwards (Close is still fine).
+// its exit code. Wait spends the handle, whatever its outcome, except when it fails
+// with ErrBusy or ErrInvalidArgument or its context was done before the call started;
+// Close afterwards is fine (nil).
 func (e *ExecHandle) Wait(ctx context.Context) (int, error) {
 	st, err := e.WaitStatus(ctx)
 	if err != nil {
@@ -335,38 +337,38 @@ func (e *ExecHandle) Wait(ctx context.Context) (int, error) {
 // WaitStatus is Wait returning the full status.
 func (e *ExecHandle) WaitStatus(ctx context.Context) (*ExecStatus, error) {
 	var w wireExecStatus
-	err := e.call(ctx, "exec.wait", nil, &w)
+	err := consume(ctx, e.h, "exec.wait", nil, &w)
+	runtime.KeepAlive(e)
 	if err != nil {
 		return nil, err
 	}
-	e.h.take()
 	st := w.status()
 	return &st, nil
 }
 
-// Collect receives the rest of the output and waits for the end. The handle is spent
-// afterwards (Close is still fine).
+// Collect receives the rest of the output and waits for the end. It spends the handle
+// as Wait does; Close afterwards is fine (nil).
 func (e *ExecHandle) Collect(ctx context.Context) (*ExecOutput, error) {
 	var w wireExecOutput
-	if err := e.call(ctx, "exec.collect", nil, &w); err != nil {
+	err := consume(ctx, e.h, "exec.collect", nil, &w)
+	runtime.KeepAlive(e)
+	if err != nil {
 		return nil, err
 	}
-	e.h.take()
 	return w.output()
 }
 
-// Close releases the handle; the command keeps running unless killed first. Calling it
-// again, or after Wait or Collect, returns nil.
+// Close releases the handle, and that ends the command unless it has ended already:
+// a command another goroutine is reading (waiting in Recv) is killed, so that Recv
+// returns its exit (ExecEventExited, then ExecEventDone); otherwise dropping the core's
+// last hold on it closes its connection, and the guest kills its process group. To
+// let a command run to its end, Wait or Collect instead (or Recv until
+// ExecEventExited) before closing. Close is idempotent: calling it again, or after
+// Wait or Collect, returns nil.
 func (e *ExecHandle) Close() error {
-	id, ok := e.h.take()
-	if !ok {
-		return nil
-	}
+	_, err := e.h.close()
 	runtime.SetFinalizer(e, nil)
-	if err := release(id); err != nil && !IsKind(err, ErrInvalidHandle) {
-		return err
-	}
-	return nil
+	return err
 }
 
 // ExecSink is a command's stdin as an io.WriteCloser (ExecHandle.TakeStdin).

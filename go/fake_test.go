@@ -107,32 +107,32 @@ func disarm(t *testing.T, objs ...any) {
 			switch v := o.(type) {
 			case *Sandbox:
 				if v != nil {
-					v.h.take()
+					forget(v.h)
 					runtime.SetFinalizer(v, nil)
 				}
 			case *ExecHandle:
 				if v != nil {
-					v.h.take()
+					forget(v.h)
 					runtime.SetFinalizer(v, nil)
 				}
 			case *MetricsStreamHandle:
 				if v != nil {
-					v.stream.h.take()
+					forget(v.stream.h)
 					runtime.SetFinalizer(v.stream, nil)
 				}
 			case *SSHClient:
 				if v != nil {
-					v.h.take()
+					forget(v.h)
 					runtime.SetFinalizer(v, nil)
 				}
 			case *SSHEndpoint:
 				if v != nil {
-					v.h.take()
+					forget(v.h)
 					runtime.SetFinalizer(v, nil)
 				}
 			case *LogStreamHandle:
 				if v != nil {
-					v.stream.h.take()
+					forget(v.stream.h)
 					runtime.SetFinalizer(v.stream, nil)
 				}
 			default:
@@ -140,6 +140,13 @@ func disarm(t *testing.T, objs ...any) {
 			}
 		}
 	})
+}
+
+// forget ends a handle made against the fake core without releasing it.
+func forget(h *handleRef) {
+	h.mu.Lock()
+	h.state, h.why = handleReleased, "forgotten by the test"
+	h.mu.Unlock()
 }
 
 // testSandbox is a *Sandbox on the fake core with handle id.

@@ -20,7 +20,9 @@ import (
 // ffiTransport runs one call on the core: method and the JSON object of its arguments
 // in, the answer document ({"ok": ...} or {"error": ...}) out. msb_call blocks this
 // goroutine's thread; when ctx can be cancelled, a watcher goroutine fires the call's
-// cancel token once ctx is done, which ends the call with error kind "cancelled".
+// cancel token once ctx is done, which ends the call with error kind "cancelled" (a
+// ctx done before the call fires it first: the core then answers "cancelled" without
+// running the method).
 func ffiTransport(ctx context.Context, method string, args []byte) []byte {
 	cMethod := C.CString(method)
 	defer C.free(unsafe.Pointer(cMethod))
@@ -46,6 +48,11 @@ func ffiTransport(ctx context.Context, method string, args []byte) []byte {
 			<-watcher // msb_cancel never runs after msb_cancel_free
 			C.msb_cancel_free(token)
 		}()
+		if ctx.Err() != nil {
+			// Done already: fired before the call starts, the token ends it before the
+			// core runs any of it (the core looks at the token first), not maybe after.
+			C.msb_cancel(token)
+		}
 	}
 
 	answer := C.msb_call(cMethod, cArgs, token)

@@ -3,6 +3,7 @@ package microsandbox
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"time"
 )
 
@@ -119,6 +120,182 @@ func (h *SandboxHandle) ConfigMap() (map[string]any, error) {
 		return nil, newError(ErrInternal, "sandbox config: "+err.Error())
 	}
 	return m, nil
+}
+
+// Config returns the configuration as the state database holds it, decoded into a
+// SandboxConfig: Name, Image (an OCI reference, a directory or archive path, or a disk
+// image with ImageFstype; "" for the default root), Snapshot, OCIUpperSizeMiB,
+// MemoryMiB, CPUs, Env, Workdir, Shell, Hostname, User, Labels, Scripts, Entrypoint,
+// IdleTimeout, MaxDuration, LogLevel, QuietLogs, Ephemeral, SecurityProfile,
+// PullPolicy, Init, Detached, and Network when the network is disabled. The stored
+// form has no counterpart for the rest (the network policy as rules, volumes,
+// patches, secrets' values, ports, registry credentials, replace): those fields stay
+// zero, and ConfigJSON has everything. Decoding is best-effort: a field of an
+// unexpected shape is left zero; the error is ErrInternal only when the configuration
+// is not a JSON object.
+func (h *SandboxHandle) Config() (*SandboxConfig, error) {
+	cfg, err := decodeStoredConfig(h.info.Config)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Name == "" {
+		cfg.Name = h.info.Name
+	}
+	cfg.Detached = h.info.Detached
+	return cfg, nil
+}
+
+// decodeStoredConfig reads the Rust SDK's SandboxConfig as serde writes it (the state
+// database's config_json): {"name", "cpus", "memory_mib", "image": "default" |
+// {"oci": ref} | {"directory": path} | {"archive": path} | {"disk": {"path",
+// "format", "fstype"}} | {"snapshot": path}, "env": [[k, v]], "workdir", "user",
+// "shell", "hostname", "scripts": [[name, content]], "labels": {k: v}, "entrypoint",
+// "idle_timeout_secs", "max_duration_secs", "log_level", "quiet_logs", "ephemeral",
+// "security_profile", "init": null | {"path", "args", "env"}, "pull_policy",
+// "network": {"enabled", ...}, "upper_size_mib", ...}.
+func decodeStoredConfig(raw json.RawMessage) (*SandboxConfig, error) {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil || fields == nil {
+		return nil, newError(ErrInternal, fmt.Sprintf("sandbox config: not a JSON object: %s", truncate(raw)))
+	}
+	// field decodes one member into out; absent, null or of another shape: false.
+	field := func(name string, out any) bool {
+		v, ok := fields[name]
+		if !ok || string(v) == "null" {
+			return false
+		}
+		return json.Unmarshal(v, out) == nil
+	}
+	cfg := &SandboxConfig{}
+	field("name", &cfg.Name)
+	if field("cpus", &cfg.CPUs) {
+		cfg.cpusSet = true
+	}
+	if field("memory_mib", &cfg.MemoryMiB) {
+		cfg.memorySet = true
+	}
+	decodeStoredImage(fields["image"], cfg)
+	if field("upper_size_mib", &cfg.OCIUpperSizeMiB) {
+		cfg.upperSizeSet = true
+	}
+	cfg.Env = decodePairs(fields["env"])
+	cfg.Scripts = decodePairs(fields["scripts"])
+	field("workdir", &cfg.Workdir)
+	field("user", &cfg.User)
+	field("shell", &cfg.Shell)
+	field("hostname", &cfg.Hostname)
+	var labels map[string]string
+	if field("labels", &labels) && len(labels) > 0 {
+		cfg.Labels = labels
+	}
+	var entrypoint []string
+	if field("entrypoint", &entrypoint) {
+		cfg.Entrypoint = entrypoint
+	}
+	var secs uint64
+	if field("idle_timeout_secs", &secs) {
+		cfg.IdleTimeout = time.Duration(secs) * time.Second
+	}
+	secs = 0
+	if field("max_duration_secs", &secs) {
+		cfg.MaxDuration = time.Duration(secs) * time.Second
+	}
+	var s string
+	if field("log_level", &s) {
+		cfg.LogLevel = LogLevel(s)
+	}
+	s = ""
+	if field("security_profile", &s) {
+		cfg.SecurityProfile = SecurityProfile(s)
+	}
+	s = ""
+	if field("pull_policy", &s) {
+		cfg.PullPolicy = PullPolicy(s)
+	}
+	field("quiet_logs", &cfg.QuietLogs)
+	if field("ephemeral", &cfg.Ephemeral) {
+		cfg.ephemeralSet = true
+	}
+	var init struct {
+		Path *string         `json:"path"`
+		Args []string        `json:"args"`
+		Env  json.RawMessage `json:"env"`
+	}
+	if field("init", &init) {
+		ic := InitConfig{Cmd: "auto", Args: init.Args, Env: decodePairs(init.Env)}
+		if init.Path != nil {
+			ic.Cmd = *init.Path
+		}
+		cfg.Init = &ic
+	}
+	var network struct {
+		Enabled *bool `json:"enabled"`
+	}
+	if field("network", &network) && network.Enabled != nil && !*network.Enabled {
+		cfg.Network = NetworkPolicy.Disabled()
+	}
+	return cfg, nil
+}
+
+// decodeStoredImage sets the root filesystem fields from the stored RootfsSource.
+func decodeStoredImage(raw json.RawMessage, cfg *SandboxConfig) {
+	var unit string
+	if json.Unmarshal(raw, &unit) == nil {
+		return // "default": the default root, no image
+	}
+	var src map[string]json.RawMessage
+	if json.Unmarshal(raw, &src) != nil || len(src) != 1 {
+		return
+	}
+	for kind, v := range src {
+		var path string
+		switch kind {
+		case "oci", "directory", "archive":
+			if json.Unmarshal(v, &path) == nil {
+				cfg.Image = path
+			}
+		case "snapshot":
+			if json.Unmarshal(v, &path) == nil {
+				cfg.Snapshot = path
+			}
+		case "disk":
+			var disk struct {
+				Path   string  `json:"path"`
+				Fstype *string `json:"fstype"`
+			}
+			if json.Unmarshal(v, &disk) == nil && disk.Path != "" {
+				cfg.Image = disk.Path
+				cfg.imageDisk = true
+				if disk.Fstype != nil {
+					cfg.ImageFstype = *disk.Fstype
+				}
+			}
+		}
+	}
+}
+
+// decodePairs reads a stored list of [key, value] pairs (a Rust Vec<(String, String)>),
+// or an object; nil when empty or of another shape.
+func decodePairs(raw json.RawMessage) map[string]string {
+	var pairs [][]string
+	if json.Unmarshal(raw, &pairs) == nil {
+		var out map[string]string
+		for _, p := range pairs {
+			if len(p) != 2 {
+				return nil
+			}
+			if out == nil {
+				out = make(map[string]string, len(pairs))
+			}
+			out[p[0]] = p[1]
+		}
+		return out
+	}
+	var m map[string]string
+	if json.Unmarshal(raw, &m) == nil && len(m) > 0 {
+		return m
+	}
+	return nil
 }
 
 // Labels returns the sandbox's labels.

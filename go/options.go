@@ -39,6 +39,10 @@ type SandboxConfig struct {
 	// ReplaceWithTimeout is the grace period between SIGTERM and SIGKILL when
 	// replacing (implies Replace).
 	ReplaceWithTimeout *time.Duration
+	// ReplaceWithGrace is the older reference's name of ReplaceWithTimeout (the same
+	// setting: replace_with_timeout on the wire). WithReplaceWithTimeout and
+	// WithReplaceWithGrace set both; set directly, the two must not differ.
+	ReplaceWithGrace *time.Duration
 	// Env is the environment of every command.
 	Env map[string]string
 	// Labels are key-value labels for filtering (ListSandboxesWith).
@@ -201,13 +205,22 @@ func WithReplace() SandboxOption {
 func WithReplaceWithTimeout(timeout time.Duration) SandboxOption {
 	return func(c *SandboxConfig) {
 		c.Replace = true
-		t := timeout
-		c.ReplaceWithTimeout = &t
+		t, g := timeout, timeout
+		c.ReplaceWithTimeout, c.ReplaceWithGrace = &t, &g
 	}
 }
 
+// WithReplaceWithGrace is WithReplaceWithTimeout under the older reference's name: a
+// replace with the given grace period between SIGTERM and SIGKILL (zero kills at
+// once). It implies WithReplace.
+func WithReplaceWithGrace(grace time.Duration) SandboxOption {
+	return WithReplaceWithTimeout(grace)
+}
+
 // WithDetached creates the sandbox detached: the VM keeps running after its handle is
-// released or the Go process exits; reattach with GetSandbox.
+// released (Close does not stop it, unlike the reference says: the handle does not own
+// it, OwnsLifecycle is false) or the Go process exits; reattach with GetSandbox, end it
+// with Stop or Kill.
 func WithDetached() SandboxOption {
 	return func(c *SandboxConfig) { c.Detached = true }
 }
@@ -378,6 +391,8 @@ var Init initFactory
 func (initFactory) Auto() InitConfig { return InitConfig{Cmd: "auto"} }
 
 // Cmd names the init binary (an absolute guest path) with optional argv and env.
+// Cmd("auto", ...) is Auto: with arguments or environment, CreateSandbox refuses it
+// (ErrInvalidArgument), as the core's auto init takes none.
 func (initFactory) Cmd(cmd string, opts InitOptions) InitConfig {
 	return InitConfig{Cmd: cmd, Args: append([]string(nil), opts.Args...), Env: opts.Env}
 }
@@ -673,7 +688,12 @@ func (c *SandboxConfig) wire() (map[string]any, error) {
 	}
 	if c.Init != nil {
 		switch {
-		case c.Init.Cmd == "auto" && len(c.Init.Args) == 0 && len(c.Init.Env) == 0:
+		case c.Init.Cmd == "auto":
+			// The wire's "auto" carries no arguments or environment (the core probes the
+			// image's init and runs it as it is); an init path named "auto" is not a thing.
+			if len(c.Init.Args) > 0 || len(c.Init.Env) > 0 {
+				return nil, invalidArgument(`WithInit: the "auto" init takes no arguments or environment; name the init's absolute path with Init.Cmd to pass them`)
+			}
 			w["init"] = "auto"
 		case c.Init.Cmd == "":
 			return nil, invalidArgument("WithInit: empty command")
@@ -688,14 +708,21 @@ func (c *SandboxConfig) wire() (map[string]any, error) {
 			w["init"] = init
 		}
 	}
-	if c.Replace || c.ReplaceWithTimeout != nil {
+	grace := c.ReplaceWithTimeout
+	if c.ReplaceWithGrace != nil {
+		if grace != nil && *grace != *c.ReplaceWithGrace {
+			return nil, invalidArgument(fmt.Sprintf("ReplaceWithTimeout (%s) and ReplaceWithGrace (%s) are one setting with two values", *grace, *c.ReplaceWithGrace))
+		}
+		grace = c.ReplaceWithGrace
+	}
+	if c.Replace || grace != nil {
 		w["replace"] = true
 	}
-	if c.ReplaceWithTimeout != nil {
-		if *c.ReplaceWithTimeout < 0 {
-			return nil, invalidArgument("WithReplaceWithTimeout: negative timeout")
+	if grace != nil {
+		if *grace < 0 {
+			return nil, invalidArgument("WithReplaceWithTimeout/WithReplaceWithGrace: negative grace period")
 		}
-		w["replace_with_timeout"] = secondsMs(*c.ReplaceWithTimeout)
+		w["replace_with_timeout"] = secondsMs(*grace)
 	}
 	if c.MaxDuration < 0 || c.IdleTimeout < 0 {
 		return nil, invalidArgument("WithMaxDuration/WithIdleTimeout: negative duration")

@@ -173,6 +173,29 @@ func TestImageForms(t *testing.T) {
 	sameJSON(t, "config", rc.Args["config"], `{"snapshot": "snap1", "init": "auto", "replace": true, "ephemeral": false}`)
 	rc = createArgs(t, WithReplaceWithTimeout(0))
 	sameJSON(t, "config", rc.Args["config"], `{"replace": true, "replace_with_timeout": 0}`)
+	rc = createArgs(t, WithInit(Init.Cmd("auto", InitOptions{})))
+	sameJSON(t, "Init.Cmd(auto)", rc.Args["config"], `{"init": "auto"}`)
+	rc = createArgs(t, WithInit(Init.Cmd("/lib/systemd/systemd", InitOptions{Args: []string{"--unit=multi-user.target"}, Env: map[string]string{"container": "microsandbox"}})))
+	sameJSON(t, "Init.Cmd(path)", rc.Args["config"], `{"init": {"cmd": "/lib/systemd/systemd", "args": ["--unit=multi-user.target"], "env": {"container": "microsandbox"}}}`)
+	rc = createArgs(t, WithInit(Init.Cmd("/sbin/init", InitOptions{})))
+	sameJSON(t, "Init.Cmd(bare path)", rc.Args["config"], `{"init": {"cmd": "/sbin/init"}}`)
+	// WithReplaceWithGrace is WithReplaceWithTimeout's other name; the later one wins.
+	rc = createArgs(t, WithReplaceWithGrace(2500*time.Millisecond))
+	sameJSON(t, "grace", rc.Args["config"], `{"replace": true, "replace_with_timeout": 2.5}`)
+	rc = createArgs(t, WithReplaceWithGrace(0))
+	sameJSON(t, "zero grace", rc.Args["config"], `{"replace": true, "replace_with_timeout": 0}`)
+	rc = createArgs(t, WithReplaceWithTimeout(time.Second), WithReplaceWithGrace(3*time.Second))
+	sameJSON(t, "timeout then grace", rc.Args["config"], `{"replace": true, "replace_with_timeout": 3}`)
+	rc = createArgs(t, WithReplaceWithGrace(3*time.Second), WithReplaceWithTimeout(time.Second))
+	sameJSON(t, "grace then timeout", rc.Args["config"], `{"replace": true, "replace_with_timeout": 1}`)
+	grace := 4 * time.Second
+	rc = createArgs(t, func(c *SandboxConfig) { c.ReplaceWithGrace = &grace })
+	sameJSON(t, "the ReplaceWithGrace field alone", rc.Args["config"], `{"replace": true, "replace_with_timeout": 4}`)
+	var c SandboxConfig
+	WithReplaceWithGrace(grace)(&c)
+	if !c.Replace || c.ReplaceWithGrace == nil || *c.ReplaceWithGrace != grace || c.ReplaceWithTimeout == nil || *c.ReplaceWithTimeout != grace {
+		t.Errorf("WithReplaceWithGrace fills %+v", c)
+	}
 	rc = createArgs(t, WithNetwork(NetworkPolicy.Disabled()))
 	sameJSON(t, "config", rc.Args["config"], `{"network": {"enabled": false}}`)
 	rc = createArgs(t, WithNetwork(NetworkPolicy.NonLocal()))
@@ -220,6 +243,14 @@ func TestValidationHappensBeforeTheCore(t *testing.T) {
 		"upper size on disk":  {WithImageDisk("/d.raw", ""), WithOCIUpperSize(10)},
 		"negative duration":   {WithMaxDuration(-time.Second)},
 		"init without cmd":    {WithInit(InitConfig{})},
+		"auto init with args": {WithInit(Init.Cmd("auto", InitOptions{Args: []string{"--x"}}))},
+		"auto init with env":  {WithInit(Init.Cmd("auto", InitOptions{Env: map[string]string{"K": "V"}}))},
+		"auto with env":       {WithInit(InitConfig{Cmd: "auto", Env: map[string]string{"K": "V"}})},
+		"negative grace":      {WithReplaceWithGrace(-time.Second)},
+		"two grace periods": {func(c *SandboxConfig) {
+			a, b := time.Second, 2*time.Second
+			c.ReplaceWithTimeout, c.ReplaceWithGrace = &a, &b
+		}},
 		"two secret sources":  {WithSecrets(SecretEntry{EnvVar: "A", Value: "v", File: "/f"})},
 		"secret without env":  {WithSecrets(SecretEntry{Value: "v"})},
 		"rule without action": {WithNetwork(&NetworkConfig{Rules: []PolicyRule{{Destination: "any"}}})},

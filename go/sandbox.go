@@ -8,8 +8,8 @@ import (
 )
 
 // Sandbox is a running sandbox: a handle of the core's table. It is safe for
-// concurrent use. Close releases it (stopping the VM when this handle owns it);
-// Detach releases it leaving the VM running.
+// concurrent use. Close releases it (stopping the VM when this handle owns it: an
+// attached sandbox, not a detached one); Detach releases it leaving the VM running.
 type Sandbox struct {
 	name string
 	h    *handleRef
@@ -430,36 +430,38 @@ func (s *Sandbox) WaitUntilStopped(ctx context.Context) (*SandboxStopResult, err
 	return w.toResult(), nil
 }
 
-// spend runs a call that consumes the handle; once it succeeded the handle is gone.
-func (s *Sandbox) spend(ctx context.Context, method string) error {
-	if err := s.call(ctx, method, nil, nil); err != nil {
-		return err
-	}
-	if _, ok := s.h.take(); ok {
-		runtime.SetFinalizer(s, nil)
-	}
-	return nil
-}
-
 // Detach releases the handle leaving the VM running; reattach with GetSandbox and
-// Connect. A later Close returns ErrInvalidHandle.
+// Connect. A later Close returns ErrInvalidHandle. Detach spends the handle whatever
+// its outcome, except when it fails with ErrBusy (another call is using the sandbox:
+// try again when it returns) or ErrInvalidArgument, or its context was done before the
+// call started; after a Detach that failed otherwise, Close returns nil.
 func (s *Sandbox) Detach(ctx context.Context) error {
-	return s.spend(ctx, "sandbox.detach")
+	err := consume(ctx, s.h, "sandbox.detach", nil, nil)
+	runtime.KeepAlive(s)
+	return err
 }
 
-// RemovePersisted removes the stopped sandbox's persisted state; the handle is spent.
+// RemovePersisted removes the stopped sandbox's persisted state. It spends the handle
+// as Detach does: after it succeeded Close returns ErrInvalidHandle, after it failed
+// Close returns nil.
 func (s *Sandbox) RemovePersisted(ctx context.Context) error {
-	return s.spend(ctx, "sandbox.remove_persisted")
+	err := consume(ctx, s.h, "sandbox.remove_persisted", nil, nil)
+	runtime.KeepAlive(s)
+	return err
 }
 
 // Close releases the handle. Releasing a handle that owns an attached sandbox stops
-// the sandbox (as dropping a Rust Sandbox does); a detached sandbox, or one reached
-// through Connect, keeps running. A second call returns an ErrInvalidHandle error.
+// the sandbox (as dropping a Rust Sandbox does); a detached sandbox (WithDetached,
+// StartSandboxDetached), or one reached through Connect, keeps running. As the
+// reference says, a second call returns an ErrInvalidHandle error, and so does Close
+// after a Detach or RemovePersisted that succeeded; after one that failed or was
+// cancelled (the core had taken the sandbox, or may have), Close releases whatever is
+// left and returns nil.
 func (s *Sandbox) Close() error {
-	id, ok := s.h.take()
-	if !ok {
-		return newError(ErrInvalidHandle, "sandbox handle already closed or spent")
-	}
+	prev, err := s.h.close()
 	runtime.SetFinalizer(s, nil)
-	return release(id)
+	if prev == handleReleased {
+		return newError(ErrInvalidHandle, "sandbox handle "+s.h.reason())
+	}
+	return err
 }

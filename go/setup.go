@@ -44,8 +44,11 @@ func WithSkipDownload() SetupOption {
 }
 
 // EnsureInstalled makes sure the runtime is present: msb-vmm and the guest artifacts
-// are built from source when missing (progress is printed on stderr; this can take many
-// minutes). ctx cancels the build. Idempotent.
+// are built from source when missing (cargo, and apt-get for the packages the guest
+// kernel's build needs; progress is printed on stderr; this can take many minutes),
+// where the reference downloads a release. ctx ends the call, not a build already
+// running: that goes on in the background of the process. With WithSkipDownload it
+// only checks. Idempotent; the options are read on every call.
 func EnsureInstalled(ctx context.Context, opts ...SetupOption) error {
 	var cfg setupConfig
 	for _, o := range opts {

@@ -174,23 +174,19 @@ func (e *SSHEndpoint) OpenClient(ctx context.Context, user string) (*SSHClient, 
 	return newSSHClient(w.Client, e.sandbox, e), nil
 }
 
-// finish runs a call that consumes the handle (ssh.shutdown, ssh.close). Once the core
-// took the object the handle is gone, whatever the call's outcome; a handle the core no
-// longer knows is already finished (nil). ErrBusy (another call is using it) and a
-// cancelled call leave it in place.
-func finish(ctx context.Context, h *handleRef, method string, clear func()) error {
-	id, err := h.get()
-	if err != nil {
-		return nil // finished before
-	}
-	err = call(ctx, method, map[string]any{"handle": id}, nil)
-	if IsKind(err, ErrBusy) || IsKind(err, ErrCancelled) {
+// finish runs a call that consumes the handle (ssh.shutdown, ssh.close) by consume's
+// rule: the handle stays only after ErrBusy (another call is using it),
+// ErrInvalidArgument, or a context done before the call started. A handle that ended
+// before (or that the core no longer knows) is finished: nil, a doubtful one being
+// released first.
+func finish(ctx context.Context, h *handleRef, method string) error {
+	if _, err := h.get(); err != nil {
+		_, err := h.close()
 		return err
 	}
-	if _, ok := h.take(); ok {
-		clear()
-	}
+	err := consume(ctx, h, method, nil, nil)
 	if IsKind(err, ErrInvalidHandle) {
+		_, _ = h.close()
 		return nil
 	}
 	return err
@@ -199,7 +195,7 @@ func finish(ctx context.Context, h *handleRef, method string, clear func()) erro
 // Shutdown stops listening and ends every session. Calling it again, or Close after it,
 // returns nil.
 func (e *SSHEndpoint) Shutdown(ctx context.Context) error {
-	err := finish(ctx, e.h, "ssh.shutdown", func() { runtime.SetFinalizer(e, nil) })
+	err := finish(ctx, e.h, "ssh.shutdown")
 	runtime.KeepAlive(e)
 	return err
 }
@@ -258,7 +254,7 @@ func (c *SSHClient) Exec(ctx context.Context, command string) (*SSHOutput, error
 
 // Close disconnects the client. Calling it again returns nil.
 func (c *SSHClient) Close() error {
-	err := finish(context.Background(), c.h, "ssh.close", func() { runtime.SetFinalizer(c, nil) })
+	err := finish(context.Background(), c.h, "ssh.close")
 	runtime.KeepAlive(c)
 	return err
 }

@@ -38,16 +38,12 @@ func (s *stream) next(ctx context.Context, out any) (bool, error) {
 	return true, nil
 }
 
+// close releases the stream (idempotent); a Recv waiting in another goroutine then
+// returns the end of the stream.
 func (s *stream) close() error {
-	id, ok := s.h.take()
-	if !ok {
-		return nil
-	}
+	_, err := s.h.close()
 	runtime.SetFinalizer(s, nil)
-	if err := release(id); err != nil && !IsKind(err, ErrInvalidHandle) {
-		return err
-	}
-	return nil
+	return err
 }
 
 // MetricsStreamHandle is a live metrics subscription (Sandbox.MetricsStream).

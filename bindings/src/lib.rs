@@ -137,10 +137,13 @@ mod tests {
 
     #[test]
     fn a_released_or_unknown_handle_is_invalid() {
-        let a = run("sandbox.exec", r#"{"handle": 12345, "cmd": "true"}"#);
+        let a = run(
+            "sandbox.exec",
+            r#"{"handle": 9007199254740991, "cmd": "true"}"#,
+        );
         assert_eq!(a["error"]["kind"], "invalid_handle", "{a}");
         assert_eq!(
-            run("release", r#"{"handle": 12345}"#)["error"]["kind"],
+            run("release", r#"{"handle": 9007199254740991}"#)["error"]["kind"],
             "invalid_handle"
         );
     }

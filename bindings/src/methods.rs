@@ -115,7 +115,17 @@ fn exec_ref(mut h: microsandbox::ExecHandle) -> Result<Value, BindError> {
 /// Takes a running command's handle out for a call that consumes it; the table entry goes.
 async fn take_exec(id: u64) -> Result<microsandbox::ExecHandle, BindError> {
     let exec = table::exec(id)?;
-    let h = exec.handle.lock().await.take();
+    // Never queued behind a reader (which may wait for ever on a silent command).
+    let h = exec
+        .handle
+        .try_lock()
+        .map_err(|_| {
+            BindError::new(
+                Kind::Busy,
+                format!("command {id} is being read by another call; try again when it returns"),
+            )
+        })?
+        .take();
     let _ = table::release(id);
     h.ok_or_else(|| {
         BindError::new(
@@ -144,9 +154,13 @@ pub(crate) async fn dispatch(method: &str, map: Map<String, Value>) -> Result<Va
             a.done()?;
             Ok(json!({ "sdk": VERSION }))
         }
+        // Both look at the disk and may run dpkg-query or builds: off the runtime's threads.
         "is_installed" => {
             a.done()?;
-            Ok(json!(install::missing().is_empty()))
+            let missing = tokio::task::spawn_blocking(install::missing)
+                .await
+                .map_err(|e| BindError::new(Kind::Internal, format!("is_installed: {e}")))?;
+            Ok(json!(missing.is_empty()))
         }
         "ensure_installed" => {
             a.done()?;
@@ -367,11 +381,25 @@ async fn on_sandbox(op: &str, mut a: Args) -> Result<Value, BindError> {
     match op {
         "detach" => {
             a.done()?;
-            table::take_sandbox(id)?.detach().await?;
+            let sb = table::take_sandbox(id)?;
+            // On a task of its own: a cancelled call must not drop the sandbox half way
+            // (its drop would stop the VM the caller asked to keep).
+            tokio::spawn(sb.detach())
+                .await
+                .map_err(|e| BindError::new(Kind::Internal, format!("detach: {e}")))??;
             return Ok(Value::Null);
         }
         "remove_persisted" => {
             a.done()?;
+            // Refused before the sandbox is taken: taking a running owned sandbox out of
+            // the table (and dropping it when the SDK refuses) would stop it.
+            let name = table::sandbox(id)?.name().to_string();
+            if matches!(
+                Sandbox::get(&name).await?.status(),
+                SandboxStatus::Running | SandboxStatus::Draining | SandboxStatus::Paused
+            ) {
+                return Err(microsandbox::MicrosandboxError::StillRunning(name).into());
+            }
             table::take_sandbox(id)?.remove_persisted().await?;
             return Ok(Value::Null);
         }

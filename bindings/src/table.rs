@@ -121,11 +121,24 @@ getter!(
 getter!(ssh, Ssh, Arc<SshEndpoint>, "an SSH endpoint");
 getter!(ssh_client, SshClient, Arc<SshClient>, "an SSH client");
 
-/// Removes any object.
+/// Removes any object. A reader still waiting on it (another call holding the object)
+/// is ended: a stream's feeding task stops, so the reader sees its end; a running
+/// command is killed, so the reader sees it exit (dropping its handle, as the last
+/// holder does, would end it too).
 pub(crate) fn release(id: u64) -> Result<(), BindError> {
     let obj = table()
         .remove(&id)
         .ok_or_else(|| missing(id, "an object"))?;
+    match &obj {
+        Object::Stream(s) => s.task.abort(),
+        Object::Exec(e) if e.handle.try_lock().is_err() => {
+            let control = e.control.clone();
+            tokio::spawn(async move {
+                let _ = control.kill().await;
+            });
+        }
+        _ => {}
+    }
     // Dropped outside the lock: a sandbox's drop may start its VMM's stop.
     drop(obj);
     Ok(())
@@ -191,4 +204,38 @@ pub(crate) fn take_ssh_client(id: u64) -> Result<SshClient, BindError> {
         },
         Object::SshClient,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releasing_a_stream_ends_the_reader_waiting_on_it() {
+        crate::runtime().block_on(async {
+            let (tx, rx) = mpsc::channel(1);
+            // A feeder that never sends (a followed log nobody writes to).
+            let task = tokio::spawn(async move {
+                let _tx = tx;
+                std::future::pending::<()>().await;
+            });
+            let id = insert(Object::Stream(Arc::new(Stream {
+                rx: tokio::sync::Mutex::new(rx),
+                task,
+            })))
+            .expect("room");
+            let args = format!(r#"{{"handle": {id}}}"#);
+            let reader = tokio::spawn(async move { crate::call("stream.next", &args).await });
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert!(!reader.is_finished());
+            release(id).expect("released");
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+                .await
+                .expect("the reader is woken")
+                .expect("joined");
+            assert_eq!(answer, r#"{"ok":null}"#);
+            // Gone for good.
+            assert_eq!(release(id).map_err(|e| e.kind), Err(Kind::InvalidHandle));
+        });
+    }
 }

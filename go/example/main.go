@@ -21,16 +21,20 @@ func main() {
 }
 
 func run(ctx context.Context) error {
-	// Builds msb-vmm and the guest kernel and root filesystem when they are missing
-	// (many minutes, progress on stderr); quick when they are installed.
-	if err := m.EnsureInstalled(ctx); err != nil {
+	// Checks that msb-vmm and the guest kernel and root filesystem are installed
+	// (scripts/setup builds them), and fails with ErrNotInstalled if not. Without
+	// WithSkipDownload, EnsureInstalled would build what is missing from source: many
+	// minutes, with packages fetched for the kernel build.
+	if err := m.EnsureInstalled(ctx, m.WithSkipDownload()); err != nil {
 		return err
 	}
 
-	// No WithImage: the default root filesystem (busybox).
+	// No WithImage: the default root filesystem (busybox). Nothing here needs the
+	// network, so the sandbox gets none.
 	name := fmt.Sprintf("go-example-%d", os.Getpid())
 	sb, err := m.CreateSandbox(ctx, name,
 		m.WithMemory(512),
+		m.WithNetwork(m.NetworkPolicy.Disabled()),
 		m.WithEnv(map[string]string{"GREETING": "hello"}),
 		m.WithLabel("example", "go"),
 	)

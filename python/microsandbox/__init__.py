@@ -119,9 +119,14 @@ async def is_installed() -> bool:
 
 
 async def ensure_installed() -> None:
-    """Builds or finds the runtime if it is not in place (progress on stderr).
+    """Builds the runtime from this source tree if it is not in place (progress on
+    stderr): ``cargo build`` of ``msb-vmm``, the guest kernel (whose build may
+    ``apt-get install`` its dependencies), initramfs, agent and default root. Nothing is
+    downloaded as a release. Check :func:`is_installed` first where building is not wanted.
 
-    Raises :class:`NotInstalledError` when that fails.
+    Once a build runs it cannot be stopped: cancelling the awaiting task raises at once,
+    but the build goes on in the background. Raises :class:`NotInstalledError` when it
+    fails.
     """
     await _wire.call("ensure_installed", {})
 

@@ -15,10 +15,12 @@ import weakref
 from typing import Any, Mapping, Optional, Set
 
 from microsandbox.errors import (
+    BusyError,
+    InternalError,
     InvalidArgumentError,
     InvalidHandleError,
     MicrosandboxError,
-    ProtocolError,
+    OperationCancelledError,
     error_from_wire,
 )
 
@@ -33,19 +35,22 @@ def _load_native() -> Any:
 
 
 def decode_answer(raw: Any) -> Any:
-    """The ``ok`` value of one answer document, or raise its typed error."""
+    """The ``ok`` value of one answer document, or raise its typed error.
+
+    An answer the SDK cannot read is a bug of the binding: :class:`InternalError` (kind
+    ``protocol`` is the guest agent's, not the binding's)."""
     if isinstance(raw, (bytes, bytearray)):
         raw = bytes(raw).decode("utf-8")
     try:
         doc = json.loads(raw)
     except (TypeError, ValueError) as e:
-        raise ProtocolError(f"the core's answer is not JSON: {e}") from None
+        raise InternalError(f"the core's answer is not JSON: {e}") from None
     if isinstance(doc, dict):
         if "ok" in doc:
             return doc["ok"]
         if "error" in doc:
             raise error_from_wire(doc["error"])
-    raise ProtocolError(f"the core's answer has neither ok nor error: {raw!r:.200}")
+    raise InternalError(f"the core's answer has neither ok nor error: {raw!r:.200}")
 
 
 async def call(method: str, args: Mapping[str, Any]) -> Any:
@@ -76,21 +81,21 @@ def b64decode(text: Any, field: str = "data_b64") -> bytes:
     if text is None:
         return b""
     if not isinstance(text, str):
-        raise ProtocolError(f"{field} is not a string: {text!r:.80}")
+        raise InternalError(f"{field} is not a string: {text!r:.80}")
     try:
         return base64.b64decode(text, validate=True)
     except ValueError as e:
-        raise ProtocolError(f"{field} is not base64: {e}") from None
+        raise InternalError(f"{field} is not base64: {e}") from None
 
 
 def field(d: Any, key: str) -> Any:
-    """A required field of a value from the core (a missing one is a protocol error)."""
+    """A required field of a value from the core (a missing one is an internal error)."""
     if not isinstance(d, Mapping):
-        raise ProtocolError(f"expected an object from the core, got {d!r:.200}")
+        raise InternalError(f"expected an object from the core, got {d!r:.200}")
     try:
         return d[key]
     except KeyError:
-        raise ProtocolError(f"the core's answer lacks {key!r}: {d!r:.200}") from None
+        raise InternalError(f"the core's answer lacks {key!r}: {d!r:.200}") from None
 
 
 # -------------------------------------------------------------------------------------
@@ -124,6 +129,16 @@ def _release_on(loop: Optional[asyncio.AbstractEventLoop], handle: int) -> None:
         pass
 
 
+def release_soon(handle: int) -> None:
+    """Releases ``handle`` in the background on the running loop (a handle the core gave
+    out that no Python object took, e.g. the answer of a start nobody awaits any more)."""
+    try:
+        loop: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    _release_on(loop, handle)
+
+
 class HandleRef:
     """A core handle owned by a Python object: released when the owner is collected
     (on the loop it was made on, if that loop still runs), when :meth:`release` is
@@ -133,7 +148,7 @@ class HandleRef:
 
     def __init__(self, owner: object, value: Any, what: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(f"the core's {what} handle is not an integer: {value!r}")
+            raise InternalError(f"the core's {what} handle is not an integer: {value!r}")
         self._value = value
         self._what = what
         self._why = "released"
@@ -164,14 +179,44 @@ class HandleRef:
         if self._finalizer.detach() is not None:
             self._why = why
 
+    def release_soon(self) -> None:
+        """Schedules the release on the handle's loop now, without waiting for it (for a
+        handle whose owner cannot be used, e.g. made from an unreadable answer)."""
+        if self._finalizer.alive:
+            self._why = "released"
+            self._finalizer()
+
     async def release(self) -> None:
-        """Releases the handle now (a no-op once released or spent)."""
+        """Releases the handle now (a no-op once released or spent). A handle the core has
+        already dropped (a consuming call that went through although its caller gave up)
+        answers ``invalid_handle``, which is no error here."""
         if self._finalizer.detach() is not None:
             self._why = "released"
             try:
                 await call("release", {"handle": self._value})
             except InvalidHandleError:
                 pass
+
+    async def consume(self, method: str, why: str, **args: Any) -> Any:
+        """Runs ``method``, a call that consumes the handle (``detach``, ``ssh.close``,
+        ``exec.wait``, ...), and marks the handle spent once the core has taken it.
+
+        The core refuses such a call with ``busy`` while another call holds the object,
+        and with ``invalid_argument`` before looking at the object: it still names the
+        object then, and stays ours to use or release. A cancelled call may or may not have
+        reached the core; the handle is kept, and releasing it later at worst answers
+        ``invalid_handle`` (ignored). Any other outcome, success or error, means the core
+        has dropped it."""
+        h = self.value
+        try:
+            result = await call(method, {"handle": h, **args})
+        except (BusyError, InvalidArgumentError, OperationCancelledError, asyncio.CancelledError):
+            raise
+        except Exception:
+            self.spend(why)
+            raise
+        self.spend(why)
+        return result
 
 
 class Ready:

@@ -307,7 +307,8 @@ class ConnectionClosedError(MicrosandboxError):
 
 
 class ProtocolError(MicrosandboxError):
-    """A message broke the protocol (or the core's answer was not what the SDK expects)."""
+    """The guest agent broke the protocol (kind ``protocol``). An answer of the core the
+    SDK cannot read is an :class:`InternalError` instead: a bug of the binding."""
 
     KIND = "protocol"
 
@@ -373,7 +374,8 @@ class NotInstalledError(MicrosandboxError):
 
 
 class InternalError(MicrosandboxError):
-    """A bug in the binding (a panic caught at the boundary)."""
+    """A bug in the binding: a panic caught at the boundary, or an answer of the core
+    this package cannot read."""
 
     KIND = "internal"
 
@@ -434,7 +436,7 @@ ERROR_KINDS: Dict[str, Type[MicrosandboxError]] = {
 def error_from_wire(err: Any) -> MicrosandboxError:
     """The exception for the wire's ``{"kind", "message", "fs_kind"?}`` object."""
     if not isinstance(err, Mapping):
-        return ProtocolError(f"malformed error from the core: {err!r}")
+        return InternalError(f"malformed error from the core: {err!r:.200}")
     kind = err.get("kind")
     message = err.get("message")
     fs_kind = err.get("fs_kind")
@@ -451,5 +453,8 @@ def error_from_wire(err: Any) -> MicrosandboxError:
     if isinstance(error, ExecTimeoutError) and isinstance(err.get("output"), Mapping):
         from microsandbox.exec import ExecOutput  # exec imports this module
 
-        error.output = ExecOutput._from_wire(err["output"])
+        try:
+            error.output = ExecOutput._from_wire(err["output"])
+        except MicrosandboxError as e:  # an unreadable output: the timeout is still the news
+            error.__cause__ = e
     return error

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Optional, Tuple, Union
 
 from microsandbox import _wire
-from microsandbox.errors import InvalidArgumentError, ProtocolError
+from microsandbox.errors import InternalError, InvalidArgumentError
 
 __all__ = ["ExecStatus", "ExecOutput", "ExecEvent", "ExecSink", "ExecHandle"]
 
@@ -164,7 +164,7 @@ class ExecEvent:
         if t == "exited":
             s = ExecStatus._from_wire(d)
             return cls("exited", exit_code=s.exit_code, success=s.success, signal=s.signal, timed_out=s.timed_out)
-        raise ProtocolError(f"unknown exec event type {t!r}")
+        raise InternalError(f"unknown exec event type {t!r} from the core")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ExecEvent):
@@ -282,15 +282,11 @@ class ExecHandle:
     async def wait(self) -> ExecStatus:
         """Waits for the end, discarding output not yet received; spends the handle.
         Unpacks as ``(exit_code, success)``."""
-        h = self._ref.value
-        self._ref.spend("spent by wait()")
-        return ExecStatus._from_wire(await _wire.call("exec.wait", {"handle": h}))
+        return ExecStatus._from_wire(await self._ref.consume("exec.wait", "spent by wait()"))
 
     async def collect(self) -> ExecOutput:
         """Waits for the end and returns the output not yet received; spends the handle."""
-        h = self._ref.value
-        self._ref.spend("spent by collect()")
-        return ExecOutput._from_wire(await _wire.call("exec.collect", {"handle": h}))
+        return ExecOutput._from_wire(await self._ref.consume("exec.collect", "spent by collect()"))
 
     async def close(self) -> None:
         """Releases the handle (ends the command if it still runs)."""

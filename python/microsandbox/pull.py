@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Generator, Optional
 
 from microsandbox import _wire
+from microsandbox.errors import MicrosandboxError
 
 if TYPE_CHECKING:  # pragma: no cover
     from microsandbox.sandbox import Sandbox
@@ -77,13 +79,23 @@ class PullSession:
         self._done = False
         self._result_taken = False
 
+    def _adopt(self, answer: Any) -> None:
+        """Owns the session handle of ``create_with_progress``'s answer (once)."""
+        if self._ref is None:
+            self._ref = _wire.HandleRef(self, _wire.field(answer, "pull"), "pull session")
+
     async def _handle(self) -> int:
         if self._ref is None:
             if self._starting is None:
                 self._starting = asyncio.ensure_future(_wire.call("create_with_progress", self._args))
+                # The start runs on even when the task awaiting it is cancelled (it is
+                # shielded, so that another use of the session can take it up): its handle
+                # is owned as soon as it comes, by this session, or released if the
+                # session is gone.
+                self._starting.add_done_callback(_adopt_started(weakref.ref(self)))
             answer = await asyncio.shield(self._starting)
-            if self._ref is None:
-                self._ref = _wire.HandleRef(self, _wire.field(answer, "pull"), "pull session")
+            self._adopt(answer)
+        assert self._ref is not None
         return self._ref.value
 
     async def start(self) -> None:
@@ -120,10 +132,9 @@ class PullSession:
         if self._result_taken:
             raise RuntimeError("PullSession.result() was already awaited")
         self._result_taken = True
-        h = await self._handle()
+        await self._handle()
         assert self._ref is not None
-        self._ref.spend("spent by result()")
-        return Sandbox._from_ref(await _wire.call("pull.result", {"handle": h}))
+        return Sandbox._from_ref(await self._ref.consume("pull.result", "spent by result()"))
 
     def __await__(self) -> Generator[Any, None, "Sandbox"]:
         return self.result().__await__()
@@ -143,5 +154,28 @@ class PullSession:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if not self._result_taken:
-            await self.close()
+        # A no-op once result() has taken the session; releases it otherwise (also when
+        # result() was cancelled before the core took it).
+        await self.close()
+
+
+def _adopt_started(session_ref: "weakref.ReferenceType[PullSession]") -> Any:
+    """The done-callback of a session's start: the new handle goes to the session, or,
+    when nobody holds the session any more, back to the core."""
+
+    def done(task: "asyncio.Future[Any]") -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # no handle came (the error is the awaiting caller's, if any)
+        answer = task.result()
+        session = session_ref()
+        if session is not None:
+            try:
+                session._adopt(answer)
+            except MicrosandboxError:
+                pass  # an unreadable answer: raised to whoever awaits the start
+            return
+        handle = answer.get("pull") if isinstance(answer, dict) else None
+        if isinstance(handle, int) and not isinstance(handle, bool):
+            _wire.release_soon(handle)
+
+    return done

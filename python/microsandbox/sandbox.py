@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from microsandbox import _config, _wire
 from microsandbox._wire import Ready
-from microsandbox.errors import MicrosandboxError
+from microsandbox.errors import MicrosandboxError, OperationTimeoutError, SandboxNotRunningError
 from microsandbox.exec import ExecHandle, ExecOutput
 from microsandbox.fs import SandboxFs
 from microsandbox.logs import LogEntry, LogStream
@@ -32,6 +34,11 @@ from microsandbox.types import (
 )
 
 __all__ = ["Sandbox", "SandboxHandle", "SandboxStopResult", "all_sandbox_metrics"]
+
+_log = logging.getLogger("microsandbox")
+
+#: How long ``SandboxHandle.connect()`` waits for the core (the reference page's 10 s).
+CONNECT_TIMEOUT = 10.0
 
 
 def _exit_tuple(d: Any) -> Tuple[int, bool]:
@@ -90,13 +97,19 @@ class Sandbox:
         self._ref = _wire.HandleRef(self, handle, "sandbox handle")
         self._name = name
         self._owns = owns_lifecycle
-        self._fs = SandboxFs(self)
 
     @classmethod
     def _from_ref(cls, d: Any) -> "Sandbox":
-        return cls(
-            _wire.field(d, "sandbox"), str(_wire.field(d, "name")), bool(_wire.field(d, "owns_lifecycle"))
-        )
+        # The handle is owned first: should the rest of the answer be unreadable, it is
+        # released rather than lost.
+        sb = cls(_wire.field(d, "sandbox"), "", False)
+        try:
+            sb._name = str(_wire.field(d, "name"))
+            sb._owns = bool(_wire.field(d, "owns_lifecycle"))
+        except BaseException:
+            sb._ref.release_soon()
+            raise
+        return sb
 
     def _handle(self) -> int:
         return self._ref.value
@@ -109,7 +122,9 @@ class Sandbox:
     @staticmethod
     async def create(name: str, **kwargs: Any) -> "Sandbox":
         """Creates and boots a sandbox; keyword arguments are its configuration (see the
-        README). Pulls the image if needed and returns once the guest is ready."""
+        README). Pulls the image if needed and returns once the guest is ready. With
+        ``detached=True`` the sandbox outlives this process from the start: the object
+        does not own its lifecycle (the Rust SDK's ``create_detached``)."""
         args = _config.create_args(name, kwargs)
         return Sandbox._from_ref(await _wire.call("create", args))
 
@@ -171,8 +186,10 @@ class Sandbox:
 
     @property
     def fs(self) -> SandboxFs:
-        """Files in the sandbox (a plain property: ``sb.fs.read(...)``)."""
-        return self._fs
+        """Files in the sandbox (a plain property: ``sb.fs.read(...)``). Each access makes
+        a small new object that keeps this sandbox alive while it is held (the sandbox
+        does not hold it back, so dropping the sandbox frees it at once)."""
+        return SandboxFs(self)
 
     async def config(self) -> Dict[str, Any]:
         """The sandbox's configuration as the core holds it."""
@@ -364,17 +381,17 @@ class Sandbox:
         await self._call("sandbox.resume")
 
     async def detach(self) -> None:
-        """Lets go of the sandbox without stopping it (this object is spent)."""
-        h = self._ref.value
-        self._ref.spend("detached")
-        await _wire.call("sandbox.detach", {"handle": h})
+        """Lets go of the sandbox without stopping it (this object is spent). Refused with
+        :class:`~microsandbox.BusyError` while another call on this object runs; the
+        object is still usable then."""
+        await self._ref.consume("sandbox.detach", "detached")
         self._owns = False
 
     async def remove_persisted(self) -> None:
-        """Removes the sandbox and its persisted state (this object is spent)."""
-        h = self._ref.value
-        self._ref.spend("removed")
-        await _wire.call("sandbox.remove_persisted", {"handle": h})
+        """Removes the (stopped) sandbox and its persisted state (this object is spent).
+        Refused with :class:`~microsandbox.BusyError` while another call on this object
+        runs; the object is still usable then."""
+        await self._ref.consume("sandbox.remove_persisted", "removed")
 
     async def close(self) -> None:
         """Releases this object now (an owned, attached sandbox stops, as on garbage
@@ -385,19 +402,45 @@ class Sandbox:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Kills the sandbox and removes its persisted state."""
-        if not self._ref.alive:  # detached or removed already
+        """Kills the sandbox and removes its persisted state.
+
+        ``remove_persisted`` is tried whatever the kill did; if the object is still held
+        after it (the removal failed), it is released. A cleanup error is raised when the
+        body ended normally; when the body raised, the body's exception goes on and the
+        cleanup error is logged (logger ``microsandbox``) and noted on it."""
+        if not self._ref.alive:  # detached, removed or closed already
             return
+        errors: List[BaseException] = []
         try:
             try:
                 await self.kill()
+            except SandboxNotRunningError:
+                pass  # already stopped: only the state is left to remove
             except MicrosandboxError as e:
-                if e.kind not in ("not_running",):
-                    raise
-            await self.remove_persisted()
-        except MicrosandboxError:
-            if exc_type is None:
-                raise
+                errors.append(e)
+            try:
+                await self.remove_persisted()
+            except MicrosandboxError as e:
+                errors.append(e)
+        finally:
+            if self._ref.alive:
+                try:
+                    await self._ref.release()
+                except MicrosandboxError as e:
+                    errors.append(e)
+        if not errors:
+            return
+        first = errors[0]
+        for later in errors[1:]:
+            if later.__context__ is None:
+                later.__context__ = first
+        if exc_type is None:
+            raise errors[-1]
+        for cleanup in errors:
+            what = f"{type(cleanup).__name__}: {cleanup}"
+            _log.warning("cleaning up sandbox %r after an error failed: %s", self._name, what)
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"while cleaning up sandbox {self._name!r}: {what}")
 
     def __repr__(self) -> str:
         state = "" if self._ref.alive else " (released)"
@@ -457,8 +500,21 @@ class SandboxHandle:
         return await Sandbox.get(self.name)
 
     async def connect(self) -> Sandbox:
-        """Attaches to the running sandbox (without owning its lifecycle)."""
-        return await Sandbox.connect(self.name)
+        """Attaches to the running sandbox (without owning its lifecycle); raises
+        :class:`~microsandbox.OperationTimeoutError` if the core has not answered
+        within 10 seconds."""
+        return await self.connect_with_timeout(CONNECT_TIMEOUT)
+
+    async def connect_with_timeout(self, timeout: float) -> Sandbox:
+        """As :meth:`connect`, waiting at most ``timeout`` seconds (then the call is
+        cancelled in the core and :class:`~microsandbox.OperationTimeoutError` raised)."""
+        secs = check_seconds(timeout, "timeout", positive=True)
+        try:
+            return await asyncio.wait_for(Sandbox.connect(self.name), secs)
+        except asyncio.TimeoutError:
+            raise OperationTimeoutError(
+                f"connect to sandbox {self.name!r}: no answer within {secs} s", kind="timeout"
+            ) from None
 
     async def start(self, *, detached: bool = False) -> Sandbox:
         """Boots the stopped sandbox again."""

@@ -70,12 +70,11 @@ class SshClient:
         return SshOutput._from_wire(d)
 
     async def close(self) -> None:
-        """Ends the session."""
+        """Ends the session (refused with :class:`~microsandbox.BusyError` while a
+        command of it runs; the client is still usable then)."""
         if not self._ref.alive:
             return
-        h = self._ref.value
-        self._ref.spend("closed")
-        await _wire.call("ssh.close", {"handle": h})
+        await self._ref.consume("ssh.close", "closed")
 
     async def __aenter__(self) -> "SshClient":
         return self
@@ -89,15 +88,21 @@ class SshEndpoint:
     the authorised keys; ``known_hosts_line`` pins its host key for an ``ssh`` client."""
 
     def __init__(self, d: Any) -> None:
+        # The handle is owned first: should the rest of the answer be unreadable, it is
+        # released rather than lost.
         self._ref = _wire.HandleRef(self, _wire.field(d, "endpoint"), "SSH endpoint")
-        #: The address it listens on (loopback).
-        self.addr: str = _wire.field(d, "addr")
-        self.port: int = _wire.field(d, "port")
-        #: Its host key, OpenSSH format.
-        self.host_key: str = _wire.field(d, "host_key")
-        self.fingerprint: str = _wire.field(d, "fingerprint")
-        #: A line for ``~/.ssh/known_hosts``.
-        self.known_hosts_line: str = _wire.field(d, "known_hosts_line")
+        try:
+            #: The address it listens on (loopback).
+            self.addr: str = _wire.field(d, "addr")
+            self.port: int = _wire.field(d, "port")
+            #: Its host key, OpenSSH format.
+            self.host_key: str = _wire.field(d, "host_key")
+            self.fingerprint: str = _wire.field(d, "fingerprint")
+            #: A line for ``~/.ssh/known_hosts``.
+            self.known_hosts_line: str = _wire.field(d, "known_hosts_line")
+        except BaseException:
+            self._ref.release_soon()
+            raise
 
     async def authorize(self, key: str) -> None:
         """Lets in one more OpenSSH public key line."""
@@ -112,12 +117,12 @@ class SshEndpoint:
         return SshClient(_wire.field(d, "client"))
 
     async def shutdown(self) -> None:
-        """Stops serving (this object is spent)."""
+        """Stops serving (this object is spent; refused with
+        :class:`~microsandbox.BusyError` while another call on it runs, and the endpoint
+        is still usable then)."""
         if not self._ref.alive:
             return
-        h = self._ref.value
-        self._ref.spend("shut down")
-        await _wire.call("ssh.shutdown", {"handle": h})
+        await self._ref.consume("ssh.shutdown", "shut down")
 
     async def __aenter__(self) -> "SshEndpoint":
         return self

@@ -741,7 +741,8 @@ class Stdin:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """Hands PID 1 off to a guest init binary (``cmd``: a path in the guest or ``"auto"``)."""
+    """Hands PID 1 off to a guest init binary (``cmd``: a path in the guest, or
+    ``"auto"`` to let the core find one; ``"auto"`` takes no ``args`` or ``env``)."""
 
     cmd: str
     args: Tuple[str, ...] = ()
@@ -749,6 +750,16 @@ class InitConfig:
 
     def _to_wire(self) -> Any:
         cmd = check_str(self.cmd, "init cmd")
+        if cmd == "auto":
+            # The wire's "auto" is a bare string: it carries no argv or env.
+            if self.args or self.env:
+                raise InvalidArgumentError(
+                    'init "auto" takes no args or env (the core picks the init and how to run '
+                    "it); give the init's path as cmd to pass them"
+                )
+            return "auto"
+        if not cmd:
+            raise InvalidArgumentError("init cmd must not be empty")
         d: Dict[str, Any] = {"cmd": cmd}
         if self.args:
             d["args"] = check_str_list(list(self.args), "init args")

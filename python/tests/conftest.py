@@ -7,10 +7,11 @@ JSON arguments, and answers with canned ``{"ok": ...}`` / ``{"error": ...}`` doc
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Tuple, Union
 
 import pytest
 
@@ -22,7 +23,11 @@ except ImportError:  # run from the source tree without installing
 
 from microsandbox import _wire
 
-Answer = Union[Dict[str, Any], Callable[[Dict[str, Any]], Dict[str, Any]]]
+Answer = Union[
+    Dict[str, Any],
+    Callable[[Dict[str, Any]], Dict[str, Any]],
+    Callable[[Dict[str, Any]], Awaitable[Dict[str, Any]]],
+]
 
 
 def ok(value: Any = None) -> Dict[str, Any]:
@@ -42,7 +47,9 @@ def sandbox_ref(handle: int = 7, name: str = "sb", owns: bool = True) -> Dict[st
 
 class FakeCore:
     """The native module's ``call``: answers queued per method, in order; ``release``
-    is answered ``null`` unless something else was queued."""
+    is answered ``null`` unless something else was queued. An answer may be a function
+    of the call's arguments, also an async one (a call that takes its time: cancelling
+    the awaiting task cancels it)."""
 
     __fake__ = True
 
@@ -68,6 +75,8 @@ class FakeCore:
             raise AssertionError(f"unexpected call {method} {args}")
         if callable(answer):
             answer = answer(args)
+            if inspect.isawaitable(answer):
+                answer = await answer
         return json.dumps(answer)
 
     def version(self) -> str:

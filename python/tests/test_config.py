@@ -180,9 +180,37 @@ async def test_init_shapes(core: FakeCore) -> None:
          {"cmd": "/sbin/init", "args": ["--x"], "env": {"A": "b"}}),
         (InitConfig("/lib/systemd/systemd", args=("--unit=multi-user.target",), env={"container": "msb"}),
          {"cmd": "/lib/systemd/systemd", "args": ["--unit=multi-user.target"], "env": {"container": "msb"}}),
+        # "auto" is the wire's bare string whatever shape says it, never a path named auto.
+        (InitConfig("auto"), "auto"),
+        (InitConfig(cmd="auto", args=(), env={}), "auto"),
+        ({"cmd": "auto"}, "auto"),
+        ({"cmd": "auto", "args": [], "env": {}}, "auto"),
     ]:
         _, args = await create(core, init=init)
         assert args["config"]["init"] == wire
+
+
+@pytest.mark.parametrize(
+    "init",
+    [
+        InitConfig("auto", args=("--x",)),
+        InitConfig("auto", env={"A": "b"}),
+        {"cmd": "auto", "args": ["--x"]},
+        {"cmd": "auto", "env": {"A": "b"}},
+        InitConfig(""),
+        {"cmd": ""},
+    ],
+)
+async def test_init_auto_takes_no_args_or_env(core: FakeCore, init) -> None:
+    # The wire's "auto" cannot carry them: refused here rather than dropped.
+    with pytest.raises(InvalidArgumentError):
+        await Sandbox.create("sb", init=init)
+    assert core.calls == []
+
+
+async def test_registry_auth_mapping_form(core: FakeCore) -> None:
+    _, args = await create(core, registry_auth={"username": "u", "password": "p"})
+    assert args["config"]["registry_auth"] == {"username": "u", "password": "p"}
 
 
 async def test_ports_network_and_secret_shapes(core: FakeCore) -> None:

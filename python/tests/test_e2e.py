@@ -1,5 +1,7 @@
 """End to end: real sandboxes through the real extension (set MSB_E2E=1; boots take
-~30-60 s under software KVM). The default busybox root, no image, no network device."""
+~30-60 s under software KVM). The default busybox root, no image, no network device:
+nothing here can reach the network. Nothing is installed either: without the runtime
+(``is_installed()``) the tests fail at once, saying so, rather than build it."""
 
 from __future__ import annotations
 
@@ -45,6 +47,13 @@ def msb_home(tmp_path_factory: pytest.TempPathFactory):
     """The real extension, and sandbox state in a private MSB_HOME for this run."""
     native = importlib.import_module("microsandbox._native")  # fails loudly if not built
     assert not getattr(native, "__fake__", False)
+    if not asyncio.run(is_installed()):
+        pytest.fail(
+            "the microsandbox runtime is not installed (msb-vmm, the guest kernel, initramfs, "
+            "agent or default root is missing): run `await microsandbox.ensure_installed()` "
+            "or scripts/setup first; the tests do not build it",
+            pytrace=False,
+        )
     home = tmp_path_factory.mktemp("msb-home")
     home.chmod(0o700)
     old = os.environ.get("MSB_HOME")
@@ -62,7 +71,7 @@ async def step(aw, timeout: float = STEP):
 
 async def test_sandbox_lifecycle(msb_home: Path) -> None:
     assert await sdk_version() == "0.1.0"
-    assert isinstance(await is_installed(), bool)
+    assert await is_installed() is True
     name = f"py-e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     content = b"kept across a restart\n"
     t = time.monotonic()
@@ -150,6 +159,14 @@ async def test_sandbox_lifecycle(msb_home: Path) -> None:
         # the record
         handle = await step(Sandbox.get(name))
         assert handle.status == "running"
+        # connect (10 s at most) gives a second, non-owning object over the same sandbox
+        other = await step(handle.connect())
+        assert await other.owns_lifecycle is False
+        assert (await step(other.shell("echo via connect"))).stdout_text == "via connect\n"
+        await other.close()  # does not stop it
+        other = await step(handle.connect_with_timeout(30))
+        await other.close()
+        assert (await step(sb.shell("echo still up"))).stdout_text == "still up\n"
         hm = await step(handle.metrics())
         assert hm.memory_limit_bytes == m.memory_limit_bytes
         assert name in [x.name for x in await step(Sandbox.list())]

@@ -12,7 +12,10 @@ import microsandbox
 from conftest import FakeCore, err
 from microsandbox import (
     ERROR_KINDS,
+    ExecOutput,
+    ExecTimeoutError,
     FilesystemError,
+    InternalError,
     InvalidArgumentError,
     MicrosandboxError,
     OperationTimeoutError,
@@ -119,10 +122,13 @@ def test_filesystem_errors_carry_fs_kind() -> None:
     assert info2.value.kind == "filesystem"
 
 
-def test_malformed_answers_are_protocol_errors() -> None:
+def test_malformed_answers_are_internal_errors() -> None:
+    # An answer the package cannot read is a bug of the binding, not the guest agent's
+    # protocol error (kind "protocol").
     for raw in ["not json", "[]", '{"neither": 1}', '{"error": "text"}']:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(InternalError) as info:
             decode_answer(raw)
+        assert not isinstance(info.value, ProtocolError)
     assert decode_answer('{"ok": null}') is None
     assert decode_answer(b'{"ok": [1]}') == [1]
 
@@ -148,3 +154,35 @@ async def test_non_json_numbers_never_cross(core: FakeCore) -> None:
     with pytest.raises(InvalidArgumentError):
         await _wire.call("list", {"x": float("nan")})
     assert core.calls == []
+
+
+async def test_exec_timeout_carries_the_output(core: FakeCore) -> None:
+    import base64
+
+    from conftest import sandbox_ref
+
+    output = {"exit_code": 137, "success": False, "signal": 9, "timed_out": True,
+              "stdout_b64": base64.b64encode(b"before\n").decode(), "stderr_b64": ""}
+    core.on("create", sandbox_ref(handle=3))
+    core.on("sandbox.exec", {"error": {"kind": "exec_timeout", "message": "timed out after 3 s",
+                                       "output": output}})
+    core.on("sandbox.shell", err("exec_timeout", "timed out"))
+    sb = await Sandbox.create("t")
+    with pytest.raises(ExecTimeoutError) as info:
+        await sb.exec("sh", ["-c", "echo before; sleep 60"], timeout=3)
+    out = info.value.output
+    assert isinstance(out, ExecOutput)
+    assert out.stdout_text == "before\n" and out.stderr_bytes == b""
+    assert (out.exit_code, out.success, out.signal, out.timed_out) == (137, False, 9, True)
+    assert info.value.message == "timed out after 3 s"
+    # Without an output in the error (an older core), it is None.
+    with pytest.raises(ExecTimeoutError) as info2:
+        await sb.shell("sleep 60", timeout=1)
+    assert info2.value.output is None
+
+
+def test_an_unreadable_exec_timeout_output_keeps_the_timeout() -> None:
+    with pytest.raises(ExecTimeoutError) as info:
+        decode_answer('{"error": {"kind": "exec_timeout", "message": "m", "output": {"stdout_b64": 5}}}')
+    assert info.value.output is None
+    assert isinstance(info.value.__cause__, InternalError)

@@ -93,7 +93,7 @@ async def test_handle_metrics_log_stream_and_snapshots(core: FakeCore, tmp_path:
 
 async def test_snapshot_statics(core: FakeCore, tmp_path: Path) -> None:
     core.on("snapshot.list", ok([SNAP]))
-    core.on("snapshot.get", ok(SNAP), err("invalid_config", "no snapshot nope"))
+    core.on("snapshot.get", ok(SNAP), err("snapshot_not_found", "no snapshot named nope"))
     core.on("snapshot.remove", ok(None))
     core.on("snapshot.export", ok(None))
     core.on("snapshot.import", ok({**SNAP, "name": "copy"}), ok(SNAP))
@@ -101,10 +101,11 @@ async def test_snapshot_statics(core: FakeCore, tmp_path: Path) -> None:
     assert s.name == "base" and s.size_bytes == 4096 and s.image_digest is None
     assert (await Snapshot.get("base")).digest == "sha256:ab"
     assert core.last("snapshot.get") == {"name": "base"}
-    from microsandbox import InvalidConfigError
+    from microsandbox import SnapshotNotFoundError
 
-    with pytest.raises(InvalidConfigError):
+    with pytest.raises(SnapshotNotFoundError, match="nope") as info:
         await Snapshot.get("nope")
+    assert info.value.kind == "snapshot_not_found"
     await Snapshot.remove("base")
     assert core.last("snapshot.remove") == {"name": "base"}
     await Snapshot.export("base", tmp_path / "b.tar", with_image=True)
@@ -175,3 +176,37 @@ async def test_resize_and_mkdir_all(core: FakeCore, sb: Sandbox) -> None:
         await h.resize(24.0, 80)  # type: ignore[arg-type]
     await sb.fs.mkdir_all("/a/b/c")
     assert core.last("fs.mkdir_all") == {"handle": 7, "path": "/a/b/c"}
+
+
+async def test_ssh_busy_refusals_leave_the_objects_usable(core: FakeCore, sb: Sandbox) -> None:
+    from microsandbox import BusyError
+
+    core.on("ssh.open_client", ok({"client": 96}))
+    core.on("ssh.close", err("busy", "handle 96 is in use by another call"), ok(None))
+    core.on("ssh.exec", ok({"stdout_b64": b64(b"ok\n"), "stderr_b64": "", "exit_status": 0, "exit_signal": None}))
+    client = await sb.ssh().open_client()
+    with pytest.raises(BusyError):
+        await client.close()
+    assert (await client.exec("echo ok")).stdout_text == "ok\n"
+    assert core.last("ssh.exec") == {"handle": 96, "command": "echo ok"}
+    await client.close()
+    assert core.args_of("ssh.close") == [{"handle": 96}, {"handle": 96}]
+    with pytest.raises(InvalidHandleError, match="closed"):
+        await client.exec("true")
+
+    core.on("ssh.serve", ok({"endpoint": 97, "addr": "127.0.0.1", "port": 2200, "host_key": "k",
+                             "fingerprint": "f", "known_hosts_line": "l"}))
+    core.on("ssh.shutdown", err("busy", "handle 97 is in use by another call"), ok(None))
+    core.on("ssh.authorize", ok(None))
+    ep = await sb.ssh().serve(authorized_keys=["ssh-ed25519 KEY"])
+    with pytest.raises(BusyError):
+        await ep.shutdown()
+    await ep.authorize("ssh-ed25519 OTHER")
+    assert core.last("ssh.authorize") == {"handle": 97, "key": "ssh-ed25519 OTHER"}
+    await ep.shutdown()
+    await ep.shutdown()  # once
+    assert core.args_of("ssh.shutdown") == [{"handle": 97}, {"handle": 97}]
+    del client, ep
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "release" not in core.methods()  # both were spent by the core

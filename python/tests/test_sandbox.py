@@ -12,7 +12,11 @@ import pytest
 
 from conftest import FakeCore, err, ok, sandbox_ref
 from microsandbox import (
+    BusyError,
     ExecOutput,
+    InternalError,
+    OperationCancelledError,
+    OperationTimeoutError,
     FilesystemError,
     InvalidArgumentError,
     InvalidHandleError,
@@ -293,6 +297,84 @@ async def test_lifecycle_calls(core: FakeCore, sb: Sandbox) -> None:
     assert await sb.config() == {"memory": 512}
 
 
+async def test_a_busy_refusal_leaves_the_handle_usable(core: FakeCore) -> None:
+    core.on("create", sandbox_ref(handle=7))
+    core.on("sandbox.detach", err("busy", "handle 7 is in use by another call"), ok(None))
+    core.on("sandbox.remove_persisted", err("busy", "in use"), err("invalid_argument", "bad field"))
+    core.on("sandbox.shell", exec_output(b"still here\n"), exec_output(b"and here\n"))
+    sb = await Sandbox.create("b")
+    with pytest.raises(BusyError):
+        await sb.detach()
+    assert await sb.owns_lifecycle is True
+    assert (await sb.shell("echo still here")).stdout_text == "still here\n"
+    assert core.last("sandbox.shell") == {"handle": 7, "script": "echo still here"}
+    with pytest.raises(BusyError):
+        await sb.remove_persisted()
+    with pytest.raises(InvalidArgumentError):
+        await sb.remove_persisted()
+    assert (await sb.shell("echo and here")).stdout_text == "and here\n"
+    await sb.detach()  # now it goes through
+    assert await sb.owns_lifecycle is False
+    with pytest.raises(InvalidHandleError, match="detached"):
+        await sb.shell("true")
+    await sb.close()  # nothing left to release
+    assert "release" not in core.methods()
+
+
+async def test_a_failed_consuming_call_spends_the_handle(core: FakeCore) -> None:
+    # Past busy and argument checks the core has taken the object: an error of the
+    # removal itself (still running) leaves nothing to release.
+    core.on("create", sandbox_ref(handle=8))
+    core.on("sandbox.remove_persisted", err("sandbox_still_running", "b is running"))
+    sb = await Sandbox.create("b")
+    with pytest.raises(SandboxStillRunningError):
+        await sb.remove_persisted()
+    with pytest.raises(InvalidHandleError, match="removed"):
+        await sb.metrics()
+    await sb.close()
+    assert "release" not in core.methods()
+
+
+async def test_a_cancelled_consuming_call_keeps_the_handle(core: FakeCore) -> None:
+    core.on("create", sandbox_ref(handle=9), sandbox_ref(handle=10))
+    started = asyncio.Event()
+
+    async def slow(args):
+        started.set()
+        await asyncio.sleep(3600)
+        return ok(None)
+
+    core.on("sandbox.detach", slow, err("cancelled", "sandbox.detach was cancelled"))
+    sb = await Sandbox.create("c")
+    task = asyncio.ensure_future(sb.detach())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Whether the core took it is unknown: the handle is kept, and released on close
+    # (a handle the core had taken answers invalid_handle there, which is ignored).
+    core.on("release", err("invalid_handle", "handle 9 does not name an object"))
+    await sb.close()
+    assert core.args_of("release") == [{"handle": 9}]
+    sb2 = await Sandbox.create("c2")
+    with pytest.raises(OperationCancelledError):
+        await sb2.detach()
+    assert await sb2.owns_lifecycle is True
+    del sb2
+    await spin()
+    assert core.args_of("release") == [{"handle": 9}, {"handle": 10}]
+
+
+async def test_an_unreadable_create_answer_releases_its_handle(core: FakeCore) -> None:
+    core.on("create", ok({"sandbox": 77, "owns_lifecycle": True}))  # no name
+    with pytest.raises(InternalError, match="name") as info:
+        await Sandbox.create("x")
+    await spin()
+    # Released at once, even while the error (and its traceback) is still held.
+    assert core.args_of("release") == [{"handle": 77}]
+    del info
+
+
 async def test_detach_and_remove_persisted_spend_the_handle(core: FakeCore) -> None:
     core.on("create", sandbox_ref(handle=7), sandbox_ref(handle=8))
     core.on("sandbox.detach", ok(None))
@@ -314,14 +396,38 @@ async def test_detach_and_remove_persisted_spend_the_handle(core: FakeCore) -> N
     assert "release" not in core.methods()  # the core already dropped both
 
 
-async def test_garbage_collection_releases_the_handle(core: FakeCore) -> None:
-    core.on("create", sandbox_ref(handle=41))
-    sb = await Sandbox.create("gc")
-    del sb
-    gc.collect()
-    for _ in range(3):
+async def spin(n: int = 5) -> None:
+    """A few iterations of the loop (a release scheduled by a finalizer runs)."""
+    for _ in range(n):
         await asyncio.sleep(0)
-    assert core.args_of("release") == [{"handle": 41}]
+
+
+async def test_dropping_the_sandbox_releases_the_handle_without_gc(core: FakeCore) -> None:
+    # Plain reference counting: no cycle keeps a sandbox alive, sb.fs used or not.
+    core.on("create", sandbox_ref(handle=41), sandbox_ref(handle=43))
+    core.on("fs.exists", ok(True))
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        sb = await Sandbox.create("gc")
+        assert await sb.fs.exists("/") is True
+        fs = sb.fs  # the object of one access, not kept by the sandbox
+        del fs
+        del sb
+        await spin()
+        assert core.args_of("release") == [{"handle": 41}]
+        # A SandboxFs held on keeps its sandbox (and handle) alive, and only that.
+        sb2 = await Sandbox.create("gc2")
+        fs2 = sb2.fs
+        del sb2
+        await spin()
+        assert core.args_of("release") == [{"handle": 41}]
+        del fs2
+        await spin()
+        assert core.args_of("release") == [{"handle": 41}, {"handle": 43}]
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 async def test_close_releases_once(core: FakeCore) -> None:
@@ -348,10 +454,46 @@ async def test_context_manager_kills_and_removes(core: FakeCore) -> None:
     async with await Sandbox.create("cm2"):
         pass
     assert core.last("sandbox.remove_persisted") == {"handle": 10}
-    # The body's own error wins over a cleanup error.
+    # The body's own error wins over a cleanup error; the state is still removed.
     with pytest.raises(KeyError):
         async with await Sandbox.create("cm3"):
             raise KeyError("body")
+    assert core.methods()[-2:] == ["sandbox.kill", "sandbox.remove_persisted"]
+    assert core.last("sandbox.remove_persisted") == {"handle": 11}
+    assert "release" not in core.methods()  # remove_persisted spent it
+
+
+async def test_context_manager_cleanup_errors(core: FakeCore, caplog: pytest.LogCaptureFixture) -> None:
+    core.on("create", sandbox_ref(handle=12), sandbox_ref(handle=13), sandbox_ref(handle=14))
+    # A kill that fails: remove_persisted is still tried, and refused busy, so the
+    # handle (still ours) is released; the body had no error: the cleanup error is raised.
+    core.on("sandbox.kill", err("busy", "agent busy"), err("agent", "kill failed"), err("not_running", "stopped"))
+    core.on("sandbox.remove_persisted", err("busy", "in use"), ok(None),
+            err("sandbox_still_running", "still running"))
+    with pytest.raises(BusyError, match="in use") as info:
+        async with await Sandbox.create("c1"):
+            pass
+    assert isinstance(info.value.__context__, BusyError) and "agent busy" in str(info.value.__context__)
+    assert core.last("sandbox.remove_persisted") == {"handle": 12}
+    assert core.args_of("release") == [{"handle": 12}]
+    # The kill failed but the removal went through: the kill's error is raised.
+    from microsandbox import AgentError, SandboxStillRunningError
+
+    with pytest.raises(AgentError):
+        async with await Sandbox.create("c2"):
+            pass
+    assert core.last("sandbox.remove_persisted") == {"handle": 13}
+    assert core.args_of("release") == [{"handle": 12}]
+    # The body raised: its exception goes on, the cleanup error is logged (and noted).
+    with caplog.at_level("WARNING", logger="microsandbox"):
+        with pytest.raises(KeyError) as body:
+            async with await Sandbox.create("c3"):
+                raise KeyError("body")
+    assert "still running" in caplog.text
+    if hasattr(body.value, "__notes__"):
+        assert any("SandboxStillRunningError" in n for n in body.value.__notes__)
+    assert core.last("sandbox.remove_persisted") == {"handle": 14}
+    del SandboxStillRunningError
 
 
 async def test_static_calls_and_handles(core: FakeCore) -> None:
@@ -381,9 +523,42 @@ async def test_static_calls_and_handles(core: FakeCore) -> None:
     assert core.last("start") == {"name": "web", "detached": True}
     c = await h.connect()
     assert core.last("connect") == {"name": "web"} and await c.owns_lifecycle is False
+    core.on("connect", sandbox_ref(handle=8, name="web", owns=False))
+    c2 = await h.connect_with_timeout(2.5)
+    assert core.last("connect") == {"name": "web"} and c2._handle() == 8
     with pytest.raises(InvalidArgumentError):
         await Sandbox.list_with(status="sleeping")
     del sb, sb2, c
+
+
+async def test_connect_times_out(core: FakeCore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import microsandbox.sandbox as sandbox_module
+
+    assert sandbox_module.CONNECT_TIMEOUT == 10.0  # the page: connect() errors after 10 s
+    cancelled = []
+
+    async def never(args):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(args)
+            raise
+        return sandbox_ref()
+
+    h = SandboxHandle(HANDLE_INFO)
+    core.on("connect", never, never)
+    with pytest.raises(OperationTimeoutError, match="web") as info:
+        await h.connect_with_timeout(0.05)
+    assert info.value.kind == "timeout"
+    assert cancelled == [{"name": "web"}]  # the call itself was cancelled
+    monkeypatch.setattr(sandbox_module, "CONNECT_TIMEOUT", 0.05)
+    with pytest.raises(OperationTimeoutError):
+        await h.connect()
+    assert len(cancelled) == 2
+    with pytest.raises(InvalidArgumentError):
+        await h.connect_with_timeout(0)
+    with pytest.raises(TypeError):
+        await h.connect_with_timeout("5")  # type: ignore[arg-type]
 
 
 async def test_handle_lifecycle(core: FakeCore) -> None:

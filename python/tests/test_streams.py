@@ -118,13 +118,13 @@ async def test_exec_handle_context_manager_releases(core: FakeCore, sb: Sandbox)
     assert core.last("release") == {"handle": 23}
 
 
-async def test_exec_stream_unknown_event_is_a_protocol_error(core: FakeCore, sb: Sandbox) -> None:
-    from microsandbox import ProtocolError
+async def test_exec_stream_unknown_event_is_an_internal_error(core: FakeCore, sb: Sandbox) -> None:
+    from microsandbox import InternalError
 
     core.on("sandbox.exec_stream", ok({"exec": 24}))
     core.on("exec.recv", ok({"type": "teleported"}))
     h = await sb.exec_stream("x")
-    with pytest.raises(ProtocolError):
+    with pytest.raises(InternalError):
         await h.recv()
 
 
@@ -223,3 +223,97 @@ async def test_pull_session_errors_are_typed(core: FakeCore) -> None:
             async for _ in session.progress:
                 pass
             await session.result()
+
+
+async def spin(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def gated(answer):
+    """An answer that comes once the returned event is set."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def answer_when_open(args):
+        entered.set()
+        await gate.wait()
+        return answer
+
+    return answer_when_open, gate, entered
+
+
+async def test_a_cancelled_start_leaves_the_session_its_handle(core: FakeCore) -> None:
+    # The start is shielded: cancelling the task awaiting it does not stop it, and the
+    # handle it brings is the session's (usable, and released when the session goes).
+    answer, gate, entered = gated(ok({"pull": 80}))
+    core.on("create_with_progress", answer)
+    core.on("pull.next", ok({"type": "resolving", "reference": "alpine"}))
+    session = Sandbox.create_with_progress("p", image="alpine")
+    task = asyncio.ensure_future(session.start())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    await spin()
+    assert "release" not in core.methods()
+    ev = await session.recv()  # the same session, no second start
+    assert ev is not None and ev.event_type == "resolving"
+    assert core.methods().count("create_with_progress") == 1
+    assert core.last("pull.next") == {"handle": 80}
+    del session, ev
+    await spin()
+    assert core.args_of("release") == [{"handle": 80}]
+
+
+async def test_a_start_nobody_waits_for_is_released(core: FakeCore) -> None:
+    # Cancelled, and the session dropped before the core answered: the handle that then
+    # comes has no owner, and goes back to the core.
+    answer, gate, entered = gated(ok({"pull": 81}))
+    core.on("create_with_progress", answer)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        session = Sandbox.create_with_progress("p", image="alpine")
+        task = asyncio.ensure_future(session.start())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del session, task
+        gate.set()
+        await spin()
+        assert core.args_of("release") == [{"handle": 81}]
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def test_a_cancelled_result_keeps_the_session_for_release(core: FakeCore) -> None:
+    answer, gate, entered = gated(sandbox_ref(handle=83))
+    core.on("create_with_progress", ok({"pull": 82}))
+    core.on("pull.result", answer)
+    session = Sandbox.create_with_progress("p", image="alpine")
+    async with session:
+        task = asyncio.ensure_future(session.result())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # Whether the core had taken it is unknown: leaving the block releases it.
+    assert core.args_of("release") == [{"handle": 82}]
+
+
+async def test_a_cancelled_wait_keeps_the_command(core: FakeCore, sb: Sandbox) -> None:
+    answer, gate, entered = gated(ok({"exit_code": 0, "success": True, "signal": None, "timed_out": False}))
+    core.on("sandbox.exec_stream", ok({"exec": 84}))
+    core.on("exec.wait", answer)
+    h = await sb.exec_stream("sleep", ["60"])
+    task = asyncio.ensure_future(h.wait())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await h.close()
+    assert core.args_of("release") == [{"handle": 84}]
