@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -172,15 +173,10 @@ func (h *handleRef) close() (handleState, error) {
 	return prev, nil
 }
 
-// consume runs a call that consumes the handle: the core takes the object out of its
-// table as the call starts (exec.wait, exec.collect, sandbox.detach,
-// sandbox.remove_persisted, ssh.shutdown, ssh.close). The handle stays live only when
-// the call cannot have reached the object: ErrBusy (another call is using it, the core
-// left it in place), ErrInvalidArgument (refused before the take), or a context that
-// was done before the call reached the core. Any other outcome ends it: released on
-// success, spent on failure (nothing left to release), doubtful when the call was
-// cancelled in the core or its answer was unreadable (Close releases it to be sure).
-func consume(ctx context.Context, h *handleRef, method string, args map[string]any, out any) error {
+// call runs method with args and "handle" set to h's handle. owner (the Go object
+// holding h) is kept alive until the call returns, so its finalizer cannot release the
+// handle under a call still using it.
+func (h *handleRef) call(ctx context.Context, owner any, method string, args map[string]any, out any) error {
 	id, err := h.get()
 	if err != nil {
 		return err
@@ -190,6 +186,23 @@ func consume(ctx context.Context, h *handleRef, method string, args map[string]a
 	}
 	args["handle"] = id
 	err = call(ctx, method, args, out)
+	runtime.KeepAlive(owner)
+	return err
+}
+
+// consume runs a call that consumes the handle: the core takes the object out of its
+// table as the call starts (exec.wait, exec.collect, sandbox.detach,
+// sandbox.remove_persisted, ssh.shutdown, ssh.close). The handle stays live only when
+// the call cannot have reached the object: ErrBusy (another call is using it, the core
+// left it in place), ErrInvalidArgument (refused before the take), or a context that
+// was done before the call reached the core. Any other outcome ends it: released on
+// success, spent on failure (nothing left to release), doubtful when the call was
+// cancelled in the core or its answer was unreadable (Close releases it to be sure).
+func consume(ctx context.Context, h *handleRef, method string, args map[string]any, out any) error {
+	if _, err := h.get(); err != nil {
+		return err
+	}
+	err := h.call(ctx, nil, method, args, out)
 	var e *Error
 	switch {
 	case err == nil:

@@ -255,17 +255,7 @@ func newExecHandle(id uint64, sb *Sandbox) *ExecHandle {
 }
 
 func (e *ExecHandle) call(ctx context.Context, method string, args map[string]any, out any) error {
-	id, err := e.h.get()
-	if err != nil {
-		return err
-	}
-	if args == nil {
-		args = map[string]any{}
-	}
-	args["handle"] = id
-	err = call(ctx, method, args, out)
-	runtime.KeepAlive(e)
-	return err
+	return e.h.call(ctx, e, method, args, out)
 }
 
 // Recv waits for the next event. After the last event it returns an event of kind

@@ -114,17 +114,7 @@ func AllSandboxMetrics(ctx context.Context) (map[string]*Metrics, error) {
 }
 
 func (s *Sandbox) call(ctx context.Context, method string, args map[string]any, out any) error {
-	id, err := s.h.get()
-	if err != nil {
-		return err
-	}
-	if args == nil {
-		args = map[string]any{}
-	}
-	args["handle"] = id
-	err = call(ctx, method, args, out)
-	runtime.KeepAlive(s)
-	return err
+	return s.h.call(ctx, s, method, args, out)
 }
 
 // Name returns the sandbox's name.

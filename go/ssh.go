@@ -143,17 +143,7 @@ func (e *SSHEndpoint) Fingerprint() string { return e.fingerprint }
 func (e *SSHEndpoint) KnownHostsLine() string { return e.knownHostsLine }
 
 func (e *SSHEndpoint) call(ctx context.Context, method string, args map[string]any, out any) error {
-	id, err := e.h.get()
-	if err != nil {
-		return err
-	}
-	if args == nil {
-		args = map[string]any{}
-	}
-	args["handle"] = id
-	err = call(ctx, method, args, out)
-	runtime.KeepAlive(e)
-	return err
+	return e.h.call(ctx, e, method, args, out)
 }
 
 // Authorize authorises one more OpenSSH public key ("ssh-ed25519 AAAA... comment") from
@@ -227,14 +217,8 @@ type wireSSHOutput struct {
 // Exec runs command on a new session channel (the server's shell interprets it) and
 // waits for it, collecting its output. A non-zero exit status is not an error.
 func (c *SSHClient) Exec(ctx context.Context, command string) (*SSHOutput, error) {
-	id, err := c.h.get()
-	if err != nil {
-		return nil, err
-	}
 	var w wireSSHOutput
-	err = call(ctx, "ssh.exec", map[string]any{"handle": id, "command": command}, &w)
-	runtime.KeepAlive(c)
-	if err != nil {
+	if err := c.h.call(ctx, c, "ssh.exec", map[string]any{"command": command}, &w); err != nil {
 		return nil, err
 	}
 	stdout, err := base64.StdEncoding.DecodeString(w.StdoutB64)

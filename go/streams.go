@@ -19,14 +19,8 @@ func newStream(id uint64, sb *Sandbox) *stream {
 
 // next decodes the next item into out; false at the end of the stream.
 func (s *stream) next(ctx context.Context, out any) (bool, error) {
-	id, err := s.h.get()
-	if err != nil {
-		return false, err
-	}
 	var raw rawValue
-	err = call(ctx, "stream.next", map[string]any{"handle": id}, &raw)
-	runtime.KeepAlive(s)
-	if err != nil {
+	if err := s.h.call(ctx, s, "stream.next", nil, &raw); err != nil {
 		return false, err
 	}
 	if raw.null() {

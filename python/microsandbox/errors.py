@@ -58,7 +58,6 @@ __all__ = [
     "NotInstalledError",
     "InternalError",
     "ERROR_KINDS",
-    "error_from_wire",
 ]
 
 
