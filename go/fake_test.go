@@ -130,6 +130,11 @@ func disarm(t *testing.T, objs ...any) {
 					forget(v.h)
 					runtime.SetFinalizer(v, nil)
 				}
+			case *PullSession:
+				if v != nil {
+					forget(v.h)
+					runtime.SetFinalizer(v, nil)
+				}
 			case *LogStreamHandle:
 				if v != nil {
 					forget(v.stream.h)

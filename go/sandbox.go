@@ -32,6 +32,19 @@ func checkName(name string) error {
 // cancels the boot only. The returned *Sandbox owns the VM: Close it (or Stop, then
 // Close) when done.
 func CreateSandbox(ctx context.Context, name string, opts ...SandboxOption) (*Sandbox, error) {
+	args, err := createWireArgs(name, opts)
+	if err != nil {
+		return nil, err
+	}
+	var ref sandboxRef
+	if err := call(ctx, "create", args, &ref); err != nil {
+		return nil, err
+	}
+	return newSandbox(ref), nil
+}
+
+// createWireArgs are the wire arguments of create and create_with_progress.
+func createWireArgs(name string, opts []SandboxOption) (map[string]any, error) {
 	if err := checkName(name); err != nil {
 		return nil, err
 	}
@@ -45,11 +58,7 @@ func CreateSandbox(ctx context.Context, name string, opts ...SandboxOption) (*Sa
 	if err != nil {
 		return nil, err
 	}
-	var ref sandboxRef
-	if err := call(ctx, "create", map[string]any{"name": name, "config": wire, "detached": cfg.Detached}, &ref); err != nil {
-		return nil, err
-	}
-	return newSandbox(ref), nil
+	return map[string]any{"name": name, "config": wire, "detached": cfg.Detached}, nil
 }
 
 // CreateSandboxDetached is CreateSandbox with WithDetached.
