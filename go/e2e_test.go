@@ -3,7 +3,8 @@ package microsandbox
 // End-to-end tests: they boot real VMs (default busybox root, the guest network
 // disabled; the SSH endpoint listens on 127.0.0.1) and run only with MSB_E2E=1. They
 // reach no network: the runtime must be installed already (scripts/setup; the tests
-// check with EnsureInstalled(ctx, WithSkipDownload()) and build nothing). From go/,
+// check with EnsureInstalled(ctx, WithSkipDownload()) and build nothing). Their state
+// lives in a private MSB_HOME (TestMain). From go/,
 // after scripts/build-ffi --debug (scripts/test-go runs them this way):
 //
 //	MSB_E2E=1 MSB_VMM=$PWD/../target/debug/msb-vmm go test -run E2E -v -timeout 40m ./...
@@ -19,6 +20,29 @@ import (
 	"testing"
 	"time"
 )
+
+// TestMain gives the end-to-end tests a private state directory (MSB_HOME, mode 0700,
+// removed at the end), so they neither see nor leave anything in the user's
+// ~/.microsandbox; the example they run inherits it.
+func TestMain(m *testing.M) {
+	os.Exit(runTests(m))
+}
+
+func runTests(m *testing.M) int {
+	if os.Getenv("MSB_E2E") == "1" {
+		home, err := os.MkdirTemp("", "msb-go-e2e-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: a private MSB_HOME:", err)
+			return 1
+		}
+		defer os.RemoveAll(home)
+		if err := os.Setenv("MSB_HOME", home); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e: MSB_HOME:", err)
+			return 1
+		}
+	}
+	return m.Run()
+}
 
 func e2e(t *testing.T) {
 	t.Helper()
@@ -551,6 +575,96 @@ reading:
 	}
 	step(t, "Stop, Close, Remove", &at)
 	t.Logf("total %.1fs", time.Since(t0).Seconds())
+}
+
+// TestE2ECreateWithProgress creates a sandbox through a PullSession (the default root
+// pulls nothing, so there are no events), and cancels a second create by closing its
+// session before the result: no sandbox of that name is left running.
+func TestE2ECreateWithProgress(t *testing.T) {
+	e2e(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	at := time.Now()
+	name := fmt.Sprintf("go-e2e-progress-%d", os.Getpid())
+	opts := []SandboxOption{WithMemory(256), WithNetwork(NetworkPolicy.Disabled())}
+	defer func() {
+		c, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for _, n := range []string{name, name + "-cancelled"} {
+			if h, err := GetSandbox(c, n); err == nil {
+				_ = h.Kill(c)
+				_ = RemoveSandbox(c, n)
+			}
+		}
+	}()
+	p, err := CreateSandboxWithProgress(ctx, name, opts...)
+	if err != nil {
+		t.Fatalf("CreateSandboxWithProgress: %v", err)
+	}
+	var events []*PullEvent
+	for {
+		ev, err := p.Recv(ctx)
+		if err != nil {
+			t.Fatalf("Recv: %v", err)
+		}
+		if ev == nil {
+			break
+		}
+		events = append(events, ev)
+	}
+	if len(events) != 0 {
+		t.Errorf("the default root pulled something: %+v", events)
+	}
+	sb, err := p.Result(ctx)
+	if err != nil {
+		t.Fatalf("Result: %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Errorf("Close after Result: %v", err)
+	}
+	step(t, "CreateSandboxWithProgress", &at)
+	out, err := sb.Shell(ctx, "echo booted-with-progress")
+	if err != nil || out.Stdout() != "booted-with-progress\n" {
+		t.Errorf("Shell: %q, %v", out.Stdout(), err)
+	}
+	if code, err := sb.StopAndWait(ctx); err != nil || code != 0 {
+		t.Errorf("StopAndWait: %d, %v", code, err)
+	}
+	_ = sb.Close()
+	if err := RemoveSandbox(ctx, name); err != nil {
+		t.Errorf("RemoveSandbox: %v", err)
+	}
+	step(t, "Shell, StopAndWait, Remove", &at)
+
+	// Closing the session before Result cancels the create.
+	p, err = CreateSandboxWithProgress(ctx, name+"-cancelled", opts...)
+	if err != nil {
+		t.Fatalf("CreateSandboxWithProgress: %v", err)
+	}
+	time.Sleep(2 * time.Second) // into the boot
+	if err := p.Close(); err != nil {
+		t.Errorf("Close before Result: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		h, err := GetSandbox(ctx, name+"-cancelled")
+		if errors.Is(err, ErrSandboxNotFound) {
+			t.Logf("the cancelled create left no sandbox")
+			break
+		}
+		if err != nil {
+			t.Fatalf("GetSandbox: %v", err)
+		}
+		if h.Status() != SandboxStatusRunning {
+			t.Logf("the cancelled create left a sandbox %s", h.Status())
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the cancelled create is still running 30 s after Close")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	step(t, "a create cancelled by Close", &at)
 }
 
 // TestE2EExample runs example/main.go (the README's program) as a user would.

@@ -234,6 +234,50 @@ async def test_sandbox_lifecycle(msb_home: Path) -> None:
             pass
 
 
+async def test_create_with_progress(msb_home: Path) -> None:
+    # The default root pulls nothing: the session's progress ends without events, then
+    # result() gives the booted sandbox.
+    name = f"py-e2e-progress-{os.getpid()}"
+    t = time.monotonic()
+    session = Sandbox.create_with_progress(name, memory=256, network=Network.disabled())
+
+    async def events():
+        return [e async for e in session.progress]
+
+    assert await step(events(), BOOT) == []
+    sb = await step(session.result(), BOOT)
+    log(f"create_with_progress (boot to ready): {time.monotonic() - t:.1f} s")
+    try:
+        out = await step(sb.shell("echo booted-with-progress"))
+        assert out.stdout_text == "booted-with-progress\n"
+        code, success = await step(sb.stop_and_wait())
+        assert success, code
+    finally:
+        try:
+            await sb.kill()
+        except MicrosandboxError:
+            pass
+        await sb.close()
+        await step(Sandbox.remove(name))
+
+    # A session given up before its result cancels the create: nothing of that name is
+    # left running.
+    cancelled = name + "-cancelled"
+    async with Sandbox.create_with_progress(cancelled, memory=256, network=Network.disabled()):
+        await asyncio.sleep(2)  # into the boot
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            h = await step(Sandbox.get(cancelled))
+        except SandboxNotFoundError:
+            break
+        if h.status != "running":
+            await step(Sandbox.remove(cancelled))
+            break
+        assert time.monotonic() < deadline, "the cancelled create is still running 30 s on"
+        await asyncio.sleep(0.5)
+
+
 def test_quickstart_example(msb_home: Path) -> None:
     t = time.monotonic()
     run = subprocess.run(

@@ -191,9 +191,13 @@ async def test_cancelled_after_the_answer_was_handed_over(native) -> None:
     real = loop.call_soon_threadsafe
 
     def then_cancel(callback, *args, **kwargs):  # the worker's hand-over, then a cancel
-        handle = real(callback, *args, **kwargs)
-        real(task.cancel)
-        return handle
+        # Both in one callback: two separate ones could fall in different loop iterations,
+        # letting the task resume with the answer between them.
+        def hand_over_and_cancel() -> None:
+            callback(*args)
+            task.cancel()
+
+        return real(hand_over_and_cancel, **kwargs)
 
     loop.call_soon_threadsafe = then_cancel  # type: ignore[method-assign]
     try:
