@@ -132,7 +132,7 @@ func ruleDestination(d string) string {
 type DNSConfig struct {
 	// RebindProtection refuses answers pointing into private ranges (default on).
 	RebindProtection *bool
-	// Nameservers are upstream resolvers ("1.1.1.1:53").
+	// Nameservers are upstream resolvers ("127.0.0.53:53").
 	Nameservers []string
 	// QueryTimeoutMs caps a query's time (default 5000).
 	QueryTimeoutMs *uint64

@@ -68,7 +68,7 @@ func TestEveryOptionReachesTheConfig(t *testing.T) {
 				{Action: PolicyActionDeny, Destination: ".evil.com"},
 				{Action: PolicyActionDeny, Direction: PolicyDirectionIngress, Destination: "api.example.com"},
 			},
-			DNS:            &DNSConfig{RebindProtection: &off, Nameservers: []string{"1.1.1.1:53"}, QueryTimeoutMs: &qt},
+			DNS:            &DNSConfig{RebindProtection: &off, Nameservers: []string{"127.0.0.53:53"}, QueryTimeoutMs: &qt},
 			TLS:            &TLSConfig{Enabled: &on, Bypass: []string{"*.bank.com"}, InterceptedPorts: []uint16{443, 8443}, BlockQUIC: &on, CACert: "/ca.pem", CAKey: "/ca.key"},
 			MaxConnections: &maxConn,
 			MTU:            &mtu,
@@ -126,7 +126,7 @@ func TestEveryOptionReachesTheConfig(t *testing.T) {
 	        "deny egress suffix=evil.com",
 	        "deny ingress domain=api.example.com"
 	      ],
-	      "dns": {"rebind_protection": false, "nameservers": ["1.1.1.1:53"], "query_timeout_ms": 2000},
+	      "dns": {"rebind_protection": false, "nameservers": ["127.0.0.53:53"], "query_timeout_ms": 2000},
 	      "tls": {"enabled": true, "bypass": ["*.bank.com"], "intercepted_ports": [443, 8443], "block_quic": true,
 	              "intercept_ca_cert": "/ca.pem", "intercept_ca_key": "/ca.key"},
 	      "max_connections": 64, "mtu": 1400

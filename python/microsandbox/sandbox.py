@@ -232,8 +232,7 @@ class Sandbox:
         """Starts ``cmd`` and returns a handle streaming its events."""
         wire = self._exec_args("exec_stream", cmd, args, dict(cwd=cwd, user=user, env=env, timeout=timeout,
                                                               stdin=stdin, tty=tty or None, rlimits=rlimits), True)
-        d = await self._call("sandbox.exec_stream", **wire)
-        return ExecHandle(_wire.field(d, "exec"), bool(wire.get("stdin_pipe", False)), d.get("pid"))
+        return _exec_handle(await self._call("sandbox.exec_stream", **wire), wire)
 
     async def shell(
         self,
@@ -249,10 +248,9 @@ class Sandbox:
     ) -> ExecOutput:
         """Runs ``script`` with the sandbox's shell (default ``/bin/sh``) and collects its
         output."""
-        opts = _config.exec_options("shell", dict(cwd=cwd, user=user, env=env, timeout=timeout,
-                                                  stdin=stdin, tty=tty or None, rlimits=rlimits), False)
-        d = await self._call("sandbox.shell", script=check_str(script, "script"), **opts)
-        return ExecOutput._from_wire(d)
+        wire = _shell_args("shell", script, dict(cwd=cwd, user=user, env=env, timeout=timeout,
+                                                 stdin=stdin, tty=tty or None, rlimits=rlimits), False)
+        return ExecOutput._from_wire(await self._call("sandbox.shell", **wire))
 
     async def shell_stream(
         self,
@@ -268,10 +266,9 @@ class Sandbox:
     ) -> ExecHandle:
         """Starts ``script`` with the sandbox's shell and returns a handle streaming its
         events."""
-        opts = _config.exec_options("shell_stream", dict(cwd=cwd, user=user, env=env, timeout=timeout,
-                                                         stdin=stdin, tty=tty or None, rlimits=rlimits), True)
-        d = await self._call("sandbox.shell_stream", script=check_str(script, "script"), **opts)
-        return ExecHandle(_wire.field(d, "exec"), bool(opts.get("stdin_pipe", False)), d.get("pid"))
+        wire = _shell_args("shell_stream", script, dict(cwd=cwd, user=user, env=env, timeout=timeout,
+                                                        stdin=stdin, tty=tty or None, rlimits=rlimits), True)
+        return _exec_handle(await self._call("sandbox.shell_stream", **wire), wire)
 
     async def attach(self, cmd: str, args: Optional[Sequence[str]] = None) -> int:
         """Bridges this process's terminal to ``cmd`` in a guest PTY until it exits; its
@@ -608,3 +605,15 @@ async def all_sandbox_metrics() -> Dict[str, SandboxMetrics]:
     """Metrics of every running sandbox, by name."""
     d = await _wire.call("all_metrics", {})
     return {name: SandboxMetrics._from_wire(m) for name, m in d.items()}
+
+
+def _shell_args(method: str, script: Any, opts: Dict[str, Any], streaming: bool) -> Dict[str, Any]:
+    """The wire arguments of ``sandbox.shell`` / ``sandbox.shell_stream``."""
+    wire: Dict[str, Any] = {"script": check_str(script, "script")}
+    wire.update(_config.exec_options(method, opts, streaming))
+    return wire
+
+
+def _exec_handle(answer: Any, wire: Dict[str, Any]) -> ExecHandle:
+    """The :class:`ExecHandle` of a streaming exec's answer (stdin piped when asked)."""
+    return ExecHandle(_wire.field(answer, "exec"), bool(wire.get("stdin_pipe", False)), answer.get("pid"))

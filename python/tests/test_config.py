@@ -83,7 +83,7 @@ async def test_every_page_kwarg_maps_onto_the_config(core: FakeCore, tmp_path: P
         network=Network(
             policy="public-only",
             rules=("deny egress tcp any 25",),
-            dns=DnsConfig(nameservers=("1.1.1.1",), rebind_protection=False, query_timeout_ms=500),
+            dns=DnsConfig(nameservers=("127.0.0.53",), rebind_protection=False, query_timeout_ms=500),
             max_connections=100,
             mtu=1400,
             tls=TlsConfig(bypass=("*.internal",), verify_upstream=True, intercepted_ports=(443, 8443)),
@@ -131,7 +131,7 @@ async def test_every_page_kwarg_maps_onto_the_config(core: FakeCore, tmp_path: P
         "network": {
             "policy": "public-only",
             "rules": ["deny egress tcp any 25"],
-            "dns": {"nameservers": ["1.1.1.1"], "rebind_protection": False, "query_timeout_ms": 500},
+            "dns": {"nameservers": ["127.0.0.53"], "rebind_protection": False, "query_timeout_ms": 500},
             "max_connections": 100,
             "mtu": 1400,
             "tls": {"bypass": ["*.internal"], "verify_upstream": True, "intercepted_ports": [443, 8443]},
